@@ -1,0 +1,94 @@
+"""A circuit breaker for the cache endpoint.
+
+Closed: operations go to Redis. One timeout or connection error opens it: operations skip Redis
+entirely (no network time) and a background probe tries a PING after `reset_after` seconds,
+doubling up to `reset_after_max`. When the probe succeeds, `on_recover` runs (it invalidates keys
+that went stale meanwhile) and only then the breaker closes. Checking it costs one attribute read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger("ondemand.breaker")
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+class CircuitBreaker:
+    def __init__(
+        self,
+        *,
+        probe: Callable[[], Awaitable[None]],
+        on_recover: Callable[[], Awaitable[None]],
+        on_open: Callable[[str], None] = lambda reason: None,
+        on_close: Callable[[float], None] = lambda down_seconds: None,
+        reset_after: float = 0.2,
+        reset_after_max: float = 5.0,
+    ) -> None:
+        self.state = CLOSED
+        self.closed = True  # the hot-path check
+        self._probe = probe
+        self._on_recover = on_recover
+        self._on_open = on_open
+        self._on_close = on_close
+        self._reset_after = reset_after
+        self._reset_after_max = reset_after_max
+        self._task: asyncio.Task[None] | None = None
+        self.opened_at: float | None = None  # epoch seconds, for status
+        self._opened_mono = 0.0
+        self.opens = 0
+        self.last_reason: str | None = None
+
+    def failure(self, reason: str) -> None:
+        """Record a timeout or connection error: open, and start probing in the background."""
+        self.last_reason = reason
+        if self.state != CLOSED:
+            return
+        self.state = OPEN
+        self.closed = False
+        self.opens += 1
+        self.opened_at = time.time()
+        self._opened_mono = time.monotonic()
+        log.warning("cache breaker open: %s", reason)
+        self._on_open(reason)
+        self._task = asyncio.ensure_future(self._probe_until_closed())
+
+    async def _probe_until_closed(self) -> None:
+        delay = self._reset_after
+        while True:
+            await asyncio.sleep(delay)
+            self.state = HALF_OPEN
+            try:
+                await self._probe()
+                await self._on_recover()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.state = OPEN
+                self.last_reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                delay = min(delay * 2, self._reset_after_max)
+                continue
+            down = time.monotonic() - self._opened_mono
+            self.state = CLOSED
+            self.closed = True
+            self.opened_at = None
+            self._task = None
+            log.info("cache breaker closed after %.3f s", down)
+            self._on_close(down)
+            return
+
+    def status(self) -> dict[str, object]:
+        return {"state": self.state, "opened_at": self.opened_at, "opens": self.opens,
+                "last_reason": self.last_reason}
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

@@ -1,0 +1,271 @@
+"""Configuration: frozen attrs classes, TOML files, environment overrides, one clear error per problem.
+
+`load_config(path, overrides)` reads a TOML file (or only defaults), merges `overrides` and the
+environment, and structures the result with cattrs into `Config`. An unknown key, a wrong type or a
+bad value raises ConfigError naming the file, the dotted key and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import cattrs
+from attrs import validators as v
+
+from app.errors import ConfigError
+
+ENV_PREFIX = "ONDEMAND_"
+_SIZE = re.compile(r"^\d+(b|kb|mb|gb)?$", re.IGNORECASE)
+
+
+def _positive(_inst: Any, attribute: attrs.Attribute, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{attribute.name} must be greater than 0, got {value!r}")
+
+
+def _memory_size(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not _SIZE.match(value):
+        raise ValueError(f"{attribute.name} must be a size like '256mb' or '0' (no limit), got {value!r}")
+
+
+@attrs.frozen
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=8080, validator=v.and_(v.ge(0), v.le(65535)))
+    test_endpoints: bool = True
+    max_body_bytes: int = attrs.field(default=1_048_576, validator=_positive)
+    shutdown_timeout: float = attrs.field(default=10.0, validator=_positive)
+
+
+@attrs.frozen
+class LifecycleConfig:
+    plugin: str = "auto"
+    skip_in_docker: bool = True
+    idle_timeout: float = attrs.field(default=300.0, validator=_positive)
+    startup_timeout: float = attrs.field(default=5.0, validator=_positive)
+    shutdown_grace: float = attrs.field(default=2.0, validator=_positive)
+    restart_backoff: float = attrs.field(default=0.1, validator=_positive)
+    restart_backoff_max: float = attrs.field(default=5.0, validator=_positive)
+    redis_binary: str | None = None
+    redis_url: str | None = None
+    runtime_dir: str | None = None
+    tcp: bool = False
+    maxmemory: str = attrs.field(default="256mb", validator=_memory_size)
+    maxmemory_policy: Literal[
+        "noeviction", "allkeys-lru", "allkeys-lfu", "allkeys-random",
+        "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl",
+    ] = "allkeys-lru"
+    redis_options: dict[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class RedisConfig:
+    op_timeout: float = attrs.field(default=0.25, validator=_positive)
+    connect_timeout: float = attrs.field(default=1.0, validator=_positive)
+    key_prefix: str = attrs.field(default="ondemand", validator=v.matches_re(r"^[A-Za-z0-9_.\-]{1,64}$"))
+    max_batch: int = attrs.field(default=512, validator=v.and_(v.ge(1), v.le(100_000)))
+
+
+@attrs.frozen
+class PoolConfig:
+    max_connections: int = attrs.field(default=16, validator=v.and_(v.ge(1), v.le(10_000)))
+    keep_alive: float = attrs.field(default=300.0, validator=_positive)
+
+
+@attrs.frozen
+class NamespaceConfig:
+    ttl: float | None = attrs.field(default=3600.0, validator=_positive)
+    durable: bool = False
+    connection_id: str = "default"
+
+
+@attrs.frozen
+class StorageConfig:
+    cache: str = "redis"
+    durable: str = "postgres"
+
+
+@attrs.frozen
+class PostgresConfig:
+    dsn: str = "embedded"
+    data_dir: str = ".ondemand/pgdata"
+    connect_timeout: float = attrs.field(default=2.0, validator=_positive)
+    statement_timeout: float = attrs.field(default=2.0, validator=_positive)
+    startup_timeout: float = attrs.field(default=30.0, validator=_positive)
+    pool_min: int = attrs.field(default=1, validator=v.ge(0))
+    pool_max: int = attrs.field(default=10, validator=v.ge(1))
+    purge_interval: float = attrs.field(default=60.0, validator=_positive)
+
+
+@attrs.frozen
+class PluginsConfig:
+    disable: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class EnvironmentConfig:
+    """What the process environment said; filled by load_config, not by files."""
+
+    docker: bool = False
+
+
+def _default_namespaces() -> dict[str, NamespaceConfig]:
+    return {
+        "session": NamespaceConfig(ttl=86400.0, durable=True, connection_id="session"),
+        "messages": NamespaceConfig(ttl=3600.0),
+        "profile": NamespaceConfig(ttl=3600.0),
+    }
+
+
+@attrs.frozen
+class Config:
+    server: ServerConfig = ServerConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
+    redis: RedisConfig = RedisConfig()
+    pools: dict[str, PoolConfig] = attrs.field(factory=lambda: {"default": PoolConfig()})
+    namespaces: dict[str, NamespaceConfig] = attrs.field(factory=_default_namespaces)
+    storage: StorageConfig = StorageConfig()
+    postgres: PostgresConfig = PostgresConfig()
+    plugins: PluginsConfig = PluginsConfig()
+    environment: EnvironmentConfig = EnvironmentConfig()
+    source: str | None = None
+
+    def pool(self, connection_id: str) -> PoolConfig:
+        """The pool settings for `connection_id`, falling back to `[pools.default]`."""
+        return self.pools.get(connection_id) or self.pools.get("default") or PoolConfig()
+
+
+def _converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True)
+
+    def strict(kind: type) -> None:
+        # cattrs would turn "abc" into a str-typed field happily but also 1 -> "1"; be strict on types.
+        def structure(value: Any, _t: type) -> Any:
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                return float(value)
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise ValueError(f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+            return value
+
+        conv.register_structure_hook(kind, structure)
+
+    for kind in (str, int, float, bool):
+        strict(kind)
+    return conv
+
+
+_CONVERTER = _converter()
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_value(text: str) -> Any:
+    """Environment values are TOML literals when they parse as one (5, true, "x"), else strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, text in environ.items():
+        # ONDEMAND_LIFECYCLE__IDLE_TIMEOUT=5 -> lifecycle.idle_timeout = 5
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            path = name[len(ENV_PREFIX):].lower().split("__")
+            node = out
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = _env_value(text)
+    if environ.get("REDIS_URL"):
+        out = _merge(out, {"lifecycle": {"redis_url": environ["REDIS_URL"]}})
+    if environ.get("DATABASE_URL"):
+        out = _merge(out, {"postgres": {"dsn": environ["DATABASE_URL"]}})
+    return out
+
+
+def _describe(exc: Exception) -> tuple[str, str | None]:
+    """Turn a cattrs error into ('message', 'dotted.key')."""
+    messages = cattrs.transform_error(exc, path="$")
+    first = messages[0] if messages else str(exc)
+    message, _, where = first.rpartition(" @ ")
+    if not message:
+        return first, None
+    key = where.removeprefix("$").lstrip(".").replace("['", ".").replace("']", "")
+    return message, key or None
+
+
+def config_from_dict(data: Mapping[str, Any], *, source: str | None = None) -> Config:
+    """Validate a plain dict (as read from TOML) into Config; raises ConfigError."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a table at the top level, got {type(data).__name__}", source=source)
+    try:
+        config = _CONVERTER.structure(dict(data), Config)
+    except Exception as exc:
+        message, key = _describe(exc)
+        raise ConfigError(message, source=source, key=key) from None
+    return attrs.evolve(config, source=source)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Read `path` (or $ONDEMAND_CONFIG, or only defaults), apply overrides and the environment.
+
+    Precedence, lowest first: defaults, the file, the environment, `overrides`.
+    """
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get("ONDEMAND_CONFIG"):
+        path = environ["ONDEMAND_CONFIG"]
+    data: dict[str, Any] = {}
+    source = None
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("file not found", source=source) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read: {exc}", source=source) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"not valid TOML: {exc}", source=source) from None
+        if "environment" in data or "source" in data:
+            raise ConfigError("'environment' and 'source' are set by the loader, not by files", source=source)
+    data = _merge(data, _environment_overrides(environ))
+    if overrides:
+        data = _merge(data, overrides)
+    data["environment"] = {"docker": bool(environ.get("DOCKER_ENV"))}
+    return config_from_dict(data, source=source)
+
+
+def redact_url(url: str) -> str:
+    """`scheme://user:secret@host/db` -> `scheme://user:***@host/db`; also hides `password=` params."""
+    url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", url)
+
+
+def redact(config: Config) -> dict[str, Any]:
+    """The config as plain data with every secret replaced, for status output and check-config."""
+    data = _CONVERTER.unstructure(config)
+    lifecycle = data["lifecycle"]
+    if lifecycle.get("redis_url"):
+        lifecycle["redis_url"] = redact_url(lifecycle["redis_url"])
+    data["postgres"]["dsn"] = redact_url(data["postgres"]["dsn"])
+    return data

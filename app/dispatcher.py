@@ -1,0 +1,367 @@
+"""The cache dispatcher: validates keys and values and routes each operation by namespace policy.
+
+- Cache-only namespaces (`durable = false`): Redis only. With Redis unavailable a read is a miss and
+  a write is dropped and counted.
+- Durable namespaces (`durable = true`, with a durable storage configured): the durable storage
+  (PostgreSQL) is the system of record. A write is acknowledged only after it committed there, and
+  is then written to Redis; a read tries Redis and on a miss reads the durable store and puts the
+  value back (SET NX, so a newer value written meanwhile is never overwritten).
+- A circuit breaker guards Redis: one timeout or connection error opens it and operations skip Redis
+  with no network time until a background PING succeeds.
+- No stale reads after recovery: every key whose Redis write or delete failed or was skipped while
+  the breaker was open is remembered, and deleted from Redis before the breaker closes. The set is
+  bounded (`dirty_limit`); past that we forget the keys and instead delete every key of every
+  namespace (SCAN + UNLINK) before closing: slower recovery, never a stale read.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import orjson
+
+from app.breaker import CircuitBreaker
+from app.errors import BackendUnavailable, InvalidInput, StorageUnavailable
+from app.plugins import Events
+from app.storage import CacheStorage, Entry, Namespace, Storage
+
+log = logging.getLogger("ondemand.dispatcher")
+
+MAX_ID_BYTES = 256
+MAX_TTL = 10 * 365 * 24 * 3600.0
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CORRUPT = object()
+
+
+def check_id(item_id: Any) -> str:
+    """An id must be a non-empty string of at most 256 UTF-8 bytes with no control characters."""
+    if type(item_id) is not str:
+        raise InvalidInput(f"id must be a string, got {type(item_id).__name__}")
+    if not item_id:
+        raise InvalidInput("id must not be empty")
+    if len(item_id) > MAX_ID_BYTES // 4 and len(item_id.encode()) > MAX_ID_BYTES:
+        raise InvalidInput(f"id must be at most {MAX_ID_BYTES} bytes in UTF-8, got {len(item_id.encode())}")
+    if _CONTROL.search(item_id):
+        raise InvalidInput("id must not contain control characters")
+    return item_id
+
+
+def check_ttl(ttl: Any, default: float | None) -> float | None:
+    """ttl in seconds: a number greater than 0 and at most ten years; None means the namespace default."""
+    if ttl is None:
+        return default
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl != ttl:
+        raise InvalidInput(f"ttl must be a number of seconds, got {ttl!r}")
+    if not 0 < ttl <= MAX_TTL:
+        raise InvalidInput(f"ttl must be greater than 0 and at most {MAX_TTL:.0f} seconds, got {ttl!r}")
+    return float(ttl)
+
+
+def encode(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError as exc:
+        raise InvalidInput(f"value must be JSON-serializable: {exc}") from None
+
+
+def decode(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _CORRUPT
+
+
+@attrs.define
+class NamespaceStats:
+    hits: int = 0  # served from Redis
+    durable_hits: int = 0  # served from the durable store
+    misses: int = 0
+    writes: int = 0
+    deletes: int = 0
+    fallback_reads: int = 0  # reads served by the durable store because Redis was unavailable
+    fallback_writes: int = 0  # durable writes that could not reach Redis
+    dropped_writes: int = 0  # cache-only writes lost because Redis was unavailable
+    cache_errors: int = 0
+    durable_errors: int = 0
+    corrupt_values: int = 0
+
+
+@attrs.frozen
+class Lookup:
+    value: Any
+    source: str  # "redis", "postgres" (the durable storage's name) or "miss"
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        cache: CacheStorage,
+        durable: Storage | None,
+        namespaces: Mapping[str, Namespace],
+        events: Events,
+        dirty_limit: int = 100_000,
+    ) -> None:
+        self.cache = cache
+        self.durable = durable
+        self.namespaces = dict(namespaces)
+        self.stats = {name: NamespaceStats() for name in self.namespaces}
+        self.events = events
+        self.dirty_limit = dirty_limit
+        self._dirty: set[str] = set()
+        self._dirty_overflow = False
+        self.breaker = CircuitBreaker(
+            probe=cache.ping,
+            on_recover=self._invalidate_stale,
+            on_open=lambda reason: events.emit("ondemand_degraded", component="cache", reason=reason),
+            on_close=lambda down: events.emit("ondemand_recovered", component="cache", down_seconds=round(down, 3)),
+        )
+
+    def namespace(self, name: str) -> Namespace:
+        try:
+            return self.namespaces[name]
+        except KeyError:
+            raise InvalidInput(
+                f"unknown namespace {name!r}; configured: {', '.join(sorted(self.namespaces))}"
+            ) from None
+
+    def _is_durable(self, ns: Namespace) -> bool:
+        return ns.durable and self.durable is not None
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def get(self, namespace: str, item_id: str) -> Any:
+        return (await self.lookup(namespace, item_id)).value
+
+    async def lookup(self, namespace: str, item_id: str) -> Lookup:
+        ns = self.namespace(namespace)
+        check_id(item_id)
+        stats = self.stats[ns.name]
+        cache_error: BackendUnavailable | None = None
+        if self.breaker.closed:
+            try:
+                raw = await self.cache.get(ns, item_id)
+            except BackendUnavailable as exc:
+                cache_error = self._cache_failed(stats, exc, ())
+            else:
+                if raw is not None:
+                    value = decode(raw)
+                    if value is not _CORRUPT:
+                        stats.hits += 1
+                        return Lookup(value, "redis")
+                    stats.corrupt_values += 1
+        else:
+            cache_error = BackendUnavailable(f"Redis circuit breaker is open: {self.breaker.last_reason}")
+        if not self._is_durable(ns):
+            stats.misses += 1
+            return Lookup(None, "miss")
+        raw = await self._durable_call(stats, cache_error, lambda: self.durable.get(ns, item_id))  # type: ignore[union-attr]
+        if cache_error is not None:
+            stats.fallback_reads += 1
+        if raw is None:
+            stats.misses += 1
+            return Lookup(None, "miss")
+        stats.durable_hits += 1
+        if cache_error is None:
+            await self._backfill(stats, ns, item_id, raw)
+        return Lookup(decode(raw), self.durable.name)  # type: ignore[union-attr]
+
+    async def get_many(self, namespace: str, ids: Sequence[str]) -> list[Any]:
+        ns = self.namespace(namespace)
+        for item_id in ids:
+            check_id(item_id)
+        stats = self.stats[ns.name]
+        raws: list[bytes | None] = [None] * len(ids)
+        cache_error: BackendUnavailable | None = None
+        if self.breaker.closed:
+            try:
+                raws = await self.cache.get_many(ns, ids)
+            except BackendUnavailable as exc:
+                cache_error = self._cache_failed(stats, exc, ())
+        else:
+            cache_error = BackendUnavailable("Redis circuit breaker is open")
+        values = [_CORRUPT if raw is None else decode(raw) for raw in raws]
+        missing = [i for i, value in enumerate(values) if value is _CORRUPT]
+        stats.hits += len(ids) - len(missing)
+        if missing and self._is_durable(ns):
+            found = await self._durable_call(
+                stats, cache_error, lambda: self.durable.get_many(ns, [ids[i] for i in missing])  # type: ignore[union-attr]
+            )
+            for i, raw in zip(missing, found, strict=True):
+                if raw is not None:
+                    values[i] = decode(raw)
+                    stats.durable_hits += 1
+                    if cache_error is None:
+                        await self._backfill(stats, ns, ids[i], raw)
+        result = [None if value is _CORRUPT else value for value in values]
+        stats.misses += sum(1 for value in values if value is _CORRUPT)
+        return result
+
+    async def _backfill(self, stats: NamespaceStats, ns: Namespace, item_id: str, raw: bytes) -> None:
+        try:
+            await self.cache.set_if_absent(ns, item_id, raw, ns.ttl)
+        except BackendUnavailable as exc:
+            self._cache_failed(stats, exc, (ns.key(item_id),))
+
+    # -- writes -------------------------------------------------------------------------------
+
+    async def set(self, namespace: str, item_id: str, value: Any, ttl: float | None = None) -> None:
+        ns = self.namespace(namespace)
+        check_id(item_id)
+        ttl = check_ttl(ttl, ns.ttl)
+        raw = encode(value)
+        stats = self.stats[ns.name]
+        stats.writes += 1
+        if self._is_durable(ns):
+            await self._durable_call(stats, None, lambda: self.durable.set(ns, item_id, raw, ttl))  # type: ignore[union-attr]
+        await self._cache_write(stats, ns, (ns.key(item_id),), lambda: self.cache.set(ns, item_id, raw, ttl))
+
+    async def set_many(self, entries: Iterable[tuple[str, str, Any, float | None]]) -> None:
+        """Write (namespace, id, value, ttl) tuples: one durable transaction, one Redis round trip."""
+        prepared: list[Entry] = []
+        for namespace, item_id, value, ttl in entries:
+            ns = self.namespace(namespace)
+            check_id(item_id)
+            prepared.append(Entry(ns, item_id, encode(value), check_ttl(ttl, ns.ttl)))
+        if not prepared:
+            return
+        for entry in prepared:
+            self.stats[entry.namespace.name].writes += 1
+        durable = [e for e in prepared if self._is_durable(e.namespace)]
+        if durable:
+            stats = self.stats[durable[0].namespace.name]
+            await self._durable_call(stats, None, lambda: self.durable.set_many(durable))  # type: ignore[union-attr]
+        first = self.stats[prepared[0].namespace.name]
+        keys = [e.namespace.key(e.id) for e in prepared]
+        if not await self._cache_write(first, None, keys, lambda: self.cache.set_many(prepared)):
+            for entry in prepared:
+                self._count_lost_write(self.stats[entry.namespace.name], entry.namespace)
+
+    async def delete(self, namespace: str, ids: str | Sequence[str]) -> int:
+        ns = self.namespace(namespace)
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        for item_id in ids:
+            check_id(item_id)
+        stats = self.stats[ns.name]
+        stats.deletes += len(ids)
+        removed = 0
+        if self._is_durable(ns):
+            removed = await self._durable_call(stats, None, lambda: self.durable.delete(ns, ids))  # type: ignore[union-attr]
+        counted: list[int] = []
+
+        async def cache_delete() -> None:
+            counted.append(await self.cache.delete(ns, ids))
+
+        await self._cache_write(stats, None, [ns.key(i) for i in ids], cache_delete)
+        return removed if self._is_durable(ns) else (counted[0] if counted else 0)
+
+    async def expire(self, namespace: str, item_id: str, ttl: float) -> bool:
+        ns = self.namespace(namespace)
+        check_id(item_id)
+        checked = check_ttl(ttl, None)
+        if checked is None:
+            raise InvalidInput("ttl is required for expire")
+        stats = self.stats[ns.name]
+        if self._is_durable(ns):
+            found = await self._durable_call(stats, None, lambda: self.durable.expire(ns, item_id, checked))  # type: ignore[union-attr]
+            await self._cache_write(stats, None, (ns.key(item_id),), lambda: self.cache.expire(ns, item_id, checked))
+            return found
+        results: list[bool] = []
+
+        async def cache_expire() -> None:
+            results.append(await self.cache.expire(ns, item_id, checked))
+
+        await self._cache_write(stats, None, (ns.key(item_id),), cache_expire)
+        return bool(results and results[0])
+
+    # -- failure handling ---------------------------------------------------------------------
+
+    def _count_lost_write(self, stats: NamespaceStats, ns: Namespace) -> None:
+        if self._is_durable(ns):
+            stats.fallback_writes += 1
+        else:
+            stats.dropped_writes += 1
+
+    async def _cache_write(
+        self,
+        stats: NamespaceStats,
+        ns: Namespace | None,
+        keys: Sequence[str],
+        write: Callable[[], Awaitable[Any]],
+    ) -> bool:
+        """Run a Redis write unless the breaker is open; on failure remember the keys as stale."""
+        if self.breaker.closed:
+            try:
+                await write()
+                return True
+            except BackendUnavailable as exc:
+                self._cache_failed(stats, exc, keys)
+        else:
+            self._mark_dirty(keys)
+        if ns is not None:
+            self._count_lost_write(stats, ns)
+        return False
+
+    async def _durable_call(
+        self, stats: NamespaceStats, cache_error: BackendUnavailable | None, call: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        try:
+            return await call()
+        except BackendUnavailable as exc:
+            stats.durable_errors += 1
+            if cache_error is not None:
+                raise StorageUnavailable(
+                    f"Redis and the durable store are both unavailable (Redis: {str(cache_error).splitlines()[0]}; "
+                    f"durable: {str(exc).splitlines()[0]})"
+                ) from exc
+            raise
+
+    def _cache_failed(self, stats: NamespaceStats, exc: BackendUnavailable, keys: Iterable[str]) -> BackendUnavailable:
+        stats.cache_errors += 1
+        self._mark_dirty(keys)
+        self.breaker.failure(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return exc
+
+    def _mark_dirty(self, keys: Iterable[str]) -> None:
+        if self._dirty_overflow:
+            return
+        self._dirty.update(keys)
+        if len(self._dirty) > self.dirty_limit:
+            log.warning("more than %d stale keys; recovery will clear every namespace instead", self.dirty_limit)
+            self._dirty.clear()
+            self._dirty_overflow = True
+
+    async def _invalidate_stale(self) -> None:
+        """Runs while the breaker is half-open, after a PING succeeded; the breaker closes after it."""
+        while self._dirty or self._dirty_overflow:
+            if self._dirty_overflow:
+                self._dirty_overflow = False
+                self._dirty.clear()
+                try:
+                    for ns in self.namespaces.values():
+                        await self.cache.delete_prefix(ns.key_prefix)
+                except BaseException:
+                    self._dirty_overflow = True
+                    raise
+                continue
+            batch = [self._dirty.pop() for _ in range(min(1000, len(self._dirty)))]
+            try:
+                await self.cache.delete_keys(batch)
+            except BaseException:
+                self._mark_dirty(batch)
+                raise
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "breaker": self.breaker.status(),
+            "stale_keys_pending": len(self._dirty),
+            "stale_overflow": self._dirty_overflow,
+            "namespaces": {name: attrs.asdict(stats) for name, stats in self.stats.items()},
+        }
+
+    async def close(self) -> None:
+        await self.breaker.close()

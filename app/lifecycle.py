@@ -1,0 +1,96 @@
+"""What a lifecycle is: the protocol for plugins that provide a Redis endpoint.
+
+A lifecycle only starts and stops the thing. The state machine around it (single start under
+concurrency, idle stop, restart backoff, events) is OnDemandRedis's, in app/ondemand.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+import attrs
+
+from app.errors import ConfigError
+
+if TYPE_CHECKING:
+    from app.runtime import Runtime
+
+
+@attrs.frozen
+class RedisEndpoint:
+    """Where Redis listens: a unix socket, or host and port; password never shown."""
+
+    unix_socket: str | None = None
+    host: str | None = None
+    port: int | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    username: str | None = None
+    db: int = 0
+
+    def describe(self) -> str:
+        """A URL for status and logs, with the password redacted."""
+        auth = ""
+        if self.password is not None:
+            auth = f"{self.username or ''}:***@"
+        if self.unix_socket:
+            return f"unix://{auth}{self.unix_socket}?db={self.db}"
+        return f"redis://{auth}{self.host}:{self.port}/{self.db}"
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisEndpoint:
+        """Parse redis://[user:pass@]host[:port][/db] or unix:///path[?db=N]; ConfigError when malformed."""
+        parts = urlsplit(url)
+        password = unquote(parts.password) if parts.password is not None else None
+        username = unquote(parts.username) if parts.username else None
+        try:
+            if parts.scheme == "unix":
+                query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+                return cls(unix_socket=parts.path, password=password, username=username,
+                           db=int(query.get("db", 0)))
+            if parts.scheme == "redis":
+                db = int(parts.path.lstrip("/") or 0)
+                return cls(host=parts.hostname or "127.0.0.1", port=parts.port or 6379,
+                           password=password, username=username, db=db)
+        except ValueError as exc:
+            raise ConfigError(f"invalid Redis URL {cls(unix_socket='?').describe()!r}: {exc}",
+                              key="lifecycle.redis_url") from None
+        raise ConfigError(
+            f"unsupported Redis URL scheme {parts.scheme!r}; expected redis://host:port/db or unix:///path",
+            key="lifecycle.redis_url",
+        )
+
+
+class Lifecycle(Protocol):
+    """Provides a Redis endpoint. Calls into it are serialized by OnDemandRedis."""
+
+    name: str
+    provides_redis: bool  # False for `noop`: reads miss, writes are dropped
+    manages_process: bool  # True when `stop` frees a server (idle shutdown applies)
+
+    async def start(self) -> RedisEndpoint:
+        """Make Redis available and return where it listens; raise RedisUnavailable or SpawnError."""
+
+    async def stop(self) -> None:
+        """Stop what `start` started (nothing for an external Redis); bounded in time."""
+
+    def set_exit_callback(self, callback: Callable[[str], None]) -> None:
+        """Register a callback for an unexpected exit of the server, called with a description."""
+
+    def pid(self) -> int | None:
+        """The server's PID when we own its process."""
+
+    def status(self) -> dict[str, Any]:
+        """Plugin-specific status fields, JSON-serializable, no secrets."""
+
+
+class LifecycleFactory(Protocol):
+    def __call__(self, runtime: Runtime) -> Lifecycle: ...
+
+
+def resolve_lifecycle_name(plugin: str, *, docker: bool, skip_in_docker: bool) -> str:
+    """`auto` is `external` in Docker (DOCKER_ENV set) when skip_in_docker is on, else `subprocess`."""
+    if plugin != "auto":
+        return plugin
+    return "external" if docker and skip_in_docker else "subprocess"

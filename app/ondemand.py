@@ -1,0 +1,475 @@
+"""OnDemandRedis: Redis that starts on first use, pools its connections and stops when idle.
+
+The seed's OnDemandRedisService. It owns one lifecycle plugin (which only starts and stops the
+server) and adds the product around it:
+- one start for any number of concurrent first operations, shielded from callers' cancellation;
+- restart of a server that died, with exponential backoff, never in a storm;
+- named pools by `connection_id`, each a multiplexed pipelined connection for cache commands plus a
+  redis.asyncio pool for `with_connection`, closed after `keep_alive` seconds unused;
+- idle shutdown after `lifecycle.idle_timeout` seconds without an operation; an operation that
+  races the stop waits for it and starts a fresh server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import attrs
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from app.config import Config
+from app.errors import BackendUnavailable, RedisDisabled, RedisTimeout, RedisUnavailable
+from app.lifecycle import Lifecycle, RedisEndpoint
+from app.pipeline import Command, PipelinedConnection
+from app.plugins import Events
+
+log = logging.getLogger("ondemand.redis")
+T = TypeVar("T")
+
+STOPPED, STARTING, RUNNING, STOPPING, FAILED, DISABLED = (
+    "stopped", "starting", "running", "stopping", "failed", "disabled",
+)
+# A server that dies sooner than this after starting does not reset the restart backoff.
+_STABLE_UPTIME = 30.0
+
+
+@attrs.define
+class NamedPool:
+    """Connections for one `connection_id`: a pipelined connection and a redis.asyncio pool."""
+
+    name: str
+    max_connections: int
+    keep_alive: float
+    last_used: float
+    mux: PipelinedConnection | None = None
+    mux_connecting: asyncio.Future[PipelinedConnection] | None = None
+    client_pool: aioredis.BlockingConnectionPool | None = None
+    leases: int = 0
+    opens: int = 0
+    idle_closes: int = 0
+
+    @property
+    def is_open(self) -> bool:
+        return (self.mux is not None and not self.mux.closed) or self.client_pool is not None
+
+    @property
+    def busy(self) -> bool:
+        return self.leases > 0 or self.mux_connecting is not None or (self.mux is not None and self.mux.busy)
+
+    async def close(self, reason: str) -> None:
+        mux, client_pool = self.mux, self.client_pool
+        self.mux = self.client_pool = None
+        if mux is not None:
+            mux.close(reason)
+        if client_pool is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await client_pool.aclose()
+
+    def stats(self, now: float) -> dict[str, Any]:
+        in_use = len(getattr(self.client_pool, "_in_use_connections", ()) or ())
+        return {
+            "open": self.is_open,
+            "max_connections": self.max_connections,
+            "keep_alive": self.keep_alive,
+            "idle_seconds": round(now - self.last_used, 3),
+            "leases": self.leases,
+            "client_connections_in_use": in_use,
+            "pipeline": None if self.mux is None else {
+                "connected": not self.mux.closed,
+                "batches": self.mux.batches_written,
+                "commands": self.mux.commands_written,
+            },
+            "opens": self.opens,
+            "idle_closes": self.idle_closes,
+        }
+
+
+@attrs.define
+class RedisCounters:
+    spawns: int = 0  # start attempts (for the subprocess lifecycle: children spawned)
+    ready: int = 0
+    start_failures: int = 0
+    unexpected_exits: int = 0
+    idle_stops: int = 0
+    commands: int = 0
+    errors: int = 0
+    timeouts: int = 0
+
+
+class OnDemandRedis:
+    """See the module docstring. One per Runtime; reach it as `rt.on_demand`."""
+
+    def __init__(self, lifecycle: Lifecycle, config: Config, events: Events) -> None:
+        self.lifecycle = lifecycle
+        self.config = config
+        self.events = events
+        self.counters = RedisCounters()
+        self.pools: dict[str, NamedPool] = {}
+        self.state = STOPPED if lifecycle.provides_redis else DISABLED
+        self._loop = asyncio.get_running_loop()
+        self._lock = asyncio.Lock()  # serializes lifecycle.start and lifecycle.stop
+        self._start_task: asyncio.Task[RedisEndpoint] | None = None
+        self._endpoint: RedisEndpoint | None = None
+        self._running_since: float | None = None
+        self._down_since: float | None = None  # monotonic, for durations
+        self._down_since_wall: float | None = None  # epoch seconds, for status
+        self._last_error: BackendUnavailable | None = None
+        self._retry_at = 0.0
+        self._backoff = config.lifecycle.restart_backoff
+        self._janitor: asyncio.Task[None] | None = None
+        self._closed = False
+        self.last_used = self._loop.time()
+        self._leases = 0
+        lifecycle.set_exit_callback(self._on_server_exit)
+
+    # -- the hot path -------------------------------------------------------------------------
+
+    async def execute(self, *args: Any, connection_id: str = "default") -> Any:
+        """Run one command on the named pool's pipelined connection; concurrent calls coalesce."""
+        pool = self.pools.get(connection_id) or self._new_pool(connection_id, None)
+        self.last_used = pool.last_used = self._loop.time()
+        conn = pool.mux
+        if conn is None or conn.closed_reason is not None:
+            conn = await self._connect_mux(pool)
+        self.counters.commands += 1
+        try:
+            return await conn.execute(*args)
+        except RedisUnavailable as exc:
+            self._count_error(exc)
+            raise
+
+    async def execute_many(self, commands: Sequence[Command], *, connection_id: str = "default") -> list[Any]:
+        """Run several commands in one write and one round trip; raises the first error, if any."""
+        pool = self.pools.get(connection_id) or self._new_pool(connection_id, None)
+        self.last_used = pool.last_used = self._loop.time()
+        conn = pool.mux
+        if conn is None or conn.closed_reason is not None:
+            conn = await self._connect_mux(pool)
+        self.counters.commands += len(commands)
+        results = await asyncio.gather(*conn.execute_many(commands), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                if isinstance(result, RedisUnavailable):
+                    self._count_error(result)
+                raise result
+        return results
+
+    def _count_error(self, exc: RedisUnavailable) -> None:
+        self.counters.errors += 1
+        if isinstance(exc, RedisTimeout):
+            self.counters.timeouts += 1
+
+    async def _connect_mux(self, pool: NamedPool) -> PipelinedConnection:
+        # Concurrent callers on a fresh pool share one connect.
+        if pool.mux_connecting is None:
+            pool.mux_connecting = self._loop.create_future()
+            try:
+                endpoint = await self.ensure()
+                redis_config = self.config.redis
+                conn = await PipelinedConnection.connect(
+                    endpoint,
+                    op_timeout=redis_config.op_timeout,
+                    connect_timeout=redis_config.connect_timeout,
+                    max_batch=redis_config.max_batch,
+                )
+            except BaseException as exc:
+                pool.mux_connecting.set_exception(exc)
+                pool.mux_connecting.exception()  # retrieved: waiters (if any) re-raise it
+                raise
+            finally:
+                waiting, pool.mux_connecting = pool.mux_connecting, None
+            if self.state != RUNNING or self._endpoint != endpoint:  # stopped while we connected
+                conn.close("Redis stopped while connecting")
+            pool.mux = conn
+            pool.opens += 1
+            waiting.set_result(conn)
+            return conn
+        return await asyncio.shield(pool.mux_connecting)
+
+    # -- with_connection ----------------------------------------------------------------------
+
+    async def with_connection(
+        self,
+        fn: Callable[[aioredis.Redis], Awaitable[T] | T],
+        *,
+        connection_id: str = "default",
+        keep_alive: float | None = None,
+    ) -> T:
+        """Ensure the server, lend `fn` a client bound to one pooled connection, return fn's result.
+
+        The connection goes back to the named pool afterwards, even when the caller is cancelled;
+        a connection interrupted mid-command is disconnected, never reused dirty. `keep_alive`
+        (seconds) sets how long the pool may stay unused before it is closed.
+        """
+        if keep_alive is not None and not keep_alive > 0:
+            raise ValueError(f"keep_alive must be greater than 0 seconds, got {keep_alive!r}")
+        pool = self.pools.get(connection_id) or self._new_pool(connection_id, keep_alive)
+        if keep_alive is not None:
+            pool.keep_alive = keep_alive
+        pool.leases += 1
+        self._leases += 1
+        self.last_used = pool.last_used = self._loop.time()
+        try:
+            endpoint = await self.ensure()
+            if pool.client_pool is None:
+                pool.client_pool = self._client_pool(endpoint, pool.max_connections)
+                pool.opens += 1
+            client = aioredis.Redis(connection_pool=pool.client_pool, single_connection_client=True)
+            try:
+                result = fn(client)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result  # type: ignore[return-value]
+            except redis.exceptions.TimeoutError as exc:
+                self.counters.timeouts += 1
+                raise RedisTimeout(f"Redis did not answer within {self.config.redis.op_timeout:g} s") from exc
+            except redis.exceptions.ConnectionError as exc:
+                self.counters.errors += 1
+                raise RedisUnavailable(f"Redis connection failed: {exc}") from exc
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+        finally:
+            pool.leases -= 1
+            self._leases -= 1
+            self.last_used = pool.last_used = self._loop.time()
+
+    def _client_pool(self, endpoint: RedisEndpoint, max_connections: int) -> aioredis.BlockingConnectionPool:
+        redis_config = self.config.redis
+        common: dict[str, Any] = {
+            "max_connections": max_connections,
+            "timeout": redis_config.connect_timeout,  # bounded wait for a free connection
+            "socket_timeout": redis_config.op_timeout,
+            "socket_connect_timeout": redis_config.connect_timeout,
+            "retry": Retry(NoBackoff(), 0),  # redis-py's default retries would multiply every bound
+            "password": endpoint.password,
+            "username": endpoint.username,
+            "db": endpoint.db,
+        }
+        if endpoint.unix_socket:
+            return aioredis.BlockingConnectionPool(
+                connection_class=aioredis.UnixDomainSocketConnection, path=endpoint.unix_socket, **common
+            )
+        return aioredis.BlockingConnectionPool(host=endpoint.host, port=endpoint.port, **common)
+
+    def _new_pool(self, connection_id: str, keep_alive: float | None) -> NamedPool:
+        pool_config = self.config.pool(connection_id)
+        pool = NamedPool(
+            name=connection_id,
+            max_connections=pool_config.max_connections,
+            keep_alive=keep_alive or pool_config.keep_alive,
+            last_used=self._loop.time(),
+        )
+        self.pools[connection_id] = pool
+        self._ensure_janitor()
+        return pool
+
+    # -- the lifecycle state machine ----------------------------------------------------------
+
+    @property
+    def disabled(self) -> bool:
+        return self.state == DISABLED
+
+    async def ensure(self) -> RedisEndpoint:
+        """Return the running server's endpoint, starting it if needed (one start for all callers)."""
+        if self.state == RUNNING and self._endpoint is not None:
+            return self._endpoint
+        if self.state == DISABLED:
+            raise RedisDisabled(f"lifecycle {self.lifecycle.name!r} provides no Redis")
+        if self._closed:
+            raise RedisUnavailable("the runtime is closed")
+        if self._start_task is None:
+            now = time.monotonic()
+            if self.state == FAILED and now < self._retry_at and self._last_error is not None:
+                # Backoff: fail fast with the last error instead of spawning again.
+                raise type(self._last_error)(
+                    f"{self._last_error} (next attempt in {self._retry_at - now:.2f} s)"
+                )
+            self._start_task = asyncio.ensure_future(self._start())
+        # Shielded: a caller that gives up does not abort a start that others wait for.
+        return await asyncio.shield(self._start_task)
+
+    async def _start(self) -> RedisEndpoint:
+        try:
+            async with self._lock:
+                if self.state == RUNNING and self._endpoint is not None:
+                    return self._endpoint
+                previous = self.state
+                self.state = STARTING
+                self.counters.spawns += 1
+                began = time.monotonic()
+                try:
+                    endpoint = await self.lifecycle.start()
+                except BackendUnavailable as exc:
+                    self._mark_failed(exc)
+                    raise
+                except BaseException:
+                    self.state = STOPPED
+                    raise
+                self._endpoint = endpoint
+                self._running_since = time.monotonic()
+                self.state = RUNNING
+                self.counters.ready += 1
+                self.last_used = self._loop.time()
+                self._ensure_janitor()
+                seconds = time.monotonic() - began
+                self.events.emit("ondemand_redis_ready", lifecycle=self.lifecycle.name,
+                                 pid=self.lifecycle.pid(), endpoint=endpoint.describe(), seconds=round(seconds, 4))
+                if previous == FAILED and self._down_since is not None:
+                    self.events.emit("ondemand_recovered", component="redis",
+                                     down_seconds=round(time.monotonic() - self._down_since, 3))
+                self._down_since = self._down_since_wall = None
+                self._last_error = None
+                return endpoint
+        finally:
+            self._start_task = None
+
+    def _mark_failed(self, exc: BackendUnavailable) -> None:
+        now = time.monotonic()
+        self.state = FAILED
+        self.counters.start_failures += 1
+        self._last_error = exc
+        self._retry_at = now + self._backoff
+        self._backoff = min(self._backoff * 2, self.config.lifecycle.restart_backoff_max)
+        if self._down_since is None:
+            self._down_since, self._down_since_wall = now, time.time()
+            self.events.emit("ondemand_degraded", component="redis", reason=str(exc).splitlines()[0])
+        log.warning("redis unavailable: %s", exc)
+
+    def _on_server_exit(self, description: str) -> None:
+        """The lifecycle saw the server die without being asked: fail in-flight work, plan a restart."""
+        if self.state != RUNNING:
+            return
+        uptime = time.monotonic() - (self._running_since or time.monotonic())
+        if uptime >= _STABLE_UPTIME:
+            self._backoff = self.config.lifecycle.restart_backoff
+        self.counters.unexpected_exits += 1
+        self._endpoint = None
+        self._close_connections(f"Redis server exited: {description.splitlines()[0]}")
+        self._mark_failed(RedisUnavailable(description))
+
+    def _close_connections(self, reason: str) -> None:
+        for pool in self.pools.values():
+            if pool.mux is not None:
+                pool.mux.close(reason)
+            if pool.client_pool is not None:
+                client_pool, pool.client_pool = pool.client_pool, None
+                task = asyncio.ensure_future(client_pool.aclose())
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _is_idle(self, now: float) -> bool:
+        return (
+            now - self.last_used >= self.config.lifecycle.idle_timeout
+            and self._leases == 0
+            and not any(pool.busy for pool in self.pools.values())
+        )
+
+    async def stop_if_idle(self) -> bool:
+        """Stop the server if nothing used it for idle_timeout seconds; True if it was stopped."""
+        if self.state != RUNNING or not self.lifecycle.manages_process or not self._is_idle(self._loop.time()):
+            return False
+        async with self._lock:
+            now = self._loop.time()
+            # Re-checked under the lock, and the state flips with no await in between, so an
+            # operation either saw RUNNING and made the pool busy, or it waits for a fresh start.
+            if self.state != RUNNING or not self._is_idle(now):
+                return False
+            idle_for = now - self.last_used
+            pid = self.lifecycle.pid()
+            self.state = STOPPING
+            self._endpoint = None
+            self._close_connections("Redis stopped after the idle timeout")
+            try:
+                await self.lifecycle.stop()
+            finally:
+                self.state = STOPPED
+                self._running_since = None
+            self.counters.idle_stops += 1
+            self.events.emit("ondemand_redis_idle_stopped", lifecycle=self.lifecycle.name,
+                             pid=pid, idle_seconds=round(idle_for, 3))
+            return True
+
+    def _ensure_janitor(self) -> None:
+        if self._janitor is None and not self._closed:
+            self._janitor = asyncio.ensure_future(self._janitor_loop())
+
+    def _janitor_tick(self) -> float:
+        periods = [self.config.lifecycle.idle_timeout, *(p.keep_alive for p in self.pools.values())]
+        return min(1.0, max(0.02, min(periods) / 4))
+
+    async def _janitor_loop(self) -> None:
+        """Closes pools unused for keep_alive seconds and stops an idle server."""
+        while True:
+            await asyncio.sleep(self._janitor_tick())
+            try:
+                now = self._loop.time()
+                for pool in list(self.pools.values()):
+                    if pool.is_open and not pool.busy and now - pool.last_used >= pool.keep_alive:
+                        pool.idle_closes += 1
+                        await pool.close(f"pool {pool.name!r} closed after keep_alive")
+                await self.stop_if_idle()
+            except Exception:
+                log.exception("janitor failed; retrying on the next tick")
+
+    # -- status and shutdown ------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = self._loop.time()
+        idle_timeout = self.config.lifecycle.idle_timeout
+        running = self.state == RUNNING
+        retry_in = max(0.0, self._retry_at - time.monotonic()) if self.state == FAILED else None
+        return {
+            "lifecycle": self.lifecycle.name,
+            "state": self.state,
+            "pid": self.lifecycle.pid(),
+            "endpoint": self._endpoint.describe() if self._endpoint else None,
+            "uptime_seconds": round(time.monotonic() - self._running_since, 3) if self._running_since else None,
+            "idle_timeout": idle_timeout,
+            "idle_deadline_in": (
+                round(max(0.0, idle_timeout - (now - self.last_used)), 3)
+                if running and self.lifecycle.manages_process else None
+            ),
+            "last_error": str(self._last_error) if self._last_error else None,
+            "retry_in": round(retry_in, 3) if retry_in is not None else None,
+            "degraded_since": self._down_since_wall,
+            "pools": {name: pool.stats(now) for name, pool in sorted(self.pools.items())},
+            "counters": attrs.asdict(self.counters),
+            **self.lifecycle.status(),
+        }
+
+    async def close(self) -> None:
+        """Close pools and stop the server; bounded by the lifecycle's own stop timeouts."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._janitor is not None:
+            self._janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._janitor
+            self._janitor = None
+        if self._start_task is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._start_task),
+                                       self.config.lifecycle.startup_timeout + 1)
+        async with self._lock:
+            pid = self.lifecycle.pid()
+            self.state = STOPPING if self.state != DISABLED else DISABLED
+            self._endpoint = None
+            for pool in self.pools.values():
+                await pool.close("runtime closed")
+            try:
+                await self.lifecycle.stop()
+            finally:
+                if self.state != DISABLED:
+                    self.state = STOPPED
+            self.events.emit("ondemand_shutdown", lifecycle=self.lifecycle.name, pid=pid)

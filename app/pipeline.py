@@ -1,0 +1,217 @@
+"""Automatic pipelining: one multiplexed Redis connection that coalesces concurrent commands.
+
+Commands issued while the event loop runs one tick are packed into a single write; their replies
+come back in order and are routed to their callers' futures. This is what ioredis calls
+auto-pipelining. The rules that make it safe to share one connection:
+
+- A lone caller pays no extra latency: the flush runs on the next loop iteration (call_soon), before
+  any I/O wait, and a full batch (`max_batch`) is written at once, which bounds memory.
+- Errors are per command: an error reply goes to the caller whose command failed, not its neighbours.
+- Cancellation cannot desynchronise the stream: replies are read by the protocol, not by callers, so
+  a cancelled caller's reply is simply dropped when it arrives.
+- Every command is bounded: one timer watches the oldest unanswered batch; if it passes `op_timeout`
+  the connection is declared stalled, every waiter fails with RedisTimeout and the connection is
+  aborted (a later command opens a new one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import hiredis
+
+from app.errors import RedisCommandError, RedisTimeout, RedisUnavailable
+from app.lifecycle import RedisEndpoint
+
+Command = Sequence[Any]
+
+
+class _RedisProtocol(asyncio.Protocol):
+    """Feeds bytes to hiredis and hands each reply to the oldest waiter."""
+
+    def __init__(self, owner: PipelinedConnection) -> None:
+        self._owner = owner
+        self._reader = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        waiters = self._owner._waiters
+        try:
+            reply = reader.gets()
+            while reply is not False:
+                self._owner._answered += 1
+                fut = waiters.popleft()
+                if not fut.done():  # a cancelled or timed-out caller no longer waits
+                    if isinstance(reply, hiredis.ReplyError):
+                        fut.set_exception(RedisCommandError(str(reply)))
+                    else:
+                        fut.set_result(reply)
+                reply = reader.gets()
+        except (hiredis.ProtocolError, IndexError) as exc:
+            self._owner._fail(RedisUnavailable(f"Redis protocol error: {exc!r}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner._fail(RedisUnavailable(f"connection to Redis lost{f': {exc}' if exc else ''}"))
+
+
+class PipelinedConnection:
+    """One Redis connection shared by many concurrent callers; see the module docstring."""
+
+    def __init__(self, *, op_timeout: float, max_batch: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._op_timeout = op_timeout
+        self._max_batch = max_batch
+        self._protocol = _RedisProtocol(self)
+        self._buffer: list[bytes] = []
+        self._buffer_futs: list[asyncio.Future[Any]] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._waiters: deque[asyncio.Future[Any]] = deque()
+        self._sent = 0  # commands written
+        self._answered = 0  # replies read
+        self._batches: deque[tuple[int, float]] = deque()  # (sent count at end of batch, deadline)
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.closed_reason: Exception | None = None
+        self.batches_written = 0
+        self.commands_written = 0
+
+    @classmethod
+    async def connect(cls, endpoint: RedisEndpoint, *, op_timeout: float, connect_timeout: float,
+                      max_batch: int) -> PipelinedConnection:
+        loop = asyncio.get_running_loop()
+        conn = cls(op_timeout=op_timeout, max_batch=max_batch, loop=loop)
+        try:
+            async with asyncio.timeout(connect_timeout):
+                if endpoint.unix_socket:
+                    await loop.create_unix_connection(lambda: conn._protocol, endpoint.unix_socket)
+                else:
+                    await loop.create_connection(lambda: conn._protocol, endpoint.host, endpoint.port)
+        except TimeoutError:
+            conn.close()
+            raise RedisTimeout(f"connecting to {endpoint.describe()} took over {connect_timeout:g} s") from None
+        except OSError as exc:
+            conn.close()
+            raise RedisUnavailable(f"cannot connect to {endpoint.describe()}: {exc.strerror or exc}") from None
+        try:
+            if endpoint.password is not None:
+                auth = (endpoint.username, endpoint.password) if endpoint.username else (endpoint.password,)
+                await conn.execute("AUTH", *auth)
+            if endpoint.db:
+                await conn.execute("SELECT", endpoint.db)
+        except RedisCommandError as exc:
+            conn.close()
+            raise RedisUnavailable(f"Redis at {endpoint.describe()} refused the connection: {exc}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_reason is not None
+
+    @property
+    def busy(self) -> bool:
+        """True while any command is buffered or awaiting its reply."""
+        return bool(self._buffer or self._waiters)
+
+    def execute(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue one command; the returned future resolves to its reply."""
+        return self.send(hiredis.pack_command(args))
+
+    def execute_many(self, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
+        """Queue several commands to be written together; one future each, in order."""
+        return [self.send(hiredis.pack_command(tuple(cmd))) for cmd in commands]
+
+    def send(self, packed: bytes) -> asyncio.Future[Any]:
+        """Queue one already packed command (hiredis.pack_command)."""
+        fut = self._loop.create_future()
+        if self.closed_reason is not None:
+            fut.set_exception(self.closed_reason)
+            return fut
+        self._buffer.append(packed)
+        self._buffer_futs.append(fut)
+        if len(self._buffer) >= self._max_batch:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._buffer or self.closed_reason is not None:
+            return
+        transport = self._protocol.transport
+        buffer, futs = self._buffer, self._buffer_futs
+        self._buffer, self._buffer_futs = [], []
+        self._waiters.extend(futs)
+        self._sent += len(futs)
+        self.batches_written += 1
+        self.commands_written += len(futs)
+        self._batches.append((self._sent, self._loop.time() + self._op_timeout))
+        assert transport is not None
+        transport.write(b"".join(buffer))
+        if self._watchdog is None:
+            self._arm_watchdog()
+
+    def _arm_watchdog(self) -> None:
+        batches = self._batches
+        while batches and batches[0][0] <= self._answered:
+            batches.popleft()
+        if not batches:
+            self._watchdog = None
+            return
+        self._watchdog = self._loop.call_at(batches[0][1], self._check_stalled)
+
+    def _check_stalled(self) -> None:
+        self._watchdog = None
+        batches = self._batches
+        while batches and batches[0][0] <= self._answered:
+            batches.popleft()
+        if batches and batches[0][1] <= self._loop.time():
+            self._fail(RedisTimeout(f"Redis did not answer within {self._op_timeout:g} s"))
+            return
+        self._arm_watchdog()
+
+    def _fail(self, exc: Exception) -> None:
+        """Close for good: every queued and in-flight command fails with `exc`."""
+        if self.closed_reason is None:
+            self.closed_reason = exc
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        pending = [*self._waiters, *self._buffer_futs]
+        self._waiters.clear()
+        self._buffer.clear()
+        self._buffer_futs.clear()
+        self._batches.clear()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(exc)
+                # The caller may have given up already; don't let an unretrieved error be logged.
+                fut.exception()
+        transport = self._protocol.transport
+        if transport is not None:
+            transport.abort()
+
+    def close(self, reason: str = "connection closed") -> None:
+        self._fail(RedisUnavailable(reason))
+
+    async def aclose(self, reason: str = "connection closed") -> None:
+        """Close and let the transport finish closing (one loop turn)."""
+        self.close(reason)
+        with contextlib.suppress(Exception):
+            await asyncio.sleep(0)

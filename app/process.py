@@ -1,0 +1,163 @@
+"""Child processes we own: spawned so that they can never outlive us, stopped by their PID.
+
+Used for redis-server by the subprocess lifecycle and for the embedded PostgreSQL. A child:
+- runs in its own process group (a Ctrl-C to our terminal is ours to handle, not theirs);
+- gets PR_SET_PDEATHSIG=SIGKILL before exec, then checks getppid() so that a parent that died
+  between fork and prctl is noticed too: no orphan even when we are SIGKILLed;
+- writes stdout and stderr to a log file whose tail goes into every error we raise about it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import attrs
+
+from app.errors import SpawnError
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """Return a preexec_fn that binds the child's life to `parent_pid`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last `lines` lines of a log file, or a note that there is none."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+    tail = text.strip().splitlines()[-lines:]
+    return "\n".join(tail) if tail else "(log is empty)"
+
+
+@attrs.define
+class ChildProcess:
+    """A running child owned by this process."""
+
+    name: str
+    argv: tuple[str, ...]
+    log_path: Path
+    process: asyncio.subprocess.Process
+    started_at: float = attrs.field(factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def describe_exit(self) -> str:
+        code = self.process.returncode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}"
+        return f"{self.name} (pid {self.pid}) {how}; last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+
+    @classmethod
+    async def spawn(
+        cls,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        user: str | None = None,
+    ) -> ChildProcess:
+        """Start `argv`; raises SpawnError if it cannot be executed at all."""
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            try:
+                # Spawned from the event loop's thread on purpose: PDEATHSIG fires when the *thread*
+                # that forked the child exits, so a worker thread would kill it too early.
+                process = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=env,
+                    cwd=cwd,
+                    user=user,
+                    process_group=0,
+                    preexec_fn=_die_with_parent(os.getpid()),
+                )
+            except OSError as exc:
+                raise SpawnError(f"cannot execute {argv[0]!r} for {name}: {exc.strerror or exc}") from exc
+        return cls(name=name, argv=tuple(argv), log_path=log_path, process=process)
+
+    async def wait_ready(
+        self,
+        probe: Callable[[], Awaitable[bool]],
+        *,
+        timeout: float,
+        interval: float = 0.002,
+        max_interval: float = 0.05,
+    ) -> float:
+        """Poll `probe` until it returns True; returns seconds taken.
+
+        An early exit of the child is noticed at once and raised with its log tail, rather than
+        waiting out the timeout. The poll interval grows gently so a fast server is seen in
+        milliseconds and a slow one is not hammered.
+        """
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + timeout
+        exited = asyncio.ensure_future(self.process.wait())
+        try:
+            while True:
+                if exited.done():
+                    raise SpawnError(self.describe_exit())
+                with contextlib.suppress(OSError, asyncio.TimeoutError, EOFError):
+                    async with asyncio.timeout(max(0.001, min(0.5, deadline - loop.time()))):
+                        if await probe():
+                            return loop.time() - start
+                if loop.time() >= deadline:
+                    raise SpawnError(
+                        f"{self.name} (pid {self.pid}) was not ready within {timeout:g} s; "
+                        f"last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+                    )
+                await asyncio.wait({exited}, timeout=min(interval, max(0.0, deadline - loop.time())))
+                interval = min(interval * 1.5, max_interval)
+        finally:
+            exited.cancel()
+
+    def signal(self, signum: int) -> None:
+        """Signal our child by PID; a reaped child is never signalled (its PID may be reused)."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signum)
+
+    async def stop(self, *, grace: float, kill_after: float = 2.0) -> int | None:
+        """SIGTERM, then SIGKILL after `grace` seconds; returns the exit status."""
+        if self.process.returncode is None:
+            self.signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), grace)
+            except TimeoutError:
+                self.signal(signal.SIGKILL)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.process.wait(), kill_after)
+        return self.process.returncode

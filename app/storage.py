@@ -1,0 +1,93 @@
+"""What a storage backend is: the protocol every storage plugin implements.
+
+Values cross this boundary as JSON-encoded bytes (the dispatcher encodes and decodes), keys as a
+Namespace plus an id that the dispatcher has already validated. TTLs are seconds (float) or None
+for no expiry. Every method is bounded in time by the backend's own timeouts and raises a subclass
+of BackendUnavailable when the backend cannot answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import attrs
+
+if TYPE_CHECKING:
+    from app.runtime import Runtime
+
+
+@attrs.frozen
+class Namespace:
+    """A configured namespace: `session`, `messages`, `profile`, or any the config adds."""
+
+    name: str
+    ttl: float | None
+    durable: bool
+    connection_id: str
+    key_prefix: str  # "ondemand:session:" -- the full Redis key is key_prefix + id
+
+    def key(self, item_id: str) -> str:
+        return self.key_prefix + item_id
+
+
+@attrs.frozen
+class Entry:
+    """One value to write: used by set_many, the warm-up path."""
+
+    namespace: Namespace
+    id: str
+    value: bytes
+    ttl: float | None
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """A key-value store for namespaced JSON values with expiry."""
+
+    name: str
+
+    async def open(self) -> None:
+        """Prepare (schema, pools). Must not start a Redis server: that happens on first use."""
+
+    async def close(self) -> None:
+        """Release every resource; bounded in time."""
+
+    async def get(self, ns: Namespace, item_id: str) -> bytes | None: ...
+
+    async def get_many(self, ns: Namespace, ids: Sequence[str]) -> list[bytes | None]: ...
+
+    async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None) -> None: ...
+
+    async def set_many(self, entries: Sequence[Entry]) -> None:
+        """Write all entries, in one round trip where the backend allows it."""
+
+    async def delete(self, ns: Namespace, ids: Sequence[str]) -> int:
+        """Remove ids; returns how many existed."""
+
+    async def expire(self, ns: Namespace, item_id: str, ttl: float) -> bool:
+        """Set a new ttl; returns False if the id does not exist."""
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-serializable snapshot, with no secrets in it."""
+
+
+@runtime_checkable
+class CacheStorage(Storage, Protocol):
+    """A storage that can serve as the cache in front of a durable store (the `redis` plugin)."""
+
+    async def ping(self) -> None:
+        """Succeed only when the backend answers; used by the circuit breaker's half-open probe."""
+
+    async def set_if_absent(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None) -> bool:
+        """Write only if the key does not exist (puts durable values back without overwriting newer ones)."""
+
+    async def delete_keys(self, keys: Sequence[str]) -> int:
+        """Delete full keys (as built by Namespace.key); used to invalidate keys that went stale."""
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every key starting with `prefix`; used when too many keys went stale to remember."""
+
+
+class StorageFactory(Protocol):
+    def __call__(self, runtime: Runtime) -> Storage: ...

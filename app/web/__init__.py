@@ -1,0 +1,34 @@
+"""The aiohttp application factory, used by run.py and by the tests alike."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+
+from aiohttp import web
+
+from app.config import Config
+from app.runtime import Runtime
+from app.web.keys import CONFIG, RUNTIME
+from app.web.middlewares import error_middleware
+from app.web.routes import setup_routes
+
+
+def create_app(config: Config, *, plugins: Iterable[object] = ()) -> web.Application:
+    """Build the app; the Runtime starts in cleanup_ctx (spawning nothing) and closes on shutdown."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.server.max_body_bytes)
+    app[CONFIG] = config
+    extra_plugins = tuple(plugins)
+
+    async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+        runtime = Runtime(config, plugins=extra_plugins)
+        await runtime.start()
+        app[RUNTIME] = runtime
+        yield
+        await runtime.close()
+
+    app.cleanup_ctx.append(runtime_ctx)
+    setup_routes(app, config)
+    return app
+
+
+__all__ = ["CONFIG", "RUNTIME", "create_app"]

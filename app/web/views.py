@@ -1,0 +1,114 @@
+"""Handlers for the seed's endpoints."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from app.errors import InvalidInput
+from app.web.keys import RUNTIME
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+async def read_json(request: web.Request, *, optional: bool = False) -> Any:
+    """The request body as JSON; 415 for another content type, 400 for malformed JSON."""
+    if not request.body_exists:
+        if optional:
+            return {}
+        raise InvalidInput("a JSON body is required")
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(reason=f"expected Content-Type application/json, got {request.content_type}")
+    body = await request.read()
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"body is not valid JSON: {exc}") from None
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+async def status(request: web.Request) -> web.Response:
+    """GET /api/cache/status: lifecycle, pools, counters, storages, breaker."""
+    return json_response(request.app[RUNTIME].status())
+
+
+async def cache_test(request: web.Request) -> web.Response:
+    """GET /api/cache/test: a set/get/delete round trip through the cache, with timings."""
+    dispatcher = request.app[RUNTIME].dispatcher
+    item_id = f"cache-test-{secrets.token_hex(8)}"
+    payload = {"test": True, "at": time.time()}
+    t0 = time.perf_counter()
+    await dispatcher.set("profile", item_id, payload, 60)
+    t1 = time.perf_counter()
+    found = await dispatcher.lookup("profile", item_id)
+    t2 = time.perf_counter()
+    await dispatcher.delete("profile", item_id)
+    t3 = time.perf_counter()
+    return json_response({
+        "ok": found.value == payload,
+        "source": found.source,
+        "set_ms": _ms(t1 - t0),
+        "get_ms": _ms(t2 - t1),
+        "delete_ms": _ms(t3 - t2),
+        "total_ms": _ms(t3 - t0),
+    })
+
+
+async def session_test(request: web.Request) -> web.Response:
+    """POST /api/cache/session/test: cache a session (body: optional session_id, data, ttl) and read it back."""
+    body = await read_json(request, optional=True)
+    if not isinstance(body, dict):
+        raise InvalidInput("body must be a JSON object")
+    cache = request.app[RUNTIME].cache
+    session_id = body.get("session_id") or f"test-{secrets.token_hex(8)}"
+    data = body.get("data", {"user": "test", "created": time.time()})
+    t0 = time.perf_counter()
+    await cache.cache_session(session_id, data, ttl=body.get("ttl", 60))
+    t1 = time.perf_counter()
+    found = await cache.get_session(session_id)
+    t2 = time.perf_counter()
+    return json_response({
+        "ok": found == data,
+        "session_id": session_id,
+        "session": found,
+        "cache_ms": _ms(t1 - t0),
+        "get_ms": _ms(t2 - t1),
+    })
+
+
+async def batch_test(request: web.Request) -> web.Response:
+    """POST /api/cache/batch/test: warm up one user's session, messages and profile, then read them back."""
+    body = await read_json(request, optional=True)
+    if not isinstance(body, dict):
+        raise InvalidInput("body must be a JSON object")
+    cache = request.app[RUNTIME].cache
+    user_id = body.get("user_id") or f"test-user-{secrets.token_hex(6)}"
+    session = body.get("session", {"user_id": user_id})
+    messages = body.get("messages", [{"text": f"message {i}"} for i in range(10)])
+    profile = body.get("profile", {"name": "Test User"})
+    t0 = time.perf_counter()
+    written = await cache.warmup_user_cache(user_id, session=session, messages=messages, profile=profile, ttl=60)
+    t1 = time.perf_counter()
+    read = {
+        "session": await cache.dispatcher.get("session", user_id),
+        "messages": await cache.get_messages(user_id),
+        "profile": await cache.get_profile(user_id),
+    }
+    t2 = time.perf_counter()
+    expected = {"session": session, "messages": messages, "profile": profile}
+    return json_response({
+        "ok": all(read[name] == expected[name] for name in written),
+        "user_id": user_id,
+        "written": written,
+        "warmup_ms": _ms(t1 - t0),
+        "read_ms": _ms(t2 - t1),
+    })

@@ -1,0 +1,66 @@
+"""The `external` lifecycle: a Redis managed by someone else (Docker Compose), reached by URL.
+
+No process management: `start` checks that the server answers PING within `redis.connect_timeout`
+and `stop` does nothing. The URL is `lifecycle.redis_url`, which `REDIS_URL` overrides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from app.config import Config
+from app.errors import ConfigError, RedisTimeout, RedisUnavailable, SpawnError
+from app.hookspecs import hookimpl
+from app.lifecycle import RedisEndpoint
+from plugins.lifecycle_subprocess import probe
+
+
+@attrs.define
+class ExternalLifecycle:
+    config: Config
+    name: str = "external"
+    provides_redis: bool = True
+    manages_process: bool = False
+    endpoint: RedisEndpoint = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        url = self.config.lifecycle.redis_url
+        if not url:
+            raise ConfigError("the external lifecycle needs a Redis URL: set REDIS_URL or lifecycle.redis_url",
+                              source=self.config.source, key="lifecycle.redis_url")
+        self.endpoint = RedisEndpoint.from_url(url)
+
+    def set_exit_callback(self, callback: Callable[[str], None]) -> None:
+        """An external server's exit shows up as lost connections; nothing to watch."""
+
+    def pid(self) -> int | None:
+        return None
+
+    def status(self) -> dict[str, Any]:
+        return {"url": self.endpoint.describe()}
+
+    async def start(self) -> RedisEndpoint:
+        timeout = self.config.redis.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                ready = await probe(self.endpoint, expected_pid=None)
+        except TimeoutError:
+            raise RedisTimeout(f"external Redis at {self.endpoint.describe()} did not answer within "
+                               f"{timeout:g} s") from None
+        except (OSError, EOFError, SpawnError) as exc:
+            raise RedisUnavailable(f"external Redis at {self.endpoint.describe()} is unreachable: {exc}") from None
+        if not ready:
+            raise RedisUnavailable(f"external Redis at {self.endpoint.describe()} is not ready (PING failed)")
+        return self.endpoint
+
+    async def stop(self) -> None:
+        """Docker owns the server."""
+
+
+@hookimpl
+def ondemand_register_lifecycles(registry: Any) -> None:
+    registry.add("external", lambda runtime: ExternalLifecycle(runtime.config))

