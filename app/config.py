@@ -12,11 +12,10 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import attrs
 import cattrs
-from attrs import validators as v
 
 from app.errors import ConfigError
 
@@ -24,20 +23,46 @@ ENV_PREFIX = "ONDEMAND_"
 _SIZE = re.compile(r"^\d+(b|kb|mb|gb)?$", re.IGNORECASE)
 
 
+class FieldError(ValueError):
+    """A validator's complaint about one field; the loader adds the field to the dotted key."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
 def _positive(_inst: Any, attribute: attrs.Attribute, value: float | None) -> None:
     if value is not None and not value > 0:
-        raise ValueError(f"{attribute.name} must be greater than 0, got {value!r}")
+        raise FieldError(attribute.name, f"expected a number greater than 0, got {value!r}")
+
+
+def _between(low: int, high: int) -> Any:
+    def check(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
+        if not low <= value <= high:
+            raise FieldError(attribute.name, f"expected an integer from {low} to {high}, got {value!r}")
+
+    return check
+
+
+def _matches(pattern: str, meaning: str) -> Any:
+    compiled = re.compile(pattern)
+
+    def check(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+        if not compiled.fullmatch(value):
+            raise FieldError(attribute.name, f"expected {meaning}, got {value!r}")
+
+    return check
 
 
 def _memory_size(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
     if not _SIZE.match(value):
-        raise ValueError(f"{attribute.name} must be a size like '256mb' or '0' (no limit), got {value!r}")
+        raise FieldError(attribute.name, f"expected a size like '256mb' or '0' (no limit), got {value!r}")
 
 
 @attrs.frozen
 class ServerConfig:
     host: str = "127.0.0.1"
-    port: int = attrs.field(default=8080, validator=v.and_(v.ge(0), v.le(65535)))
+    port: int = attrs.field(default=8080, validator=_between(0, 65535))
     test_endpoints: bool = True
     max_body_bytes: int = attrs.field(default=1_048_576, validator=_positive)
     shutdown_timeout: float = attrs.field(default=10.0, validator=_positive)
@@ -68,13 +93,13 @@ class LifecycleConfig:
 class RedisConfig:
     op_timeout: float = attrs.field(default=0.25, validator=_positive)
     connect_timeout: float = attrs.field(default=1.0, validator=_positive)
-    key_prefix: str = attrs.field(default="ondemand", validator=v.matches_re(r"^[A-Za-z0-9_.\-]{1,64}$"))
-    max_batch: int = attrs.field(default=512, validator=v.and_(v.ge(1), v.le(100_000)))
+    key_prefix: str = attrs.field(default="ondemand", validator=_matches(r"[A-Za-z0-9_.\-]{1,64}", "1 to 64 letters, digits, '_', '.' or '-'"))
+    max_batch: int = attrs.field(default=512, validator=_between(1, 100_000))
 
 
 @attrs.frozen
 class PoolConfig:
-    max_connections: int = attrs.field(default=16, validator=v.and_(v.ge(1), v.le(10_000)))
+    max_connections: int = attrs.field(default=16, validator=_between(1, 10_000))
     keep_alive: float = attrs.field(default=300.0, validator=_positive)
 
 
@@ -98,8 +123,8 @@ class PostgresConfig:
     connect_timeout: float = attrs.field(default=2.0, validator=_positive)
     statement_timeout: float = attrs.field(default=2.0, validator=_positive)
     startup_timeout: float = attrs.field(default=30.0, validator=_positive)
-    pool_min: int = attrs.field(default=1, validator=v.ge(0))
-    pool_max: int = attrs.field(default=10, validator=v.ge(1))
+    pool_min: int = attrs.field(default=1, validator=_between(0, 1000))
+    pool_max: int = attrs.field(default=10, validator=_between(1, 1000))
     purge_interval: float = attrs.field(default=60.0, validator=_positive)
 
 
@@ -200,12 +225,27 @@ def _environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
 
 def _describe(exc: Exception) -> tuple[str, str | None]:
     """Turn a cattrs error into ('message', 'dotted.key')."""
-    messages = cattrs.transform_error(exc, path="$")
+    def describe_leaf(leaf: BaseException, type_: Any) -> str:
+        if isinstance(leaf, FieldError):
+            return f"{leaf.field}\x00{leaf}"
+        if get_origin(type_) is Literal:
+            got = str(leaf).split(" not in literal")[0]
+            return f"expected one of {', '.join(map(repr, get_args(type_)))}, got {got!r}"
+        if get_origin(type_) in (tuple, list, dict):
+            return f"expected a {'table' if get_origin(type_) is dict else 'list'}, got {leaf}"
+        if isinstance(leaf, ValueError | TypeError) and str(leaf):
+            return str(leaf)
+        return cattrs.v.format_exception(leaf, type_)
+
+    messages = cattrs.transform_error(exc, path="$", format_exception=describe_leaf)
     first = messages[0] if messages else str(exc)
     message, _, where = first.rpartition(" @ ")
     if not message:
         return first, None
     key = where.removeprefix("$").lstrip(".").replace("['", ".").replace("']", "")
+    field, sep, text = message.partition("\x00")
+    if sep:
+        key, message = (f"{key}.{field}" if key else field), text
     return message, key or None
 
 

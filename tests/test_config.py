@@ -1,0 +1,94 @@
+"""Config loading: files, environment, overrides, and one clear error per problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.config import Config, load_config, redact
+from app.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_configs_load() -> None:
+    default = load_config(ROOT / "config/default.toml", environ={})
+    assert default.lifecycle.plugin == "auto" and default.namespaces["session"].durable
+    docker = load_config(ROOT / "config/docker.toml", environ={})
+    assert docker.server.test_endpoints is False
+
+
+def test_defaults_without_a_file() -> None:
+    config = load_config(None, environ={})
+    assert config == Config(environment=config.environment)
+    assert config.redis.op_timeout == 0.25
+
+
+def test_overrides_and_environment_precedence(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[lifecycle]\nidle_timeout = 10\n")
+    environ = {"ONDEMAND_LIFECYCLE__IDLE_TIMEOUT": "20", "REDIS_URL": "redis://r:6379/0", "DOCKER_ENV": "1"}
+    config = load_config(path, environ=environ)
+    assert config.lifecycle.idle_timeout == 20.0
+    assert config.lifecycle.redis_url == "redis://r:6379/0"
+    assert config.environment.docker is True
+    config = load_config(path, overrides={"lifecycle": {"idle_timeout": 5}}, environ=environ)
+    assert config.lifecycle.idle_timeout == 5.0
+
+
+def test_ondemand_config_env_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nport = 9999\n")
+    assert load_config(None, environ={"ONDEMAND_CONFIG": str(path)}).server.port == 9999
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "words"),
+    [
+        ("[lifecycle]\nidle_timout = 5\n", "lifecycle", "idle_timout"),
+        ("[lifecycle]\nidle_timeout = 'soon'\n", "lifecycle.idle_timeout", "expected float"),
+        ("[lifecycle]\nidle_timeout = -1\n", "lifecycle.idle_timeout", "greater than 0"),
+        ("[server]\nport = 70000\n", "server.port", "65535"),
+        ("[lifecycle]\nmaxmemory_policy = 'sometimes'\n", "lifecycle.maxmemory_policy", "sometimes"),
+        ("[namespaces.session]\nttl = 'x'\n", "namespaces.session.ttl", "expected float"),
+        ("[bogus]\nx = 1\n", "", "bogus"),
+    ],
+)
+def test_bad_values_name_the_file_and_key(tmp_path: Path, toml: str, key: str, words: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    message = str(info.value)
+    assert str(path) in message
+    assert key in message
+    assert words in message
+
+
+def test_not_toml_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("[server\nport = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path, environ={})
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "absent.toml", environ={})
+
+
+def test_redact_hides_secrets() -> None:
+    config = load_config(None, environ={"REDIS_URL": "redis://:hunter2@r:6379/0",
+                                        "DATABASE_URL": "postgresql://u:s3cret@db/x"})
+    text = str(redact(config))
+    assert "hunter2" not in text and "s3cret" not in text and "***" in text
+
+
+def test_run_py_exits_2_naming_the_bad_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[lifecycle]\nidle_timeout = 'never'\n")
+    proc = subprocess.run([sys.executable, "run.py", "--config", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "lifecycle.idle_timeout" in proc.stderr and str(path) in proc.stderr
+    assert "Traceback" not in proc.stderr
