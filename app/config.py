@@ -93,7 +93,9 @@ class LifecycleConfig:
 class RedisConfig:
     op_timeout: float = attrs.field(default=0.25, validator=_positive)
     connect_timeout: float = attrs.field(default=1.0, validator=_positive)
-    key_prefix: str = attrs.field(default="ondemand", validator=_matches(r"[A-Za-z0-9_.\-]{1,64}", "1 to 64 letters, digits, '_', '.' or '-'"))
+    key_prefix: str = attrs.field(
+        default="ondemand", validator=_matches(r"[A-Za-z0-9_.\-]{1,64}", "1 to 64 letters, digits, '_', '.' or '-'")
+    )
     max_batch: int = attrs.field(default=512, validator=_between(1, 100_000))
 
 

@@ -53,7 +53,7 @@ async def test_duplicate_name_names_both_plugins(make_config) -> None:
 
 
 async def test_unknown_storage_lists_available(make_config) -> None:
-    with pytest.raises(PluginError, match="unknown storage 'memcached'; available: .*redis"):
+    with pytest.raises(PluginError, match=r"unknown storage 'memcached'; available: .*redis"):
         async with Runtime(make_config({"storage": {"cache": "memcached"}})):
             pass
 
