@@ -27,7 +27,7 @@ import orjson
 from app.breaker import CircuitBreaker
 from app.errors import BackendUnavailable, InvalidInput, StorageUnavailable
 from app.plugins import Events
-from app.storage import CacheStorage, Entry, Namespace, Storage
+from app.storage import CacheStorage, DurableStorage, Entry, Namespace
 
 log = logging.getLogger("ondemand.dispatcher")
 
@@ -101,7 +101,7 @@ class Dispatcher:
         self,
         *,
         cache: CacheStorage,
-        durable: Storage | None,
+        durable: DurableStorage | None,
         namespaces: Mapping[str, Namespace],
         events: Events,
         dirty_limit: int = 100_000,
@@ -159,15 +159,16 @@ class Dispatcher:
         if not self._is_durable(ns):
             stats.misses += 1
             return Lookup(None, "miss")
-        raw = await self._durable_call(stats, cache_error, lambda: self.durable.get(ns, item_id))  # type: ignore[union-attr]
+        entry = await self._durable_call(stats, cache_error, lambda: self.durable.get_entry(ns, item_id))  # type: ignore[union-attr]
         if cache_error is not None:
             stats.fallback_reads += 1
-        if raw is None:
+        if entry is None:
             stats.misses += 1
             return Lookup(None, "miss")
+        raw, remaining = entry
         stats.durable_hits += 1
         if cache_error is None:
-            await self._backfill(stats, ns, item_id, raw)
+            await self._backfill(stats, ns, item_id, raw, remaining)
         return Lookup(decode(raw), self.durable.name)  # type: ignore[union-attr]
 
     async def get_many(self, namespace: str, ids: Sequence[str]) -> list[Any]:
@@ -191,19 +192,24 @@ class Dispatcher:
             found = await self._durable_call(
                 stats, cache_error, lambda: self.durable.get_many(ns, [ids[i] for i in missing])  # type: ignore[union-attr]
             )
+            # Not put back into Redis: get_many does not learn each row's remaining ttl.
             for i, raw in zip(missing, found, strict=True):
                 if raw is not None:
                     values[i] = decode(raw)
                     stats.durable_hits += 1
-                    if cache_error is None:
-                        await self._backfill(stats, ns, ids[i], raw)
         result = [None if value is _CORRUPT else value for value in values]
         stats.misses += sum(1 for value in values if value is _CORRUPT)
         return result
 
-    async def _backfill(self, stats: NamespaceStats, ns: Namespace, item_id: str, raw: bytes) -> None:
+    async def _backfill(
+        self, stats: NamespaceStats, ns: Namespace, item_id: str, raw: bytes, remaining: float | None
+    ) -> None:
+        """Put a durable value back into Redis for no longer than it lives in the durable store."""
+        ttl = ns.ttl if remaining is None else min(remaining, ns.ttl or remaining)
+        if ttl is not None and ttl <= 0:
+            return
         try:
-            await self.cache.set_if_absent(ns, item_id, raw, ns.ttl)
+            await self.cache.set_if_absent(ns, item_id, raw, ttl)
         except BackendUnavailable as exc:
             self._cache_failed(stats, exc, (ns.key(item_id),))
 

@@ -22,7 +22,7 @@ from app.errors import PluginError
 from app.lifecycle import Lifecycle, resolve_lifecycle_name
 from app.ondemand import OnDemandRedis
 from app.plugins import Events, Registry, make_plugin_manager
-from app.storage import CacheStorage, Namespace, Storage
+from app.storage import CacheStorage, DurableStorage, Namespace, Storage
 
 
 class Runtime:
@@ -37,7 +37,7 @@ class Runtime:
         self.lifecycle: Lifecycle
         self.on_demand: OnDemandRedis
         self.cache_storage: CacheStorage
-        self.durable_storage: Storage | None = None
+        self.durable_storage: DurableStorage | None = None
         self.dispatcher: Dispatcher
         self.cache: CacheService
         self._opened: list[Storage] = []
@@ -59,7 +59,11 @@ class Runtime:
                               "ping, set_if_absent, delete_keys or delete_prefix")
         self.cache_storage = cache
         if config.storage.durable:
-            self.durable_storage = self.storages.get(config.storage.durable)(self)
+            durable = self.storages.get(config.storage.durable)(self)
+            if not isinstance(durable, DurableStorage):
+                raise PluginError(f"storage {config.storage.durable!r} cannot serve as the durable store: "
+                                  "it lacks get_entry")
+            self.durable_storage = durable
         try:
             for storage in (self.cache_storage, self.durable_storage):
                 if storage is not None:

@@ -73,6 +73,14 @@ class Storage(Protocol):
 
 
 @runtime_checkable
+class DurableStorage(Storage, Protocol):
+    """A storage that can be the system of record behind the cache (the `postgres` plugin)."""
+
+    async def get_entry(self, ns: Namespace, item_id: str) -> tuple[bytes, float | None] | None:
+        """The value and its remaining ttl in seconds (None: no expiry); the cache copy must not outlive it."""
+
+
+@runtime_checkable
 class CacheStorage(Storage, Protocol):
     """A storage that can serve as the cache in front of a durable store (the `redis` plugin)."""
 

@@ -78,3 +78,34 @@ def _no_docker_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("DOCKER_ENV", "REDIS_URL", "DATABASE_URL", "ONDEMAND_CONFIG"):
         monkeypatch.delenv(name, raising=False)
     os.environ.pop("ONDEMAND_LIFECYCLE__PLUGIN", None)
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Any:
+    """One initdb per test session; each test's server starts on a copy of it."""
+    from tests.postgres_support import make_template, remove_temp_dir
+
+    path = make_template()
+    yield path
+    remove_temp_dir(path.parent)
+
+
+@pytest.fixture
+async def pg(pg_template: Any) -> AsyncIterator[Any]:
+    """A real PostgreSQL (pgserver's binaries) owned by this test; stopped and removed afterwards."""
+    from tests.postgres_support import embedded_postgres
+
+    async with embedded_postgres(template=pg_template) as server:
+        yield server
+
+
+@pytest.fixture
+def durable_config(make_config: Callable[..., Config], pg: Any) -> Callable[..., Config]:
+    """Config with PostgreSQL as the durable store, at this test's server."""
+
+    def make(overrides: dict[str, Any] | None = None) -> Config:
+        base = {"storage": {"durable": "postgres"},
+                "postgres": {"dsn": pg.dsn, "connect_timeout": 0.5, "statement_timeout": 0.5}}
+        return make_config(_merge(base, overrides or {}))
+
+    return make

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from plugins.lifecycle_subprocess import SubprocessLifecycle
 
 from app import hookimpl
+from plugins.lifecycle_subprocess import SubprocessLifecycle
 
 SEEN_EVENTS: list[tuple[str, dict[str, Any]]] = []
 

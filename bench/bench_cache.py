@@ -1,0 +1,220 @@
+"""Benchmark 1: CacheService get/set vs raw redis.asyncio, aiocache and cashews, on our spawned Redis.
+
+An op is one SET (60 s TTL) plus one GET of the ~250-byte JSON value, awaited one after the other by
+one task; N tasks loop for a fixed time. ops/s counts these pairs (commands/s is twice that).
+
+Profile our path: `python bench/bench_cache.py --profile [--concurrency 50] [--seconds 5]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from common import TTL, VALUE, Result, Table, Target, bench_config, latency_ms, ratio, redis_client_kwargs
+
+from app import Runtime
+
+CONCURRENCY = (1, 10, 50, 200)
+# redis-py 8 pools refuse (MaxConnectionsError) past 100 connections by default; every pooled client
+# gets room for one connection per task at the highest concurrency, so none ever waits for one.
+POOL_SIZE = max(CONCURRENCY)
+KEYS_PER_TASK = 64
+Op = Callable[[str], Awaitable[Any]]
+
+
+# -- contenders: each returns (op, close, description) --------------------------------------------
+
+async def ondemand(rt: Runtime, endpoint: Any) -> tuple[Op, Callable[[], Awaitable[None]], str]:
+    cache = rt.cache
+
+    async def op(key: str) -> Any:
+        await cache.cache_profile(key, VALUE, ttl=TTL)
+        return await cache.get_profile(key)
+
+    async def close() -> None:
+        pass
+
+    return op, close, "rt.cache.cache_profile + get_profile (automatic pipelining, one connection)"
+
+
+async def raw(rt: Runtime, endpoint: Any) -> tuple[Op, Callable[[], Awaitable[None]], str]:
+    client = aioredis.Redis(**redis_client_kwargs(endpoint), max_connections=POOL_SIZE)
+    packed = orjson.dumps(VALUE)
+
+    async def op(key: str) -> Any:
+        await client.set("raw:" + key, packed, px=TTL * 1000)
+        found = await client.get("raw:" + key)
+        return None if found is None else orjson.loads(found)
+
+    return op, client.aclose, (f"redis.asyncio.Redis (hiredis parser, pool of {POOL_SIZE}), orjson, "
+                               "one command per call")
+
+
+class _UnixPool(aioredis.ConnectionPool):
+    """aiocache always passes host/port to its pool class; this one connects to a unix socket instead."""
+
+    def __init__(self, *, host: Any = None, port: Any = None, path: str, **kwargs: Any) -> None:
+        super().__init__(connection_class=aioredis.UnixDomainSocketConnection, path=path, **kwargs)
+
+
+async def aiocache(rt: Runtime, endpoint: Any) -> tuple[Op, Callable[[], Awaitable[None]], str]:
+    from aiocache import RedisCache
+
+    if endpoint.unix_socket:
+        cache = RedisCache(password=endpoint.password, namespace="aiocache", connection_pool_class=_UnixPool,
+                           connection_pool_kwargs={"path": endpoint.unix_socket}, pool_max_size=POOL_SIZE)
+    else:
+        cache = RedisCache(endpoint=endpoint.host, port=endpoint.port, password=endpoint.password,
+                           namespace="aiocache", pool_max_size=POOL_SIZE)
+
+    async def op(key: str) -> Any:
+        await cache.set(key, VALUE, ttl=TTL)
+        return await cache.get(key)
+
+    return op, cache.close, f"aiocache.RedisCache ({type(cache.serializer).__name__}, pool of {POOL_SIZE})"
+
+
+async def cashews(rt: Runtime, endpoint: Any) -> tuple[Op, Callable[[], Awaitable[None]], str]:
+    from cashews import Cache
+
+    password = urllib.parse.quote(endpoint.password or "", safe="")
+    if endpoint.unix_socket:
+        url = f"unix://{endpoint.unix_socket}?db=0" + (f"&password={password}" if endpoint.password else "")
+    else:
+        url = f"redis://{':' + password + '@' if endpoint.password else ''}{endpoint.host}:{endpoint.port}/0"
+    cache = Cache()
+    cache.setup(url, max_connections=POOL_SIZE)
+    await cache.init()
+
+    async def op(key: str) -> Any:
+        await cache.set("cashews:" + key, VALUE, expire=TTL)
+        return await cache.get("cashews:" + key)
+
+    return op, cache.close, (f"cashews Cache.setup(redis URL) (default pickle serializer, "
+                             f"BlockingConnectionPool of {POOL_SIZE})")
+
+
+CONTENDERS = {"raw redis.asyncio": raw, "ondemand CacheService": ondemand, "aiocache": aiocache, "cashews": cashews}
+BASELINE = "raw redis.asyncio"
+
+
+# -- the load loop ----------------------------------------------------------------------------------
+
+async def measure(op: Op, concurrency: int, seconds: float) -> dict[str, Any]:
+    """`concurrency` tasks each loop op(key) for `seconds`; returns ops/s, p50/p99 per op, misses."""
+    latencies: list[float] = []
+    misses = 0
+    clock = time.perf_counter
+
+    async def worker(w: int) -> None:
+        nonlocal misses
+        keys = [f"k{w}-{i}" for i in range(KEYS_PER_TASK)]
+        n = 0
+        while clock() < deadline:
+            t = clock()
+            found = await op(keys[n % KEYS_PER_TASK])
+            latencies.append(clock() - t)
+            if found is None:
+                misses += 1
+            n += 1
+
+    gc.collect()
+    started = clock()
+    deadline = started + seconds
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    elapsed = clock() - started
+    return {"ops": len(latencies), "ops_per_s": len(latencies) / elapsed, **latency_ms(latencies), "misses": misses}
+
+
+def pipeline_counts(rt: Runtime) -> tuple[int, int]:
+    """(batches, commands) written so far by the default pool's pipelined connection."""
+    pool = rt.on_demand.pools.get("default")
+    mux = pool.mux if pool else None
+    return (mux.batches_written, mux.commands_written) if mux else (0, 0)
+
+
+async def run(*, quick: bool = False, transport: str = "tcp") -> Result:
+    seconds, warmup = (0.1, 0.02) if quick else (3.0, 0.3)
+    result = Result("cache", "1. CacheService get/set vs raw redis.asyncio, aiocache, cashews")
+    rows: list[dict[str, Any]] = []
+    async with Runtime(bench_config(transport)) as rt:
+        endpoint = await rt.on_demand.ensure()
+        contenders = {}
+        for name, make in CONTENDERS.items():
+            contenders[name] = await make(rt, endpoint)
+            result.notes.append(f"{name}: {contenders[name][2]}")
+        stats = rt.dispatcher.stats["profile"]
+        try:
+            for concurrency in CONCURRENCY:
+                by_name: dict[str, dict[str, Any]] = {}
+                for name, (op, _close, _desc) in contenders.items():
+                    await measure(op, concurrency, warmup)
+                    before = pipeline_counts(rt)
+                    row = {"concurrency": concurrency, "client": name, **await measure(op, concurrency, seconds)}
+                    if name == "ondemand CacheService":
+                        batches, commands = (a - b for a, b in zip(pipeline_counts(rt), before, strict=True))
+                        row["cmds/batch"] = commands / batches if batches else float("nan")
+                    by_name[name] = row
+                base = by_name[BASELINE]["ops_per_s"]
+                for row in by_name.values():
+                    row["x raw"] = ratio(row["ops_per_s"], base)
+                    rows.append(row)
+        finally:
+            for _op, close, _desc in contenders.values():
+                await close()
+        if stats.cache_errors or stats.dropped_writes or not rt.dispatcher.breaker.closed:
+            result.status = "invalid"
+            result.notes.append(f"ondemand had cache errors ({stats.cache_errors}) or dropped writes "
+                                f"({stats.dropped_writes}): its numbers are NOT valid")
+    columns = ["concurrency", "client", "ops_per_s", "p50_ms", "p99_ms", "x raw", "misses", "cmds/batch"]
+    result.tables.append(Table(f"transport {transport}; op = SET (PX 60000) + GET of a "
+                               f"{len(orjson.dumps(VALUE))}-byte JSON value; {seconds:g} s per cell", columns, rows))
+    if any(row["misses"] for row in rows):
+        result.status = "invalid"
+        result.notes.append("some GETs missed (see `misses`): a contender failed silently")
+    cell = {(r["concurrency"], r["client"]): r for r in rows}
+    ours = "ondemand CacheService"
+    result.targets += [
+        Target("1: c=50 vs raw redis.asyncio", cell[50, ours]["x raw"], 2.5),
+        Target("1: c=50 vs aiocache", ratio(cell[50, ours]["ops_per_s"], cell[50, "aiocache"]["ops_per_s"]), 3.0),
+        Target("1: c=50 vs cashews", ratio(cell[50, ours]["ops_per_s"], cell[50, "cashews"]["ops_per_s"]), 3.0),
+        Target("1: c=1 vs raw redis.asyncio", cell[1, ours]["x raw"], 0.95),
+    ]
+    return result
+
+
+async def profile(concurrency: int, seconds: float, transport: str) -> None:
+    from pyinstrument import Profiler
+
+    async with Runtime(bench_config(transport)) as rt:
+        op, _close, _desc = await ondemand(rt, await rt.on_demand.ensure())
+        await measure(op, concurrency, 0.5)
+        profiler = Profiler(interval=0.0005, async_mode="disabled")
+        profiler.start()
+        stats = await measure(op, concurrency, seconds)
+        profiler.stop()
+    print(f"# ondemand CacheService, concurrency {concurrency}, {seconds:g} s, transport {transport}: "
+          f"{stats['ops_per_s']:,.0f} ops/s (profiled)\n")
+    print(profiler.output_text(unicode=False, color=False, flat=True, flat_time="self"))
+    print(profiler.output_text(unicode=False, color=False, show_all=False))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", action="store_true", help="profile our CacheService path with pyinstrument")
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--transport", choices=["tcp", "unix"], default="tcp")
+    args = parser.parse_args()
+    if args.profile:
+        asyncio.run(profile(args.concurrency, args.seconds, args.transport))
+    else:
+        print(asyncio.run(run(transport=args.transport)).markdown())

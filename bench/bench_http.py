@@ -1,0 +1,244 @@
+"""Benchmark 2: GET /api/sessions/{id} of a cached session, our app vs a raw handler vs a bare ceiling.
+
+Each server runs in its own process (this file with `serve KIND PORT TRANSPORT`); the load comes from
+wrk (1 thread, 50 connections) or, without wrk, from this file with `load URL CONNECTIONS SECONDS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import redis.asyncio as aioredis
+from aiohttp import web
+from common import REPO, VALUE, Result, Table, Target, bench_config, free_port, latency_ms, ratio, redis_client_kwargs
+
+from app import Runtime
+from app.web import RUNTIME, create_app
+
+SESSION_ID = "bench-session-1"
+SESSION = VALUE
+SESSION_KEY = f"ondemand:session:{SESSION_ID}"  # the key our app uses (default key_prefix)
+CONNECTIONS = 50
+KINDS = {
+    "bare": "(b) bare aiohttp handler, same JSON, no Redis (ceiling)",
+    "raw": "(a) aiohttp handler, raw redis.asyncio GET, one command per request",
+    "ondemand": "ondemand create_app(config)",
+}
+
+
+# -- the servers (run in a child process) -----------------------------------------------------------
+
+def _json(data: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(data), content_type="application/json")
+
+
+def has_session_route(app: web.Application) -> bool:
+    """True if the app serves GET /api/sessions/{something}."""
+    for resource in app.router.resources():
+        if re.fullmatch(r"/api/sessions/\{[^}]+\}", resource.canonical):
+            return any(route.method in ("GET", "*") for route in resource)
+    return False
+
+
+async def bench_local_session(request: web.Request) -> web.Response:
+    found = await request.app[RUNTIME].dispatcher.lookup("session", request.match_info["session_id"])
+    return _json({"session": found.value, "source": found.source})
+
+
+def build_app(kind: str, transport: str) -> tuple[web.Application, dict[str, Any]]:
+    config = bench_config(transport)
+    info: dict[str, Any] = {"kind": kind}
+    if kind in ("ondemand", "idle"):
+        app = create_app(config)
+        if kind == "idle":  # benchmark 6: exactly what run.py serves, untouched
+            return app, info
+        info["bench_local_handler"] = not has_session_route(app)
+        if info["bench_local_handler"]:
+            app.router.add_get("/api/sessions/{session_id}", bench_local_session)
+
+        async def seed(app: web.Application) -> AsyncIterator[None]:
+            await app[RUNTIME].cache.cache_session(SESSION_ID, SESSION, ttl=3600)
+            yield
+
+        app.cleanup_ctx.append(seed)
+        return app, info
+
+    app = web.Application()
+    if kind == "bare":
+        async def bare(request: web.Request) -> web.Response:
+            return _json({"session": SESSION, "source": "redis"})
+
+        app.router.add_get("/api/sessions/{session_id}", bare)
+        return app, info
+
+    client_key = web.AppKey("client", aioredis.Redis)
+
+    async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+        async with Runtime(config) as rt:  # only to spawn the same server the others use
+            client = aioredis.Redis(**redis_client_kwargs(await rt.on_demand.ensure()))
+            await client.set(SESSION_KEY, orjson.dumps(SESSION), ex=3600)
+            app[client_key] = client
+            yield
+            await client.aclose()
+
+    async def raw(request: web.Request) -> web.Response:
+        found = await request.app[client_key].get("ondemand:session:" + request.match_info["session_id"])
+        if found is None:
+            return _json({"session": None, "source": "miss"})
+        return _json({"session": orjson.loads(found), "source": "redis"})
+
+    app.cleanup_ctx.append(redis_ctx)
+    app.router.add_get("/api/sessions/{session_id}", raw)
+    return app, info
+
+
+def serve(kind: str, port: int, transport: str) -> None:
+    app, info = build_app(kind, transport)
+    print(orjson.dumps(info).decode(), flush=True)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, shutdown_timeout=5)
+
+
+@contextlib.asynccontextmanager
+async def server(kind: str, transport: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, dict[str, Any]]]:
+    """Start a server process; yield (process, port, info) once its port accepts connections; stop it."""
+    port = free_port()
+    with tempfile.TemporaryFile() as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "serve", kind, str(port), transport,
+            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=stderr,
+        )
+        try:
+            assert proc.stdout is not None
+            info = orjson.loads(await asyncio.wait_for(proc.stdout.readline(), 30) or b"{}")
+            deadline = time.monotonic() + 30
+            while True:
+                if proc.returncode is not None or time.monotonic() > deadline:
+                    stderr.seek(0)
+                    raise RuntimeError(f"{kind} server did not start:\n{stderr.read().decode()[-2000:]}")
+                try:
+                    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                except OSError:
+                    await asyncio.sleep(0.02)
+                    continue
+                writer.close()
+                break
+            yield proc, port, info
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                try:
+                    await asyncio.wait_for(proc.wait(), 10)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+
+
+# -- the load ---------------------------------------------------------------------------------------
+
+def _wrk_ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+async def wrk(url: str, seconds: float) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds:g}s", "--latency", url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out = (await proc.communicate())[0].decode()
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p50, p99 = (re.search(rf"^\s+{q}%\s+(\S+)", out, re.MULTILINE) for q in (50, 99))
+    if not (rps and p50 and p99):
+        raise RuntimeError(f"cannot parse wrk output:\n{out}")
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    socket_errors = re.search(r"Socket errors:.*", out)
+    return {"requests_per_s": float(rps.group(1)), "p50_ms": _wrk_ms(p50.group(1)), "p99_ms": _wrk_ms(p99.group(1)),
+            "errors": int(bad.group(1)) if bad else 0, "socket_errors": socket_errors.group(0) if socket_errors else ""}
+
+
+async def client_load(url: str, connections: int, seconds: float) -> dict[str, Any]:
+    """The fallback load generator: `connections` keep-alive loops for `seconds`."""
+    latencies: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def loop() -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                t = time.perf_counter()
+                async with session.get(url) as response:
+                    await response.read()
+                    errors += response.status != 200
+                latencies.append(time.perf_counter() - t)
+
+        started = time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*(loop() for _ in range(connections)))
+        elapsed = time.perf_counter() - started
+    return {"requests_per_s": len(latencies) / elapsed, **latency_ms(latencies), "errors": errors, "socket_errors": ""}
+
+
+async def load(url: str, seconds: float) -> dict[str, Any]:
+    if shutil.which("wrk"):
+        return await wrk(url, seconds)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "load", url, str(CONNECTIONS), str(seconds), stdout=asyncio.subprocess.PIPE,
+    )
+    return orjson.loads((await proc.communicate())[0])
+
+
+# -- the benchmark ----------------------------------------------------------------------------------
+
+async def run(*, quick: bool = False, transport: str = "tcp") -> Result:
+    seconds, warmup = (1.0, 0.0) if quick else (5.0, 1.0)
+    result = Result("http", "2. HTTP GET /api/sessions/{id} of a cached session")
+    rows: dict[str, dict[str, Any]] = {}
+    for kind, description in KINDS.items():
+        async with server(kind, transport) as (_proc, port, info):
+            url = f"http://127.0.0.1:{port}/api/sessions/{SESSION_ID}"
+            async with aiohttp.ClientSession() as session, session.get(url) as response:
+                body = await response.json()
+            if response.status != 200 or body.get("session") != SESSION:
+                raise RuntimeError(f"{kind} server answered {response.status} {body!r}")
+            if info.get("bench_local_handler"):
+                result.notes.append("ondemand: create_app has no GET /api/sessions/{session_id}; a bench-local "
+                                    "handler calling dispatcher.lookup('session', id) was registered on it")
+            elif kind == "ondemand":
+                result.notes.append("ondemand: the app's own GET /api/sessions/{session_id} route was used")
+            if warmup:
+                await load(url, warmup)
+            rows[kind] = {"server": description, **await load(url, seconds)}
+    for row in rows.values():
+        row["x raw (a)"] = ratio(row["requests_per_s"], rows["raw"]["requests_per_s"])
+        row["x bare (b)"] = ratio(row["requests_per_s"], rows["bare"]["requests_per_s"])
+    load_tool = f"wrk -t1 -c{CONNECTIONS}" if shutil.which("wrk") else f"aiohttp client, {CONNECTIONS} connections"
+    columns = ["server", "requests_per_s", "p50_ms", "p99_ms", "x raw (a)", "x bare (b)", "errors"]
+    result.tables.append(Table(f"transport {transport}; {load_tool}, {seconds:g} s after {warmup:g} s warm-up; "
+                               "each server one process", columns, list(rows.values())))
+    if any(row["errors"] or row["socket_errors"] for row in rows.values()):
+        result.status = "invalid"
+        result.notes += [f"{k}: {r['errors']} non-2xx; {r['socket_errors']}" for k, r in rows.items()]
+    result.targets += [
+        Target("2: vs raw handler (a)", rows["ondemand"]["x raw (a)"], 2.2),
+        Target("2: vs bare ceiling (b)", rows["ondemand"]["x bare (b)"], 0.7),
+    ]
+    return result
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        serve(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    elif sys.argv[1] == "load":
+        print(orjson.dumps(asyncio.run(client_load(sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))).decode())
+    else:
+        print(asyncio.run(run(quick="--quick" in sys.argv)).markdown())

@@ -1,0 +1,91 @@
+"""Benchmark 4: warm up N users (session, messages, profile each) via warmup_user_cache vs raw pipelines.
+
+Ours: `rt.cache.warmup_user_cache` for every user of a chunk, gathered, chunk after chunk. Raw: one
+redis.asyncio pipeline (transaction=False) of the same SETs (same keys, same JSON bytes, PX) per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from common import TTL, VALUE, Result, Table, Target, bench_config, ratio, redis_client_kwargs
+
+from app import Runtime
+
+CHUNK = 500
+REPEATS = 3
+
+
+def user_data(i: int) -> dict[str, Any]:
+    user_id = f"user-{i}"
+    return {
+        "session": {"user_id": user_id, "token": f"{i:032x}", "created_at": "2024-06-30T12:00:00Z"},
+        "messages": [{"id": m, "from": "assistant" if m % 2 else user_id, "text": f"message number {m}"}
+                     for m in range(10)],
+        "profile": {**VALUE, "id": user_id},
+    }
+
+
+async def ours(rt: Runtime, users: list[tuple[str, dict[str, Any]]]) -> None:
+    cache = rt.cache
+    for start in range(0, len(users), CHUNK):
+        await asyncio.gather(*(cache.warmup_user_cache(user_id, ttl=TTL, **data)
+                               for user_id, data in users[start:start + CHUNK]))
+
+
+async def raw(client: aioredis.Redis, users: list[tuple[str, dict[str, Any]]]) -> None:
+    for start in range(0, len(users), CHUNK):
+        pipe = client.pipeline(transaction=False)
+        for user_id, data in users[start:start + CHUNK]:
+            for namespace, value in data.items():
+                pipe.set(f"ondemand:{namespace}:{user_id}", orjson.dumps(value), px=TTL * 1000)
+        await pipe.execute()
+
+
+async def run(*, quick: bool = False, transport: str = "tcp") -> Result:
+    count = 200 if quick else 10_000
+    users = [(f"user-{i}", user_data(i)) for i in range(count)]
+    result = Result("warmup", f"4. Warm-up of {count:,} users (session + messages + profile each)")
+    times: dict[str, list[float]] = {"raw redis.asyncio pipelines": [], "ondemand warmup_user_cache": []}
+    async with Runtime(bench_config(transport)) as rt:
+        client = aioredis.Redis(**redis_client_kwargs(await rt.on_demand.ensure()))
+        try:
+            for _ in range(1 if quick else REPEATS):
+                for name, write in (("raw redis.asyncio pipelines", lambda: raw(client, users)),
+                                    ("ondemand warmup_user_cache", lambda: ours(rt, users))):
+                    await client.flushall()
+                    started = time.perf_counter()
+                    await write()
+                    times[name].append(time.perf_counter() - started)
+                    if await client.dbsize() != 3 * count:
+                        raise RuntimeError(f"{name}: expected {3 * count} keys, found {await client.dbsize()}")
+            sample = await client.get(f"ondemand:messages:{users[-1][0]}")
+            assert orjson.loads(sample) == users[-1][1]["messages"]
+        finally:
+            await client.aclose()
+        stats = rt.dispatcher.stats
+        lost = sum(s.dropped_writes + s.cache_errors for s in stats.values())
+    rows = []
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        rows.append({"client": name, "seconds": median, "users_per_s": count / median,
+                     "best_s": min(seconds), "runs": len(seconds)})
+    for row in rows:
+        row["x raw"] = ratio(row["users_per_s"], rows[0]["users_per_s"])
+    result.tables.append(Table(f"transport {transport}; chunks of {CHUNK} users; median of the runs; raw and ours "
+                               "alternate, FLUSHALL before each; both leave 3 keys per user",
+                               ["client", "seconds", "users_per_s", "x raw", "best_s", "runs"], rows))
+    if lost:
+        result.status = "invalid"
+        result.notes.append(f"ondemand dropped {lost} writes: its number is NOT valid")
+    result.targets.append(Target("4: warm-up vs raw pipelines", rows[1]["x raw"], 0.9))
+    return result
+
+
+if __name__ == "__main__":
+    print(asyncio.run(run()).markdown())

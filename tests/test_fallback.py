@@ -1,0 +1,220 @@
+"""Fallback to PostgreSQL: real faults (SIGKILL, SIGSTOP, a stopped server), no lost write, no stale read."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from app import Runtime
+from app.errors import PostgresUnavailable, StorageUnavailable
+from app.web import create_app
+from tests.test_ondemand import wait_for
+
+
+async def stop_keeping_address(pg) -> None:
+    """Stop the postmaster but keep its socket directory, so the same DSN works once it restarts."""
+    pg.child.signal(signal.SIGINT)
+    await asyncio.wait_for(pg.child.process.wait(), 10)
+
+
+async def test_sigkill_of_redis_under_load_loses_no_acknowledged_write(durable_config) -> None:
+    config = durable_config({"lifecycle": {"restart_backoff": 0.05}})
+    async with Runtime(config) as rt:
+        acknowledged: dict[str, int] = {}
+        errors: list[BaseException] = []
+        await rt.cache.get_session("warm")  # Redis running before the load starts
+
+        async def worker(n: int) -> None:
+            for i in range(50):
+                key = f"w{n}-{i % 10}"
+                try:
+                    await rt.cache.cache_session(key, {"n": n, "i": i})
+                    acknowledged[key] = i
+                    value = await rt.cache.get_session(key)
+                    assert value is not None and value["n"] == n
+                except Exception as exc:
+                    errors.append(exc)
+
+        async def killer() -> None:
+            await asyncio.sleep(0.15)
+            os.kill(rt.on_demand.lifecycle.pid(), signal.SIGKILL)
+
+        await asyncio.gather(killer(), *(worker(n) for n in range(20)))
+        assert errors == []
+        assert rt.on_demand.counters.unexpected_exits == 1
+        assert len(acknowledged) == 200  # 20 workers x 10 distinct keys
+        for key, i in acknowledged.items():
+            assert (await rt.cache.get_session(key))["i"] == i
+        await wait_for(lambda: rt.dispatcher.breaker.closed, timeout=5)
+        for key, i in acknowledged.items():
+            assert (await rt.cache.get_session(key))["i"] == i
+
+
+async def test_sigstop_falls_back_within_250ms_and_sigcont_recovers(durable_config) -> None:
+    config = durable_config({"redis": {"op_timeout": 0.1}})
+    async with Runtime(config) as rt:
+        await rt.cache.cache_session("s", {"v": 0})
+        pid = rt.on_demand.lifecycle.pid()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            latencies = []
+            for i in range(1, 8):
+                t0 = time.monotonic()
+                await rt.cache.cache_session("s", {"v": i})
+                assert await rt.cache.get_session("s") == {"v": i}
+                latencies.append(time.monotonic() - t0)
+            assert max(latencies) < 0.25, latencies
+            assert rt.dispatcher.breaker.state != "closed"
+            assert latencies[-1] < 0.05, "with the breaker open Redis costs no network time"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await wait_for(lambda: rt.dispatcher.breaker.closed, timeout=5)
+        # The frozen Redis still held {"v": 0} (and maybe late SETs); recovery invalidated the key.
+        found = await rt.dispatcher.lookup("session", "s")
+        assert found.value == {"v": 7}
+        found = await rt.dispatcher.lookup("session", "s")
+        assert found.source == "redis" and found.value == {"v": 7}
+
+
+async def test_external_redis_returning_with_old_values_serves_no_stale_session(durable_config, make_config) -> None:
+    # The "external" Redis is one our subprocess lifecycle runs over TCP; SIGSTOP makes it unreachable
+    # while it keeps its data, like a network partition.
+    async with Runtime(make_config({"lifecycle": {"tcp": True}})) as server:
+        endpoint = await server.on_demand.ensure()
+        url = f"redis://:{endpoint.password}@127.0.0.1:{endpoint.port}/0"
+        config = durable_config({"lifecycle": {"plugin": "external", "redis_url": url},
+                                 "redis": {"op_timeout": 0.1}})
+        async with Runtime(config) as rt:
+            for i in range(20):
+                await rt.cache.cache_session(f"s{i}", {"v": "old"})
+            await rt.cache.delete_session("s19")
+            pid = server.on_demand.lifecycle.pid()
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                for i in range(19):
+                    await rt.cache.cache_session(f"s{i}", {"v": "new"})
+                await rt.cache.cache_session("s19", {"v": "new"})
+                await rt.cache.delete_session("s18")
+                for i in range(18):
+                    assert await rt.cache.get_session(f"s{i}") == {"v": "new"}
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            # From the moment Redis answers again, no read may see "old".
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                for i in range(18):
+                    assert await rt.cache.get_session(f"s{i}") == {"v": "new"}
+                assert await rt.cache.get_session("s18") is None
+                assert await rt.cache.get_session("s19") == {"v": "new"}
+                if rt.dispatcher.breaker.closed:
+                    break
+                await asyncio.sleep(0.02)
+            assert rt.dispatcher.breaker.closed
+            for i in range(18):
+                assert (await rt.dispatcher.lookup("session", f"s{i}")).value == {"v": "new"}
+            assert await rt.cache.get_session("s18") is None
+
+
+async def test_postgres_down_at_startup_then_recovers(make_config, pg_template) -> None:
+    from tests.postgres_support import embedded_postgres
+
+    async with embedded_postgres(template=pg_template) as pg:
+        dsn = pg.dsn
+        data_dir = pg.data_dir
+        await stop_keeping_address(pg)
+        config = make_config({"storage": {"durable": "postgres"},
+                              "postgres": {"dsn": dsn, "connect_timeout": 0.3, "statement_timeout": 0.5}})
+        async with Runtime(config) as rt:  # starts although PostgreSQL is down
+            t0 = time.monotonic()
+            with pytest.raises(PostgresUnavailable):
+                await rt.cache.cache_session("s", {"v": 1})
+            assert time.monotonic() - t0 < 2
+            status = rt.status()["storages"]["durable"]
+            assert status["state"] != "up"
+            # Cache-only namespaces keep working meanwhile.
+            await rt.cache.cache_profile("p", {"ok": 1})
+            assert await rt.cache.get_profile("p") == {"ok": 1}
+            await pg.start()
+            assert pg.data_dir == data_dir and pg.dsn == dsn
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    await rt.cache.cache_session("s", {"v": 2})
+                    break
+                except PostgresUnavailable:
+                    assert time.monotonic() < deadline, "did not recover"
+                    await asyncio.sleep(0.1)
+            assert await rt.cache.get_session("s") == {"v": 2}
+            assert rt.status()["storages"]["durable"]["state"] == "up"
+
+
+async def test_both_down_gives_503_then_recovers(aiohttp_client, durable_config, pg) -> None:
+    config = durable_config({"redis": {"op_timeout": 0.1}, "lifecycle": {"restart_backoff": 0.05}})
+    client = await aiohttp_client(create_app(config))
+    resp = await client.post("/api/cache/session/test", json={"session_id": "a", "data": {"v": 1}})
+    assert resp.status == 200
+    rt_status = await (await client.get("/api/cache/status")).json()
+    redis_pid = rt_status["redis"]["pid"]
+    os.kill(redis_pid, signal.SIGSTOP)
+    await stop_keeping_address(pg)
+    try:
+        t0 = time.monotonic()
+        resp = await client.post("/api/cache/session/test", json={"session_id": "a", "data": {"v": 2}})
+        assert resp.status == 503
+        body = await resp.json()
+        assert body["error"]["code"] in {"postgres_unavailable", "storage_unavailable"}
+        assert time.monotonic() - t0 < 3
+    finally:
+        os.kill(redis_pid, signal.SIGCONT)
+    await pg.start()
+    deadline = time.monotonic() + 10
+    while True:
+        resp = await client.post("/api/cache/session/test", json={"session_id": "a", "data": {"v": 3}})
+        if resp.status == 200:
+            break
+        assert time.monotonic() < deadline, await resp.text()
+        await asyncio.sleep(0.1)
+    assert (await resp.json())["session"] == {"v": 3}
+
+
+async def test_both_down_read_is_a_typed_error(durable_config, pg) -> None:
+    async with Runtime(durable_config({"redis": {"op_timeout": 0.1}})) as rt:
+        await rt.cache.cache_session("s", {"v": 1})
+        os.kill(rt.on_demand.lifecycle.pid(), signal.SIGKILL)
+        await stop_keeping_address(pg)
+        with pytest.raises(StorageUnavailable, match="both unavailable"):
+            await rt.cache.get_session("s")
+
+
+async def test_ttl_is_honoured_in_both_stores(durable_config) -> None:
+    async with Runtime(durable_config()) as rt:
+        await rt.cache.cache_session("short", {"v": 1}, ttl=0.3)
+        assert await rt.cache.get_session("short") == {"v": 1}
+        await asyncio.sleep(0.5)
+        assert await rt.cache.get_session("short") is None
+        # A value put back from PostgreSQL keeps its remaining lifetime, not the namespace's ttl.
+        await rt.cache.cache_session("back", {"v": 1}, ttl=0.6)
+        await rt.on_demand.with_connection(lambda r: r.delete("ondemand:session:back"))
+        assert (await rt.dispatcher.lookup("session", "back")).source == "postgres"
+        pttl = await rt.on_demand.with_connection(lambda r: r.pttl("ondemand:session:back"))
+        assert 0 < pttl <= 600
+        await asyncio.sleep(0.8)
+        assert await rt.cache.get_session("back") is None
+
+
+async def test_cache_only_namespace_with_redis_down_misses_and_counts_drops(durable_config) -> None:
+    config = durable_config({"lifecycle": {"redis_binary": "/nonexistent/redis-server"}})
+    async with Runtime(config) as rt:
+        await rt.cache.cache_profile("p", {"v": 1})
+        assert await rt.cache.get_profile("p") is None
+        stats = rt.status()["dispatcher"]["namespaces"]["profile"]
+        assert stats["dropped_writes"] == 1
+        # Durable namespaces are still served, from PostgreSQL.
+        await rt.cache.cache_session("s", {"v": 1})
+        found = await rt.dispatcher.lookup("session", "s")
+        assert found == found.__class__({"v": 1}, "postgres")
+        assert rt.status()["dispatcher"]["namespaces"]["session"]["fallback_reads"] >= 1
