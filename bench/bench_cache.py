@@ -3,7 +3,7 @@
 An op is one SET (60 s TTL) plus one GET of the ~250-byte JSON value, awaited one after the other by
 one task; N tasks loop for a fixed time. ops/s counts these pairs (commands/s is twice that).
 
-Profile our path: `python bench/bench_cache.py --profile [--concurrency 50] [--seconds 5]`.
+Only our path (for a profiler): `python bench/bench_cache.py --ours-only [--concurrency 50] [--seconds 5]`.
 """
 
 from __future__ import annotations
@@ -191,30 +191,23 @@ async def run(*, quick: bool = False, transport: str = "tcp") -> Result:
     return result
 
 
-async def profile(concurrency: int, seconds: float, transport: str) -> None:
-    from pyinstrument import Profiler
-
+async def ours_only(concurrency: int, seconds: float, transport: str) -> None:
+    """Only our contender, for an outside profiler (bench/profile.py runs py-spy on this)."""
     async with Runtime(bench_config(transport)) as rt:
         op, _close, _desc = await ondemand(rt, await rt.on_demand.ensure())
         await measure(op, concurrency, 0.5)
-        profiler = Profiler(interval=0.0005, async_mode="disabled")
-        profiler.start()
-        stats = await measure(op, concurrency, seconds)
-        profiler.stop()
-    print(f"# ondemand CacheService, concurrency {concurrency}, {seconds:g} s, transport {transport}: "
-          f"{stats['ops_per_s']:,.0f} ops/s (profiled)\n")
-    print(profiler.output_text(unicode=False, color=False, flat=True, flat_time="self"))
-    print(profiler.output_text(unicode=False, color=False, show_all=False))
+        print(f"ondemand CacheService, concurrency {concurrency}, transport {transport}: "
+              f"{(await measure(op, concurrency, seconds))['ops_per_s']:,.0f} ops/s", flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", action="store_true", help="profile our CacheService path with pyinstrument")
+    parser.add_argument("--ours-only", action="store_true", help="run only our CacheService path (to profile it)")
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--transport", choices=["tcp", "unix"], default="tcp")
     args = parser.parse_args()
-    if args.profile:
-        asyncio.run(profile(args.concurrency, args.seconds, args.transport))
+    if args.ours_only:
+        asyncio.run(ours_only(args.concurrency, args.seconds, args.transport))
     else:
         print(asyncio.run(run(transport=args.transport)).markdown())

@@ -252,6 +252,7 @@ def test_child_dies_within_one_second_of_parent_sigkill(tmp_path: Path) -> None:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+        parent.stdout.close()
         if len(line) > 1:
             subprocess.run(["rm", "-rf", line[1]], check=False)
 
@@ -288,3 +289,22 @@ async def test_noop_lifecycle_misses_and_drops(make_config) -> None:
         assert status["redis"]["state"] == "disabled"
         assert "noop" in status["redis"]["note"]
         assert redis_children() == []
+
+
+async def test_stale_files_in_runtime_dir_are_cleaned_and_unrelated_pid_never_signalled(make_config, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    # A previous run was SIGKILLed: its socket file is left, and its pidfile now names a PID that
+    # belongs to an unrelated live process.
+    bystander = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(30)")
+    try:
+        (run_dir / "redis.pid").write_text(f"{bystander.pid}\n")
+        (run_dir / "redis.sock").write_text("stale")
+        async with Runtime(make_config({"lifecycle": {"runtime_dir": str(run_dir)}})) as rt:
+            await rt.cache.cache_profile("u", {"v": 1})
+            assert await rt.cache.get_profile("u") == {"v": 1}
+            assert int((run_dir / "redis.pid").read_text()) == rt.on_demand.lifecycle.pid()
+        assert bystander.returncode is None, "an unrelated process was signalled"
+    finally:
+        bystander.kill()
+        await bystander.wait()
