@@ -54,6 +54,11 @@ def _matches(pattern: str, meaning: str) -> Any:
     return check
 
 
+def _token(_inst: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and not re.fullmatch(r"[\x21-\x7e]+", value):
+        raise FieldError(attribute.name, "expected a non-empty token of printable ASCII without spaces")
+
+
 def _memory_size(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
     if not _SIZE.match(value):
         raise FieldError(attribute.name, f"expected a size like '256mb' or '0' (no limit), got {value!r}")
@@ -66,6 +71,9 @@ class ServerConfig:
     test_endpoints: bool = True
     max_body_bytes: int = attrs.field(default=1_048_576, validator=_positive)
     shutdown_timeout: float = attrs.field(default=10.0, validator=_positive)
+    workers: int = attrs.field(default=1, validator=_between(1, 64))
+    log_format: Literal["text", "json"] = "text"
+    api_token: str | None = attrs.field(default=None, validator=_token)
 
 
 @attrs.frozen
@@ -81,6 +89,7 @@ class LifecycleConfig:
     redis_url: str | None = None
     runtime_dir: str | None = None
     tcp: bool = False
+    tcp_port: int = attrs.field(default=0, validator=_between(0, 65535))
     maxmemory: str = attrs.field(default="256mb", validator=_memory_size)
     maxmemory_policy: Literal[
         "noeviction", "allkeys-lru", "allkeys-lfu", "allkeys-random",
@@ -297,6 +306,11 @@ def load_config(
     return config_from_dict(data, source=source)
 
 
+def unstructure(config: Config) -> dict[str, Any]:
+    """The config as plain data; `config_from_dict` turns it back into an equal Config."""
+    return _CONVERTER.unstructure(config)
+
+
 def redact_url(url: str) -> str:
     """`scheme://user:secret@host/db` -> `scheme://user:***@host/db`; also hides `password=` params."""
     url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
@@ -310,4 +324,6 @@ def redact(config: Config) -> dict[str, Any]:
     if lifecycle.get("redis_url"):
         lifecycle["redis_url"] = redact_url(lifecycle["redis_url"])
     data["postgres"]["dsn"] = redact_url(data["postgres"]["dsn"])
+    if data["server"].get("api_token"):
+        data["server"]["api_token"] = "***"
     return data

@@ -75,8 +75,15 @@ class Lifecycle(Protocol):
     async def stop(self) -> None:
         """Stop what `start` started (nothing for an external Redis); bounded in time."""
 
-    def set_exit_callback(self, callback: Callable[[str], None]) -> None:
-        """Register a callback for an unexpected exit of the server, called with a description."""
+    def set_exit_callback(self, callback: Callable[[str, bool], None]) -> None:
+        """Register a callback for an exit of the server we did not ask for: (description, failure).
+        `failure` is False when the server was a sibling process's and went away normally."""
+
+    def note_activity(self) -> None:
+        """Record that this process used Redis recently (for idle accounting shared across processes)."""
+
+    def shared_idle_seconds(self) -> float | None:
+        """Seconds since any process sharing this server was active, or None when not shared."""
 
     def pid(self) -> int | None:
         """The server's PID when we own its process."""

@@ -346,9 +346,19 @@ class OnDemandRedis:
             self.events.emit("ondemand_degraded", component="redis", reason=str(exc).splitlines()[0])
         log.warning("redis unavailable: %s", exc)
 
-    def _on_server_exit(self, description: str) -> None:
-        """The lifecycle saw the server die without being asked: fail in-flight work, plan a restart."""
+    def _on_server_exit(self, description: str, failure: bool = True) -> None:
+        """The server went away without our asking: fail in-flight work, plan a restart.
+
+        `failure` is False for a sibling's shared server that its owner stopped: then the next
+        operation simply starts (or adopts) a server, with no backoff.
+        """
         if self.state != RUNNING:
+            return
+        if not failure:
+            self._endpoint = None
+            self._running_since = None
+            self.state = STOPPED
+            self._close_connections(description)
             return
         uptime = time.monotonic() - (self._running_since or time.monotonic())
         if uptime >= _STABLE_UPTIME:
@@ -368,8 +378,11 @@ class OnDemandRedis:
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _is_idle(self, now: float) -> bool:
+        idle_timeout = self.config.lifecycle.idle_timeout
+        shared_idle = self.lifecycle.shared_idle_seconds()  # siblings' activity, when the server is shared
         return (
-            now - self.last_used >= self.config.lifecycle.idle_timeout
+            now - self.last_used >= idle_timeout
+            and (shared_idle is None or shared_idle >= idle_timeout)
             and self._leases == 0
             and not any(pool.busy for pool in self.pools.values())
         )
@@ -409,10 +422,14 @@ class OnDemandRedis:
 
     async def _janitor_loop(self) -> None:
         """Closes pools unused for keep_alive seconds and stops an idle server."""
+        noted = self.last_used
         while True:
             await asyncio.sleep(self._janitor_tick())
             try:
                 now = self._loop.time()
+                if self.last_used != noted and self.state == RUNNING:
+                    noted = self.last_used
+                    self.lifecycle.note_activity()  # off the hot path: at most once a tick
                 for pool in list(self.pools.values()):
                     if pool.is_open and not pool.busy and now - pool.last_used >= pool.keep_alive:
                         pool.idle_closes += 1

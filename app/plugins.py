@@ -13,7 +13,7 @@ from app import hookspecs
 from app.config import Config
 from app.errors import PluginError
 
-log = logging.getLogger("ondemand.plugins")
+log = logging.getLogger("ondemand.events")
 
 ENTRY_POINT_GROUP = "ondemand"
 
@@ -103,7 +103,9 @@ class Events:
         self._hook = pm.hook
 
     def emit(self, name: str, **fields: Any) -> None:
-        log.info("%s %s", name.removeprefix("ondemand_"), " ".join(f"{k}={v}" for k, v in fields.items()))
+        event = name.removeprefix("ondemand_")
+        log.info("%s %s", event, " ".join(f"{k}={v}" for k, v in fields.items()),
+                 extra={"event": event, "fields": fields})
         try:
             getattr(self._hook, name)(**fields)
         except Exception:

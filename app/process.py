@@ -86,10 +86,16 @@ class ChildProcess:
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
         user: str | None = None,
+        inherit_output: bool = False,
     ) -> ChildProcess:
-        """Start `argv`; raises SpawnError if it cannot be executed at all."""
+        """Start `argv`; raises SpawnError if it cannot be executed at all.
+
+        Output goes to `log_path`, or to our own stdout/stderr with `inherit_output` (workers, whose
+        log lines the operator wants to see).
+        """
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("ab") as log:
+        with contextlib.ExitStack() as stack:
+            log = None if inherit_output else stack.enter_context(log_path.open("ab"))
             try:
                 # Spawned from the event loop's thread on purpose: PDEATHSIG fires when the *thread*
                 # that forked the child exits, so a worker thread would kill it too early.
@@ -97,7 +103,7 @@ class ChildProcess:
                     *argv,
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
-                    stderr=asyncio.subprocess.STDOUT,
+                    stderr=None if log is None else asyncio.subprocess.STDOUT,
                     env=env,
                     cwd=cwd,
                     user=user,

@@ -34,8 +34,14 @@ class ExternalLifecycle:
                               source=self.config.source, key="lifecycle.redis_url")
         self.endpoint = RedisEndpoint.from_url(url)
 
-    def set_exit_callback(self, callback: Callable[[str], None]) -> None:
+    def set_exit_callback(self, callback: Callable[[str, bool], None]) -> None:
         """An external server's exit shows up as lost connections; nothing to watch."""
+
+    def note_activity(self) -> None:
+        """Nothing is shared."""
+
+    def shared_idle_seconds(self) -> float | None:
+        return None
 
     def pid(self) -> int | None:
         return None

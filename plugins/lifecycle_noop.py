@@ -19,8 +19,14 @@ class NoopLifecycle:
     provides_redis: bool = False
     manages_process: bool = False
 
-    def set_exit_callback(self, callback: Callable[[str], None]) -> None:
+    def set_exit_callback(self, callback: Callable[[str, bool], None]) -> None:
         """Nothing runs, nothing exits."""
+
+    def note_activity(self) -> None:
+        """Nothing is shared."""
+
+    def shared_idle_seconds(self) -> float | None:
+        return None
 
     def pid(self) -> int | None:
         return None

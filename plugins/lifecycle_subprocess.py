@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import json
 import os
 import re
 import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +171,49 @@ async def probe(endpoint: RedisEndpoint, expected_pid: int | None) -> bool:
             await writer.wait_closed()
 
 
+def _server_in(rundir: Path, pid: int) -> bool:
+    """True when `pid` is a live process working in `rundir`: a redis-server we (or a sibling) started.
+
+    Redis rewrites its process title, so the command line cannot tell; its working directory is the
+    `dir` we configured, which no unrelated process shares.
+    """
+    try:
+        return os.readlink(f"/proc/{pid}/cwd") == str(rundir)
+    except OSError:
+        return False
+
+
+@attrs.frozen
+class SharedState:
+    """state.json in a shared runtime directory: which server serves the workers sharing it."""
+
+    pid: int
+    owner_pid: int
+    endpoint: RedisEndpoint
+
+    @classmethod
+    def read(cls, path: Path) -> SharedState | None:
+        try:
+            data = json.loads(path.read_text())
+            return cls(pid=int(data["pid"]), owner_pid=int(data["owner_pid"]),
+                       endpoint=RedisEndpoint(**data["endpoint"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": self.pid, "owner_pid": self.owner_pid, "endpoint": attrs.asdict(self.endpoint)}, f)
+        os.replace(tmp, path)
+
+
 @attrs.define
 class SubprocessLifecycle:
+    """redis-server as our child. With `lifecycle.runtime_dir` set, processes sharing that directory
+    (the workers of `run.py --workers N`) share one server: a flock serializes starts, state.json
+    says which server serves, and a process whose sibling already runs it adopts it."""
+
     config: LifecycleConfig
     events: Events
     name: str = "subprocess"
@@ -179,49 +223,130 @@ class SubprocessLifecycle:
     child: ChildProcess | None = None
     endpoint: RedisEndpoint | None = None
     runtime_dir: Path | None = None
+    adopted_pid: int | None = None  # a sibling's server we use but do not own
     _own_dir: bool = False
     _watcher: asyncio.Task[None] | None = None
-    _on_exit: Callable[[str], None] | None = None
+    _pidfd: int | None = None
+    _on_exit: Callable[[str, bool], None] | None = None
+    _password: str = attrs.field(factory=lambda: secrets.token_urlsafe(24))
 
-    def set_exit_callback(self, callback: Callable[[str], None]) -> None:
+    @property
+    def shared(self) -> bool:
+        return bool(self.config.runtime_dir)
+
+    def set_exit_callback(self, callback: Callable[[str, bool], None]) -> None:
         self._on_exit = callback
 
     def pid(self) -> int | None:
-        return self.child.pid if self.child is not None and self.child.returncode is None else None
+        if self.child is not None and self.child.returncode is None:
+            return self.child.pid
+        return self.adopted_pid
 
     def status(self) -> dict[str, Any]:
         return {
             "binary": self.binary.describe() if self.binary else None,
             "runtime_dir": str(self.runtime_dir) if self.runtime_dir else None,
             "socket": self.endpoint.unix_socket if self.endpoint else None,
+            "owner": "self" if self.child is not None else ("sibling" if self.adopted_pid else None),
         }
 
-    def _prepare_runtime_dir(self) -> Path:
-        if self.config.runtime_dir:
-            path = Path(self.config.runtime_dir).expanduser().absolute()
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path.chmod(0o700)
-            self._own_dir = False
-            self._remove_stale_files(path)
-        else:
-            path = Path(tempfile.mkdtemp(prefix="ondemand-"))  # created 0700
-            self._own_dir = True
-        self.runtime_dir = path
-        return path
+    # -- activity shared between processes (idle accounting) ---------------------------------
+
+    def note_activity(self) -> None:
+        """Called by the janitor after local activity: siblings' owner sees it in the file's mtime."""
+        if self.shared and self.runtime_dir is not None:
+            with contextlib.suppress(OSError):
+                (self.runtime_dir / "activity").touch()
+
+    def shared_idle_seconds(self) -> float | None:
+        """Seconds since any process sharing the runtime dir last noted activity (None: not shared)."""
+        if not self.shared or self.runtime_dir is None:
+            return None
+        try:
+            return max(0.0, time.time() - (self.runtime_dir / "activity").stat().st_mtime)
+        except OSError:
+            return None
+
+    # -- start ----------------------------------------------------------------------------------
+
+    async def start(self) -> RedisEndpoint:
+        await self.stop()  # leftovers of a server that died
+        if not self.shared:
+            self.runtime_dir, self._own_dir = Path(tempfile.mkdtemp(prefix="ondemand-")), True  # created 0700
+            return await self._spawn(self.runtime_dir)
+        rundir = Path(self.config.runtime_dir).expanduser().absolute()  # type: ignore[arg-type]
+        rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        rundir.chmod(0o700)
+        self.runtime_dir, self._own_dir = rundir, False
+        async with self._start_lock(rundir):
+            state = SharedState.read(rundir / "state.json")
+            if state is not None and state.pid != os.getpid() and _server_in(rundir, state.pid):
+                with contextlib.suppress(OSError, EOFError, TimeoutError):
+                    async with asyncio.timeout(self.config.startup_timeout):
+                        if await probe(state.endpoint, state.pid):
+                            return self._adopt(state)
+                raise SpawnError(
+                    f"runtime directory {rundir} is in use by a redis-server (pid {state.pid}) that does not "
+                    "answer; use another lifecycle.runtime_dir"
+                )
+            self._remove_stale_files(rundir)
+            endpoint = await self._spawn(rundir)
+            assert self.child is not None
+            SharedState(pid=self.child.pid, owner_pid=os.getpid(), endpoint=endpoint).write(rundir / "state.json")
+            self.note_activity()
+            return endpoint
+
+    @contextlib.asynccontextmanager
+    async def _start_lock(self, rundir: Path) -> AsyncIterator[None]:
+        """An exclusive flock on rundir/lock, waited for at most startup_timeout. The kernel frees
+        it if its holder dies, so a crashed sibling never blocks us."""
+        fd = os.open(rundir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + self.config.startup_timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise SpawnError(
+                            f"another process held the start lock in {rundir} for over "
+                            f"{self.config.startup_timeout:g} s"
+                        ) from None
+                    await asyncio.sleep(0.005)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _adopt(self, state: SharedState) -> RedisEndpoint:
+        self.adopted_pid, self.endpoint = state.pid, state.endpoint
+        try:  # get told when it exits, without polling: pidfd (Linux 5.3+)
+            self._pidfd = os.pidfd_open(state.pid)
+            asyncio.get_running_loop().add_reader(self._pidfd, self._adopted_exited, state.pid)
+        except OSError:
+            self._pidfd = None
+        return state.endpoint
+
+    def _adopted_exited(self, pid: int) -> None:
+        if self.adopted_pid != pid:
+            return
+        self._forget_adopted()
+        if self._on_exit is not None:
+            # Its owner stopped it (idle) or died: not our failure; the next operation starts one.
+            self._on_exit(f"the shared redis-server (pid {pid}) exited", False)
+
+    def _forget_adopted(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        self.adopted_pid = None
 
     @staticmethod
     def _remove_stale_files(path: Path) -> None:
-        """Leftovers of a previous run whose server is gone. A live server is never signalled."""
-        pidfile = path / "redis.pid"
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(pidfile.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if str(path / "redis.conf").encode() in cmdline:
-                raise SpawnError(
-                    f"runtime directory {path} is in use by a live redis-server (pid {pid}); "
-                    "use another lifecycle.runtime_dir"
-                )
-        for name in ("redis.sock", "redis.pid"):
+        """Leftovers of a previous run whose server is gone. No process is ever signalled here."""
+        for name in ("redis.sock", "redis.pid", "state.json"):
             with contextlib.suppress(FileNotFoundError):
                 (path / name).unlink()
 
@@ -250,15 +375,18 @@ class SubprocessLifecycle:
                 f.write(f"{key} {_quote(value)}\n")
         return conf
 
-    async def start(self) -> RedisEndpoint:
-        if self.binary is None:
-            self.binary = await find_binary(self.config.redis_binary)
-        await self.stop()  # leftovers of a server that died
-        rundir = self._prepare_runtime_dir()
+    async def _spawn(self, rundir: Path) -> RedisEndpoint:
+        if self.binary is None:  # checked once per process, and only by a process that spawns
+            try:
+                self.binary = await find_binary(self.config.redis_binary)
+            except BaseException:
+                self._remove_runtime_dir()
+                raise
         try:
             if self.config.tcp:
-                endpoint = RedisEndpoint(host="127.0.0.1", port=_free_tcp_port(),
-                                         password=secrets.token_urlsafe(24))
+                # The password stays the same across restarts of this lifecycle, and so does a fixed port.
+                endpoint = RedisEndpoint(host="127.0.0.1", port=self.config.tcp_port or _free_tcp_port(),
+                                         password=self._password)
             else:
                 sock = str(rundir / "redis.sock")
                 if len(os.fsencode(sock)) >= MAX_SOCKET_PATH:
@@ -288,9 +416,21 @@ class SubprocessLifecycle:
     async def _watch(self, child: ChildProcess) -> None:
         await child.process.wait()
         if self.child is child and self._on_exit is not None:  # not a stop we asked for
-            self._on_exit(child.describe_exit())
+            self._on_exit(child.describe_exit(), True)
+
+    # -- stop -----------------------------------------------------------------------------------
 
     async def stop(self) -> None:
+        """Stop our child (a sibling's server we only detach from) and remove what we created."""
+        if self.adopted_pid is not None:
+            self._forget_adopted()
+            self.endpoint = None
+            return
+        if self.shared and self.child is not None and self.runtime_dir is not None:
+            # Withdraw the state under the lock first, so no sibling adopts a server that is stopping.
+            async with self._start_lock(self.runtime_dir):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.runtime_dir / "state.json").unlink()
         child, endpoint = self.child, self.endpoint
         self.child = self.endpoint = None
         if self._watcher is not None:
@@ -312,10 +452,13 @@ class SubprocessLifecycle:
             return
         if self._own_dir:
             shutil.rmtree(path, ignore_errors=True)
-        else:
-            for name in ("redis.sock", "redis.pid", "redis.conf"):
-                with contextlib.suppress(FileNotFoundError):
-                    (path / name).unlink()
+            return
+        state = SharedState.read(path / "state.json")
+        if state is not None and state.owner_pid != os.getpid():
+            return  # a sibling's server: its files are not ours to remove
+        for name in ("redis.sock", "redis.pid", "redis.conf", "state.json"):
+            with contextlib.suppress(FileNotFoundError):
+                (path / name).unlink()
 
 
 async def _send_shutdown(endpoint: RedisEndpoint) -> None:

@@ -1,0 +1,153 @@
+"""The command line behind run.py: serve (the default), check-config, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+from app.config import Config, load_config, redact
+from app.errors import ConfigError, PluginError
+from app.logs import configure_logging
+
+
+def _serve_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML config file (default: $ONDEMAND_CONFIG, else built-in defaults)")
+    parser.add_argument("--host", help="listen address (overrides server.host)")
+    parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    parser.add_argument("--workers", type=int, help="worker processes sharing the port (overrides server.workers)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run.py", description="ondemand: serve the HTTP API (default), check a config, or show a server's status."
+    )
+    _serve_options(parser)
+    commands = parser.add_subparsers(dest="command", metavar="{serve,check-config,status}")
+    _serve_options(commands.add_parser("serve", help="serve the HTTP API (the default)",
+                                       description="Serve the HTTP API."))
+    check = commands.add_parser(
+        "check-config", help="validate a config and print it resolved, secrets redacted",
+        description="Validate a config file (with the environment applied) and print the resolved "
+                    "configuration with secrets redacted. Exit 0 when valid, 2 when not.",
+    )
+    check.add_argument("--config", help="TOML config file (default: $ONDEMAND_CONFIG, else built-in defaults)")
+    status = commands.add_parser(
+        "status", help="print the status of a running server",
+        description="Fetch GET /api/cache/status from a running server and print it readably.",
+    )
+    status.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL (default %(default)s)")
+    status.add_argument("--token", default=os.environ.get("ONDEMAND_SERVER__API_TOKEN"),
+                        help="API token (default: $ONDEMAND_SERVER__API_TOKEN)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON document")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    server: dict[str, Any] = {}
+    for key in ("host", "port", "workers"):
+        if getattr(args, key, None) is not None:
+            server[key] = getattr(args, key)
+    return load_config(args.config, overrides={"server": server} if server else None)
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(args.log_level, config.server.log_format)
+    from app.workers import serve_workers
+
+    try:
+        return serve_workers(config)
+    except (ConfigError, PluginError) as exc:
+        print(f"startup error: {exc}", file=sys.stderr)
+        return 2
+
+
+def check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    print(f"# {config.source or 'built-in defaults'}: valid")
+    print(json.dumps(redact(config), indent=2, sort_keys=True))
+    return 0
+
+
+def _seconds(value: Any) -> str:
+    return "-" if value is None else f"{value:.1f} s"
+
+
+def format_status(doc: dict[str, Any]) -> str:
+    """A readable rendering of GET /api/cache/status."""
+    redis = doc["redis"]
+    lines = [
+        f"service      ondemand, up {_seconds(doc.get('uptime_seconds'))}",
+        f"redis        {redis['lifecycle']}: {redis['state']}"
+        + (f", pid {redis['pid']}" if redis.get("pid") else "")
+        + (f", up {_seconds(redis['uptime_seconds'])}" if redis.get("uptime_seconds") is not None else "")
+        + (f", idle stop in {_seconds(redis['idle_deadline_in'])}" if redis.get("idle_deadline_in") is not None
+           else ""),
+        f"endpoint     {redis.get('endpoint') or '-'}",
+    ]
+    if redis.get("last_error"):
+        lines.append(f"last error   {redis['last_error'].splitlines()[0]}")
+    counters = redis.get("counters", {})
+    lines.append("counters     " + ", ".join(f"{k} {v}" for k, v in counters.items()))
+    for name, pool in redis.get("pools", {}).items():
+        pipe = pool.get("pipeline") or {}
+        lines.append(
+            f"pool {name:<8}{'open' if pool['open'] else 'closed'}, {pool['leases']} leases, "
+            f"{pipe.get('commands', 0)} commands in {pipe.get('batches', 0)} batches, keep_alive {pool['keep_alive']} s"
+        )
+    durable = (doc.get("storages") or {}).get("durable")
+    if durable:
+        lines.append(f"durable      {durable.get('name', 'durable')}: {durable.get('state')}"
+                     + (f" (pid {durable['pid']})" if durable.get("pid") else ""))
+    dispatcher = doc.get("dispatcher") or {}
+    breaker = dispatcher.get("breaker") or {}
+    if breaker:
+        lines.append(f"breaker      {breaker.get('state')}, opened {breaker.get('opens', 0)} times")
+    for name, stats in (dispatcher.get("namespaces") or {}).items():
+        lines.append(
+            f"ns {name:<10}hits {stats['hits']}, durable hits {stats['durable_hits']}, misses {stats['misses']}, "
+            f"fallback reads {stats['fallback_reads']}, dropped writes {stats['dropped_writes']}"
+        )
+    lines.append("plugins      " + ", ".join(doc.get("plugins", [])))
+    return "\n".join(lines)
+
+
+def status(args: argparse.Namespace) -> int:
+    request = urllib.request.Request(args.url.rstrip("/") + "/api/cache/status")
+    if args.token:
+        request.add_header("Authorization", f"Bearer {args.token}")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as resp:
+            doc = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        print(f"{args.url}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"{args.url}: cannot fetch status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(doc, indent=2) if args.json else format_status(doc))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args)
+    if args.command == "status":
+        return status(args)
+    return serve(args)

@@ -1,0 +1,164 @@
+"""Serving: one process, or a supervisor with N worker processes sharing one port.
+
+Why SO_REUSEPORT and not gunicorn's GunicornWebWorker: no extra dependency, each worker is a plain
+`web.run_app(..., reuse_port=True)` and the kernel spreads connections across them; the supervision
+we need (restart a dead worker, stop all on SIGTERM, never orphan one) is a few dozen lines on top
+of our own ChildProcess, which already makes every child die with its parent.
+
+Shared state between workers:
+- Redis: the workers get one runtime directory, so the subprocess lifecycle's cross-process start
+  (flock + state.json) gives the host exactly one redis-server; the others adopt it.
+- PostgreSQL: with `postgres.dsn = "embedded"`, the supervisor starts the embedded server once and
+  hands the workers its DSN, since one data directory serves one postmaster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import attrs
+import orjson
+from aiohttp import web
+
+from app.config import Config, config_from_dict, unstructure
+from app.process import ChildProcess
+
+if TYPE_CHECKING:
+    from plugins.storage_postgres import EmbeddedPostgres
+
+log = logging.getLogger("ondemand.workers")
+
+WORKER_CONFIG_ENV = "ONDEMAND_WORKER_CONFIG"
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+# A worker that dies soon after starting is restarted after a doubling delay: never in a storm.
+_RESTART_DELAY, _RESTART_DELAY_MAX, _STABLE_SECONDS = 0.5, 30.0, 30.0
+
+
+def run_single(config: Config, *, reuse_port: bool = False) -> int:
+    from app.web import create_app
+
+    web.run_app(create_app(config), host=config.server.host, port=config.server.port, reuse_port=reuse_port,
+                shutdown_timeout=config.server.shutdown_timeout, print=None, access_log=None)
+    return 0
+
+
+def serve_workers(config: Config) -> int:
+    if config.server.workers == 1:
+        return run_single(config)
+    return asyncio.run(Supervisor(config).run())
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@attrs.define
+class Supervisor:
+    config: Config
+    workers: dict[int, ChildProcess] = attrs.field(factory=dict)
+    restart_delays: dict[int, float] = attrs.field(factory=dict)
+    _own_runtime_dir: Path | None = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        config = self._prepare_config()
+        postgres = await self._start_embedded_postgres(config)
+        if postgres is not None:
+            config = attrs.evolve(config, postgres=attrs.evolve(config.postgres, dsn=postgres.dsn))
+        try:
+            payload = orjson.dumps(unstructure(config)).decode()
+            for index in range(config.server.workers):
+                self.workers[index] = await self._spawn(index, payload)
+            log.info("serving on http://%s:%s with %d workers", config.server.host, config.server.port,
+                     config.server.workers)
+            while not stopping.is_set():
+                waits = {asyncio.ensure_future(w.process.wait()): i for i, w in self.workers.items()}
+                stop_wait = asyncio.ensure_future(stopping.wait())
+                done, _ = await asyncio.wait({stop_wait, *waits}, return_when=asyncio.FIRST_COMPLETED)
+                for fut in (stop_wait, *waits):
+                    fut.cancel()
+                for fut in done:
+                    if fut in waits and not stopping.is_set():
+                        await self._restart(waits[fut], payload, stopping)
+        finally:
+            await self._stop_workers(config.server.shutdown_timeout + 5)
+            if postgres is not None:
+                await postgres.stop()
+            if self._own_runtime_dir is not None:
+                shutil.rmtree(self._own_runtime_dir, ignore_errors=True)
+        return 0
+
+    async def _restart(self, index: int, payload: str, stopping: asyncio.Event) -> None:
+        dead = self.workers[index]
+        delay = _RESTART_DELAY
+        if dead.uptime() < _STABLE_SECONDS:
+            delay = min(self.restart_delays.get(index, _RESTART_DELAY / 2) * 2, _RESTART_DELAY_MAX)
+        self.restart_delays[index] = delay
+        log.warning("%s; restarting it in %.1f s", dead.describe_exit().splitlines()[0], delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), delay)
+        if not stopping.is_set():
+            self.workers[index] = await self._spawn(index, payload)
+
+    def _prepare_config(self) -> Config:
+        config = self.config
+        server, lifecycle = config.server, config.lifecycle
+        if server.port == 0:  # every worker must bind the same port
+            server = attrs.evolve(server, port=_free_port(server.host))
+        if not lifecycle.runtime_dir:  # one directory for all workers: one redis-server
+            self._own_runtime_dir = Path(tempfile.mkdtemp(prefix="ondemand-"))
+            lifecycle = attrs.evolve(lifecycle, runtime_dir=str(self._own_runtime_dir))
+        return attrs.evolve(config, server=server, lifecycle=lifecycle)
+
+    async def _start_embedded_postgres(self, config: Config) -> EmbeddedPostgres | None:
+        if config.storage.durable != "postgres" or config.postgres.dsn != "embedded":
+            return None
+        from plugins.storage_postgres import EmbeddedPostgres  # the built-in plugin's server
+
+        server = EmbeddedPostgres(config.postgres.data_dir, startup_timeout=config.postgres.startup_timeout)
+        await server.start()
+        return server
+
+    async def _spawn(self, index: int, payload: str) -> ChildProcess:
+        python_path = os.pathsep.join(filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, WORKER_CONFIG_ENV: payload, "PYTHONPATH": python_path}
+        log_path = Path(self.config.lifecycle.runtime_dir or self._own_runtime_dir or tempfile.gettempdir())
+        child = await ChildProcess.spawn(
+            f"worker {index}", [sys.executable, "-m", "app.workers"], env=env,
+            log_path=log_path / f"worker-{index}.log", inherit_output=True,
+        )
+        log.info("worker %d started (pid %d)", index, child.pid)
+        return child
+
+    async def _stop_workers(self, grace: float) -> None:
+        await asyncio.gather(*(w.stop(grace=grace) for w in self.workers.values()), return_exceptions=True)
+
+
+def worker_main() -> int:
+    """Entry of one worker process: the config comes from the supervisor, already resolved."""
+    from app.logs import configure_logging
+
+    config = config_from_dict(orjson.loads(os.environ.pop(WORKER_CONFIG_ENV)), source="supervisor")
+    configure_logging("INFO", config.server.log_format)
+    with contextlib.suppress(KeyboardInterrupt):
+        return run_single(config, reuse_port=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

@@ -1,0 +1,97 @@
+"""Several worker processes on one host share one on-demand Redis; a dead worker costs one respawn."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+from tests.conftest import pid_gone
+from tests.test_run import ROOT, free_port
+
+
+def redis_servers_under(pid: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.Process(pid).children(recursive=True):
+        try:
+            if proc.name() in {"redis-server", "valkey-server"} and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+async def wait_until_serving(session: aiohttp.ClientSession, base: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            async with session.get(f"{base}/api/cache/status") as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "workers did not come up"
+        await asyncio.sleep(0.1)
+
+
+async def test_four_workers_share_one_redis_and_survive_the_owner_dying(tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "server.log"
+    env = {k: v for k, v in os.environ.items() if k not in {"DOCKER_ENV", "REDIS_URL", "DATABASE_URL"}}
+    env["ONDEMAND_STORAGE__DURABLE"] = '""'  # Redis only: this test is about the shared Redis
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "run.py"), "--port", str(port), "--workers", "4"],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_until_serving(session, base, proc, log_path)
+            workers = psutil.Process(proc.pid).children()
+            assert len(workers) == 4
+
+            async def session_round_trip(i: int) -> dict:
+                body = {"session_id": f"s{i}", "data": {"i": i}}
+                async with session.post(f"{base}/api/cache/session/test", json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+                    return await resp.json()
+
+            results = await asyncio.gather(*(session_round_trip(i) for i in range(200)))
+            assert all(r["ok"] and r["session"] == {"i": r["session"]["i"]} for r in results)
+            servers = redis_servers_under(proc.pid)
+            assert len(servers) == 1, [s.pid for s in servers]
+
+            # Kill the worker that started Redis: its server dies with it (PDEATHSIG), the others go on.
+            owner = servers[0].parent()
+            owner.kill()
+            deadline = time.monotonic() + 10
+            ok_after = 0
+            while ok_after < 50:
+                assert time.monotonic() < deadline, "service did not recover after the owner died"
+                results = await asyncio.gather(*(session_round_trip(i) for i in range(10)), return_exceptions=True)
+                ok_after += sum(1 for r in results if isinstance(r, dict) and r["ok"])
+            assert pid_gone(servers[0].pid)
+            await asyncio.sleep(1.0)
+            respawned = redis_servers_under(proc.pid)
+            assert len(respawned) == 1, "exactly one server after the respawn"
+            assert len(psutil.Process(proc.pid).children()) == 4, "the supervisor restarted the dead worker"
+            async with session.get(f"{base}/api/cache/status") as resp:
+                status = await resp.json()
+            assert status["redis"]["state"] == "running"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log_path.read_text()[-2000:]
+        assert pid_gone(respawned[0].pid), "redis-server survived the shutdown"
+        assert all(pid_gone(w.pid) for w in workers), "a worker survived the shutdown"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
