@@ -8,15 +8,19 @@ from aiohttp import web
 
 from app.config import Config
 from app.runtime import Runtime
-from app.web.keys import CONFIG, RUNTIME
+from app.web.auth import auth_middleware
+from app.web.keys import CONFIG, METRICS, RUNTIME
+from app.web.metrics_middleware import make_metrics, metrics_middleware
 from app.web.middlewares import error_middleware
 from app.web.routes import setup_routes
 
 
 def create_app(config: Config, *, plugins: Iterable[object] = ()) -> web.Application:
     """Build the app; the Runtime starts in cleanup_ctx (spawning nothing) and closes on shutdown."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.server.max_body_bytes)
+    app = web.Application(middlewares=[metrics_middleware, error_middleware, auth_middleware],
+                          client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
+    app[METRICS] = make_metrics(app)
     extra_plugins = tuple(plugins)
 
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -31,4 +35,4 @@ def create_app(config: Config, *, plugins: Iterable[object] = ()) -> web.Applica
     return app
 
 
-__all__ = ["CONFIG", "RUNTIME", "create_app"]
+__all__ = ["CONFIG", "METRICS", "RUNTIME", "create_app"]

@@ -1,0 +1,137 @@
+"""Prometheus metrics: one CollectorRegistry per Metrics object (one per app), never the global one.
+
+- `ondemand_http_requests_total{method, route, status}` and
+  `ondemand_http_request_duration_seconds{method, route}`: recorded by the web middleware; `route` is
+  the route's canonical path (`/api/sessions/{session_id}`), `unmatched` for 404/405, so ids never
+  become labels.
+- Everything else is read from `Runtime.status()` at scrape time by `RuntimeCollector`, so there is
+  nothing to keep in sync: per-namespace hits, misses, fallback reads and writes, dropped writes and
+  errors; Redis lifecycle counters (spawns, idle stops, ...); breaker state; pools; store states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+REDIS_STATES = ("stopped", "starting", "running", "stopping", "failed", "disabled")
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# NamespaceStats field -> (metric name without _total, help)
+_NAMESPACE_COUNTERS = {
+    "hits": ("ondemand_cache_hits", "Reads served from Redis"),
+    "durable_hits": ("ondemand_cache_durable_hits", "Reads served from the durable store"),
+    "misses": ("ondemand_cache_misses", "Reads that found nothing"),
+    "writes": ("ondemand_cache_writes", "Writes requested"),
+    "deletes": ("ondemand_cache_deletes", "Ids whose deletion was requested"),
+    "fallback_reads": ("ondemand_fallback_reads", "Reads served by the durable store because Redis was unavailable"),
+    "fallback_writes": ("ondemand_fallback_writes", "Durable writes that could not reach Redis"),
+    "dropped_writes": ("ondemand_dropped_writes", "Cache-only writes lost because Redis was unavailable"),
+    "cache_errors": ("ondemand_cache_errors", "Redis errors seen by the dispatcher"),
+    "durable_errors": ("ondemand_durable_errors", "Durable store errors seen by the dispatcher"),
+    "corrupt_values": ("ondemand_cache_corrupt_values", "Values in Redis that were not valid JSON"),
+}
+
+# RedisCounters field -> help; exposed as ondemand_redis_<field>_total
+_REDIS_COUNTERS = {
+    "spawns": "Redis start attempts (children spawned by the subprocess lifecycle)",
+    "ready": "Times Redis became ready",
+    "start_failures": "Redis starts that failed",
+    "unexpected_exits": "Redis servers that died unexpectedly",
+    "idle_stops": "Redis servers stopped for idleness",
+    "commands": "Redis commands issued",
+    "errors": "Redis command errors",
+    "timeouts": "Redis command timeouts",
+}
+
+
+class RuntimeCollector(Collector):
+    """Reads `Runtime.status()` at scrape time; yields nothing while the runtime is not started."""
+
+    def __init__(self, status: Callable[[], dict[str, Any] | None]) -> None:
+        self._status = status
+
+    def describe(self) -> list[Metric]:
+        return []  # names are only known at scrape time; do not collect at registration
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._status()
+        if status is None:
+            return
+        yield from _namespace_metrics(status["dispatcher"])
+        yield from _redis_metrics(status["redis"])
+        yield from _breaker_metrics(status["dispatcher"])
+        yield from _storage_metrics(status["storages"])
+
+
+def _namespace_metrics(dispatcher: dict[str, Any]) -> Iterator[Metric]:
+    namespaces = dispatcher["namespaces"]
+    for field, (name, help_text) in _NAMESPACE_COUNTERS.items():
+        family = CounterMetricFamily(name, help_text, labels=["namespace"])
+        for namespace, stats in sorted(namespaces.items()):
+            family.add_metric([namespace], stats.get(field, 0))
+        yield family
+    yield GaugeMetricFamily("ondemand_stale_keys_pending", "Keys to delete from Redis before the breaker closes",
+                            value=dispatcher.get("stale_keys_pending", 0))
+
+
+def _redis_metrics(redis: dict[str, Any]) -> Iterator[Metric]:
+    counters = redis.get("counters", {})
+    for field, help_text in _REDIS_COUNTERS.items():
+        yield CounterMetricFamily(f"ondemand_redis_{field}", help_text, value=counters.get(field, 0))
+    state = GaugeMetricFamily("ondemand_redis_state", "1 for the current state of the on-demand Redis",
+                              labels=["state"])
+    for name in REDIS_STATES:
+        state.add_metric([name], 1 if redis.get("state") == name else 0)
+    yield state
+    yield GaugeMetricFamily("ondemand_redis_up", "1 while the Redis server is running",
+                            value=1 if redis.get("state") == "running" else 0)
+    pools = redis.get("pools", {})
+    yield GaugeMetricFamily("ondemand_redis_pools", "Named connection pools known", value=len(pools))
+    yield GaugeMetricFamily("ondemand_redis_pools_open", "Named connection pools currently open",
+                            value=sum(1 for pool in pools.values() if pool.get("open")))
+
+
+def _breaker_metrics(dispatcher: dict[str, Any]) -> Iterator[Metric]:
+    breaker = dispatcher["breaker"]
+    yield GaugeMetricFamily("ondemand_breaker_state", "Redis circuit breaker: 0 closed, 1 half-open, 2 open",
+                            value=BREAKER_STATES.get(breaker.get("state"), 2))
+    yield CounterMetricFamily("ondemand_breaker_opens", "Times the Redis circuit breaker opened",
+                              value=breaker.get("opens", 0))
+
+
+def _storage_metrics(storages: dict[str, Any]) -> Iterator[Metric]:
+    durable = storages.get("durable")
+    if durable is None:
+        return
+    name = str(durable.get("name", "durable"))
+    up = GaugeMetricFamily("ondemand_durable_up", "1 while the durable store is up", labels=["storage"])
+    up.add_metric([name], 1 if durable.get("state") == "up" else 0)
+    yield up
+
+
+class Metrics:
+    """The app's registry, its HTTP metrics and the runtime collector."""
+
+    def __init__(self, status: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("ondemand_http_requests", "HTTP requests answered",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("ondemand_http_request_duration_seconds", "HTTP request latency",
+                                 ["method", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(RuntimeCollector(status))
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        method = method if method in HTTP_METHODS else "other"  # clients choose methods: bound the labels
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of everything in the registry."""
+        return generate_latest(self.registry)

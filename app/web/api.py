@@ -1,0 +1,310 @@
+"""The REST resources: sessions, a user's messages and profile, warm-up, health and readiness.
+
+Design, the same for every resource:
+
+- A PUT, POST or warm-up body is the JSON value itself (`Content-Type: application/json`, 415
+  otherwise), nested at most `MAX_JSON_DEPTH` levels and never `null` (a stored `null` would be
+  indistinguishable from a miss).
+- The TTL is always the optional query parameter `?ttl=SECONDS` (a number greater than 0 and at most
+  ten years); without it the namespace's configured TTL applies. It is never part of the body, so a
+  stored value can have any shape.
+- A GET answers `{<id name>, <value name>, "source"}` where source is `redis` or `postgres` (the
+  durable store's name); an absent value is a 404 JSON error. A DELETE answers 204, or 404 when
+  nothing was there.
+- Ids are checked by `dispatcher.check_id` (400 naming the rule).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app.cache import MESSAGES, PROFILE, SESSION
+from app.dispatcher import Dispatcher, Lookup, check_id, check_ttl
+from app.errors import InvalidInput, OndemandError
+from app.web.keys import METRICS, RUNTIME
+from app.web.views import json_response, read_json
+
+MAX_JSON_DEPTH = 32
+WARMUP_FIELDS = (SESSION, MESSAGES, PROFILE)
+
+
+class NotFound(OndemandError):
+    """The resource is absent: 404 with the usual JSON error shape."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(OndemandError):
+    """The stored value has a shape the operation cannot work with."""
+
+    code = "conflict"
+    http_status = 409
+
+
+# -- input helpers ------------------------------------------------------------------------------
+
+
+def check_depth(value: Any, limit: int = MAX_JSON_DEPTH, *, what: str = "body") -> Any:
+    """Refuse JSON nested deeper than `limit` arrays/objects (iterative: no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        depth += 1
+        if depth > limit:
+            raise InvalidInput(f"{what} must be nested at most {limit} levels deep")
+        stack.extend((child, depth) for child in children if isinstance(child, dict | list))
+    return value
+
+
+async def read_value(request: web.Request) -> Any:
+    """The body as a JSON value to store: required, depth-limited, not null."""
+    value = check_depth(await read_json(request))
+    if value is None:
+        raise InvalidInput("body must not be JSON null; use DELETE to remove a value")
+    return value
+
+
+def query_ttl(request: web.Request) -> float | None:
+    """`?ttl=SECONDS`, checked like every TTL; None (the namespace default) when absent."""
+    text = request.query.get("ttl")
+    if text is None:
+        return None
+    try:
+        ttl = float(text)
+    except ValueError:
+        raise InvalidInput(f"ttl must be a number of seconds, got {text!r}") from None
+    return check_ttl(ttl, None)
+
+
+def path_id(request: web.Request, name: str) -> str:
+    return check_id(request.match_info[name])
+
+
+def _dispatcher(request: web.Request) -> Dispatcher:
+    return request.app[RUNTIME].dispatcher
+
+
+def _effective_ttl(dispatcher: Dispatcher, namespace: str, ttl: float | None) -> float | None:
+    return ttl if ttl is not None else dispatcher.namespace(namespace).ttl
+
+
+async def _found(dispatcher: Dispatcher, namespace: str, item_id: str, what: str) -> Lookup:
+    found = await dispatcher.lookup(namespace, item_id)
+    if found.source == "miss":
+        raise NotFound(f"no {what} {item_id!r}")
+    return found
+
+
+async def _delete(dispatcher: Dispatcher, namespace: str, item_id: str, what: str) -> web.Response:
+    if await dispatcher.delete(namespace, item_id) == 0:
+        raise NotFound(f"no {what} {item_id!r}")
+    return web.Response(status=204)
+
+
+# -- sessions -----------------------------------------------------------------------------------
+
+
+async def put_session(request: web.Request) -> web.Response:
+    """PUT /api/sessions/{session_id}?ttl=: the body is the session value."""
+    session_id = path_id(request, "session_id")
+    ttl = query_ttl(request)
+    value = await read_value(request)
+    dispatcher = _dispatcher(request)
+    await dispatcher.set(SESSION, session_id, value, ttl)
+    return json_response({"session_id": session_id, "ttl": _effective_ttl(dispatcher, SESSION, ttl)})
+
+
+async def get_session(request: web.Request) -> web.Response:
+    session_id = path_id(request, "session_id")
+    found = await _found(_dispatcher(request), SESSION, session_id, "session")
+    return json_response({"session_id": session_id, "value": found.value, "source": found.source})
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    return await _delete(_dispatcher(request), SESSION, path_id(request, "session_id"), "session")
+
+
+# -- messages -----------------------------------------------------------------------------------
+
+
+def _as_list(value: Any, user_id: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise Conflict(f"the messages stored for {user_id!r} are not a JSON list")
+    return value
+
+
+async def put_messages(request: web.Request) -> web.Response:
+    """PUT /api/users/{user_id}/messages?ttl=: replace the list; the body is a JSON list."""
+    user_id = path_id(request, "user_id")
+    ttl = query_ttl(request)
+    messages = await read_value(request)
+    if not isinstance(messages, list):
+        raise InvalidInput("body must be a JSON list of messages")
+    dispatcher = _dispatcher(request)
+    await dispatcher.set(MESSAGES, user_id, messages, ttl)
+    return json_response({"user_id": user_id, "count": len(messages),
+                          "ttl": _effective_ttl(dispatcher, MESSAGES, ttl)})
+
+
+async def append_messages(request: web.Request) -> web.Response:
+    """POST /api/users/{user_id}/messages?ttl=: append one message (an object) or several (a list).
+
+    Read-modify-write through the dispatcher. It is NOT atomic: two concurrent appends (in this
+    process or in another one sharing the same Redis) can both read the old list and one of them
+    will be lost. The whole list is written back with `ttl` (or the namespace default), so an append
+    also renews the list's expiry.
+    """
+    user_id = path_id(request, "user_id")
+    ttl = query_ttl(request)
+    body = await read_value(request)
+    if isinstance(body, dict):
+        new = [body]
+    elif isinstance(body, list) and body:
+        new = body
+    else:
+        raise InvalidInput("body must be a message (a JSON object) or a non-empty JSON list of messages")
+    dispatcher = _dispatcher(request)
+    current = await dispatcher.get(MESSAGES, user_id)
+    messages = [] if current is None else list(_as_list(current, user_id))
+    messages.extend(new)
+    await dispatcher.set(MESSAGES, user_id, messages, ttl)
+    return json_response({"user_id": user_id, "appended": len(new), "count": len(messages),
+                          "ttl": _effective_ttl(dispatcher, MESSAGES, ttl)})
+
+
+async def get_messages(request: web.Request) -> web.Response:
+    """GET /api/users/{user_id}/messages?last=N: the list, or only its last N entries."""
+    user_id = path_id(request, "user_id")
+    last_text = request.query.get("last")
+    last: int | None = None
+    if last_text is not None:
+        try:
+            last = int(last_text)
+        except ValueError:
+            last = -1
+        if last < 0:
+            raise InvalidInput(f"last must be a non-negative integer, got {last_text!r}")
+    found = await _found(_dispatcher(request), MESSAGES, user_id, "messages for user")
+    messages = _as_list(found.value, user_id)
+    selected = messages if last is None else messages[-last:] if last else []
+    return json_response({"user_id": user_id, "messages": selected, "total": len(messages),
+                          "source": found.source})
+
+
+async def delete_messages(request: web.Request) -> web.Response:
+    return await _delete(_dispatcher(request), MESSAGES, path_id(request, "user_id"), "messages for user")
+
+
+# -- profiles -----------------------------------------------------------------------------------
+
+
+async def put_profile(request: web.Request) -> web.Response:
+    """PUT /api/users/{user_id}/profile?ttl=: the body is the profile value."""
+    user_id = path_id(request, "user_id")
+    ttl = query_ttl(request)
+    profile = await read_value(request)
+    dispatcher = _dispatcher(request)
+    await dispatcher.set(PROFILE, user_id, profile, ttl)
+    return json_response({"user_id": user_id, "ttl": _effective_ttl(dispatcher, PROFILE, ttl)})
+
+
+async def get_profile(request: web.Request) -> web.Response:
+    user_id = path_id(request, "user_id")
+    found = await _found(_dispatcher(request), PROFILE, user_id, "profile for user")
+    return json_response({"user_id": user_id, "profile": found.value, "source": found.source})
+
+
+async def delete_profile(request: web.Request) -> web.Response:
+    return await _delete(_dispatcher(request), PROFILE, path_id(request, "user_id"), "profile for user")
+
+
+# -- warm-up ------------------------------------------------------------------------------------
+
+
+async def warmup(request: web.Request) -> web.Response:
+    """POST /api/users/{user_id}/warmup?ttl=: body {"session"?, "messages"?, "profile"?}, one round trip."""
+    user_id = path_id(request, "user_id")
+    ttl = query_ttl(request)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise InvalidInput(f"body must be a JSON object with any of {', '.join(WARMUP_FIELDS)}")
+    unknown = sorted(set(body) - set(WARMUP_FIELDS))
+    if unknown:
+        raise InvalidInput(f"unknown field(s) {', '.join(map(repr, unknown))}; expected any of "
+                           f"{', '.join(WARMUP_FIELDS)}")
+    if not body:
+        raise InvalidInput(f"body must contain at least one of {', '.join(WARMUP_FIELDS)}")
+    for name, value in body.items():
+        if value is None:
+            raise InvalidInput(f"{name} must not be null")
+        check_depth(value, what=name)
+    if MESSAGES in body and not isinstance(body[MESSAGES], list):
+        raise InvalidInput("messages must be a JSON list")
+    written = await request.app[RUNTIME].cache.warmup_user_cache(
+        user_id, session=body.get(SESSION), messages=body.get(MESSAGES), profile=body.get(PROFILE), ttl=ttl
+    )
+    return json_response({"user_id": user_id, "written": written})
+
+
+# -- health and readiness -----------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: the process answers; says nothing about the stores."""
+    return json_response({"status": "ok"})
+
+
+def readiness(status: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """From Runtime.status(): which stores can serve, and 503 only when none can.
+
+    Redis counts as down when its breaker is not closed or the server failed or is disabled (a
+    stopped server is fine: it starts on demand). The durable store counts as down when configured
+    and in state `down`. 503 `unavailable` only when a durable store is configured and down and Redis
+    is down too (every request touching a durable namespace would fail). Any other outage is 200
+    `degraded`: without a durable store a Redis outage makes reads miss and drops writes, but the
+    service still answers.
+    """
+    redis = status["redis"]
+    breaker = status["dispatcher"]["breaker"]
+    redis_ok = breaker["state"] == "closed" and redis["state"] not in ("failed", "disabled")
+    durable = status["storages"]["durable"]
+    durable_ok = durable is None or durable.get("state") != "down"
+    serving = redis_ok or durable_ok
+    state = "ready" if redis_ok and durable_ok else "degraded" if serving else "unavailable"
+    body = {
+        "status": state,
+        "redis": {
+            "ok": redis_ok,
+            "state": redis["state"],
+            "breaker": breaker["state"],
+            "last_error": None if redis_ok else redis.get("last_error") or breaker.get("last_reason"),
+        },
+        "durable": None if durable is None else {
+            "ok": durable_ok,
+            "name": durable.get("name"),
+            "state": durable.get("state"),
+            "last_error": None if durable_ok else durable.get("last_error"),
+        },
+    }
+    return (200 if serving else 503), body
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """GET /readyz: 200 ready/degraded, 503 when no store can serve."""
+    status, body = readiness(request.app[RUNTIME].status())
+    return json_response(body, status=status)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format, from this app's own registry."""
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

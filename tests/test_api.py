@@ -1,0 +1,377 @@
+"""The REST API through aiohttp_client: every endpoint, success and each error status."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.config import load_config, redact
+from app.errors import ConfigError
+from app.web import RUNTIME, create_app
+
+TOKEN = "s3cr3t-token"
+JSON_NULL = {"data": "null", "headers": {"Content-Type": "application/json"}}
+
+
+@pytest.fixture
+async def client(aiohttp_client, make_config):
+    return await aiohttp_client(create_app(make_config()))
+
+
+def nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+async def error_of(resp, status: int, code: str | None = None) -> str:
+    assert resp.status == status, await resp.text()
+    body = await resp.json()
+    if code is not None:
+        assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    return body["error"]["message"]
+
+
+# -- sessions -----------------------------------------------------------------------------------
+
+
+async def test_session_put_get_delete(client) -> None:
+    resp = await client.put("/api/sessions/s1", json={"user": 1, "roles": ["a"]})
+    assert resp.status == 200
+    assert await resp.json() == {"session_id": "s1", "ttl": 86400.0}
+    resp = await client.get("/api/sessions/s1")
+    assert resp.status == 200
+    assert await resp.json() == {"session_id": "s1", "value": {"user": 1, "roles": ["a"]}, "source": "redis"}
+    # any JSON value but null can be stored
+    assert (await client.put("/api/sessions/s2", json="just a string")).status == 200
+    assert (await (await client.get("/api/sessions/s2")).json())["value"] == "just a string"
+    resp = await client.delete("/api/sessions/s1")
+    assert resp.status == 204 and await resp.read() == b""
+    await error_of(await client.get("/api/sessions/s1"), 404, "not_found")
+    await error_of(await client.delete("/api/sessions/s1"), 404, "not_found")
+
+
+async def test_session_ttl_query_parameter(client) -> None:
+    resp = await client.put("/api/sessions/short?ttl=30", json={"x": 1})
+    assert resp.status == 200 and (await resp.json())["ttl"] == 30.0
+    rt = client.app[RUNTIME]
+    ttl = await rt.on_demand.with_connection(lambda r: r.pttl("ondemand:session:short"))
+    assert 0 < ttl <= 30_000
+
+
+@pytest.mark.parametrize(
+    ("path", "rule"),
+    [
+        ("/api/sessions/bad%0Aid", "control characters"),
+        ("/api/sessions/" + "x" * 257, "at most 256 bytes"),
+        ("/api/sessions/s?ttl=-1", "greater than 0"),
+        ("/api/sessions/s?ttl=0", "greater than 0"),
+        ("/api/sessions/s?ttl=abc", "number of seconds"),
+        ("/api/sessions/s?ttl=nan", "number of seconds"),
+        ("/api/sessions/s?ttl=1e12", "at most"),
+    ],
+)
+async def test_session_bad_id_or_ttl_is_400_naming_the_rule(client, path, rule) -> None:
+    message = await error_of(await client.put(path, json={"x": 1}), 400, "invalid_input")
+    assert rule in message
+
+
+async def test_session_body_errors(client) -> None:
+    url = "/api/sessions/s"
+    await error_of(await client.put(url, data="x", headers={"Content-Type": "text/plain"}),
+                   415, "unsupported_media_type")
+    assert "required" in await error_of(await client.put(url), 400, "invalid_input")
+    assert "valid JSON" in await error_of(
+        await client.put(url, data="{nope", headers={"Content-Type": "application/json"}), 400, "invalid_input")
+    assert "null" in await error_of(await client.put(url, **JSON_NULL), 400, "invalid_input")
+    assert "32 levels" in await error_of(await client.put(url, json=nested(33)), 400, "invalid_input")
+    assert (await client.put(url, json=nested(32))).status == 200
+    await error_of(await client.post(url, json={}), 405, "method_not_allowed")
+    await error_of(await client.get("/api/sessions/"), 404, "not_found")
+
+
+async def test_body_over_the_cap_is_413(aiohttp_client, make_config) -> None:
+    client = await aiohttp_client(create_app(make_config({"server": {"max_body_bytes": 1024}})))
+    await error_of(await client.put("/api/sessions/big", json={"data": "x" * 4096}), 413, "payload_too_large")
+    await error_of(await client.post("/api/users/u/messages", json=["x" * 4096]), 413, "payload_too_large")
+
+
+async def test_session_falls_back_to_postgres_when_the_redis_key_is_gone(aiohttp_client, durable_config) -> None:
+    client = await aiohttp_client(create_app(durable_config()))
+    assert (await client.put("/api/sessions/durable-1", json={"user": 42})).status == 200
+    rt = client.app[RUNTIME]
+    assert await rt.on_demand.with_connection(lambda r: r.delete("ondemand:session:durable-1")) == 1
+    body = await (await client.get("/api/sessions/durable-1")).json()
+    assert body == {"session_id": "durable-1", "value": {"user": 42}, "source": "postgres"}
+    # put back into Redis by that read
+    assert (await (await client.get("/api/sessions/durable-1")).json())["source"] == "redis"
+    assert (await client.delete("/api/sessions/durable-1")).status == 204
+    await error_of(await client.get("/api/sessions/durable-1"), 404)
+
+
+# -- messages -----------------------------------------------------------------------------------
+
+
+async def test_messages_replace_append_get_last_delete(client) -> None:
+    url = "/api/users/u1/messages"
+    await error_of(await client.get(url), 404, "not_found")
+    resp = await client.put(url, json=[{"n": 1}, {"n": 2}])
+    assert resp.status == 200 and await resp.json() == {"user_id": "u1", "count": 2, "ttl": 3600.0}
+    resp = await client.post(url, json={"n": 3})
+    assert await resp.json() == {"user_id": "u1", "appended": 1, "count": 3, "ttl": 3600.0}
+    resp = await client.post(url + "?ttl=60", json=[{"n": 4}, {"n": 5}])
+    assert await resp.json() == {"user_id": "u1", "appended": 2, "count": 5, "ttl": 60.0}
+    body = await (await client.get(url)).json()
+    assert body == {"user_id": "u1", "messages": [{"n": i} for i in range(1, 6)], "total": 5, "source": "redis"}
+    assert [m["n"] for m in (await (await client.get(url + "?last=2")).json())["messages"]] == [4, 5]
+    assert (await (await client.get(url + "?last=0")).json())["messages"] == []
+    assert len((await (await client.get(url + "?last=99")).json())["messages"]) == 5
+    assert (await client.put(url, json=[])).status == 200
+    assert (await (await client.get(url)).json())["messages"] == []
+    assert (await client.delete(url)).status == 204
+    await error_of(await client.delete(url), 404, "not_found")
+
+
+async def test_append_creates_the_list(client) -> None:
+    resp = await client.post("/api/users/new/messages", json={"text": "hi"})
+    assert resp.status == 200 and (await resp.json())["count"] == 1
+    assert (await (await client.get("/api/users/new/messages")).json())["messages"] == [{"text": "hi"}]
+
+
+async def test_concurrent_appends_in_one_process_are_not_atomic_but_never_fail(client) -> None:
+    url = "/api/users/race/messages"
+    results = await asyncio.gather(*(client.post(url, json={"i": i}) for i in range(5)))
+    assert all(r.status == 200 for r in results)
+    count = (await (await client.get(url)).json())["total"]
+    assert 1 <= count <= 5  # documented: read-modify-write may lose concurrent appends
+
+
+@pytest.mark.parametrize(
+    ("method", "query", "body", "rule"),
+    [
+        ("put", "", {"not": "a list"}, "JSON list"),
+        ("post", "", [], "non-empty"),
+        ("post", "", "text", "JSON object"),
+        ("post", "", 5, "JSON object"),
+        ("get", "?last=-1", None, "non-negative"),
+        ("get", "?last=x", None, "non-negative"),
+        ("put", "?ttl=-5", [], "greater than 0"),
+    ],
+)
+async def test_messages_bad_input_is_400(client, method, query, body, rule) -> None:
+    await client.put("/api/users/u2/messages", json=[{"n": 1}])
+    kwargs = {} if method == "get" else {"json": body}
+    resp = await getattr(client, method)(f"/api/users/u2/messages{query}", **kwargs)
+    assert rule in await error_of(resp, 400, "invalid_input")
+
+
+async def test_messages_stored_as_non_list_is_409(client) -> None:
+    await client.app[RUNTIME].dispatcher.set("messages", "odd", {"not": "a list"})
+    await error_of(await client.get("/api/users/odd/messages"), 409, "conflict")
+    await error_of(await client.post("/api/users/odd/messages", json={"n": 1}), 409, "conflict")
+
+
+async def test_messages_wrong_method_and_content_type(client) -> None:
+    await error_of(await client.patch("/api/users/u/messages", json=[]), 405, "method_not_allowed")
+    await error_of(await client.post("/api/users/u/messages", data="hi", headers={"Content-Type": "text/plain"}),
+                   415, "unsupported_media_type")
+
+
+# -- profiles -----------------------------------------------------------------------------------
+
+
+async def test_profile_put_get_delete(client) -> None:
+    url = "/api/users/u1/profile"
+    await error_of(await client.get(url), 404, "not_found")
+    resp = await client.put(url + "?ttl=120", json={"name": "Ada"})
+    assert resp.status == 200 and await resp.json() == {"user_id": "u1", "ttl": 120.0}
+    assert await (await client.get(url)).json() == {"user_id": "u1", "profile": {"name": "Ada"}, "source": "redis"}
+    assert (await client.delete(url)).status == 204
+    await error_of(await client.delete(url), 404, "not_found")
+    await error_of(await client.put(url, **JSON_NULL), 400, "invalid_input")
+    await error_of(await client.put("/api/users/bad%01id/profile", json={}), 400, "invalid_input")
+    await error_of(await client.put(url, data="x", headers={"Content-Type": "text/html"}), 415)
+    await error_of(await client.post(url, json={}), 405, "method_not_allowed")
+
+
+# -- warm-up ------------------------------------------------------------------------------------
+
+
+async def test_warmup_writes_everything_in_one_call(client) -> None:
+    body = {"session": {"s": 1}, "messages": [{"m": 1}], "profile": {"name": "Ada"}}
+    resp = await client.post("/api/users/w1/warmup?ttl=60", json=body)
+    assert resp.status == 200
+    assert await resp.json() == {"user_id": "w1", "written": ["session", "messages", "profile"]}
+    assert (await (await client.get("/api/sessions/w1")).json())["value"] == {"s": 1}
+    assert (await (await client.get("/api/users/w1/messages")).json())["messages"] == [{"m": 1}]
+    assert (await (await client.get("/api/users/w1/profile")).json())["profile"] == {"name": "Ada"}
+    resp = await client.post("/api/users/w2/warmup", json={"profile": {"p": 2}})
+    assert (await resp.json())["written"] == ["profile"]
+
+
+@pytest.mark.parametrize(
+    ("body", "rule"),
+    [
+        ({}, "at least one"),
+        ({"sessoin": {}}, "unknown field"),
+        ({"messages": {"not": "list"}}, "JSON list"),
+        ({"profile": None}, "null"),
+        ([1], "JSON object"),
+        ({"profile": nested(33)}, "32 levels"),
+    ],
+)
+async def test_warmup_bad_input_is_400(client, body, rule) -> None:
+    assert rule in await error_of(await client.post("/api/users/w/warmup", json=body), 400, "invalid_input")
+
+
+async def test_warmup_other_errors(client) -> None:
+    await error_of(await client.post("/api/users/w/warmup?ttl=0", json={"profile": {}}), 400, "invalid_input")
+    await error_of(await client.post("/api/users/w/warmup", data="x", headers={"Content-Type": "text/plain"}), 415)
+    await error_of(await client.get("/api/users/w/warmup"), 405, "method_not_allowed")
+
+
+# -- health, readiness, metrics -----------------------------------------------------------------
+
+
+async def test_healthz_and_readyz_when_everything_is_fine(client) -> None:
+    resp = await client.get("/healthz")
+    assert resp.status == 200 and await resp.json() == {"status": "ok"}
+    resp = await client.get("/readyz")
+    body = await resp.json()
+    assert resp.status == 200 and body["status"] == "ready"
+    assert body["redis"] == {"ok": True, "state": "stopped", "breaker": "closed", "last_error": None}
+    assert body["durable"] is None
+    await error_of(await client.post("/healthz", json={}), 405)
+
+
+async def test_readyz_degraded_when_redis_fails_without_durable_store(aiohttp_client, make_config) -> None:
+    client = await aiohttp_client(create_app(make_config({"lifecycle": {"redis_binary": "/nonexistent/redis"}})))
+    await error_of(await client.get("/api/users/u/profile"), 404)  # cache-only: a miss, not an error
+    resp = await client.get("/readyz")
+    body = await resp.json()
+    assert resp.status == 200 and body["status"] == "degraded"
+    assert body["redis"]["ok"] is False and body["redis"]["last_error"]
+
+
+async def test_readyz_503_when_redis_and_the_durable_store_are_down(aiohttp_client, make_config) -> None:
+    config = make_config({
+        "lifecycle": {"redis_binary": "/nonexistent/redis"},
+        "storage": {"durable": "postgres"},
+        "postgres": {"dsn": "postgresql://ondemand@127.0.0.1:1/none", "connect_timeout": 0.2,
+                     "statement_timeout": 0.2},
+    })
+    client = await aiohttp_client(create_app(config))
+    await error_of(await client.get("/api/sessions/s"), 503)
+    resp = await client.get("/readyz")
+    body = await resp.json()
+    assert resp.status == 503 and body["status"] == "unavailable", body
+    assert body["durable"]["ok"] is False and body["durable"]["state"] == "down"
+    assert body["redis"]["ok"] is False
+
+
+async def test_metrics_exposes_http_and_runtime_metrics(client) -> None:
+    await client.put("/api/sessions/m1", json={"a": 1})
+    await client.get("/api/sessions/m1")
+    await client.get("/api/sessions/absent")
+    await client.get("/api/users/nobody/profile")
+    await client.get("/no/such/path")
+    resp = await client.get("/metrics")
+    assert resp.status == 200 and resp.content_type == "text/plain"
+    text = await resp.text()
+    assert 'ondemand_http_requests_total{method="GET",route="/api/sessions/{session_id}",status="200"} 1.0' in text
+    assert 'ondemand_http_requests_total{method="GET",route="/api/sessions/{session_id}",status="404"} 1.0' in text
+    assert 'ondemand_http_requests_total{method="GET",route="unmatched",status="404"} 1.0' in text
+    assert 'ondemand_http_request_duration_seconds_count{method="PUT",route="/api/sessions/{session_id}"} 1.0' in text
+    assert 'ondemand_cache_hits_total{namespace="session"} 1.0' in text
+    assert 'ondemand_cache_misses_total{namespace="profile"} 1.0' in text
+    assert 'ondemand_dropped_writes_total{namespace="messages"} 0.0' in text
+    assert 'ondemand_fallback_reads_total{namespace="session"} 0.0' in text
+    assert "ondemand_redis_spawns_total 1.0" in text
+    assert "ondemand_redis_idle_stops_total 0.0" in text
+    assert "ondemand_breaker_state 0.0" in text
+    assert 'ondemand_redis_state{state="running"} 1.0' in text
+    assert "ondemand_redis_pools " in text
+    assert "m1" not in text  # ids never become labels
+
+
+async def test_each_app_has_its_own_registry(aiohttp_client, make_config) -> None:
+    first = await aiohttp_client(create_app(make_config()))
+    second = await aiohttp_client(create_app(make_config()))
+    await first.get("/healthz")
+    text = await (await second.get("/metrics")).text()
+    assert 'route="/healthz"' not in text
+
+
+# -- bearer token -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def secured(aiohttp_client, make_config):
+    return await aiohttp_client(create_app(make_config({"server": {"api_token": TOKEN}})))
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("get", "/api/sessions/s"), ("put", "/api/users/u/profile"), ("get", "/api/cache/status"),
+     ("get", "/api/nope")],
+)
+async def test_token_required_on_api_paths(secured, method, path) -> None:
+    resp = await getattr(secured, method)(path, json={})
+    await error_of(resp, 401, "unauthorized")
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    resp = await getattr(secured, method)(path, json={}, headers={"Authorization": f"Basic {TOKEN}"})
+    await error_of(resp, 401, "unauthorized")
+    resp = await getattr(secured, method)(path, json={}, headers={"Authorization": "Bearer wrong"})
+    await error_of(resp, 403, "forbidden")
+    resp = await getattr(secured, method)(path, json={}, headers={"Authorization": "Bearer s3cr3t-tokén"})
+    await error_of(resp, 403, "forbidden")
+
+
+async def test_right_token_passes_and_probes_stay_open(secured) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert (await secured.put("/api/sessions/s", json={"a": 1}, headers=auth)).status == 200
+    assert (await secured.get("/api/sessions/s", headers={"Authorization": f"bearer {TOKEN}"})).status == 200
+    await error_of(await secured.get("/api/nope", headers=auth), 404, "not_found")
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert (await secured.get(path)).status == 200, path
+
+
+def test_api_token_from_environment_and_redacted() -> None:
+    config = load_config(None, environ={"ONDEMAND_SERVER__API_TOKEN": "from-env"})
+    assert config.server.api_token == "from-env"
+    assert redact(config)["server"]["api_token"] == "***"
+    assert redact(load_config(None, environ={}))["server"]["api_token"] is None
+    with pytest.raises(ConfigError, match=r"server\.api_token"):
+        load_config(None, overrides={"server": {"api_token": "has space"}}, environ={})
+    with pytest.raises(ConfigError, match=r"server\.api_token"):
+        load_config(None, overrides={"server": {"api_token": ""}}, environ={})
+
+
+# -- OpenAPI ------------------------------------------------------------------------------------
+
+
+async def test_openapi_document_lists_every_registered_route(client) -> None:
+    resp = await client.get("/api/openapi.json")
+    assert resp.status == 200
+    document = await resp.json()
+    assert document["openapi"] == "3.1.0"
+    registered = {
+        (route.method.lower(), route.resource.canonical)
+        for route in client.app.router.routes()
+        if route.resource is not None and route.method != "HEAD"
+    }
+    documented = {(method, path) for path, item in document["paths"].items() for method in item}
+    assert registered <= documented, registered - documented
+    assert documented <= registered, documented - registered  # nothing documented that is not served
+    for path, item in document["paths"].items():
+        for method, op in item.items():
+            assert "200" in op["responses"] or "204" in op["responses"], (method, path)
+
+
+async def test_openapi_leaves_out_disabled_test_endpoints(aiohttp_client, make_config) -> None:
+    client = await aiohttp_client(create_app(make_config({"server": {"test_endpoints": False}})))
+    paths = (await (await client.get("/api/openapi.json")).json())["paths"]
+    assert "/api/cache/test" not in paths and "/api/cache/status" in paths and "/api/sessions/{session_id}" in paths
