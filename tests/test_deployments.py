@@ -1,0 +1,248 @@
+"""Config-driven deployments: compose.yaml agrees with docker.toml, and the Docker scenario runs
+without Docker, against stand-ins for the compose services that this test starts itself."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+import attrs
+import pytest
+import yaml
+
+from app import Runtime, load_config
+from app.config import Config
+from tests.conftest import redis_children
+from tests.test_run import ROOT, free_port
+from tests.test_workers import redis_servers_under, wait_until_serving
+
+COMPOSE = ROOT / "compose/compose.yaml"
+DOCKERFILE = ROOT / "compose/Dockerfile"
+
+
+def compose_app_env() -> dict[str, str]:
+    return {k: str(v) for k, v in yaml.safe_load(COMPOSE.read_text())["services"]["app"]["environment"].items()}
+
+
+def test_compose_services_agree_with_docker_toml() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert set(services) == {"app", "redis", "postgres"}
+    for name, service in services.items():
+        assert "healthcheck" in service, f"{name} has no health check"
+    app = services["app"]
+    env = compose_app_env()
+    assert env["DOCKER_ENV"] and env["REDIS_URL"] and env["DATABASE_URL"]
+    assert app["depends_on"] == {"redis": {"condition": "service_healthy"},
+                                 "postgres": {"condition": "service_healthy"}}
+    assert env["ONDEMAND_CONFIG"] == "/app/config/docker.toml"
+    # Named volume for PostgreSQL's data.
+    assert "pgdata" in compose["volumes"]
+    assert any(v.startswith("pgdata:") for v in services["postgres"]["volumes"])
+
+    docker = load_config(ROOT / "config/docker.toml", environ=env)
+    assert docker.lifecycle.plugin == "auto" and docker.lifecycle.skip_in_docker
+    assert docker.environment.docker
+    assert docker.server.test_endpoints is False
+    # The app's published port is the one docker.toml serves on, and it listens on all interfaces
+    # inside its container.
+    assert any(p.endswith(f":{docker.server.port}") for p in app["ports"])
+    assert docker.server.host == "0.0.0.0"
+    # Redis URL: the compose service name, the port Redis listens on; the file's default agrees with compose.
+    redis_url = urlsplit(env["REDIS_URL"])
+    assert redis_url.hostname == "redis" and (redis_url.port or 6379) == 6379
+    assert urlsplit(load_config(ROOT / "config/docker.toml", environ={}).lifecycle.redis_url).hostname == "redis"
+    # DATABASE_URL names the user, password and database the postgres service creates.
+    db_url = urlsplit(env["DATABASE_URL"])
+    pg_env = services["postgres"]["environment"]
+    assert db_url.hostname == "postgres" and db_url.port == 5432
+    assert (db_url.username, db_url.password, db_url.path.lstrip("/")) == (
+        pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"], pg_env["POSTGRES_DB"])
+    assert docker.postgres.dsn == env["DATABASE_URL"]
+
+
+def test_dockerfile_is_slim_non_root_cached_and_health_checked() -> None:
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^FROM python:3\.1\d-slim", text, re.M)
+    assert re.search(r"^USER (?!root)\w+", text, re.M)
+    # requirements.txt is installed before the code is copied: a cached dependency layer.
+    assert text.index("COPY requirements.txt") < text.index("pip install") < text.index("COPY app")
+    assert "HEALTHCHECK" in text and "/healthz" in text
+    assert 'CMD ["python", "run.py"]' in text
+
+
+async def test_docker_scenario_with_stand_ins(tmp_path: Path, make_config, pg) -> None:
+    redis_port = free_port()
+    # Stand-in for the compose "redis" service: a server our own subprocess lifecycle runs on TCP.
+    standin = make_config({"lifecycle": {"tcp": True, "tcp_port": redis_port, "restart_backoff": 0.05}})
+    async with Runtime(standin) as redis_service:
+        endpoint = await redis_service.on_demand.ensure()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ONDEMAND_")}
+        env |= compose_app_env()
+        env |= {"REDIS_URL": f"redis://:{endpoint.password}@127.0.0.1:{redis_port}/0", "DATABASE_URL": pg.dsn}
+        env.pop("ONDEMAND_CONFIG")
+        app_port = free_port()
+        base = f"http://127.0.0.1:{app_port}"
+        log_path = tmp_path / "app.log"
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "run.py"), "--config", str(ROOT / "config/docker.toml"),
+                 "--host", "127.0.0.1", "--port", str(app_port)],
+                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        try:
+            async with aiohttp.ClientSession() as http:
+                await wait_until_serving(http, base, proc, log_path)
+                await exercise_every_endpoint(http, base)
+                assert redis_servers_under(proc.pid) == [], "the app spawned a Redis under DOCKER_ENV"
+                async with http.get(f"{base}/api/cache/status") as resp:
+                    status = await resp.json()
+                assert status["redis"]["lifecycle"] == "external" and status["redis"]["pid"] is None
+                assert endpoint.password not in str(status)
+
+                # The stand-in Redis restarts (same port and password, empty): the app reconnects.
+                os.kill(redis_service.on_demand.lifecycle.pid(), signal.SIGKILL)
+                await asyncio.sleep(0.1)
+                await redis_service.on_demand.ensure()
+                deadline = time.monotonic() + 10
+                while True:
+                    async with http.put(f"{base}/api/sessions/after", json={"v": 2}) as resp:
+                        assert resp.status == 200, await resp.text()
+                    async with http.get(f"{base}/api/sessions/after") as resp:
+                        body = await resp.json()
+                    assert body["value"] == {"v": 2}
+                    if body["source"] == "redis":
+                        break
+                    assert time.monotonic() < deadline, "the app did not reconnect to the restarted Redis"
+                    await asyncio.sleep(0.1)
+                assert await redis_service.on_demand.with_connection(
+                    lambda r: r.exists("ondemand:session:after")) == 1
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert redis_children() == []
+
+
+async def exercise_every_endpoint(http: aiohttp.ClientSession, base: str) -> None:
+    async def call(method: str, path: str, status: int, **kwargs) -> dict | None:
+        async with http.request(method, base + path, **kwargs) as resp:
+            assert resp.status == status, f"{method} {path}: {resp.status} {await resp.text()}"
+            return await resp.json() if resp.content_type == "application/json" else None
+
+    await call("GET", "/healthz", 200)
+    await call("GET", "/readyz", 200)
+    await call("PUT", "/api/sessions/s1", 200, json={"user": 1})
+    assert (await call("GET", "/api/sessions/s1", 200))["value"] == {"user": 1}
+    await call("DELETE", "/api/sessions/s1", 204)
+    await call("PUT", "/api/users/u1/messages", 200, json=[{"t": 1}])
+    await call("POST", "/api/users/u1/messages", 200, json={"t": 2})
+    assert (await call("GET", "/api/users/u1/messages", 200))["messages"] == [{"t": 1}, {"t": 2}]
+    await call("PUT", "/api/users/u1/profile", 200, json={"name": "Ada"})
+    assert (await call("GET", "/api/users/u1/profile", 200))["profile"] == {"name": "Ada"}
+    await call("POST", "/api/users/u2/warmup", 200, json={"session": {"s": 1}, "profile": {"p": 1}})
+    await call("GET", "/api/cache/status", 200)
+    await call("GET", "/api/openapi.json", 200)
+    async with http.get(base + "/metrics") as resp:
+        assert resp.status == 200 and "ondemand" in await resp.text()
+    await call("GET", "/api/cache/test", 404)  # test endpoints are off in docker.toml
+
+
+def _config_keys(cls: type, prefix: str) -> list[str]:
+    keys = []
+    for field in attrs.fields(cls):
+        if field.name in {"environment", "source"}:
+            continue
+        name = f"{prefix}{field.name}"
+        if attrs.has(field.type if isinstance(field.type, type) else type(None)):
+            keys += _config_keys(field.type, name + ".")
+        elif field.name == "pools":
+            keys += [f"pools.<id>.{f.name}" for f in attrs.fields(type(Config().pool("default")))]
+        elif field.name == "namespaces":
+            keys += [f"namespaces.<name>.{f.name}" for f in attrs.fields(type(Config().namespaces["session"]))]
+        else:
+            keys.append(name)
+    return keys
+
+
+def test_readme_documents_every_config_key() -> None:
+    readme = (ROOT / "README.md").read_text()
+    keys = _config_keys(Config, "")
+    assert len(keys) > 30
+    missing = [key for key in keys if f"`{key}`" not in readme]
+    assert not missing, f"config keys missing from README.md: {missing}"
+
+
+@pytest.mark.parametrize("args", [["check-config", "--help"], ["status", "--help"], ["serve", "--help"], ["--help"]])
+def test_cli_help(args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and "usage:" in proc.stdout
+
+
+def test_check_config_prints_redacted_config_and_exit_codes(tmp_path: Path) -> None:
+    env = {**os.environ, "REDIS_URL": "redis://:topsecret@r:6379/0"}
+    proc = subprocess.run([sys.executable, "run.py", "check-config", "--config", "config/docker.toml"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "topsecret" not in proc.stdout and "ondemand:ondemand@" not in proc.stdout and "***" in proc.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[redis]\nop_timeout = 'fast'\n")
+    proc = subprocess.run([sys.executable, "run.py", "check-config", "--config", str(bad)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "redis.op_timeout" in proc.stderr
+
+
+def test_status_command_prints_a_running_server(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in {"DOCKER_ENV", "REDIS_URL", "DATABASE_URL"}}
+    env["ONDEMAND_STORAGE__DURABLE"] = '""'
+    server = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "--port", str(port)], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            proc = subprocess.run([sys.executable, "run.py", "status", "--url", f"http://127.0.0.1:{port}"],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=30)
+            if proc.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert proc.returncode == 0, proc.stderr
+        assert "redis        subprocess: stopped" in proc.stdout
+        assert "plugins" in proc.stdout
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(20)
+    proc = subprocess.run([sys.executable, "run.py", "status", "--url", f"http://127.0.0.1:{port}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "cannot fetch status" in proc.stderr
+
+
+def test_json_log_lines_carry_event_fields() -> None:
+    code = (
+        "import asyncio, logging\n"
+        "from app.logs import configure_logging\n"
+        "from app import Runtime, load_config\n"
+        "configure_logging('INFO', 'json')\n"
+        "async def main():\n"
+        "    cfg = load_config(None, overrides={'storage': {'durable': ''}}, environ={})\n"
+        "    async with Runtime(cfg) as rt:\n"
+        "        await rt.cache.get_profile('x')\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    import json
+
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    ready = [e for e in events if e.get("event") == "redis_ready"]
+    assert ready and ready[0]["pid"] > 0 and ready[0]["lifecycle"] == "subprocess"
+    assert any(e.get("event") == "shutdown" for e in events)
