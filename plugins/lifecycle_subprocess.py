@@ -218,7 +218,6 @@ class SubprocessLifecycle:
     events: Events
     name: str = "subprocess"
     provides_redis: bool = True
-    manages_process: bool = True
     binary: RedisBinary | None = None
     child: ChildProcess | None = None
     endpoint: RedisEndpoint | None = None
@@ -229,6 +228,11 @@ class SubprocessLifecycle:
     _pidfd: int | None = None
     _on_exit: Callable[[str, bool], None] | None = None
     _password: str = attrs.field(factory=lambda: secrets.token_urlsafe(24))
+
+    @property
+    def manages_process(self) -> bool:
+        """A sibling's server is its owner's to stop: an adopter never stops it for idleness."""
+        return self.adopted_pid is None
 
     @property
     def shared(self) -> bool:

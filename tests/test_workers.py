@@ -95,3 +95,38 @@ async def test_four_workers_share_one_redis_and_survive_the_owner_dying(tmp_path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_shared_runtime_dir_one_server_shared_idle_and_adoption(make_config, tmp_path: Path) -> None:
+    """Two runtimes sharing a runtime dir behave like two workers: one server, adopted by the other;
+    the owner does not stop it while the other is busy; when it stops, the other notices at once."""
+    from app import Runtime
+    from tests.conftest import redis_children
+
+    config = make_config({"lifecycle": {"runtime_dir": str(tmp_path / "run"), "idle_timeout": 0.5}})
+    async with Runtime(config) as owner, Runtime(config) as sibling:
+        await owner.cache.cache_profile("p", {"from": "owner"})
+        assert await sibling.cache.get_profile("p") == {"from": "owner"}
+        assert len(redis_children()) == 1
+        assert sibling.status()["redis"]["owner"] == "sibling"
+        server_pid = owner.on_demand.lifecycle.pid()
+        assert sibling.on_demand.lifecycle.pid() == server_pid
+
+        # Only the sibling is busy, for three idle periods: the owner must keep the server.
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            assert await sibling.cache.get_profile("p") == {"from": "owner"}
+            await asyncio.sleep(0.05)
+        assert owner.on_demand.state == "running" and owner.on_demand.counters.idle_stops == 0
+
+        # Everyone idle: the owner stops it, the sibling learns through the pidfd, no failure.
+        deadline = time.monotonic() + 5
+        while sibling.on_demand.state == "running":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert pid_gone(server_pid)
+        assert sibling.on_demand.state == "stopped" and sibling.on_demand.counters.unexpected_exits == 0
+        # The next operation starts a server again; exactly one.
+        await sibling.cache.cache_profile("q", {"v": 1})
+        assert await owner.cache.get_profile("q") == {"v": 1}
+        assert len(redis_children()) == 1
