@@ -16,7 +16,9 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -130,7 +132,32 @@ class OnDemandRedis:
         self._closed = False
         self.last_used = self._loop.time()
         self._leases = 0
+        self._pid = os.getpid()
         lifecycle.set_exit_callback(self._on_server_exit)
+        # A forked copy of this process must neither use our connections nor stop our server.
+        after_fork = weakref.WeakMethod(self._after_fork_in_child)
+        os.register_at_fork(after_in_child=lambda: (method := after_fork()) and method())
+
+    def _after_fork_in_child(self) -> None:
+        """Runs in a forked child: the server, its connections and the event loop stay the parent's.
+
+        The child forgets them (no close, no SHUTDOWN, no signal) and starts its own server, in its
+        own event loop, if it uses the cache.
+        """
+        self.pools = {}
+        self._janitor = self._start_task = None
+        self._endpoint = self._running_since = None
+        self.state = STOPPED if self.lifecycle.provides_redis else DISABLED
+        forget = getattr(self.lifecycle, "forget_after_fork", None)
+        if forget is not None:
+            forget()
+
+    def _rebind_after_fork(self) -> None:
+        """On the slow path only: a forked child gets loop-bound objects of its own loop."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._loop = asyncio.get_running_loop()
+            self._lock = asyncio.Lock()
 
     # -- the hot path -------------------------------------------------------------------------
 
@@ -170,6 +197,7 @@ class OnDemandRedis:
             self.counters.timeouts += 1
 
     async def _connect_mux(self, pool: NamedPool) -> PipelinedConnection:
+        self._rebind_after_fork()
         # Concurrent callers on a fresh pool share one connect.
         if pool.mux_connecting is None:
             pool.mux_connecting = self._loop.create_future()
@@ -213,6 +241,7 @@ class OnDemandRedis:
         """
         if keep_alive is not None and not keep_alive > 0:
             raise ValueError(f"keep_alive must be greater than 0 seconds, got {keep_alive!r}")
+        self._rebind_after_fork()
         pool = self.pools.get(connection_id) or self._new_pool(connection_id, keep_alive)
         if keep_alive is not None:
             pool.keep_alive = keep_alive
@@ -469,6 +498,8 @@ class OnDemandRedis:
         if self._closed:
             return
         self._closed = True
+        if self._pid != os.getpid():  # a forked copy that never used Redis: nothing here is ours
+            return
         if self._janitor is not None:
             self._janitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -59,6 +59,7 @@ class ChildProcess:
     log_path: Path
     process: asyncio.subprocess.Process
     started_at: float = attrs.field(factory=time.monotonic)
+    owner_pid: int = attrs.field(factory=os.getpid)
 
     @property
     def pid(self) -> int:
@@ -151,8 +152,9 @@ class ChildProcess:
             exited.cancel()
 
     def signal(self, signum: int) -> None:
-        """Signal our child by PID; a reaped child is never signalled (its PID may be reused)."""
-        if self.process.returncode is None:
+        """Signal our child by PID; a reaped child is never signalled (its PID may be reused), and a
+        forked copy of us never signals the parent's child."""
+        if self.process.returncode is None and os.getpid() == self.owner_pid:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(signum)
 

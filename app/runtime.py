@@ -9,6 +9,7 @@ Starting a Runtime spawns nothing: Redis starts on the first operation that need
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -41,6 +42,7 @@ class Runtime:
         self.dispatcher: Dispatcher
         self.cache: CacheService
         self._opened: list[Storage] = []
+        self._pid = os.getpid()
 
     async def start(self) -> Runtime:
         config = self.config
@@ -85,6 +87,12 @@ class Runtime:
 
     async def close(self) -> None:
         """Close in reverse order of opening; every step bounded, every step attempted."""
+        if os.getpid() != self._pid:
+            # A forked copy: the servers and connections are the parent's. on_demand forgot its own
+            # at fork and may have started a server of this process's, which it stops here.
+            if hasattr(self, "on_demand"):
+                await self.on_demand.close()
+            return
         if hasattr(self, "dispatcher"):
             await self.dispatcher.close()
         while self._opened:

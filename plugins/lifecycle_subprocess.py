@@ -254,6 +254,12 @@ class SubprocessLifecycle:
             "owner": "self" if self.child is not None else ("sibling" if self.adopted_pid else None),
         }
 
+    def forget_after_fork(self) -> None:
+        """In a forked child: the parent's server and files are not ours (see OnDemandRedis)."""
+        self.child = self.endpoint = self.runtime_dir = None
+        self.adopted_pid = self._watcher = self._pidfd = None
+        self._own_dir = False
+
     # -- activity shared between processes (idle accounting) ---------------------------------
 
     def note_activity(self) -> None:

@@ -1,13 +1,15 @@
 """Run by a test as a separate process: start Redis through a Runtime, print its PID, then wait forever."""
 
 import asyncio
+import os
 import sys
 
 from app import Runtime, load_config
 
 
 async def main() -> None:
-    config = load_config(None, overrides={"storage": {"durable": ""}}, environ={})
+    environ = {k: v for k, v in os.environ.items() if k.startswith("ONDEMAND_")}
+    config = load_config(None, overrides={"storage": {"durable": ""}}, environ=environ)
     async with Runtime(config) as rt:
         await rt.cache.cache_profile("u1", {"x": 1})
         print(rt.on_demand.lifecycle.pid(), rt.on_demand.lifecycle.runtime_dir, flush=True)
