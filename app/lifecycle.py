@@ -6,13 +6,17 @@ concurrency, idle stop, restart backoff, events) is OnDemandRedis's, in app/onde
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import attrs
+import hiredis
 
-from app.errors import ConfigError
+from app.errors import ConfigError, SpawnError
 
 if TYPE_CHECKING:
     from app.runtime import Runtime
@@ -92,6 +96,27 @@ class Lifecycle(Protocol):
         """Plugin-specific status fields, JSON-serializable, no secrets."""
 
 
+class WithoutProcess:
+    """Defaults for lifecycles that own no server process (external, noop, third-party ones)."""
+
+    manages_process = False
+
+    def set_exit_callback(self, callback: Callable[[str, bool], None]) -> None:
+        """No process of ours can exit; a lost server shows up as lost connections."""
+
+    def note_activity(self) -> None:
+        """Nothing is shared between processes."""
+
+    def shared_idle_seconds(self) -> float | None:
+        return None
+
+    def pid(self) -> int | None:
+        return None
+
+    async def stop(self) -> None:
+        """Nothing of ours to stop."""
+
+
 class LifecycleFactory(Protocol):
     def __call__(self, runtime: Runtime) -> Lifecycle: ...
 
@@ -101,3 +126,40 @@ def resolve_lifecycle_name(plugin: str, *, docker: bool, skip_in_docker: bool) -
     if plugin != "auto":
         return plugin
     return "external" if docker and skip_in_docker else "subprocess"
+
+
+async def probe(endpoint: RedisEndpoint, expected_pid: int | None) -> bool:
+    """PING, and check INFO's process_id is our child's; SpawnError if a foreign server answers."""
+    if endpoint.unix_socket:
+        reader, writer = await asyncio.open_unix_connection(endpoint.unix_socket)
+    else:
+        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+    try:
+        commands = [("PING",), ("INFO", "server")]
+        if endpoint.password is not None:
+            commands.insert(0, ("AUTH", endpoint.password))
+        writer.write(b"".join(hiredis.pack_command(c) for c in commands))
+        parser = hiredis.Reader()
+        replies: list[Any] = []
+        while len(replies) < len(commands):
+            data = await reader.read(65536)
+            if not data:
+                raise EOFError
+            parser.feed(data)
+            while (reply := parser.gets()) is not False:
+                replies.append(reply)
+        replies = replies[-2:]
+        if isinstance(replies[0], hiredis.ReplyError) or replies[0] != b"PONG":
+            return False  # LOADING, or not yet accepting commands
+        found = re.search(rb"process_id:(\d+)", replies[1] if isinstance(replies[1], bytes) else b"")
+        if expected_pid is not None and (found is None or int(found.group(1)) != expected_pid):
+            raise SpawnError(
+                f"a server we did not start answers at {endpoint.describe()} "
+                f"(process_id {found.group(1).decode() if found else '?'}, our child is {expected_pid}); "
+                "refusing to use it"
+            )
+        return True
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()

@@ -7,7 +7,6 @@ and `stop` does nothing. The URL is `lifecycle.redis_url`, which `REDIS_URL` ove
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -15,16 +14,14 @@ import attrs
 from app.config import Config
 from app.errors import ConfigError, RedisTimeout, RedisUnavailable, SpawnError
 from app.hookspecs import hookimpl
-from app.lifecycle import RedisEndpoint
-from plugins.lifecycle_subprocess import probe
+from app.lifecycle import RedisEndpoint, WithoutProcess, probe
 
 
 @attrs.define
-class ExternalLifecycle:
+class ExternalLifecycle(WithoutProcess):
     config: Config
     name: str = "external"
     provides_redis: bool = True
-    manages_process: bool = False
     endpoint: RedisEndpoint = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -33,18 +30,6 @@ class ExternalLifecycle:
             raise ConfigError("the external lifecycle needs a Redis URL: set REDIS_URL or lifecycle.redis_url",
                               source=self.config.source, key="lifecycle.redis_url")
         self.endpoint = RedisEndpoint.from_url(url)
-
-    def set_exit_callback(self, callback: Callable[[str, bool], None]) -> None:
-        """An external server's exit shows up as lost connections; nothing to watch."""
-
-    def note_activity(self) -> None:
-        """Nothing is shared."""
-
-    def shared_idle_seconds(self) -> float | None:
-        return None
-
-    def pid(self) -> int | None:
-        return None
 
     def status(self) -> dict[str, Any]:
         return {"url": self.endpoint.describe()}
@@ -63,8 +48,6 @@ class ExternalLifecycle:
             raise RedisUnavailable(f"external Redis at {self.endpoint.describe()} is not ready (PING failed)")
         return self.endpoint
 
-    async def stop(self) -> None:
-        """Docker owns the server."""
 
 
 @hookimpl

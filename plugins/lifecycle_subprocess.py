@@ -32,7 +32,7 @@ import hiredis
 from app.config import LifecycleConfig
 from app.errors import SpawnError
 from app.hookspecs import hookimpl
-from app.lifecycle import RedisEndpoint
+from app.lifecycle import RedisEndpoint, probe
 from app.plugins import Events
 from app.process import ChildProcess
 
@@ -132,43 +132,6 @@ def _free_tcp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-async def probe(endpoint: RedisEndpoint, expected_pid: int | None) -> bool:
-    """PING, and check INFO's process_id is our child's; SpawnError if a foreign server answers."""
-    if endpoint.unix_socket:
-        reader, writer = await asyncio.open_unix_connection(endpoint.unix_socket)
-    else:
-        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
-    try:
-        commands = [("PING",), ("INFO", "server")]
-        if endpoint.password is not None:
-            commands.insert(0, ("AUTH", endpoint.password))
-        writer.write(b"".join(hiredis.pack_command(c) for c in commands))
-        parser = hiredis.Reader()
-        replies: list[Any] = []
-        while len(replies) < len(commands):
-            data = await reader.read(65536)
-            if not data:
-                raise EOFError
-            parser.feed(data)
-            while (reply := parser.gets()) is not False:
-                replies.append(reply)
-        replies = replies[-2:]
-        if isinstance(replies[0], hiredis.ReplyError) or replies[0] != b"PONG":
-            return False  # LOADING, or not yet accepting commands
-        found = re.search(rb"process_id:(\d+)", replies[1] if isinstance(replies[1], bytes) else b"")
-        if expected_pid is not None and (found is None or int(found.group(1)) != expected_pid):
-            raise SpawnError(
-                f"a server we did not start answers at {endpoint.describe()} "
-                f"(process_id {found.group(1).decode() if found else '?'}, our child is {expected_pid}); "
-                "refusing to use it"
-            )
-        return True
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
 
 
 def _server_in(rundir: Path, pid: int) -> bool:
