@@ -7,6 +7,7 @@ bad value raises ConfigError naming the file, the dotted key and what was expect
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -20,6 +21,7 @@ import cattrs
 from app.errors import ConfigError
 
 ENV_PREFIX = "ONDEMAND_"
+_MAX_SECONDS_OR_COUNT = 10 * 365 * 24 * 3600
 _SIZE = re.compile(r"^\d+(b|kb|mb|gb)?$", re.IGNORECASE)
 
 
@@ -32,8 +34,9 @@ class FieldError(ValueError):
 
 
 def _positive(_inst: Any, attribute: attrs.Attribute, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise FieldError(attribute.name, f"expected a number greater than 0, got {value!r}")
+    # inf passes `> 0` but overflows every int(seconds * 1000) downstream; nan fails every comparison.
+    if value is not None and not (value > 0 and math.isfinite(value) and value <= _MAX_SECONDS_OR_COUNT):
+        raise FieldError(attribute.name, f"expected a finite number greater than 0 (at most ten years), got {value!r}")
 
 
 def _between(low: int, high: int) -> Any:

