@@ -189,10 +189,19 @@ def _converter() -> cattrs.Converter:
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 return float(value)
             if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-                raise ValueError(f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+                # The value itself is not echoed: it may be a token or a password in the wrong type.
+                raise ValueError(f"expected {kind.__name__}, got {type(value).__name__}")
             return value
 
         conv.register_structure_hook(kind, structure)
+
+    def names(value: Any, _t: type) -> tuple[str, ...]:
+        # A bare string would otherwise be taken as a sequence of one-letter names.
+        if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
+            raise ValueError(f"expected a list of strings, got {type(value).__name__}")
+        return tuple(value)
+
+    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], names)
 
     for kind in (str, int, float, bool):
         strict(kind)
@@ -229,6 +238,12 @@ def _environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             node = out
             for part in path[:-1]:
                 node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{name} sets a key below {part!r}, which another variable sets to a value",
+                                      source="environment", key=".".join(path))
+            if isinstance(node.get(path[-1]), dict):
+                raise ConfigError(f"{name} sets {path[-1]!r}, which other variables use as a table",
+                                  source="environment", key=".".join(path))
             node[path[-1]] = _env_value(text)
     if environ.get("REDIS_URL"):
         out = _merge(out, {"lifecycle": {"redis_url": environ["REDIS_URL"]}})
@@ -316,8 +331,10 @@ def unstructure(config: Config) -> dict[str, Any]:
 
 def redact_url(url: str) -> str:
     """`scheme://user:secret@host/db` -> `scheme://user:***@host/db`; also hides `password=` params."""
-    url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", url)
+    # The last '@' before the path ends the credentials, as urlsplit reads it.
+    url = re.sub(r"(://[^:/@?#]*:)[^/?#]*@", r"\1***@", url)
+    # libpq key=value DSNs allow spaces around '=' and quoted values with spaces.
+    return re.sub(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)", r"\1***", url)
 
 
 def redact(config: Config) -> dict[str, Any]:

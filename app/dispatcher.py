@@ -43,8 +43,15 @@ def check_id(item_id: Any) -> str:
         raise InvalidInput(f"id must be a string, got {type(item_id).__name__}")
     if not item_id:
         raise InvalidInput("id must not be empty")
-    if len(item_id) > MAX_ID_BYTES // 4 and len(item_id.encode()) > MAX_ID_BYTES:
-        raise InvalidInput(f"id must be at most {MAX_ID_BYTES} bytes in UTF-8, got {len(item_id.encode())}")
+    if item_id.isascii():  # the common case: one byte per character, nothing to encode
+        size = len(item_id)
+    else:
+        try:
+            size = len(item_id.encode())
+        except UnicodeEncodeError:  # lone surrogates have no UTF-8 form
+            raise InvalidInput("id must be valid Unicode text (no lone surrogates)") from None
+    if size > MAX_ID_BYTES:
+        raise InvalidInput(f"id must be at most {MAX_ID_BYTES} bytes in UTF-8, got {size}")
     if _CONTROL.search(item_id):
         raise InvalidInput("id must not contain control characters")
     return item_id
@@ -142,6 +149,7 @@ class Dispatcher:
         check_id(item_id)
         stats = self.stats[ns.name]
         cache_error: BackendUnavailable | None = None
+        corrupt = False
         if self.breaker.closed:
             try:
                 raw = await self.cache.get(ns, item_id)
@@ -154,6 +162,7 @@ class Dispatcher:
                         stats.hits += 1
                         return Lookup(value, "redis")
                     stats.corrupt_values += 1
+                    corrupt = True
         else:
             cache_error = BackendUnavailable(f"Redis circuit breaker is open: {self.breaker.last_reason}")
         if not self._is_durable(ns):
@@ -168,7 +177,7 @@ class Dispatcher:
         raw, remaining = entry
         stats.durable_hits += 1
         if cache_error is None:
-            await self._backfill(stats, ns, item_id, raw, remaining)
+            await self._backfill(stats, ns, item_id, raw, remaining, replace_corrupt=corrupt)
         return Lookup(decode(raw), self.durable.name)  # type: ignore[union-attr]
 
     async def get_many(self, namespace: str, ids: Sequence[str]) -> list[Any]:
@@ -202,13 +211,20 @@ class Dispatcher:
         return result
 
     async def _backfill(
-        self, stats: NamespaceStats, ns: Namespace, item_id: str, raw: bytes, remaining: float | None
+        self, stats: NamespaceStats, ns: Namespace, item_id: str, raw: bytes, remaining: float | None,
+        *, replace_corrupt: bool = False,
     ) -> None:
-        """Put a durable value back into Redis for no longer than it lives in the durable store."""
+        """Put a durable value back into Redis for no longer than it lives in the durable store.
+
+        SET NX never overwrites a newer value; a value that was not JSON is deleted first, or it
+        would block the repair forever.
+        """
         ttl = ns.ttl if remaining is None else min(remaining, ns.ttl or remaining)
         if ttl is not None and ttl <= 0:
             return
         try:
+            if replace_corrupt:
+                await self.cache.delete_keys([ns.key(item_id)])
             await self.cache.set_if_absent(ns, item_id, raw, ttl)
         except BackendUnavailable as exc:
             self._cache_failed(stats, exc, (ns.key(item_id),))

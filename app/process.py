@@ -37,6 +37,12 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
     return preexec
 
 
+def minimal_environment() -> dict[str, str]:
+    """What a server child needs from our environment, and nothing else: no tokens or DSNs."""
+    keep = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "HOME")
+    return {name: os.environ[name] for name in keep if name in os.environ}
+
+
 def log_tail(path: Path, lines: int = 15) -> str:
     """The last `lines` lines of a log file, or a note that there is none."""
     try:
@@ -92,7 +98,7 @@ class ChildProcess:
         """Start `argv`; raises SpawnError if it cannot be executed at all.
 
         Output goes to `log_path`, or to our own stdout/stderr with `inherit_output` (workers, whose
-        log lines the operator wants to see).
+        log lines the operator wants to see). Without `env` the child gets `minimal_environment()`.
         """
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
@@ -105,7 +111,7 @@ class ChildProcess:
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=None if log is None else asyncio.subprocess.STDOUT,
-                    env=env,
+                    env=minimal_environment() if env is None else env,
                     cwd=cwd,
                     user=user,
                     process_group=0,

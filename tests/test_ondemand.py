@@ -85,7 +85,7 @@ async def test_cancelled_with_connection_leaves_no_dirty_connection(runtime: Run
         await r.execute_command("BLPOP", "never", 5)  # would block for 5 s
 
     task = asyncio.ensure_future(runtime.on_demand.with_connection(blocked, connection_id="c1"))
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.1)  # mid-command: before redis.op_timeout (0.25 s) would end it
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -80,10 +81,18 @@ def query_ttl(request: web.Request) -> float | None:
     if text is None:
         return None
     try:
-        ttl = float(text)
+        ttl = float(_plain_number(text))
     except ValueError:
         raise InvalidInput(f"ttl must be a number of seconds, got {text!r}") from None
     return check_ttl(ttl, None)
+
+
+def _plain_number(text: str) -> str:
+    """`text` if it is written the plain ASCII way; ValueError for what float()/int() would also take
+    but the OpenAPI document does not promise: surrounding spaces, `1_000`, non-ASCII digits."""
+    if not text.isascii() or "_" in text or text != text.strip():
+        raise ValueError(text)
+    return text
 
 
 def path_id(request: web.Request, name: str) -> str:
@@ -103,6 +112,15 @@ async def _found(dispatcher: Dispatcher, namespace: str, item_id: str, what: str
     if found.source == "miss":
         raise NotFound(f"no {what} {item_id!r}")
     return found
+
+
+def _value_response(data: dict[str, Any]) -> web.Response:
+    """A GET's answer. A stored value we cannot encode (valid JSON another client wrote, nested deeper
+    than orjson's 254 levels) is a 409 naming the problem, not a 500."""
+    try:
+        return json_response(data)
+    except orjson.JSONEncodeError as exc:
+        raise Conflict(f"the stored value cannot be answered as JSON: {exc}") from None
 
 
 async def _delete(dispatcher: Dispatcher, namespace: str, item_id: str, what: str) -> web.Response:
@@ -127,7 +145,7 @@ async def put_session(request: web.Request) -> web.Response:
 async def get_session(request: web.Request) -> web.Response:
     session_id = path_id(request, "session_id")
     found = await _found(_dispatcher(request), SESSION, session_id, "session")
-    return json_response({"session_id": session_id, "value": found.value, "source": found.source})
+    return _value_response({"session_id": session_id, "value": found.value, "source": found.source})
 
 
 async def delete_session(request: web.Request) -> web.Response:
@@ -189,7 +207,7 @@ async def get_messages(request: web.Request) -> web.Response:
     last: int | None = None
     if last_text is not None:
         try:
-            last = int(last_text)
+            last = int(_plain_number(last_text))
         except ValueError:
             last = -1
         if last < 0:
@@ -197,8 +215,8 @@ async def get_messages(request: web.Request) -> web.Response:
     found = await _found(_dispatcher(request), MESSAGES, user_id, "messages for user")
     messages = _as_list(found.value, user_id)
     selected = messages if last is None else messages[-last:] if last else []
-    return json_response({"user_id": user_id, "messages": selected, "total": len(messages),
-                          "source": found.source})
+    return _value_response({"user_id": user_id, "messages": selected, "total": len(messages),
+                            "source": found.source})
 
 
 async def delete_messages(request: web.Request) -> web.Response:
@@ -221,7 +239,7 @@ async def put_profile(request: web.Request) -> web.Response:
 async def get_profile(request: web.Request) -> web.Response:
     user_id = path_id(request, "user_id")
     found = await _found(_dispatcher(request), PROFILE, user_id, "profile for user")
-    return json_response({"user_id": user_id, "profile": found.value, "source": found.source})
+    return _value_response({"user_id": user_id, "profile": found.value, "source": found.source})
 
 
 async def delete_profile(request: web.Request) -> web.Response:
