@@ -375,3 +375,11 @@ async def test_openapi_leaves_out_disabled_test_endpoints(aiohttp_client, make_c
     client = await aiohttp_client(create_app(make_config({"server": {"test_endpoints": False}})))
     paths = (await (await client.get("/api/openapi.json")).json())["paths"]
     assert "/api/cache/test" not in paths and "/api/cache/status" in paths and "/api/sessions/{session_id}" in paths
+
+
+@pytest.mark.parametrize("text", ["%2030", "30%20", "1_000", "%D9%A3"])  # " 30", "30 ", "1_000", Arabic-Indic 3
+async def test_ttl_and_last_are_plain_ascii_numbers(client, text) -> None:
+    """float()/int() would take these; the OpenAPI document promises a number, so they are a 400."""
+    assert "number of seconds" in await error_of(await client.put(f"/api/sessions/s?ttl={text}", json=1), 400)
+    assert (await client.put("/api/users/u/messages", json=[1])).status == 200
+    assert "non-negative integer" in await error_of(await client.get(f"/api/users/u/messages?last={text}"), 400)

@@ -95,3 +95,22 @@ async def test_test_endpoints_can_be_turned_off(aiohttp_client, make_config) -> 
     client = await aiohttp_client(create_app(make_config({"server": {"test_endpoints": False}})))
     assert (await client.get("/api/cache/test")).status == 404
     assert (await client.get("/api/cache/status")).status == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "rule"),
+    [
+        ("/api/cache/session/test", {"data": None}, "null"),  # read back it would look like a miss
+        ("/api/cache/session/test", {"session_id": {}}, "string"),  # falsy, yet not "no id"
+        ("/api/cache/session/test", {"session_id": 0}, "string"),
+        ("/api/cache/batch/test", {"user_id": []}, "string"),
+        ("/api/cache/batch/test", {"messages": 3}, "list"),  # else GET .../messages would be a 409
+    ],
+)
+async def test_test_endpoints_refuse_what_their_document_refuses(client, path, body, rule) -> None:
+    resp = await client.post(path, json=body)
+    assert resp.status == 400, await resp.text()
+    assert rule in (await resp.json())["error"]["message"]
+    # null or "" still means "pick a random id"
+    resp = await client.post(path, json={"session_id": None, "user_id": ""})
+    assert resp.status == 200 and (await resp.json())["ok"] is True

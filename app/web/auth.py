@@ -1,9 +1,11 @@
 """Optional bearer-token authentication (`server.api_token`).
 
 When a token is configured, every request except the open probes (`/healthz`, `/readyz`,
-`/metrics`) needs `Authorization: Bearer <token>`: 401 without a bearer credential, 403 with a wrong
-one. That covers every `/api/` path; other paths are not routed anyway and answer 401 before 404,
-so an unauthenticated client learns nothing about the URL table. Without a token every path is open.
+`/metrics`) and the status page's files (`/`, `/static/status.css`, `/static/status.js`: static, they
+hold no data; the page sends the token itself when it polls `/api/cache/status`) needs
+`Authorization: Bearer <token>`: 401 without a bearer credential, 403 with a wrong one. That covers
+every `/api/` path; other paths are not routed anyway and answer 401 before 404, so an
+unauthenticated client learns nothing about the URL table. Without a token every path is open.
 Registered after the error middleware, so its answers have the usual JSON error shape.
 """
 
@@ -16,8 +18,9 @@ from aiohttp import web
 
 from app.web.keys import CONFIG
 from app.web.middlewares import error_response
+from app.web.page import PAGE_PATHS
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", *PAGE_PATHS})
 
 
 @web.middleware

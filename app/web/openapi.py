@@ -6,10 +6,17 @@ from typing import Any
 
 from aiohttp import web
 
+from app.dispatcher import MAX_ID_BYTES, MAX_TTL
+from app.metrics import BREAKER_STATES, REDIS_STATES
 from app.web.views import json_response
 
 _JSON = "application/json"
-ANY_JSON: dict[str, Any] = {"description": "any JSON value except null, nested at most 32 levels"}
+ANY_JSON: dict[str, Any] = {"not": {"type": "null"},
+                            "description": "any JSON value except null, nested at most 32 levels"}
+# An element of a message list: anything JSON, null included (only a stored value as a whole cannot be null).
+_ANY: dict[str, Any] = {"description": "any JSON value"}
+# JSON Schema counts characters, the server UTF-8 bytes: maxLength is exact for ASCII ids only.
+_NO_CONTROL = "^[^\\u0000-\\u001f\\u007f]*$"
 ERROR = {
     "type": "object",
     "required": ["error"],
@@ -22,7 +29,8 @@ _ERRORS = {
     "403": "the bearer token is wrong",
     "404": "absent value or unknown route",
     "405": "method not allowed on this route",
-    "409": "the stored value has a shape this operation cannot use",
+    "409": "the stored value has a shape this operation cannot use (messages that are not a list, a value "
+           "nested too deep to answer)",
     "413": "body over server.max_body_bytes",
     "415": "body is not application/json",
     "503": "no store could serve the request",
@@ -45,12 +53,12 @@ def _obj(**properties: dict[str, Any]) -> dict[str, Any]:
 
 
 def _op(summary: str, responses: dict[str, Any], errors: tuple[str, ...], *, body: dict[str, Any] | None = None,
-        params: tuple[str, ...] = (), secured: bool = True) -> dict[str, Any]:
+        body_required: bool = True, params: tuple[str, ...] = (), secured: bool = True) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary}
     if params:
         op["parameters"] = [{"$ref": f"#/components/parameters/{name}"} for name in params]
     if body is not None:
-        op["requestBody"] = {"required": True, "content": {_JSON: {"schema": body}}}
+        op["requestBody"] = {"required": body_required, "content": {_JSON: {"schema": body}}}
     codes = (*errors, "401", "403") if secured else errors
     op["responses"] = {**responses, **{code: _error(code) for code in sorted(set(codes))}}
     if not secured:
@@ -59,12 +67,24 @@ def _op(summary: str, responses: dict[str, Any], errors: tuple[str, ...], *, bod
 
 
 _STR = {"type": "string"}
+_BOOL = {"type": "boolean"}
 _NUM = {"type": "number"}
+_MS = {"type": "number", "description": "milliseconds"}
 _TTL = {"type": ["number", "null"], "description": "the ttl applied, seconds (null: no expiry)"}
+_TTL_IN = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TTL,
+           "description": "seconds, > 0 and at most ten years"}
 _SOURCE = {"type": "string", "enum": ["redis", "postgres"], "description": "where the value was found"}
 _WRITE_ERRORS = ("400", "413", "415", "503")
+# A write to /.../{id}: also 404, since an id such as "." or ".." is normalised out of the URL by
+# clients and then matches no route.
+_ID_WRITE_ERRORS = (*_WRITE_ERRORS, "404")
 _READ_ERRORS = ("400", "404", "503")
-_MESSAGE_LIST = {"type": "array", "items": ANY_JSON}
+_MESSAGE_LIST = {"type": "array", "items": _ANY}
+_WRITTEN = {"type": "array", "items": {"enum": ["session", "messages", "profile"]}, "uniqueItems": True}
+_SKIPPABLE = {"description": "any JSON value; null: not written"}
+# An optional id in a test endpoint's body: empty or null picks a random one.
+_OPTIONAL_ID = {"type": ["string", "null"], "maxLength": MAX_ID_BYTES, "pattern": _NO_CONTROL,
+                "description": "an id (see the path ids); empty or null: a random one"}
 
 
 def _paths() -> dict[str, Any]:
@@ -73,20 +93,20 @@ def _paths() -> dict[str, Any]:
     return {
         "/api/sessions/{session_id}": {
             "put": _op("Store a session; the body is its value", _ok("stored", _obj(session_id=_STR, ttl=_TTL)),
-                       _WRITE_ERRORS, body=ANY_JSON, params=(*session, "ttl")),
+                       _ID_WRITE_ERRORS, body=ANY_JSON, params=(*session, "ttl")),
             "get": _op("Read a session", _ok("found", _obj(session_id=_STR, value=ANY_JSON, source=_SOURCE)),
-                       _READ_ERRORS, params=session),
+                       (*_READ_ERRORS, "409"), params=session),
             "delete": _op("Delete a session", _ok("deleted", status="204"), _READ_ERRORS, params=session),
         },
         "/api/users/{user_id}/messages": {
             "put": _op("Replace a user's messages", _ok("stored", _obj(user_id=_STR, count={"type": "integer"},
                                                                          ttl=_TTL)),
-                       _WRITE_ERRORS, body=_MESSAGE_LIST, params=(*user, "ttl")),
+                       _ID_WRITE_ERRORS, body=_MESSAGE_LIST, params=(*user, "ttl")),
             "post": _op("Append one message (an object) or several (a non-empty list); read-modify-write, "
                         "not atomic across concurrent writers",
                         _ok("appended", _obj(user_id=_STR, appended={"type": "integer"},
                                              count={"type": "integer"}, ttl=_TTL)),
-                        (*_WRITE_ERRORS, "409"),
+                        (*_ID_WRITE_ERRORS, "409"),
                         body={"oneOf": [{"type": "object"}, {**_MESSAGE_LIST, "minItems": 1}]},
                         params=(*user, "ttl")),
             "get": _op("Read a user's messages, or the last N",
@@ -97,37 +117,45 @@ def _paths() -> dict[str, Any]:
         },
         "/api/users/{user_id}/profile": {
             "put": _op("Store a user's profile; the body is its value", _ok("stored", _obj(user_id=_STR, ttl=_TTL)),
-                       _WRITE_ERRORS, body=ANY_JSON, params=(*user, "ttl")),
+                       _ID_WRITE_ERRORS, body=ANY_JSON, params=(*user, "ttl")),
             "get": _op("Read a user's profile", _ok("found", _obj(user_id=_STR, profile=ANY_JSON, source=_SOURCE)),
-                       _READ_ERRORS, params=user),
+                       (*_READ_ERRORS, "409"), params=user),
             "delete": _op("Delete a user's profile", _ok("deleted", status="204"), _READ_ERRORS, params=user),
         },
         "/api/users/{user_id}/warmup": {
             "post": _op("Write any of session, messages and profile in one round trip",
-                        _ok("written", _obj(user_id=_STR, written={"type": "array", "items": _STR})),
-                        _WRITE_ERRORS,
+                        _ok("written", _obj(user_id=_STR, written=_WRITTEN)),
+                        _ID_WRITE_ERRORS,
                         body={"type": "object", "minProperties": 1, "additionalProperties": False,
                               "properties": {"session": ANY_JSON, "messages": _MESSAGE_LIST, "profile": ANY_JSON}},
                         params=(*user, "ttl")),
         },
         "/api/cache/status": {
             "get": _op("Runtime status: lifecycle, pools, counters, storages, breaker, plugins",
-                       _ok("status", {"type": "object"}), ()),
+                       _ok("status", {"$ref": "#/components/schemas/Status"}), ()),
         },
         "/api/cache/test": {
             "get": _op("A set/get/delete round trip with timings (server.test_endpoints)",
-                       _ok("result", {"type": "object"}), ("503",)),
+                       _ok("result", _obj(ok=_BOOL, source={"enum": ["redis", "postgres", "miss"]},
+                                          set_ms=_MS, get_ms=_MS, delete_ms=_MS, total_ms=_MS)),
+                       ("503",)),
         },
         "/api/cache/session/test": {
-            "post": _op("Cache a session and read it back (server.test_endpoints)",
-                        _ok("result", {"type": "object"}), _WRITE_ERRORS,
-                        body=_obj_optional(session_id=_STR, data=ANY_JSON, ttl=_NUM)),
+            "post": _op("Cache a session and read it back (server.test_endpoints); the body is optional",
+                        _ok("result", _obj(ok=_BOOL, session_id=_STR, session=_ANY, cache_ms=_MS, get_ms=_MS)),
+                        _WRITE_ERRORS, body_required=False,
+                        body=_obj_optional(session_id=_OPTIONAL_ID, data=ANY_JSON,
+                                           ttl={**_TTL_IN, "type": ["number", "null"],
+                                                "description": "seconds (default 60; null: the namespace ttl)"})),
         },
         "/api/cache/batch/test": {
-            "post": _op("Warm up one user and read it back (server.test_endpoints)",
-                        _ok("result", {"type": "object"}), _WRITE_ERRORS,
-                        body=_obj_optional(user_id=_STR, session=ANY_JSON, messages=_MESSAGE_LIST,
-                                           profile=ANY_JSON)),
+            "post": _op("Warm up one user and read it back (server.test_endpoints); the body is optional",
+                        _ok("result", _obj(ok=_BOOL, user_id=_STR, written=_WRITTEN, warmup_ms=_MS, read_ms=_MS)),
+                        _WRITE_ERRORS, body_required=False,
+                        body=_obj_optional(user_id=_OPTIONAL_ID, session=_SKIPPABLE,
+                                           messages={**_MESSAGE_LIST, "type": ["array", "null"],
+                                                     "description": "a list; null: not written"},
+                                           profile=_SKIPPABLE)),
         },
         "/api/openapi.json": {
             "get": _op("This document", _ok("the OpenAPI 3.1 document", {"type": "object"}), ()),
@@ -145,7 +173,17 @@ def _paths() -> dict[str, Any]:
             "get": {"summary": "Prometheus metrics, text exposition format", "security": [],
                     "responses": {"200": {"description": "metrics", "content": {"text/plain": {"schema": _STR}}}}},
         },
+        "/": {"get": _page("The status page for operators (polls /api/cache/status; open: it holds no data)",
+                           "text/html")},
+        "/static/status.css": {"get": _page("The status page's style sheet", "text/css")},
+        "/static/status.js": {"get": _page("The status page's script", "text/javascript")},
     }
+
+
+def _page(summary: str, media_type: str) -> dict[str, Any]:
+    """A file of the status page: static, served without a token."""
+    return {"summary": summary, "security": [],
+            "responses": {"200": {"description": "the file", "content": {media_type: {"schema": _STR}}}}}
 
 
 def _ready(description: str) -> dict[str, Any]:
@@ -174,7 +212,7 @@ def build_document() -> dict[str, Any]:
                 "user_id": _path_param("user_id"),
                 "ttl": {"name": "ttl", "in": "query", "required": False,
                         "description": "seconds, > 0 and at most ten years; default: the namespace ttl",
-                        "schema": {"type": "number", "exclusiveMinimum": 0}},
+                        "schema": _TTL_IN},
                 "last": {"name": "last", "in": "query", "required": False, "description": "only the last N messages",
                          "schema": {"type": "integer", "minimum": 0}},
             },
@@ -183,14 +221,43 @@ def build_document() -> dict[str, Any]:
                 "Ready": {"type": "object", "required": ["status", "redis", "durable"],
                           "properties": {"status": {"enum": ["ready", "degraded", "unavailable"]},
                                          "redis": store, "durable": store}},
+                "Status": _status_schema(),
             },
         },
     }
 
 
+def _status_schema() -> dict[str, Any]:
+    """GET /api/cache/status (Runtime.status()): the fields the status page and `run.py status` read.
+
+    Objects stay open (a lifecycle plugin adds its own fields to `redis`), but what is listed is checked.
+    """
+    int_ = {"type": "integer", "minimum": 0}
+    num_or_null = {"type": ["number", "null"]}
+    str_or_null = {"type": ["string", "null"]}
+    pool = _obj(open=_BOOL, max_connections=int_, keep_alive=_NUM, idle_seconds=_NUM, leases=int_,
+                client_connections_in_use=int_, opens=int_, idle_closes=int_,
+                pipeline={"type": ["object", "null"], "properties": {"connected": _BOOL, "batches": int_,
+                                                                      "commands": int_}})
+    redis = _obj(lifecycle=_STR, state={"enum": list(REDIS_STATES)}, pid={"type": ["integer", "null"]},
+                 endpoint=str_or_null, uptime_seconds=num_or_null, idle_timeout=_NUM, idle_deadline_in=num_or_null,
+                 last_error=str_or_null, retry_in=num_or_null,
+                 pools={"type": "object", "additionalProperties": pool},
+                 counters={"type": "object", "additionalProperties": int_})
+    breaker = _obj(state={"enum": list(BREAKER_STATES)}, opened_at=num_or_null, opens=int_, last_reason=str_or_null)
+    dispatcher = _obj(breaker=breaker, stale_keys_pending=int_, stale_overflow=_BOOL,
+                      namespaces={"type": "object", "additionalProperties": {"type": "object",
+                                                                             "additionalProperties": int_}})
+    storage = {"type": "object", "properties": {"state": _STR}}
+    return _obj(service=_STR, uptime_seconds=_NUM, redis=redis,
+                storages=_obj(cache=storage, durable={**storage, "type": ["object", "null"]}),
+                dispatcher=dispatcher, plugins={"type": "array", "items": _STR})
+
+
 def _path_param(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True,
-            "description": "1 to 256 UTF-8 bytes, no control characters", "schema": {"type": "string"}}
+            "description": f"1 to {MAX_ID_BYTES} UTF-8 bytes, no control characters",
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_BYTES, "pattern": _NO_CONTROL}}
 
 
 DOCUMENT = build_document()

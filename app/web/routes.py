@@ -6,6 +6,7 @@ from aiohttp import web
 
 from app.config import Config
 from app.web import api, openapi, views
+from app.web.page import setup_page_routes
 
 
 def setup_routes(app: web.Application, config: Config) -> None:
@@ -34,3 +35,4 @@ def setup_routes(app: web.Application, config: Config) -> None:
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/metrics", api.metrics)
     app.router.add_get("/api/openapi.json", openapi.openapi)
+    setup_page_routes(app)  # GET / and its static assets: the status page

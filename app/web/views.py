@@ -32,6 +32,12 @@ async def read_json(request: web.Request, *, optional: bool = False) -> Any:
         raise InvalidInput(f"body is not valid JSON: {exc}") from None
 
 
+def _id_or_random(value: Any, prefix: str) -> Any:
+    """A test endpoint's optional id: absent, null or "" picks a random one; anything else is checked as an id
+    (not `value or random`: a falsy non-string such as {} or 0 is a 400, not silently replaced)."""
+    return f"{prefix}{secrets.token_hex(6)}" if value is None or value == "" else value
+
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
@@ -69,8 +75,10 @@ async def session_test(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise InvalidInput("body must be a JSON object")
     cache = request.app[RUNTIME].cache
-    session_id = body.get("session_id") or f"test-{secrets.token_hex(8)}"
+    session_id = _id_or_random(body.get("session_id"), "test-")
     data = body.get("data", {"user": "test", "created": time.time()})
+    if data is None:  # a stored null would read back as a miss, the same rule as PUT /api/sessions
+        raise InvalidInput("data must not be null")
     t0 = time.perf_counter()
     await cache.cache_session(session_id, data, ttl=body.get("ttl", 60))
     t1 = time.perf_counter()
@@ -91,9 +99,11 @@ async def batch_test(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise InvalidInput("body must be a JSON object")
     cache = request.app[RUNTIME].cache
-    user_id = body.get("user_id") or f"test-user-{secrets.token_hex(6)}"
+    user_id = _id_or_random(body.get("user_id"), "test-user-")
     session = body.get("session", {"user_id": user_id})
     messages = body.get("messages", [{"text": f"message {i}"} for i in range(10)])
+    if messages is not None and not isinstance(messages, list):  # else GET .../messages would answer 409
+        raise InvalidInput("messages must be a JSON list")
     profile = body.get("profile", {"name": "Test User"})
     t0 = time.perf_counter()
     written = await cache.warmup_user_cache(user_id, session=session, messages=messages, profile=profile, ttl=60)
