@@ -80,10 +80,16 @@ async def test_four_workers_share_one_redis_and_survive_the_owner_dying(tmp_path
                 results = await asyncio.gather(*(session_round_trip(i) for i in range(10)), return_exceptions=True)
                 ok_after += sum(1 for r in results if isinstance(r, dict) and r["ok"])
             assert pid_gone(servers[0].pid)
-            await asyncio.sleep(1.0)
-            respawned = redis_servers_under(proc.pid)
-            assert len(respawned) == 1, "exactly one server after the respawn"
-            assert len(psutil.Process(proc.pid).children()) == 4, "the supervisor restarted the dead worker"
+            # The supervisor restarts the dead worker (after its restart delay, and an import that
+            # takes a while on a loaded machine); at no moment is there more than one server.
+            deadline = time.monotonic() + 15
+            while True:
+                respawned = redis_servers_under(proc.pid)
+                assert len(respawned) <= 1, "two servers at once"
+                if len(respawned) == 1 and len(psutil.Process(proc.pid).children()) == 4:
+                    break
+                assert time.monotonic() < deadline, "the dead worker was not restarted"
+                await asyncio.sleep(0.1)
             async with session.get(f"{base}/api/cache/status") as resp:
                 status = await resp.json()
             assert status["redis"]["state"] == "running"
