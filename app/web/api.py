@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -129,27 +130,38 @@ async def _delete(dispatcher: Dispatcher, namespace: str, item_id: str, what: st
     return web.Response(status=204)
 
 
-# -- sessions -----------------------------------------------------------------------------------
+# -- sessions and profiles: one JSON value per id -----------------------------------------------
 
 
-async def put_session(request: web.Request) -> web.Response:
-    """PUT /api/sessions/{session_id}?ttl=: the body is the session value."""
-    session_id = path_id(request, "session_id")
-    ttl = query_ttl(request)
-    value = await read_value(request)
-    dispatcher = _dispatcher(request)
-    await dispatcher.set(SESSION, session_id, value, ttl)
-    return json_response({"session_id": session_id, "ttl": _effective_ttl(dispatcher, SESSION, ttl)})
+@attrs.frozen
+class ValueResource:
+    """PUT, GET and DELETE of one JSON value per id, in one namespace."""
+
+    namespace: str
+    id_param: str  # the path parameter, also the id's name in responses
+    value_key: str  # the value's name in GET responses
+    what: str  # for "no <what> 'id'" in a 404
+
+    async def put(self, request: web.Request) -> web.Response:
+        """PUT ...?ttl=: the body is the value."""
+        item_id = path_id(request, self.id_param)
+        ttl = query_ttl(request)
+        value = await read_value(request)
+        dispatcher = _dispatcher(request)
+        await dispatcher.set(self.namespace, item_id, value, ttl)
+        return json_response({self.id_param: item_id, "ttl": _effective_ttl(dispatcher, self.namespace, ttl)})
+
+    async def get(self, request: web.Request) -> web.Response:
+        item_id = path_id(request, self.id_param)
+        found = await _found(_dispatcher(request), self.namespace, item_id, self.what)
+        return _value_response({self.id_param: item_id, self.value_key: found.value, "source": found.source})
+
+    async def delete(self, request: web.Request) -> web.Response:
+        return await _delete(_dispatcher(request), self.namespace, path_id(request, self.id_param), self.what)
 
 
-async def get_session(request: web.Request) -> web.Response:
-    session_id = path_id(request, "session_id")
-    found = await _found(_dispatcher(request), SESSION, session_id, "session")
-    return _value_response({"session_id": session_id, "value": found.value, "source": found.source})
-
-
-async def delete_session(request: web.Request) -> web.Response:
-    return await _delete(_dispatcher(request), SESSION, path_id(request, "session_id"), "session")
+SESSIONS = ValueResource(SESSION, "session_id", "value", "session")
+PROFILES = ValueResource(PROFILE, "user_id", "profile", "profile for user")
 
 
 # -- messages -----------------------------------------------------------------------------------
@@ -221,29 +233,6 @@ async def get_messages(request: web.Request) -> web.Response:
 
 async def delete_messages(request: web.Request) -> web.Response:
     return await _delete(_dispatcher(request), MESSAGES, path_id(request, "user_id"), "messages for user")
-
-
-# -- profiles -----------------------------------------------------------------------------------
-
-
-async def put_profile(request: web.Request) -> web.Response:
-    """PUT /api/users/{user_id}/profile?ttl=: the body is the profile value."""
-    user_id = path_id(request, "user_id")
-    ttl = query_ttl(request)
-    profile = await read_value(request)
-    dispatcher = _dispatcher(request)
-    await dispatcher.set(PROFILE, user_id, profile, ttl)
-    return json_response({"user_id": user_id, "ttl": _effective_ttl(dispatcher, PROFILE, ttl)})
-
-
-async def get_profile(request: web.Request) -> web.Response:
-    user_id = path_id(request, "user_id")
-    found = await _found(_dispatcher(request), PROFILE, user_id, "profile for user")
-    return _value_response({"user_id": user_id, "profile": found.value, "source": found.source})
-
-
-async def delete_profile(request: web.Request) -> web.Response:
-    return await _delete(_dispatcher(request), PROFILE, path_id(request, "user_id"), "profile for user")
 
 
 # -- warm-up ------------------------------------------------------------------------------------

@@ -16,18 +16,18 @@ def setup_routes(app: web.Application, config: Config) -> None:
         app.router.add_post("/api/cache/session/test", views.session_test)
         app.router.add_post("/api/cache/batch/test", views.batch_test)
 
-    app.router.add_put("/api/sessions/{session_id}", api.put_session)
-    app.router.add_get("/api/sessions/{session_id}", api.get_session)
-    app.router.add_delete("/api/sessions/{session_id}", api.delete_session)
+    app.router.add_put("/api/sessions/{session_id}", api.SESSIONS.put)
+    app.router.add_get("/api/sessions/{session_id}", api.SESSIONS.get)
+    app.router.add_delete("/api/sessions/{session_id}", api.SESSIONS.delete)
 
     app.router.add_put("/api/users/{user_id}/messages", api.put_messages)
     app.router.add_post("/api/users/{user_id}/messages", api.append_messages)
     app.router.add_get("/api/users/{user_id}/messages", api.get_messages)
     app.router.add_delete("/api/users/{user_id}/messages", api.delete_messages)
 
-    app.router.add_put("/api/users/{user_id}/profile", api.put_profile)
-    app.router.add_get("/api/users/{user_id}/profile", api.get_profile)
-    app.router.add_delete("/api/users/{user_id}/profile", api.delete_profile)
+    app.router.add_put("/api/users/{user_id}/profile", api.PROFILES.put)
+    app.router.add_get("/api/users/{user_id}/profile", api.PROFILES.get)
+    app.router.add_delete("/api/users/{user_id}/profile", api.PROFILES.delete)
 
     app.router.add_post("/api/users/{user_id}/warmup", api.warmup)
 
