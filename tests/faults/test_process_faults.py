@@ -30,7 +30,9 @@ def open_fds() -> int:
 
 
 async def test_repeated_sigkill_under_load_is_bounded_and_leaks_no_fds(durable_config) -> None:
-    config = durable_config({"lifecycle": {"restart_backoff": 0.05}, "redis": {"op_timeout": 0.1}})
+    # A fixed-size PostgreSQL pool: growth of a pool under load is not a leak, and must not look like one.
+    config = durable_config({"lifecycle": {"restart_backoff": 0.05}, "redis": {"op_timeout": 0.1},
+                             "postgres": {"pool_min": 4, "pool_max": 4}})
     async with Runtime(config) as rt:
         await rt.cache.cache_session("warm", {"v": 0})
         await rt.cache.cache_profile("warm", {"v": 0})
