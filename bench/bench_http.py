@@ -20,7 +20,21 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
-from common import REPO, VALUE, Result, Table, Target, bench_config, free_port, latency_ms, ratio, redis_client_kwargs
+from common import (
+    REPO,
+    VALUE,
+    Result,
+    Table,
+    Target,
+    bench_config,
+    cpu_seconds,
+    free_port,
+    keep_best,
+    latency_ms,
+    ratio,
+    redis_children,
+    redis_client_kwargs,
+)
 
 from app import Runtime
 from app.web import RUNTIME, create_app
@@ -29,6 +43,7 @@ SESSION_ID = "bench-session-1"
 SESSION = VALUE
 SESSION_KEY = f"ondemand:session:{SESSION_ID}"  # the key our app uses (default key_prefix)
 CONNECTIONS = 50
+ROUNDS = 3
 KINDS = {
     "bare": "(b) bare aiohttp handler, same JSON, no Redis (ceiling)",
     "raw": "(a) aiohttp handler, raw redis.asyncio GET, one command per request",
@@ -38,8 +53,8 @@ KINDS = {
 
 # -- the servers (run in a child process) -----------------------------------------------------------
 
-def _json(data: Any) -> web.Response:
-    return web.Response(body=orjson.dumps(data), content_type="application/json")
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
 def has_session_route(app: web.Application) -> bool:
@@ -55,7 +70,13 @@ async def bench_local_session(request: web.Request) -> web.Response:
     return _json({"session": found.value, "source": found.source})
 
 
-def build_app(kind: str, transport: str) -> tuple[web.Application, dict[str, Any]]:
+def value_key(body: dict[str, Any]) -> str:
+    """The key under which a response body carries the session value."""
+    return next(key for key, value in body.items() if value == SESSION)
+
+
+def build_app(kind: str, transport: str, template: dict[str, Any]) -> tuple[web.Application, dict[str, Any]]:
+    """`template` is the JSON our app answered; the raw and bare handlers answer the same shape."""
     config = bench_config(transport)
     info: dict[str, Any] = {"kind": kind}
     if kind in ("ondemand", "idle"):
@@ -76,7 +97,7 @@ def build_app(kind: str, transport: str) -> tuple[web.Application, dict[str, Any
     app = web.Application()
     if kind == "bare":
         async def bare(request: web.Request) -> web.Response:
-            return _json({"session": SESSION, "source": "redis"})
+            return _json(template)
 
         app.router.add_get("/api/sessions/{session_id}", bare)
         return app, info
@@ -91,30 +112,34 @@ def build_app(kind: str, transport: str) -> tuple[web.Application, dict[str, Any
             yield
             await client.aclose()
 
+    key = value_key(template)
+
     async def raw(request: web.Request) -> web.Response:
         found = await request.app[client_key].get("ondemand:session:" + request.match_info["session_id"])
         if found is None:
-            return _json({"session": None, "source": "miss"})
-        return _json({"session": orjson.loads(found), "source": "redis"})
+            return _json({"error": {"code": "not_found"}}, status=404)
+        return _json({**template, key: orjson.loads(found)})
 
     app.cleanup_ctx.append(redis_ctx)
     app.router.add_get("/api/sessions/{session_id}", raw)
     return app, info
 
 
-def serve(kind: str, port: int, transport: str) -> None:
-    app, info = build_app(kind, transport)
+def serve(kind: str, port: int, transport: str, template: str) -> None:
+    app, info = build_app(kind, transport, orjson.loads(template))
     print(orjson.dumps(info).decode(), flush=True)
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, shutdown_timeout=5)
 
 
 @contextlib.asynccontextmanager
-async def server(kind: str, transport: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, dict[str, Any]]]:
+async def server(
+    kind: str, transport: str, template: dict[str, Any] | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, dict[str, Any]]]:
     """Start a server process; yield (process, port, info) once its port accepts connections; stop it."""
     port = free_port()
     with tempfile.TemporaryFile() as stderr:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "serve", kind, str(port), transport,
+            sys.executable, __file__, "serve", kind, str(port), transport, orjson.dumps(template or {}).decode(),
             cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=stderr,
         )
         try:
@@ -160,10 +185,12 @@ async def wrk(url: str, seconds: float) -> dict[str, Any]:
     p50, p99 = (re.search(rf"^\s+{q}%\s+(\S+)", out, re.MULTILINE) for q in (50, 99))
     if not (rps and p50 and p99):
         raise RuntimeError(f"cannot parse wrk output:\n{out}")
+    requests = re.search(r"(\d+) requests in", out)
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     socket_errors = re.search(r"Socket errors:.*", out)
     return {"requests_per_s": float(rps.group(1)), "p50_ms": _wrk_ms(p50.group(1)), "p99_ms": _wrk_ms(p99.group(1)),
-            "errors": int(bad.group(1)) if bad else 0, "socket_errors": socket_errors.group(0) if socket_errors else ""}
+            "errors": int(bad.group(1)) if bad else 0, "socket_errors": socket_errors.group(0) if socket_errors else "",
+            "requests": int(requests.group(1)) if requests else 0}
 
 
 async def client_load(url: str, connections: int, seconds: float) -> dict[str, Any]:
@@ -185,7 +212,8 @@ async def client_load(url: str, connections: int, seconds: float) -> dict[str, A
         deadline = started + seconds
         await asyncio.gather(*(loop() for _ in range(connections)))
         elapsed = time.perf_counter() - started
-    return {"requests_per_s": len(latencies) / elapsed, **latency_ms(latencies), "errors": errors, "socket_errors": ""}
+    return {"requests_per_s": len(latencies) / elapsed, **latency_ms(latencies), "errors": errors, "socket_errors": "",
+            "requests": len(latencies)}
 
 
 async def load(url: str, seconds: float) -> dict[str, Any]:
@@ -200,32 +228,48 @@ async def load(url: str, seconds: float) -> dict[str, Any]:
 # -- the benchmark ----------------------------------------------------------------------------------
 
 async def run(*, quick: bool = False, transport: str = "tcp") -> Result:
-    seconds, warmup = (1.0, 0.0) if quick else (5.0, 1.0)
+    seconds, warmup, rounds = (1.0, 0.0, 1) if quick else (3.0, 1.0, ROUNDS)
     result = Result("http", "2. HTTP GET /api/sessions/{id} of a cached session")
     rows: dict[str, dict[str, Any]] = {}
-    for kind, description in KINDS.items():
-        async with server(kind, transport) as (_proc, port, info):
+    urls: dict[str, tuple[str, list[int]]] = {}  # kind -> (url, pids of the server and its redis-server)
+    template: dict[str, Any] = {}
+    async with contextlib.AsyncExitStack() as servers:
+        for kind in ("ondemand", "raw", "bare"):  # ours first: the others copy the shape of its answer
+            proc, port, info = await servers.enter_async_context(server(kind, transport, template))
             url = f"http://127.0.0.1:{port}/api/sessions/{SESSION_ID}"
             async with aiohttp.ClientSession() as session, session.get(url) as response:
                 body = await response.json()
-            if response.status != 200 or body.get("session") != SESSION:
+            if response.status != 200 or SESSION not in body.values() or (template and body != template):
                 raise RuntimeError(f"{kind} server answered {response.status} {body!r}")
+            template = body
             if info.get("bench_local_handler"):
                 result.notes.append("ondemand: create_app has no GET /api/sessions/{session_id}; a bench-local "
                                     "handler calling dispatcher.lookup('session', id) was registered on it")
             elif kind == "ondemand":
                 result.notes.append("ondemand: the app's own GET /api/sessions/{session_id} route was used")
+            urls[kind] = (url, [proc.pid, *(child.pid for child in redis_children(proc.pid))])
             if warmup:
                 await load(url, warmup)
-            rows[kind] = {"server": description, **await load(url, seconds)}
+        for _round in range(rounds):  # servers take turns, so a burst of outside load hits one round
+            for kind, (url, pids) in urls.items():
+                before = cpu_seconds(pids[:1]), cpu_seconds(pids[1:])
+                row = {"server": KINDS[kind], **await load(url, seconds)}
+                served = max(1, row["requests"])
+                row["server_cpu_us/req"] = (cpu_seconds(pids[:1]) - before[0]) / served * 1e6
+                row["redis_cpu_us/req"] = (cpu_seconds(pids[1:]) - before[1]) / served * 1e6 if pids[1:] else 0.0
+                keep_best(rows, kind, row, "requests_per_s", summed=("errors",))
+    result.notes.append(f"every server answers the same JSON shape as ours: {sorted(template)}")
+    rows = {kind: rows[kind] for kind in KINDS}
     for row in rows.values():
         row["x raw (a)"] = ratio(row["requests_per_s"], rows["raw"]["requests_per_s"])
         row["x bare (b)"] = ratio(row["requests_per_s"], rows["bare"]["requests_per_s"])
     load_tool = f"wrk -t1 -c{CONNECTIONS}" if shutil.which("wrk") else f"aiohttp client, {CONNECTIONS} connections"
-    columns = ["server", "requests_per_s", "p50_ms", "p99_ms", "x raw (a)", "x bare (b)", "errors"]
-    result.tables.append(Table(f"transport {transport}; {load_tool}, {seconds:g} s after {warmup:g} s warm-up; "
-                               "each server one process", columns, list(rows.values())))
-    if any(row["errors"] or row["socket_errors"] for row in rows.values()):
+    columns = ["server", "requests_per_s", "p50_ms", "p99_ms", "x raw (a)", "x bare (b)", "server_cpu_us/req",
+               "redis_cpu_us/req", "errors", "rounds requests_per_s"]
+    result.tables.append(Table(f"transport {transport}; {load_tool}; best of {rounds} round(s) of {seconds:g} s "
+                               f"(its p50/p99) after {warmup:g} s warm-up; each server one process", columns,
+                               list(rows.values())))
+    if any(row["errors"] or row["socket_errors"] for row in rows.values()):  # socket errors: of the best round
         result.status = "invalid"
         result.notes += [f"{k}: {r['errors']} non-2xx; {r['socket_errors']}" for k, r in rows.items()]
     result.targets += [
@@ -237,7 +281,7 @@ async def run(*, quick: bool = False, transport: str = "tcp") -> Result:
 
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
-        serve(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        serve(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
     elif sys.argv[1] == "load":
         print(orjson.dumps(asyncio.run(client_load(sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))).decode())
     else:

@@ -76,6 +76,31 @@ def ratio(value: float, base: float) -> float:
     return value / base if base else float("nan")
 
 
+def keep_best(best: dict[Any, dict[str, Any]], key: Any, row: dict[str, Any], metric: str,
+              summed: tuple[str, ...] = ()) -> None:
+    """Keep, per key, the round with the highest `metric`; record every round's value and sum `summed`."""
+    previous = best.get(key)
+    history = [*(previous[f"rounds {metric}"] if previous else []), round(row[metric])]
+    totals = {name: row[name] + (previous[name] if previous else 0) for name in summed}
+    if previous is None or row[metric] > previous[metric]:
+        best[key] = row
+    best[key].update({f"rounds {metric}": history, **totals})
+
+
+def cpu_seconds(pids: list[int | None]) -> float:
+    """User + system CPU seconds used so far by the given live processes (None and gone ones count 0)."""
+    total = 0.0
+    for pid in pids:
+        if pid is None:
+            continue
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -142,6 +167,7 @@ class Result:
     notes: list[str] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     status: str = "ok"
+    background_cores: float | None = None  # CPU cores other processes used meanwhile (run.py measures it)
 
     def markdown(self) -> str:
         out = [f"## {self.title}", ""]
@@ -157,6 +183,7 @@ class Result:
             "name": self.name,
             "title": self.title,
             "status": self.status,
+            "background_cores": self.background_cores,
             "tables": [{"title": t.title, "columns": t.columns, "rows": t.rows} for t in self.tables],
             "notes": self.notes,
             "targets": [{**t.row(), "value": t.value, "threshold": t.threshold} for t in self.targets],
@@ -164,6 +191,8 @@ class Result:
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, list):
+        return " / ".join(_cell(v) for v in value)
     if isinstance(value, float):
         if value != value:
             return "n/a"

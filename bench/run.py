@@ -1,4 +1,6 @@
-"""Run the benchmarks: `python bench/run.py [--quick] [--only NAME,...] [--json PATH] [--transport tcp|unix]`.
+"""Run the ondemand benchmarks, print markdown tables, write JSON.
+
+    python bench/run.py [--quick] [--only NAME,...] [--json PATH] [--transport tcp|unix] [--wait-quiet SECONDS]
 
 Prints a markdown table per benchmark and the targets from the issue, writes JSON (default
 bench/results/latest.json), and checks that no redis-server/valkey-server child is left behind.
@@ -19,6 +21,7 @@ import bench_http
 import bench_memory
 import bench_warmup
 import orjson
+import psutil
 from common import REPO, Result, Table, machine_info, md_table, redis_children
 
 BENCHMARKS = {
@@ -46,6 +49,45 @@ def server_binary() -> str | None:
         return f"none found: {exc}"
 
 
+class BackgroundLoad:
+    """CPU used by processes other than ours (and our reaped descendants) while a benchmark ran."""
+
+    @classmethod
+    def wait_quiet(cls, timeout: float, cores: float = 0.15, window: float = 2.0) -> str:
+        """Wait up to `timeout` s for a `window` in which others use under `cores` cores; say how it went."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with cls() as probe:
+                time.sleep(window)
+            if probe.cores < cores:
+                return f"waited for a quiet machine: quiet after {timeout - (deadline - time.monotonic()):.0f} s"
+            if time.monotonic() >= deadline:
+                return f"waited {timeout:g} s for a quiet machine in vain (others used {probe.cores:.2f} cores)"
+
+    def __enter__(self) -> BackgroundLoad:
+        self.started, self.busy, self.ours = time.perf_counter(), self._busy(), self._ours()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        elapsed = time.perf_counter() - self.started
+        other = (self._busy() - self.busy) - (self._ours() - self.ours)
+        self.cores = max(0.0, other / elapsed)
+
+    @staticmethod
+    def _busy() -> float:
+        times = psutil.cpu_times()
+        return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+    @staticmethod
+    def _ours() -> float:
+        t = psutil.Process().cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def describe(self) -> str:
+        warn = " -- another workload competed for the CPU: treat these numbers with caution" if self.cores > 0.1 else ""
+        return f"background load: other processes used {self.cores:.2f} of {psutil.cpu_count()} cores{warn}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts: only check that everything works")
@@ -54,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", choices=["tcp", "unix"], default="tcp",
                         help="how every client reaches the spawned Redis (default tcp: aiocache has no unix socket "
                              "option of its own)")
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                        help="before each benchmark, wait up to SECONDS for other processes to leave the CPU idle")
     args = parser.parse_args(argv)
     names = list(BENCHMARKS) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHMARKS]
@@ -67,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     for name in names:
         run = BENCHMARKS[name]
-        result = failover_todo() if run is None else asyncio.run(run(quick=args.quick, transport=args.transport))
+        waited = BackgroundLoad.wait_quiet(args.wait_quiet) if args.wait_quiet and run is not None else ""
+        with BackgroundLoad() as background:
+            result = failover_todo() if run is None else asyncio.run(run(quick=args.quick, transport=args.transport))
+        if run is not None:
+            result.notes += [note for note in (waited, background.describe()) if note]
+            result.background_cores = background.cores
         results.append(result)
         print(result.markdown(), flush=True)
 
