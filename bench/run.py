@@ -17,6 +17,7 @@ from pathlib import Path
 
 import bench_cache
 import bench_coldstart
+import bench_failover
 import bench_http
 import bench_memory
 import bench_warmup
@@ -29,15 +30,9 @@ BENCHMARKS = {
     "http": bench_http.run,
     "coldstart": bench_coldstart.run,
     "warmup": bench_warmup.run,
-    "failover": None,  # TODO: needs the Postgres fallback
+    "failover": bench_failover.run,
     "memory": bench_memory.run,
 }
-
-
-def failover_todo() -> Result:
-    result = Result("failover", "5. Failover", status="not run")
-    result.notes.append("TODO: requires the Postgres fallback; not run (no numbers are reported)")
-    return result
 
 
 def server_binary() -> str | None:
@@ -113,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         run = BENCHMARKS[name]
         waited = BackgroundLoad.wait_quiet(args.wait_quiet) if args.wait_quiet and run is not None else ""
         with BackgroundLoad() as background:
-            result = failover_todo() if run is None else asyncio.run(run(quick=args.quick, transport=args.transport))
+            result = asyncio.run(run(quick=args.quick, transport=args.transport))
         if run is not None:
             result.notes += [note for note in (waited, background.describe()) if note]
             result.background_cores = background.cores
