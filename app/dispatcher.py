@@ -82,6 +82,18 @@ def decode(raw: bytes) -> Any:
         return _CORRUPT
 
 
+class _LazyKeys:
+    """The Redis keys of some entries, computed only when iterated (on the failure path)."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: Sequence[Entry]) -> None:
+        self._entries = entries
+
+    def __iter__(self):
+        return (e.namespace.key(e.id) for e in self._entries)
+
+
 @attrs.define
 class NamespaceStats:
     hits: int = 0  # served from Redis
@@ -245,20 +257,23 @@ class Dispatcher:
     async def set_many(self, entries: Iterable[tuple[str, str, Any, float | None]]) -> None:
         """Write (namespace, id, value, ttl) tuples: one durable transaction, one Redis round trip."""
         prepared: list[Entry] = []
+        durable: list[Entry] = []
         for namespace, item_id, value, ttl in entries:
             ns = self.namespace(namespace)
             check_id(item_id)
-            prepared.append(Entry(ns, item_id, encode(value), check_ttl(ttl, ns.ttl)))
+            entry = Entry(ns, item_id, encode(value), check_ttl(ttl, ns.ttl))
+            prepared.append(entry)
+            if ns.durable and self.durable is not None:
+                durable.append(entry)
         if not prepared:
             return
-        for entry in prepared:
+        for entry in prepared:  # counted once every entry passed validation: a bad one writes nothing
             self.stats[entry.namespace.name].writes += 1
-        durable = [e for e in prepared if self._is_durable(e.namespace)]
         if durable:
             stats = self.stats[durable[0].namespace.name]
             await self._durable_call(stats, None, lambda: self.durable.set_many(durable))  # type: ignore[union-attr]
         first = self.stats[prepared[0].namespace.name]
-        keys = [e.namespace.key(e.id) for e in prepared]
+        keys = _LazyKeys(prepared)  # built only if the write fails
         if not await self._cache_write(first, None, keys, lambda: self.cache.set_many(prepared)):
             for entry in prepared:
                 self._count_lost_write(self.stats[entry.namespace.name], entry.namespace)

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -29,7 +29,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from app.config import Config
-from app.errors import BackendUnavailable, RedisDisabled, RedisTimeout, RedisUnavailable
+from app.errors import BackendUnavailable, RedisCommandError, RedisDisabled, RedisTimeout, RedisUnavailable
 from app.lifecycle import Lifecycle, RedisEndpoint
 from app.pipeline import Command, PipelinedConnection
 from app.plugins import Events
@@ -177,18 +177,38 @@ class OnDemandRedis:
 
     async def execute_many(self, commands: Sequence[Command], *, connection_id: str = "default") -> list[Any]:
         """Run several commands in one write and one round trip; raises the first error, if any."""
-        pool = self.pools.get(connection_id) or self._new_pool(connection_id, None)
-        self.last_used = pool.last_used = self._loop.time()
-        conn = pool.mux
-        if conn is None or conn.closed_reason is not None:
-            conn = await self._connect_mux(pool)
-        self.counters.commands += len(commands)
-        results = await asyncio.gather(*conn.execute_many(commands), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                if isinstance(result, RedisUnavailable):
-                    self._count_error(result)
-                raise result
+        return await self.execute_grouped({connection_id: commands})
+
+    async def execute_grouped(self, groups: Mapping[str, Sequence[Command]]) -> list[Any]:
+        """Run each pool's commands as one batch, all pools in the same loop turn; replies in order.
+
+        No task or gather per call (they cost more than the commands): the replies are awaited one
+        after the other, and all arrive in the same round trip. Raises the first error after every
+        reply is in, so none is left unretrieved.
+        """
+        now = self._loop.time()
+        futures: list[asyncio.Future[Any]] = []
+        for connection_id, commands in groups.items():
+            pool = self.pools.get(connection_id) or self._new_pool(connection_id, None)
+            self.last_used = pool.last_used = now
+            conn = pool.mux
+            if conn is None or conn.closed_reason is not None:
+                conn = await self._connect_mux(pool)
+            futures += conn.execute_many(commands)
+        self.counters.commands += len(futures)
+        results: list[Any] = []
+        error: BaseException | None = None
+        for fut in futures:
+            try:
+                results.append(await fut)
+            except (RedisUnavailable, RedisCommandError) as exc:
+                if error is None:
+                    error = exc
+                results.append(exc)
+        if error is not None:
+            if isinstance(error, RedisUnavailable):
+                self._count_error(error)
+            raise error
         return results
 
     def _count_error(self, exc: RedisUnavailable) -> None:

@@ -6,8 +6,6 @@ coalesce into pipelines. With the `noop` lifecycle reads miss and writes do noth
 
 from __future__ import annotations
 
-import asyncio
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,12 +64,11 @@ class RedisStorage:
     async def set_many(self, entries: Sequence[Entry]) -> None:
         if self.on_demand.disabled or not entries:
             return
-        by_pool: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+        by_pool: dict[str, list[tuple[Any, ...]]] = {}
         for e in entries:
-            by_pool[e.namespace.connection_id].append(_set_command(e.namespace.key_prefix + e.id, e.value, e.ttl))
-        await asyncio.gather(*(
-            self.on_demand.execute_many(commands, connection_id=pool) for pool, commands in by_pool.items()
-        ))
+            command = _set_command(e.namespace.key_prefix + e.id, e.value, e.ttl)
+            by_pool.setdefault(e.namespace.connection_id, []).append(command)
+        await self.on_demand.execute_grouped(by_pool)
 
     async def delete(self, ns: Namespace, ids: Sequence[str]) -> int:
         if self.on_demand.disabled or not ids:
