@@ -126,11 +126,19 @@ class Metrics:
         self.latency = Histogram("ondemand_http_request_duration_seconds", "HTTP request latency",
                                  ["method", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(RuntimeCollector(status))
+        # The labelled children, looked up once: prometheus' labels() costs a lock and a few tuples per
+        # call, a noticeable share of a cached GET. The keys are bounded: known methods, route
+        # templates and status codes.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         method = method if method in HTTP_METHODS else "other"  # clients choose methods: bound the labels
-        self.requests.labels(method, route, str(status)).inc()
-        self.latency.labels(method, route).observe(seconds)
+        children = self._children.get((method, route, status))
+        if children is None:
+            children = (self.requests.labels(method, route, str(status)), self.latency.labels(method, route))
+            self._children[(method, route, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of everything in the registry."""

@@ -17,8 +17,10 @@ from app.web.routes import setup_routes
 
 def create_app(config: Config, *, plugins: Iterable[object] = ()) -> web.Application:
     """Build the app; the Runtime starts in cleanup_ctx (spawning nothing) and closes on shutdown."""
-    app = web.Application(middlewares=[metrics_middleware, error_middleware, auth_middleware],
-                          client_max_size=config.server.max_body_bytes)
+    middlewares = [metrics_middleware, error_middleware]
+    if config.server.api_token is not None:  # without a token, no layer at all on every request
+        middlewares.append(auth_middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[METRICS] = make_metrics(app)
     extra_plugins = tuple(plugins)
