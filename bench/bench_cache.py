@@ -78,6 +78,15 @@ class _UnixPool(aioredis.ConnectionPool):
         super().__init__(connection_class=aioredis.UnixDomainSocketConnection, path=path, **kwargs)
 
 
+class _UnixBlockingPool(aioredis.BlockingConnectionPool):
+    """For cashews, which accepts only redis:// URLs: builds the pool from the unix:// URL it is given."""
+
+    @classmethod
+    def from_url(cls, url: str, *, unix_url: str, **kwargs: Any) -> Any:
+        kwargs.pop("socket_keepalive", None)  # a TCP option that cashews adds for redis:// URLs
+        return super().from_url(unix_url, **kwargs)
+
+
 async def aiocache(rt: Runtime, endpoint: Any) -> tuple[Op, Callable[[], Awaitable[None]], str]:
     from aiocache import RedisCache
 
@@ -99,12 +108,14 @@ async def cashews(rt: Runtime, endpoint: Any) -> tuple[Op, Callable[[], Awaitabl
     from cashews import Cache
 
     password = urllib.parse.quote(endpoint.password or "", safe="")
-    if endpoint.unix_socket:
-        url = f"unix://{endpoint.unix_socket}?db=0" + (f"&password={password}" if endpoint.password else "")
-    else:
-        url = f"redis://{':' + password + '@' if endpoint.password else ''}{endpoint.host}:{endpoint.port}/0"
     cache = Cache()
-    cache.setup(url, max_connections=POOL_SIZE)
+    if endpoint.unix_socket:  # cashews takes only redis:// URLs; its pool class can be swapped
+        url = f"unix://{endpoint.unix_socket}?db=0" + (f"&password={password}" if endpoint.password else "")
+        cache.setup("redis://localhost/0", max_connections=POOL_SIZE, connection_pool_class=_UnixBlockingPool,
+                    unix_url=url)
+    else:
+        cache.setup(f"redis://{':' + password + '@' if endpoint.password else ''}{endpoint.host}:{endpoint.port}/0",
+                    max_connections=POOL_SIZE)
     await cache.init()
 
     async def op(key: str) -> Any:
