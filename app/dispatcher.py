@@ -252,7 +252,15 @@ class Dispatcher:
         stats.writes += 1
         if self._is_durable(ns):
             await self._durable_call(stats, None, lambda: self.durable.set(ns, item_id, raw, ttl))  # type: ignore[union-attr]
-        await self._cache_write(stats, ns, (ns.key(item_id),), lambda: self.cache.set(ns, item_id, raw, ttl))
+        if self.breaker.closed:  # the common case, inline: no closure, no extra frame
+            try:
+                await self.cache.set(ns, item_id, raw, ttl)
+                return
+            except BackendUnavailable as exc:
+                self._cache_failed(stats, exc, (ns.key(item_id),))
+        else:
+            self._mark_dirty((ns.key(item_id),))
+        self._count_lost_write(stats, ns)
 
     async def set_many(self, entries: Iterable[tuple[str, str, Any, float | None]]) -> None:
         """Write (namespace, id, value, ttl) tuples: one durable transaction, one Redis round trip."""

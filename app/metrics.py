@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
@@ -116,29 +118,56 @@ def _storage_metrics(storages: dict[str, Any]) -> Iterator[Metric]:
     yield up
 
 
+class HttpStats(Collector):
+    """Request counts and latency histograms per route, kept in plain Python numbers.
+
+    prometheus-client's Counter and Histogram take a lock on every inc/observe; with a histogram
+    that is several lock round trips per request, measured at ~20 us of a ~120 us cached GET. The
+    event loop is single-threaded, so plain ints and lists are safe here; the collector turns them
+    into the same metric families at scrape time. Keys are bounded: known methods, route templates
+    and status codes.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        # (method, route) -> [per-bucket counts (last: above every bound), sum of seconds]
+        self.latency: dict[tuple[str, str], list[Any]] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        method = method if method in HTTP_METHODS else "other"  # clients choose methods: bound the labels
+        key = (method, route, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        histogram = self.latency.get(key[:2])
+        if histogram is None:
+            histogram = self.latency[key[:2]] = [[0] * (len(LATENCY_BUCKETS) + 1), 0.0]
+        histogram[0][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        histogram[1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("ondemand_http_requests", "HTTP requests answered",
+                                       labels=["method", "route", "status"])
+        for (method, route, status), count in self.requests.items():
+            requests.add_metric([method, route, str(status)], count)
+        yield requests
+        latency = HistogramMetricFamily("ondemand_http_request_duration_seconds", "HTTP request latency",
+                                        labels=["method", "route"])
+        for (method, route), (counts, total) in self.latency.items():
+            cumulative = list(itertools.accumulate(counts))
+            buckets = [(str(bound), cumulative[i]) for i, bound in enumerate(LATENCY_BUCKETS)]
+            buckets.append(("+Inf", cumulative[-1]))
+            latency.add_metric([method, route], buckets, total)
+        yield latency
+
+
 class Metrics:
     """The app's registry, its HTTP metrics and the runtime collector."""
 
     def __init__(self, status: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("ondemand_http_requests", "HTTP requests answered",
-                                ["method", "route", "status"], registry=self.registry)
-        self.latency = Histogram("ondemand_http_request_duration_seconds", "HTTP request latency",
-                                 ["method", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.http = HttpStats()
+        self.registry.register(self.http)
         self.registry.register(RuntimeCollector(status))
-        # The labelled children, looked up once: prometheus' labels() costs a lock and a few tuples per
-        # call, a noticeable share of a cached GET. The keys are bounded: known methods, route
-        # templates and status codes.
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-
-    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        method = method if method in HTTP_METHODS else "other"  # clients choose methods: bound the labels
-        children = self._children.get((method, route, status))
-        if children is None:
-            children = (self.requests.labels(method, route, str(status)), self.latency.labels(method, route))
-            self._children[(method, route, status)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        self.observe = self.http.observe
 
     def render(self) -> bytes:
         """The Prometheus text exposition of everything in the registry."""

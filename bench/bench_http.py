@@ -38,6 +38,7 @@ from common import (
 
 from app import Runtime
 from app.web import RUNTIME, create_app
+from app.workers import freeze_startup_objects
 
 SESSION_ID = "bench-session-1"
 SESSION = VALUE
@@ -127,6 +128,8 @@ def build_app(kind: str, transport: str, template: dict[str, Any]) -> tuple[web.
 
 def serve(kind: str, port: int, transport: str, template: str) -> None:
     app, info = build_app(kind, transport, orjson.loads(template))
+    # Same server settings for all three: what run.py does after startup (gc.freeze), here too.
+    app.on_startup.append(freeze_startup_objects)
     print(orjson.dumps(info).decode(), flush=True)
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, shutdown_timeout=5)
 

@@ -6,7 +6,7 @@ coalesce into pipelines. With the `noop` lifecycle reads miss and writes do noth
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import attrs
@@ -14,6 +14,10 @@ import attrs
 from app.hookspecs import hookimpl
 from app.ondemand import OnDemandRedis
 from app.storage import Entry, Namespace
+
+
+async def _nothing() -> None:
+    """What a read or write does with the noop lifecycle."""
 
 
 def _set_command(key: str, value: bytes, ttl: float | None) -> tuple[Any, ...]:
@@ -37,10 +41,12 @@ class RedisStorage:
         if not self.on_demand.disabled:
             await self.on_demand.execute("PING")
 
-    async def get(self, ns: Namespace, item_id: str) -> bytes | None:
+    # get and set return on_demand.execute's awaitable instead of awaiting it in a frame of their
+    # own: one coroutine less per operation on the hot path (callers await them all the same).
+    def get(self, ns: Namespace, item_id: str) -> Awaitable[bytes | None]:
         if self.on_demand.disabled:
-            return None
-        return await self.on_demand.execute("GET", ns.key_prefix + item_id, connection_id=ns.connection_id)
+            return _nothing()
+        return self.on_demand.execute("GET", ns.key_prefix + item_id, connection_id=ns.connection_id)
 
     async def get_many(self, ns: Namespace, ids: Sequence[str]) -> list[bytes | None]:
         if self.on_demand.disabled or not ids:
@@ -48,10 +54,11 @@ class RedisStorage:
         keys = [ns.key_prefix + i for i in ids]
         return await self.on_demand.execute("MGET", *keys, connection_id=ns.connection_id)
 
-    async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None) -> None:
-        if not self.on_demand.disabled:
-            await self.on_demand.execute(*_set_command(ns.key_prefix + item_id, value, ttl),
-                                         connection_id=ns.connection_id)
+    def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None) -> Awaitable[Any]:
+        if self.on_demand.disabled:
+            return _nothing()
+        return self.on_demand.execute(*_set_command(ns.key_prefix + item_id, value, ttl),
+                                      connection_id=ns.connection_id)
 
     async def set_if_absent(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None) -> bool:
         """SET NX: used to put a value read from the durable store back without overwriting a newer one."""
