@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import orjson
@@ -109,8 +109,9 @@ class NamespaceStats:
     corrupt_values: int = 0
 
 
-@attrs.frozen
-class Lookup:
+class Lookup(NamedTuple):
+    """A read's value and where it came from (a NamedTuple: one per read, built cheaply)."""
+
     value: Any
     source: str  # "redis", "postgres" (the durable storage's name) or "miss"
 
