@@ -383,3 +383,15 @@ async def test_ttl_and_last_are_plain_ascii_numbers(client, text) -> None:
     assert "number of seconds" in await error_of(await client.put(f"/api/sessions/s?ttl={text}", json=1), 400)
     assert (await client.put("/api/users/u/messages", json=[1])).status == 200
     assert "non-negative integer" in await error_of(await client.get(f"/api/users/u/messages?last={text}"), 400)
+
+
+async def test_message_list_is_capped(aiohttp_client, make_config) -> None:
+    from app.web.api import MAX_MESSAGES
+
+    client = await aiohttp_client(create_app(make_config()))
+    resp = await client.put("/api/users/cap/messages", json=[{"i": i} for i in range(MAX_MESSAGES)])
+    assert resp.status == 200
+    resp = await client.post("/api/users/cap/messages", json={"one": "more"})
+    assert resp.status == 400 and "at most" in (await resp.json())["error"]["message"]
+    resp = await client.put("/api/users/cap/messages", json=[{}] * (MAX_MESSAGES + 1))
+    assert resp.status == 400

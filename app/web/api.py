@@ -30,6 +30,8 @@ from app.web.keys import METRICS, RUNTIME
 from app.web.views import json_response, read_json
 
 MAX_JSON_DEPTH = 32
+# Each body is capped by server.max_body_bytes, but appends grow a stored list without end: cap it.
+MAX_MESSAGES = 10_000
 WARMUP_FIELDS = (SESSION, MESSAGES, PROFILE)
 
 
@@ -173,6 +175,11 @@ def _as_list(value: Any, user_id: str) -> list[Any]:
     return value
 
 
+def _check_count(count: int) -> None:
+    if count > MAX_MESSAGES:
+        raise InvalidInput(f"a user's message list holds at most {MAX_MESSAGES} messages; this would make {count}")
+
+
 async def put_messages(request: web.Request) -> web.Response:
     """PUT /api/users/{user_id}/messages?ttl=: replace the list; the body is a JSON list."""
     user_id = path_id(request, "user_id")
@@ -180,6 +187,7 @@ async def put_messages(request: web.Request) -> web.Response:
     messages = await read_value(request)
     if not isinstance(messages, list):
         raise InvalidInput("body must be a JSON list of messages")
+    _check_count(len(messages))
     dispatcher = _dispatcher(request)
     await dispatcher.set(MESSAGES, user_id, messages, ttl)
     return json_response({"user_id": user_id, "count": len(messages),
@@ -207,6 +215,7 @@ async def append_messages(request: web.Request) -> web.Response:
     current = await dispatcher.get(MESSAGES, user_id)
     messages = [] if current is None else list(_as_list(current, user_id))
     messages.extend(new)
+    _check_count(len(messages))
     await dispatcher.set(MESSAGES, user_id, messages, ttl)
     return json_response({"user_id": user_id, "appended": len(new), "count": len(messages),
                           "ttl": _effective_ttl(dispatcher, MESSAGES, ttl)})
