@@ -87,17 +87,22 @@ _OPTIONAL_ID = {"type": ["string", "null"], "maxLength": MAX_ID_BYTES, "pattern"
                 "description": "an id (see the path ids); empty or null: a random one"}
 
 
+def _value_resource(id_param: str, value_key: str, noun: str) -> dict[str, Any]:
+    """PUT, GET and DELETE of one JSON value per id (app.web.api.ValueResource)."""
+    params = (id_param,)
+    return {
+        "put": _op(f"Store {noun}; the body is its value", _ok("stored", _obj(**{id_param: _STR}, ttl=_TTL)),
+                   _ID_WRITE_ERRORS, body=ANY_JSON, params=(*params, "ttl")),
+        "get": _op(f"Read {noun}", _ok("found", _obj(**{id_param: _STR, value_key: ANY_JSON}, source=_SOURCE)),
+                   (*_READ_ERRORS, "409"), params=params),
+        "delete": _op(f"Delete {noun}", _ok("deleted", status="204"), _READ_ERRORS, params=params),
+    }
+
+
 def _paths() -> dict[str, Any]:
-    session = ("session_id",)
     user = ("user_id",)
     return {
-        "/api/sessions/{session_id}": {
-            "put": _op("Store a session; the body is its value", _ok("stored", _obj(session_id=_STR, ttl=_TTL)),
-                       _ID_WRITE_ERRORS, body=ANY_JSON, params=(*session, "ttl")),
-            "get": _op("Read a session", _ok("found", _obj(session_id=_STR, value=ANY_JSON, source=_SOURCE)),
-                       (*_READ_ERRORS, "409"), params=session),
-            "delete": _op("Delete a session", _ok("deleted", status="204"), _READ_ERRORS, params=session),
-        },
+        "/api/sessions/{session_id}": _value_resource("session_id", "value", "a session"),
         "/api/users/{user_id}/messages": {
             "put": _op("Replace a user's messages", _ok("stored", _obj(user_id=_STR, count={"type": "integer"},
                                                                          ttl=_TTL)),
@@ -115,13 +120,7 @@ def _paths() -> dict[str, Any]:
                        (*_READ_ERRORS, "409"), params=(*user, "last")),
             "delete": _op("Delete a user's messages", _ok("deleted", status="204"), _READ_ERRORS, params=user),
         },
-        "/api/users/{user_id}/profile": {
-            "put": _op("Store a user's profile; the body is its value", _ok("stored", _obj(user_id=_STR, ttl=_TTL)),
-                       _ID_WRITE_ERRORS, body=ANY_JSON, params=(*user, "ttl")),
-            "get": _op("Read a user's profile", _ok("found", _obj(user_id=_STR, profile=ANY_JSON, source=_SOURCE)),
-                       (*_READ_ERRORS, "409"), params=user),
-            "delete": _op("Delete a user's profile", _ok("deleted", status="204"), _READ_ERRORS, params=user),
-        },
+        "/api/users/{user_id}/profile": _value_resource("user_id", "profile", "a user's profile"),
         "/api/users/{user_id}/warmup": {
             "post": _op("Write any of session, messages and profile in one round trip",
                         _ok("written", _obj(user_id=_STR, written=_WRITTEN)),
