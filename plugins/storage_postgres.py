@@ -447,9 +447,14 @@ class PostgresStorage:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Start connecting (and the embedded server) in the background; never fails, never waits."""
+        """Never fails, never waits. An external server is connected to in the background at once
+        (so status shows early whether it is there); the embedded one starts on first use, like
+        Redis: starting the app spawns nothing."""
         self._closed = False
-        self._start_connecting()
+        if self.embedded is None:
+            self._start_connecting()
+        else:
+            self._state = "stopped"
         if self._purge_task is None or self._purge_task.done():
             self._purge_task = asyncio.create_task(self._purge_loop(), name="ondemand-postgres-purge")
 
@@ -728,6 +733,8 @@ class PostgresStorage:
     async def _purge_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.purge_interval)
+            if self._pool is None:
+                continue  # nothing in use yet (an embedded server is not started just to purge)
             try:
                 deleted = await self.purge_expired()
             except PostgresUnavailable as exc:

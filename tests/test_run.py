@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 from tests.conftest import pid_gone
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +50,9 @@ def test_run_py_serves_then_stops_everything_on_sigterm(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "server did not come up"
                 time.sleep(0.1)
         assert status["redis"]["state"] == "stopped" and status["redis"]["pid"] is None
+        # Starting the app spawns nothing: neither Redis nor the embedded PostgreSQL.
+        assert status["storages"]["durable"]["pid"] is None
+        assert psutil.Process(proc.pid).children(recursive=True) == []
 
         result = get_json(f"{base}/api/cache/test", timeout=30)
         assert result["ok"] is True and result["source"] == "redis"
