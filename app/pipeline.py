@@ -17,7 +17,6 @@ auto-pipelining. The rules that make it safe to share one connection:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -209,9 +208,3 @@ class PipelinedConnection:
 
     def close(self, reason: str = "connection closed") -> None:
         self._fail(RedisUnavailable(reason))
-
-    async def aclose(self, reason: str = "connection closed") -> None:
-        """Close and let the transport finish closing (one loop turn)."""
-        self.close(reason)
-        with contextlib.suppress(Exception):
-            await asyncio.sleep(0)

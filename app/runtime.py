@@ -20,10 +20,10 @@ from app.cache import CacheService
 from app.config import Config, load_config
 from app.dispatcher import Dispatcher
 from app.errors import PluginError
-from app.lifecycle import Lifecycle, resolve_lifecycle_name
+from app.lifecycle import Lifecycle, LifecycleFactory, resolve_lifecycle_name
 from app.ondemand import OnDemandRedis
 from app.plugins import Events, Registry, make_plugin_manager
-from app.storage import CacheStorage, DurableStorage, Namespace, Storage
+from app.storage import CacheStorage, DurableStorage, Namespace, Storage, StorageFactory
 
 
 class Runtime:
@@ -33,8 +33,8 @@ class Runtime:
         self.started_at = time.time()
         self.pm: pluggy.PluginManager
         self.events: Events
-        self.lifecycles: Registry[Any]
-        self.storages: Registry[Any]
+        self.lifecycles: Registry[LifecycleFactory]
+        self.storages: Registry[StorageFactory]
         self.lifecycle: Lifecycle
         self.on_demand: OnDemandRedis
         self.cache_storage: CacheStorage
