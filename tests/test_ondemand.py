@@ -112,8 +112,10 @@ async def test_idle_shutdown_then_transparent_restart(make_config) -> None:
 
 async def test_operations_racing_the_idle_stop_all_succeed(make_config) -> None:
     async with Runtime(make_config({"lifecycle": {"idle_timeout": 0.05}})) as rt:
-        for round_no in range(15):
-            await asyncio.sleep(0.045 + (round_no % 5) * 0.005)  # hover around the idle boundary
+        for round_no in range(16):
+            # Hover around the idle boundary (0.05 s, janitor tick 0.02 s): some rounds start just
+            # before the stop, some while it runs, some after it.
+            await asyncio.sleep(0.03 + (round_no % 8) * 0.01)
             await asyncio.gather(*(rt.cache.cache_profile(f"u{i}", {"r": round_no}) for i in range(20)))
             values = await asyncio.gather(*(rt.cache.get_profile(f"u{i}") for i in range(20)))
             assert values == [{"r": round_no}] * 20
