@@ -10,14 +10,14 @@ from app.config import Config
 from app.runtime import Runtime
 from app.web.auth import auth_middleware
 from app.web.keys import CONFIG, METRICS, RUNTIME
-from app.web.metrics_middleware import make_metrics, metrics_middleware
+from app.web.metrics_middleware import make_metrics
 from app.web.middlewares import error_middleware
 from app.web.routes import setup_routes
 
 
 def create_app(config: Config, *, plugins: Iterable[object] = ()) -> web.Application:
     """Build the app; the Runtime starts in cleanup_ctx (spawning nothing) and closes on shutdown."""
-    middlewares = [metrics_middleware, error_middleware]
+    middlewares = [error_middleware]
     if config.server.api_token is not None:  # without a token, no layer at all on every request
         middlewares.append(auth_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=config.server.max_body_bytes)
