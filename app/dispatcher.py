@@ -35,6 +35,7 @@ MAX_ID_BYTES = 256
 MAX_TTL = 10 * 365 * 24 * 3600.0
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CORRUPT = object()
+_NOT_WRITTEN = object()  # a cache write skipped (breaker open) or failed
 
 
 def check_id(item_id: Any) -> str:
@@ -283,7 +284,7 @@ class Dispatcher:
             await self._durable_call(stats, None, lambda: self.durable.set_many(durable))  # type: ignore[union-attr]
         first = self.stats[prepared[0].namespace.name]
         keys = _LazyKeys(prepared)  # built only if the write fails
-        if not await self._cache_write(first, None, keys, lambda: self.cache.set_many(prepared)):
+        if await self._cache_write(first, keys, lambda: self.cache.set_many(prepared)) is _NOT_WRITTEN:
             for entry in prepared:
                 self._count_lost_write(self.stats[entry.namespace.name], entry.namespace)
 
@@ -297,13 +298,10 @@ class Dispatcher:
         removed = 0
         if self._is_durable(ns):
             removed = await self._durable_call(stats, None, lambda: self.durable.delete(ns, ids))  # type: ignore[union-attr]
-        counted: list[int] = []
-
-        async def cache_delete() -> None:
-            counted.append(await self.cache.delete(ns, ids))
-
-        await self._cache_write(stats, None, [ns.key(i) for i in ids], cache_delete)
-        return removed if self._is_durable(ns) else (counted[0] if counted else 0)
+        cached = await self._cache_write(stats, [ns.key(i) for i in ids], lambda: self.cache.delete(ns, ids))
+        if self._is_durable(ns):
+            return removed
+        return 0 if cached is _NOT_WRITTEN else cached
 
     async def expire(self, namespace: str, item_id: str, ttl: float) -> bool:
         ns = self.namespace(namespace)
@@ -312,17 +310,13 @@ class Dispatcher:
         if checked is None:
             raise InvalidInput("ttl is required for expire")
         stats = self.stats[ns.name]
+        found = False
         if self._is_durable(ns):
             found = await self._durable_call(stats, None, lambda: self.durable.expire(ns, item_id, checked))  # type: ignore[union-attr]
-            await self._cache_write(stats, None, (ns.key(item_id),), lambda: self.cache.expire(ns, item_id, checked))
+        cached = await self._cache_write(stats, (ns.key(item_id),), lambda: self.cache.expire(ns, item_id, checked))
+        if self._is_durable(ns):
             return found
-        results: list[bool] = []
-
-        async def cache_expire() -> None:
-            results.append(await self.cache.expire(ns, item_id, checked))
-
-        await self._cache_write(stats, None, (ns.key(item_id),), cache_expire)
-        return bool(results and results[0])
+        return cached is not _NOT_WRITTEN and bool(cached)
 
     # -- failure handling ---------------------------------------------------------------------
 
@@ -333,24 +327,18 @@ class Dispatcher:
             stats.dropped_writes += 1
 
     async def _cache_write(
-        self,
-        stats: NamespaceStats,
-        ns: Namespace | None,
-        keys: Sequence[str],
-        write: Callable[[], Awaitable[Any]],
-    ) -> bool:
-        """Run a Redis write unless the breaker is open; on failure remember the keys as stale."""
+        self, stats: NamespaceStats, keys: Iterable[str], write: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        """Run a Redis write unless the breaker is open and return its result; when it did not
+        happen, remember the keys as stale and return _NOT_WRITTEN."""
         if self.breaker.closed:
             try:
-                await write()
-                return True
+                return await write()
             except BackendUnavailable as exc:
                 self._cache_failed(stats, exc, keys)
         else:
             self._mark_dirty(keys)
-        if ns is not None:
-            self._count_lost_write(stats, ns)
-        return False
+        return _NOT_WRITTEN
 
     async def _durable_call(
         self, stats: NamespaceStats, cache_error: BackendUnavailable | None, call: Callable[[], Awaitable[Any]]
