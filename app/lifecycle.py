@@ -89,6 +89,9 @@ class Lifecycle(Protocol):
     def shared_idle_seconds(self) -> float | None:
         """Seconds since any process sharing this server was active, or None when not shared."""
 
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop every reference to the parent's server, stopping nothing."""
+
     def pid(self) -> int | None:
         """The server's PID when we own its process."""
 
@@ -109,6 +112,9 @@ class WithoutProcess:
 
     def shared_idle_seconds(self) -> float | None:
         return None
+
+    def forget_after_fork(self) -> None:
+        """Nothing of a parent's to forget."""
 
     def pid(self) -> int | None:
         return None

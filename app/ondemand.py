@@ -148,9 +148,7 @@ class OnDemandRedis:
         self._janitor = self._start_task = None
         self._endpoint = self._running_since = None
         self.state = STOPPED if self.lifecycle.provides_redis else DISABLED
-        forget = getattr(self.lifecycle, "forget_after_fork", None)
-        if forget is not None:
-            forget()
+        self.lifecycle.forget_after_fork()
 
     def _rebind_after_fork(self) -> None:
         """On the slow path only: a forked child gets loop-bound objects of its own loop."""
