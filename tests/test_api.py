@@ -89,8 +89,12 @@ async def test_session_body_errors(client) -> None:
     assert "null" in await error_of(await client.put(url, **JSON_NULL), 400, "invalid_input")
     assert "32 levels" in await error_of(await client.put(url, json=nested(33)), 400, "invalid_input")
     assert (await client.put(url, json=nested(32))).status == 200
-    await error_of(await client.post(url, json={}), 405, "method_not_allowed")
+    resp = await client.post(url, json={})
+    await error_of(resp, 405, "method_not_allowed")
+    assert set(resp.headers["Allow"].split(",")) == {"PUT", "GET", "HEAD", "DELETE"}
     await error_of(await client.get("/api/sessions/"), 404, "not_found")
+    head = await client.head(url)  # HEAD is served wherever GET is, without a body
+    assert head.status == 200 and head.content_type == "application/json" and await head.read() == b""
 
 
 async def test_body_over_the_cap_is_413(aiohttp_client, make_config) -> None:
@@ -278,12 +282,14 @@ async def test_metrics_exposes_http_and_runtime_metrics(client) -> None:
     await client.get("/api/sessions/absent")
     await client.get("/api/users/nobody/profile")
     await client.get("/no/such/path")
+    await client.post("/healthz")
     resp = await client.get("/metrics")
     assert resp.status == 200 and resp.content_type == "text/plain"
     text = await resp.text()
     assert 'ondemand_http_requests_total{method="GET",route="/api/sessions/{session_id}",status="200"} 1.0' in text
     assert 'ondemand_http_requests_total{method="GET",route="/api/sessions/{session_id}",status="404"} 1.0' in text
     assert 'ondemand_http_requests_total{method="GET",route="unmatched",status="404"} 1.0' in text
+    assert 'ondemand_http_requests_total{method="POST",route="unmatched",status="405"} 1.0' in text
     assert 'ondemand_http_request_duration_seconds_count{method="PUT",route="/api/sessions/{session_id}"} 1.0' in text
     assert 'ondemand_cache_hits_total{namespace="session"} 1.0' in text
     assert 'ondemand_cache_misses_total{namespace="profile"} 1.0' in text
@@ -361,7 +367,7 @@ async def test_openapi_document_lists_every_registered_route(client) -> None:
     registered = {
         (route.method.lower(), route.resource.canonical)
         for route in client.app.router.routes()
-        if route.resource is not None and route.method != "HEAD"
+        if route.resource is not None and route.method not in ("HEAD", "*")  # "*": the catch-all for 404/405
     }
     documented = {(method, path) for path, item in document["paths"].items() for method in item}
     assert registered <= documented, registered - documented

@@ -37,8 +37,3 @@ async def asset(request: web.Request) -> web.StreamResponse:
     """GET / and GET /static/status.{css,js}: the files of the status page."""
     name, content_type = ASSETS[request.match_info.route.resource.canonical]
     return web.FileResponse(STATIC_DIR / name, headers={"Content-Type": content_type, **SECURITY_HEADERS})
-
-
-def setup_page_routes(app: web.Application) -> None:
-    for path in ASSETS:
-        app.router.add_get(path, asset)

@@ -1,4 +1,4 @@
-"""URL table."""
+"""URL table. Every route goes through `add_route`, which wraps its handler (`app.web.endpoint`)."""
 
 from __future__ import annotations
 
@@ -6,35 +6,38 @@ from aiohttp import web
 
 from app.config import Config
 from app.web import api, openapi, views
-from app.web.page import setup_page_routes
+from app.web.endpoint import add_route, add_unrouted
+from app.web.page import ASSETS, asset
 
 
 def _add_value_resource(app: web.Application, path: str, resource: api.ValueResource) -> None:
-    app.router.add_put(path, resource.put)
-    app.router.add_get(path, resource.get)
-    app.router.add_delete(path, resource.delete)
+    add_route(app, "PUT", path, resource.put)
+    add_route(app, "GET", path, resource.get)
+    add_route(app, "DELETE", path, resource.delete)
 
 
 def setup_routes(app: web.Application, config: Config) -> None:
-    app.router.add_get("/api/cache/status", views.status)
+    add_route(app, "GET", "/api/cache/status", views.status)
     if config.server.test_endpoints:
-        app.router.add_get("/api/cache/test", views.cache_test)
-        app.router.add_post("/api/cache/session/test", views.session_test)
-        app.router.add_post("/api/cache/batch/test", views.batch_test)
+        add_route(app, "GET", "/api/cache/test", views.cache_test)
+        add_route(app, "POST", "/api/cache/session/test", views.session_test)
+        add_route(app, "POST", "/api/cache/batch/test", views.batch_test)
 
     _add_value_resource(app, "/api/sessions/{session_id}", api.SESSIONS)
 
-    app.router.add_put("/api/users/{user_id}/messages", api.put_messages)
-    app.router.add_post("/api/users/{user_id}/messages", api.append_messages)
-    app.router.add_get("/api/users/{user_id}/messages", api.get_messages)
-    app.router.add_delete("/api/users/{user_id}/messages", api.delete_messages)
+    add_route(app, "PUT", "/api/users/{user_id}/messages", api.put_messages)
+    add_route(app, "POST", "/api/users/{user_id}/messages", api.append_messages)
+    add_route(app, "GET", "/api/users/{user_id}/messages", api.get_messages)
+    add_route(app, "DELETE", "/api/users/{user_id}/messages", api.delete_messages)
 
     _add_value_resource(app, "/api/users/{user_id}/profile", api.PROFILES)
 
-    app.router.add_post("/api/users/{user_id}/warmup", api.warmup)
+    add_route(app, "POST", "/api/users/{user_id}/warmup", api.warmup)
 
-    app.router.add_get("/healthz", api.healthz)
-    app.router.add_get("/readyz", api.readyz)
-    app.router.add_get("/metrics", api.metrics)
-    app.router.add_get("/api/openapi.json", openapi.openapi)
-    setup_page_routes(app)  # GET / and its static assets: the status page
+    add_route(app, "GET", "/healthz", api.healthz)
+    add_route(app, "GET", "/readyz", api.readyz)
+    add_route(app, "GET", "/metrics", api.metrics)
+    add_route(app, "GET", "/api/openapi.json", openapi.openapi)
+    for path in ASSETS:  # GET / and its static assets: the status page
+        add_route(app, "GET", path, asset)
+    add_unrouted(app)  # last: 404 and 405 for everything the routes above do not serve

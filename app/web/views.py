@@ -17,6 +17,11 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """The error shape of every endpoint: `{"error": {"code", "message"}}`."""
+    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+
+
 async def read_json(request: web.Request, *, optional: bool = False) -> Any:
     """The request body as JSON; 415 for another content type, 400 for malformed JSON."""
     if not request.body_exists:
