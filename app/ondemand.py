@@ -159,19 +159,25 @@ class OnDemandRedis:
 
     # -- the hot path -------------------------------------------------------------------------
 
-    async def execute(self, *args: Any, connection_id: str = "default") -> Any:
-        """Run one command on the named pool's pipelined connection; concurrent calls coalesce."""
+    def execute(self, *args: Any, connection_id: str = "default") -> Awaitable[Any]:
+        """Run one command on the named pool's pipelined connection; concurrent calls coalesce.
+
+        Returns the awaitable reply: with a connection open, the pipeline's future itself, so a
+        command costs its caller no coroutine frame of ours (a cached HTTP GET awaits through a
+        handful of them, and each is resumed when the reply arrives). Failures are counted by the
+        connection (`on_failure`)."""
         pool = self.pools.get(connection_id) or self._new_pool(connection_id, None)
         self.last_used = pool.last_used = self._loop.time()
         conn = pool.mux
         if conn is None or conn.closed_reason is not None:
-            conn = await self._connect_mux(pool)
+            return self._connect_and_execute(pool, args)
         self.counters.commands += 1
-        try:
-            return await conn.execute(*args)
-        except RedisUnavailable as exc:
-            self._count_error(exc)
-            raise
+        return conn.execute(*args)
+
+    async def _connect_and_execute(self, pool: NamedPool, args: tuple[Any, ...]) -> Any:
+        conn = await self._connect_mux(pool)
+        self.counters.commands += 1
+        return await conn.execute(*args)
 
     async def execute_many(self, commands: Sequence[Command], *, connection_id: str = "default") -> list[Any]:
         """Run several commands in one write and one round trip; raises the first error, if any."""
@@ -204,15 +210,14 @@ class OnDemandRedis:
                     error = exc
                 results.append(exc)
         if error is not None:
-            if isinstance(error, RedisUnavailable):
-                self._count_error(error)
             raise error
         return results
 
-    def _count_error(self, exc: RedisUnavailable) -> None:
-        self.counters.errors += 1
+    def _count_failures(self, exc: RedisUnavailable, commands: int) -> None:
+        """A pipelined connection failed `commands` commands with `exc` (its `on_failure`)."""
+        self.counters.errors += commands
         if isinstance(exc, RedisTimeout):
-            self.counters.timeouts += 1
+            self.counters.timeouts += commands
 
     async def _connect_mux(self, pool: NamedPool) -> PipelinedConnection:
         self._rebind_after_fork()
@@ -227,6 +232,7 @@ class OnDemandRedis:
                     op_timeout=redis_config.op_timeout,
                     connect_timeout=redis_config.connect_timeout,
                     max_batch=redis_config.max_batch,
+                    on_failure=self._count_failures,
                 )
             except BaseException as exc:
                 pool.mux_connecting.set_exception(exc)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -65,8 +65,10 @@ class _RedisProtocol(asyncio.Protocol):
 class PipelinedConnection:
     """One Redis connection shared by many concurrent callers; see the module docstring."""
 
-    def __init__(self, *, op_timeout: float, max_batch: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, *, op_timeout: float, max_batch: int, loop: asyncio.AbstractEventLoop,
+                 on_failure: Callable[[RedisUnavailable, int], None] | None = None) -> None:
         self._loop = loop
+        self._on_failure = on_failure  # told (error, number of commands) whenever commands fail with the connection
         self._op_timeout = op_timeout
         self._max_batch = max_batch
         self._protocol = _RedisProtocol(self)
@@ -78,15 +80,16 @@ class PipelinedConnection:
         self._answered = 0  # replies read
         self._batches: deque[tuple[int, float]] = deque()  # (sent count at end of batch, deadline)
         self._watchdog: asyncio.TimerHandle | None = None
-        self.closed_reason: Exception | None = None
+        self.closed_reason: RedisUnavailable | None = None
         self.batches_written = 0
         self.commands_written = 0
 
     @classmethod
     async def connect(cls, endpoint: RedisEndpoint, *, op_timeout: float, connect_timeout: float,
-                      max_batch: int) -> PipelinedConnection:
+                      max_batch: int, on_failure: Callable[[RedisUnavailable, int], None] | None = None,
+                      ) -> PipelinedConnection:
         loop = asyncio.get_running_loop()
-        conn = cls(op_timeout=op_timeout, max_batch=max_batch, loop=loop)
+        conn = cls(op_timeout=op_timeout, max_batch=max_batch, loop=loop, on_failure=on_failure)
         try:
             async with asyncio.timeout(connect_timeout):
                 if endpoint.unix_socket:
@@ -135,6 +138,7 @@ class PipelinedConnection:
         fut = self._loop.create_future()
         if self.closed_reason is not None:
             fut.set_exception(self.closed_reason)
+            self._failed(self.closed_reason, 1)
             return fut
         self._buffer.append(packed)
         self._buffer_futs.append(fut)
@@ -182,7 +186,11 @@ class PipelinedConnection:
             return
         self._arm_watchdog()
 
-    def _fail(self, exc: Exception) -> None:
+    def _failed(self, exc: RedisUnavailable, commands: int) -> None:
+        if self._on_failure is not None and commands:
+            self._on_failure(exc, commands)
+
+    def _fail(self, exc: RedisUnavailable) -> None:
         """Close for good: every queued and in-flight command fails with `exc`."""
         if self.closed_reason is None:
             self.closed_reason = exc
@@ -197,11 +205,14 @@ class PipelinedConnection:
         self._buffer.clear()
         self._buffer_futs.clear()
         self._batches.clear()
+        failed = 0
         for fut in pending:
             if not fut.done():
                 fut.set_exception(exc)
                 # The caller may have given up already; don't let an unretrieved error be logged.
                 fut.exception()
+                failed += 1
+        self._failed(exc, failed)
         transport = self._protocol.transport
         if transport is not None:
             transport.abort()

@@ -70,6 +70,8 @@ async def test_sigstop_falls_back_within_250ms_and_sigcont_recovers(durable_conf
             assert max(latencies) < 0.25, latencies
             assert rt.dispatcher.breaker.state != "closed"
             assert latencies[-1] < 0.05, "with the breaker open Redis costs no network time"
+            counters = rt.on_demand.counters
+            assert counters.timeouts >= 1 and counters.errors >= counters.timeouts, counters
         finally:
             os.kill(pid, signal.SIGCONT)
         await wait_for(lambda: rt.dispatcher.breaker.closed, timeout=5)

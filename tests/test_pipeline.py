@@ -93,7 +93,8 @@ async def test_batch_size_is_capped(runtime: Runtime) -> None:
 
 
 async def test_a_frozen_server_fails_every_waiter_with_a_timeout_in_time(runtime: Runtime) -> None:
-    conn = await connect(runtime, op_timeout=0.2)
+    failures: list[tuple[type, int]] = []
+    conn = await connect(runtime, op_timeout=0.2, on_failure=lambda exc, n: failures.append((type(exc), n)))
     pid = runtime.on_demand.lifecycle.pid()
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -105,5 +106,6 @@ async def test_a_frozen_server_fails_every_waiter_with_a_timeout_in_time(runtime
         assert conn.closed
         with pytest.raises(RedisTimeout):
             await conn.execute("PING")  # a closed connection fails at once with its reason
+        assert failures == [(RedisTimeout, 20), (RedisTimeout, 1)]  # every failed command is reported
     finally:
         os.kill(pid, signal.SIGCONT)

@@ -154,8 +154,12 @@ class ValueResource:
         return json_response({self.id_param: item_id, "ttl": _effective_ttl(dispatcher, self.namespace, ttl)})
 
     async def get(self, request: web.Request) -> web.Response:
-        item_id = path_id(request, self.id_param)
-        found = await _found(_dispatcher(request), self.namespace, item_id, self.what)
+        # The hot path, kept one frame deep: the dispatcher checks the id (no body to check first), and
+        # the miss test is inline rather than in _found.
+        item_id = request.match_info[self.id_param]
+        found = await request.app[RUNTIME].dispatcher.lookup(self.namespace, item_id)
+        if found.source == "miss":
+            raise NotFound(f"no {self.what} {item_id!r}")
         return _value_response({self.id_param: item_id, self.value_key: found.value, "source": found.source})
 
     async def delete(self, request: web.Request) -> web.Response:
