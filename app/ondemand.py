@@ -130,7 +130,7 @@ class OnDemandRedis:
         self._backoff = config.lifecycle.restart_backoff
         self._janitor: asyncio.Task[None] | None = None
         self._closed = False
-        self.last_used = self._loop.time()
+        self.last_used = time.monotonic()
         self._leases = 0
         self._pid = os.getpid()
         lifecycle.set_exit_callback(self._on_server_exit)
@@ -167,7 +167,7 @@ class OnDemandRedis:
         handful of them, and each is resumed when the reply arrives). Failures are counted by the
         connection (`on_failure`)."""
         pool = self.pools.get(connection_id) or self._new_pool(connection_id, None)
-        self.last_used = pool.last_used = self._loop.time()
+        self.last_used = pool.last_used = time.monotonic()
         conn = pool.mux
         if conn is None or conn.closed_reason is not None:
             return self._connect_and_execute(pool, args)
@@ -190,7 +190,7 @@ class OnDemandRedis:
         after the other, and all arrive in the same round trip. Raises the first error after every
         reply is in, so none is left unretrieved.
         """
-        now = self._loop.time()
+        now = time.monotonic()
         futures: list[asyncio.Future[Any]] = []
         for connection_id, commands in groups.items():
             pool = self.pools.get(connection_id) or self._new_pool(connection_id, None)
@@ -271,7 +271,7 @@ class OnDemandRedis:
             pool.keep_alive = keep_alive
         pool.leases += 1
         self._leases += 1
-        self.last_used = pool.last_used = self._loop.time()
+        self.last_used = pool.last_used = time.monotonic()
         try:
             endpoint = await self.ensure()
             if pool.client_pool is None:
@@ -295,7 +295,7 @@ class OnDemandRedis:
         finally:
             pool.leases -= 1
             self._leases -= 1
-            self.last_used = pool.last_used = self._loop.time()
+            self.last_used = pool.last_used = time.monotonic()
 
     def _client_pool(self, endpoint: RedisEndpoint, max_connections: int) -> aioredis.BlockingConnectionPool:
         redis_config = self.config.redis
@@ -321,7 +321,7 @@ class OnDemandRedis:
             name=connection_id,
             max_connections=pool_config.max_connections,
             keep_alive=keep_alive or pool_config.keep_alive,
-            last_used=self._loop.time(),
+            last_used=time.monotonic(),
         )
         self.pools[connection_id] = pool
         self._ensure_janitor()
@@ -373,7 +373,7 @@ class OnDemandRedis:
                 self._running_since = time.monotonic()
                 self.state = RUNNING
                 self.counters.ready += 1
-                self.last_used = self._loop.time()
+                self.last_used = time.monotonic()
                 self._ensure_janitor()
                 seconds = time.monotonic() - began
                 self.events.emit("ondemand_redis_ready", lifecycle=self.lifecycle.name,
@@ -442,10 +442,10 @@ class OnDemandRedis:
 
     async def stop_if_idle(self) -> bool:
         """Stop the server if nothing used it for idle_timeout seconds; True if it was stopped."""
-        if self.state != RUNNING or not self.lifecycle.manages_process or not self._is_idle(self._loop.time()):
+        if self.state != RUNNING or not self.lifecycle.manages_process or not self._is_idle(time.monotonic()):
             return False
         async with self._lock:
-            now = self._loop.time()
+            now = time.monotonic()
             # Re-checked under the lock, and the state flips with no await in between, so an
             # operation either saw RUNNING and made the pool busy, or it waits for a fresh start.
             if self.state != RUNNING or not self._is_idle(now):
@@ -479,7 +479,7 @@ class OnDemandRedis:
         while True:
             await asyncio.sleep(self._janitor_tick())
             try:
-                now = self._loop.time()
+                now = time.monotonic()
                 if self.last_used != noted and self.state == RUNNING:
                     noted = self.last_used
                     self.lifecycle.note_activity()  # off the hot path: at most once a tick
@@ -494,7 +494,7 @@ class OnDemandRedis:
     # -- status and shutdown ------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        now = self._loop.time()
+        now = time.monotonic()
         idle_timeout = self.config.lifecycle.idle_timeout
         running = self.state == RUNNING
         retry_in = max(0.0, self._retry_at - time.monotonic()) if self.state == FAILED else None

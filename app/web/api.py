@@ -121,9 +121,10 @@ def _value_response(data: dict[str, Any]) -> web.Response:
     """A GET's answer. A stored value we cannot encode (valid JSON another client wrote, nested deeper
     than orjson's 254 levels) is a 409 naming the problem, not a 500."""
     try:
-        return json_response(data)
+        body = orjson.dumps(data)
     except orjson.JSONEncodeError as exc:
         raise Conflict(f"the stored value cannot be answered as JSON: {exc}") from None
+    return web.Response(body=body, content_type="application/json")
 
 
 async def _delete(dispatcher: Dispatcher, namespace: str, item_id: str, what: str) -> web.Response:
