@@ -48,7 +48,7 @@ async def wait_for_answer(url: str, proc: asyncio.subprocess.Process, timeout: f
 
 async def callgrind_control(option: str, pid: int) -> None:
     proc = await asyncio.create_subprocess_exec("callgrind_control", option, str(pid),
-                                                stdout=asyncio.subprocess.DEVNULL)
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     if await proc.wait() != 0:
         raise RuntimeError(f"callgrind_control {option} {pid} failed")
 
