@@ -8,7 +8,9 @@ besides ours), measured at about 13% of the instructions of a cached `GET /api/s
 
 Requests no route serves reach the catch-all route `add_unrouted` registers last, wrapped the same way,
 which answers 405 with `Allow` when another route serves the path, else 404; both are recorded as the
-route `unmatched`.
+route `unmatched`. An application that adds routes of its own to `create_app`'s app should use
+`add_route` too: aiohttp's router tries the catch-all (indexed under `/`) only after every more specific
+prefix, so such routes are reached either way, but only `add_route` gives them the wrapper.
 """
 
 from __future__ import annotations
