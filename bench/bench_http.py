@@ -40,6 +40,7 @@ from common import (
     ratio,
     redis_children,
     redis_client_kwargs,
+    stop_process,
 )
 
 from app import Runtime
@@ -168,13 +169,7 @@ async def server(
                 break
             yield proc, port, info
         finally:
-            if proc.returncode is None:
-                proc.terminate()
-                try:
-                    await asyncio.wait_for(proc.wait(), 10)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            await stop_process(proc, 10)
 
 
 # -- the load ---------------------------------------------------------------------------------------

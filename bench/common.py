@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import os
 import platform
@@ -99,6 +100,17 @@ def cpu_seconds(pids: list[int | None]) -> float:
             continue
         total += times.user + times.system
     return total
+
+
+async def stop_process(proc: Any, timeout: float) -> None:
+    """SIGTERM an asyncio subprocess still running, then SIGKILL if it has not exited within `timeout`."""
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
 def free_port() -> int:

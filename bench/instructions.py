@@ -28,7 +28,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 from bench_http import KINDS, SESSION_ID, wrk
-from common import REPO, free_port, md_table, ratio
+from common import REPO, free_port, md_table, ratio, stop_process
 
 
 async def wait_for_answer(url: str, proc: asyncio.subprocess.Process, timeout: float) -> dict:
@@ -81,13 +81,7 @@ async def measure(kind: str, transport: str, template: dict, seconds: float, wor
         dumps = sorted(workdir.glob(f"{kind}.callgrind*"), key=lambda p: p.stat().st_mtime)
         instructions = total_instructions(dumps[-1])
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 60)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc, 60)
     requests = max(1, load["requests"])
     return {"server": KINDS[kind], "requests": load["requests"], "errors": load["errors"],
             "instructions/req": instructions / requests}, answer
