@@ -343,6 +343,9 @@ async def test_right_token_passes_and_probes_stay_open(secured) -> None:
     await error_of(await secured.get("/api/nope", headers=auth), 404, "not_found")
     for path in ("/healthz", "/readyz", "/metrics"):
         assert (await secured.get(path)).status == 200, path
+        # Only their GET is open: another method is unrouted, and unrouted requests need the token first.
+        await error_of(await secured.post(path), 401, "unauthorized")
+        await error_of(await secured.post(path, headers=auth), 405, "method_not_allowed")
 
 
 def test_api_token_from_environment_and_redacted() -> None:

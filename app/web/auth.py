@@ -1,13 +1,13 @@
 """Optional bearer-token authentication (`server.api_token`).
 
-When a token is configured, every request except the open probes (`/healthz`, `/readyz`,
-`/metrics`) and the status page's files (`/`, `/static/status.css`, `/static/status.js`: static, they
-hold no data; the page sends the token itself when it polls `/api/cache/status`) needs
-`Authorization: Bearer <token>`: 401 without a bearer credential, 403 with a wrong one. That covers
-every `/api/` path; other paths are not routed anyway and answer 401 before 404 or 405, so an
-unauthenticated client learns nothing about the URL table. Without a token every path is open and
-nothing is checked. The check runs in each route's wrapper (`app.web.endpoint`), so its answers have
-the usual JSON error shape.
+When a token is configured, every request except GET (and HEAD) of the open probes (`/healthz`,
+`/readyz`, `/metrics`) and of the status page's files (`/`, `/static/status.css`,
+`/static/status.js`: static, they hold no data; the page sends the token itself when it polls
+`/api/cache/status`) needs `Authorization: Bearer <token>`: 401 without a bearer credential, 403 with
+a wrong one. That covers every `/api/` path; other paths and methods are not routed anyway and answer
+401 before 404 or 405 (`POST /healthz` too), so an unauthenticated client learns nothing about the URL
+table. Without a token every path is open and nothing is checked. The check runs in each route's
+wrapper (`app.web.endpoint`), so its answers have the usual JSON error shape.
 """
 
 from __future__ import annotations
