@@ -92,6 +92,7 @@ async def test_session_body_errors(client) -> None:
     resp = await client.post(url, json={})
     await error_of(resp, 405, "method_not_allowed")
     assert set(resp.headers["Allow"].split(",")) == {"PUT", "GET", "HEAD", "DELETE"}
+    assert (await resp.json())["error"]["message"] == "POST is not allowed here; allowed: DELETE, GET, HEAD, PUT"
     await error_of(await client.get("/api/sessions/"), 404, "not_found")
     head = await client.head(url)  # HEAD is served wherever GET is, without a body
     assert head.status == 200 and head.content_type == "application/json" and await head.read() == b""

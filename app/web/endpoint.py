@@ -97,7 +97,10 @@ def add_unrouted(app: web.Application) -> None:
             if other is not resource:
                 allowed |= (await other.resolve(request))[1]
         if allowed:
-            raise web.HTTPMethodNotAllowed(request.method, allowed)
-        raise web.HTTPNotFound()
+            methods = sorted(allowed)
+            return error_response(405, "method_not_allowed",
+                                  f"{request.method} is not allowed here; allowed: {', '.join(methods)}",
+                                  headers={"Allow": ",".join(methods)})
+        return error_response(404, "not_found", "no such route; see GET /api/openapi.json for the API")
 
     resource.add_route(hdrs.METH_ANY, endpoint(app, unrouted, route=UNMATCHED, path=""))
