@@ -3,14 +3,15 @@
     python bench/instructions.py [--seconds 8] [--transport tcp|unix]
 
 Requests per second on this VM drift by up to 2x within a minute (other tenants); the number of
-instructions a server executes per request does not. Each server of benchmark 2 (`bench_http.py
-serve KIND ...`) runs under `valgrind --tool=callgrind` (its redis-server child natively), is warmed
-up, its counters are zeroed, wrk loads it for `--seconds`, and the counters are dumped: instructions
-per request = Ir / requests answered. Prints a markdown table with the ratios of benchmark 2. Fewer
-instructions is not the same as more requests per second (cache misses and system calls are not
-counted), but it moves only when code changes, which makes it the number to compare changes with.
-Needs valgrind and wrk (Debian packages `valgrind`, `wrk`). A server runs ~50x slower under callgrind,
-so expect about a minute per server.
+instructions a server executes per request moves by a few percent between runs. Each server of
+benchmark 2 (`bench_http.py serve KIND ...`) runs under `valgrind --tool=callgrind` (its redis-server
+child natively), is warmed up, its counters are zeroed, wrk loads it for `--seconds`, and the counters
+are dumped: instructions per request = Ir / requests answered. Prints a markdown table with the ratios
+of benchmark 2. Fewer instructions is not the same as more requests per second (cache misses and
+system calls are not counted), but it is the steadiest number to compare two versions of the code
+with; the raw handler's count varies far more between runs than ours or the bare one's. Needs valgrind
+and wrk (Debian packages `valgrind`, `wrk`). A server runs ~50x slower under callgrind, so expect
+about a minute per server.
 """
 
 from __future__ import annotations
