@@ -87,7 +87,9 @@ class CacheStorage(Storage, Protocol):
         """Succeed only when the backend answers; used by the circuit breaker's half-open probe."""
 
     async def set_if_absent(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None) -> bool:
-        """Write only if the key does not exist (puts durable values back without overwriting newer ones)."""
+        """Write only if the key does not exist and was not deleted moments ago: puts durable values back
+        without overwriting newer ones, and without reviving one deleted after the durable store was
+        read (the `redis` plugin keeps a tombstone per id deleted from a durable namespace)."""
 
     async def delete_keys(self, keys: Sequence[str]) -> int:
         """Delete full keys (as built by Namespace.key); used to invalidate keys that went stale."""

@@ -20,6 +20,32 @@ async def _nothing() -> None:
     """What a read or write does with the noop lifecycle."""
 
 
+# A read that missed Redis puts the durable value back with SET NX. If the value is deleted between
+# that read of the durable store and the put-back, SET NX alone would bring it back until its ttl
+# runs out (a logged-out session that still works). So deleting from a durable namespace leaves a
+# tombstone beside the key for DELETED_HOLD seconds, and the put-back skips a key with one. Both are
+# scripts, so each is atomic against the other whichever process or connection runs them. The window
+# between reading the durable store and putting the value back is one round trip of our own; the
+# hold is far longer. Ids never contain NUL (check_id refuses control characters), so a tombstone
+# key can never be another id's key.
+DELETED_HOLD = 30.0  # seconds
+_TOMBSTONE = "\x00deleted"
+_PUT_BACK = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return false end
+if ARGV[2] == '0' then return redis.call('SET', KEYS[1], ARGV[1], 'NX') end
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+"""
+_DELETE_WITH_TOMBSTONES = """
+local half = #KEYS / 2
+local removed = 0
+for i = 1, half do
+  removed = removed + redis.call('DEL', KEYS[i])
+  redis.call('SET', KEYS[half + i], '1', 'PX', ARGV[1])
+end
+return removed
+"""
+
+
 def _set_command(key: str, value: bytes, ttl: float | None) -> tuple[Any, ...]:
     if ttl is None:
         return ("SET", key, value)
@@ -61,10 +87,13 @@ class RedisStorage:
                                       connection_id=ns.connection_id)
 
     async def set_if_absent(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None) -> bool:
-        """SET NX: used to put a value read from the durable store back without overwriting a newer one."""
+        """SET NX, unless the id was deleted in the last DELETED_HOLD seconds: puts a value read from the
+        durable store back without overwriting a newer one or reviving a deleted one."""
         if self.on_demand.disabled:
             return False
-        reply = await self.on_demand.execute(*_set_command(ns.key_prefix + item_id, value, ttl), "NX",
+        key = ns.key_prefix + item_id
+        px = 0 if ttl is None else max(1, int(ttl * 1000))
+        reply = await self.on_demand.execute("EVAL", _PUT_BACK, 2, key, key + _TOMBSTONE, value, px,
                                              connection_id=ns.connection_id)
         return reply is not None
 
@@ -78,10 +107,15 @@ class RedisStorage:
         return self.on_demand.execute_grouped(by_pool)
 
     async def delete(self, ns: Namespace, ids: Sequence[str]) -> int:
+        """DEL; in a durable namespace also a tombstone per id (see DELETED_HOLD)."""
         if self.on_demand.disabled or not ids:
             return 0
-        return await self.on_demand.execute("DEL", *(ns.key_prefix + i for i in ids),
-                                            connection_id=ns.connection_id)
+        keys = [ns.key_prefix + i for i in ids]
+        if not ns.durable:
+            return await self.on_demand.execute("DEL", *keys, connection_id=ns.connection_id)
+        return await self.on_demand.execute(
+            "EVAL", _DELETE_WITH_TOMBSTONES, 2 * len(keys), *keys, *(k + _TOMBSTONE for k in keys),
+            int(DELETED_HOLD * 1000), connection_id=ns.connection_id)
 
     async def delete_keys(self, keys: Sequence[str]) -> int:
         """DEL of full keys, for invalidation after an outage."""

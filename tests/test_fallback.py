@@ -220,3 +220,34 @@ async def test_cache_only_namespace_with_redis_down_misses_and_counts_drops(dura
         found = await rt.dispatcher.lookup("session", "s")
         assert found == found.__class__({"v": 1}, "postgres")
         assert rt.status()["dispatcher"]["namespaces"]["session"]["fallback_reads"] >= 1
+
+
+async def test_a_read_racing_a_delete_does_not_bring_the_session_back(durable_config, monkeypatch) -> None:
+    """A read that missed Redis puts the PostgreSQL value back; a delete landing between that read of
+    PostgreSQL and the put-back must win (a logged-out session must not come back for its ttl)."""
+    async with Runtime(durable_config()) as rt:
+        await rt.cache.cache_session("s", {"v": 1})
+        key = rt.dispatcher.namespace("session").key("s")
+        await rt.on_demand.execute("DEL", key)  # gone from Redis only: the next read goes to PostgreSQL
+        read, deleted = asyncio.Event(), asyncio.Event()
+        real_get_entry = type(rt.dispatcher.durable).get_entry
+
+        async def read_then_wait_for_the_delete(self, ns, item_id):
+            entry = await real_get_entry(self, ns, item_id)  # the real read, before the delete
+            read.set()
+            await deleted.wait()
+            return entry
+
+        monkeypatch.setattr(type(rt.dispatcher.durable), "get_entry", read_then_wait_for_the_delete)
+        lookup = asyncio.ensure_future(rt.dispatcher.lookup("session", "s"))
+        await asyncio.wait_for(read.wait(), 5)
+        assert await rt.dispatcher.delete("session", "s") == 1
+        deleted.set()
+        assert (await lookup).value == {"v": 1}  # read before the delete: a fine answer for that read
+        monkeypatch.undo()
+        assert await rt.on_demand.execute("GET", key) is None, "the put-back revived a deleted session"
+        assert (await rt.dispatcher.lookup("session", "s")).source == "miss"
+        # The tombstone only blocks put-backs: writing the id again works at once, from Redis.
+        await rt.cache.cache_session("s", {"v": 2})
+        found = await rt.dispatcher.lookup("session", "s")
+        assert found.source == "redis" and found.value == {"v": 2}
