@@ -270,6 +270,45 @@ class Dispatcher:
             self._mark_dirty((ns.key(item_id),))
         self._count_lost_write(stats, ns)
 
+    async def append(self, namespace: str, item_id: str, items: list[Any], ttl: float | None = None, *,
+                     max_items: int) -> int:
+        """Append `items` to the JSON list stored for `item_id` (created if absent); returns its new length.
+
+        In a cache-only namespace this is one atomic step in the cache (`CacheStorage.append_list`):
+        concurrent appends from any process all land. A durable namespace has no atomic append in the
+        durable store, so there it is a read and a write, and concurrent appends can lose one another.
+        The list gets `ttl` (or the namespace default). More than `max_items` is an InvalidInput, a
+        stored value that is not a list a Conflict; neither writes anything. With Redis down a
+        cache-only append is dropped and counted, like any cache-only write, and reports the length
+        of the items alone.
+        """
+        ns = self.namespace(namespace)
+        check_id(item_id)
+        ttl = check_ttl(ttl, ns.ttl)
+        if self._is_durable(ns):
+            current = await self.get(namespace, item_id)
+            if current is not None and not isinstance(current, list):
+                raise ns.not_a_list(item_id)
+            merged = [*(current or ()), *items]
+            if len(merged) > max_items:
+                raise ns.list_too_long(item_id, len(merged), max_items)
+            await self.set(namespace, item_id, merged, ttl)
+            return len(merged)
+        if len(items) > max_items:
+            raise ns.list_too_long(item_id, len(items), max_items)
+        raw = encode(items)
+        stats = self.stats[ns.name]
+        stats.writes += 1
+        if self.breaker.closed:
+            try:
+                return await self.cache.append_list(ns, item_id, raw, len(items), ttl, max_items)
+            except BackendUnavailable as exc:
+                self._cache_failed(stats, exc, (ns.key(item_id),))
+        else:
+            self._mark_dirty((ns.key(item_id),))
+        self._count_lost_write(stats, ns)
+        return len(items)
+
     async def set_many(self, entries: Iterable[tuple[str, str, Any, float | None]]) -> None:
         """Write (namespace, id, value, ttl) tuples: one durable transaction, one Redis round trip."""
         prepared: list[Entry] = []

@@ -35,6 +35,13 @@ class InvalidInput(OndemandError, ValueError):
     http_status = 400
 
 
+class Conflict(OndemandError):
+    """The stored value has a shape the operation cannot work with (appending to something not a list)."""
+
+    code = "conflict"
+    http_status = 409
+
+
 class BackendUnavailable(OndemandError):
     """A store could not serve the operation in time."""
 

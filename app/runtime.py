@@ -58,7 +58,7 @@ class Runtime:
         cache = self.storages.get(config.storage.cache)(self)
         if not isinstance(cache, CacheStorage):
             raise PluginError(f"storage {config.storage.cache!r} cannot serve as the cache: it lacks "
-                              "ping, set_if_absent, delete_keys or delete_prefix")
+                              "ping, set_if_absent, append_list, delete_keys or delete_prefix")
         self.cache_storage = cache
         if config.storage.durable:
             durable = self.storages.get(config.storage.durable)(self)

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 import attrs
 
+from app.errors import Conflict, InvalidInput
+
 if TYPE_CHECKING:
     from app.runtime import Runtime
 
@@ -29,6 +31,15 @@ class Namespace:
 
     def key(self, item_id: str) -> str:
         return self.key_prefix + item_id
+
+    def list_too_long(self, item_id: str, length: int, max_items: int) -> InvalidInput:
+        """The error for an append past `max_items` (raised by the dispatcher or the cache storage)."""
+        return InvalidInput(f"the list in {self.name} for {item_id!r} holds at most {max_items} items; "
+                            f"this would make {length}")
+
+    def not_a_list(self, item_id: str) -> Conflict:
+        """The error for an append to a stored value that is not a JSON list."""
+        return Conflict(f"the value stored in {self.name} for {item_id!r} is not a JSON list")
 
 
 class Entry(NamedTuple):
@@ -90,6 +101,13 @@ class CacheStorage(Storage, Protocol):
         """Write only if the key does not exist and was not deleted moments ago: puts durable values back
         without overwriting newer ones, and without reviving one deleted after the durable store was
         read (the `redis` plugin keeps a tombstone per id deleted from a durable namespace)."""
+
+    async def append_list(self, ns: Namespace, item_id: str, items: bytes, count: int, ttl: float | None,
+                          max_items: int) -> int:
+        """Append the JSON list `items` (`count` elements) to the list stored for `item_id`, as one
+        atomic step, and give it `ttl`; returns the new length. Absent or corrupt (not JSON) stored
+        values count as an empty list. Raises `ns.list_too_long(...)` past `max_items` and
+        `ns.not_a_list(...)` for a stored value that is JSON but not a list, writing nothing."""
 
     async def delete_keys(self, keys: Sequence[str]) -> int:
         """Delete full keys (as built by Namespace.key); used to invalidate keys that went stale."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -10,7 +11,7 @@ import time
 import pytest
 
 from app import Runtime
-from app.errors import PostgresUnavailable, StorageUnavailable
+from app.errors import Conflict, InvalidInput, PostgresUnavailable, StorageUnavailable
 from app.web import create_app
 from tests.test_ondemand import wait_for
 
@@ -251,3 +252,20 @@ async def test_a_read_racing_a_delete_does_not_bring_the_session_back(durable_co
         await rt.cache.cache_session("s", {"v": 2})
         found = await rt.dispatcher.lookup("session", "s")
         assert found.source == "redis" and found.value == {"v": 2}
+
+
+async def test_append_to_a_durable_list_goes_through_postgres(durable_config) -> None:
+    """A durable namespace has no atomic append: read, then write through PostgreSQL, with the same
+    rules as the cache's atomic append (length cap, a stored non-list refused, nothing written then)."""
+    config = durable_config({"namespaces": {"messages": {"durable": True}}})
+    async with Runtime(config) as rt:
+        dispatcher = rt.dispatcher
+        assert await dispatcher.append("messages", "u", [{"n": 1}], max_items=3) == 1
+        assert await dispatcher.append("messages", "u", [{"n": 2}, {"n": 3}], max_items=3) == 3
+        with pytest.raises(InvalidInput, match="at most 3 items; this would make 4"):
+            await dispatcher.append("messages", "u", [{"n": 4}], max_items=3)
+        entry = await dispatcher.durable.get_entry(dispatcher.namespace("messages"), "u")
+        assert entry is not None and json.loads(entry[0]) == [{"n": 1}, {"n": 2}, {"n": 3}]
+        await dispatcher.set("messages", "obj", {"not": "a list"})
+        with pytest.raises(Conflict, match="not a JSON list"):
+            await dispatcher.append("messages", "obj", [{}], max_items=3)

@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.cache import MESSAGES, PROFILE, SESSION
 from app.dispatcher import Dispatcher, Lookup, check_id, check_ttl
-from app.errors import InvalidInput, OndemandError
+from app.errors import Conflict, InvalidInput, OndemandError
 from app.web.keys import METRICS, RUNTIME
 from app.web.views import json_response, read_json
 
@@ -40,13 +40,6 @@ class NotFound(OndemandError):
 
     code = "not_found"
     http_status = 404
-
-
-class Conflict(OndemandError):
-    """The stored value has a shape the operation cannot work with."""
-
-    code = "conflict"
-    http_status = 409
 
 
 # -- input helpers ------------------------------------------------------------------------------
@@ -202,10 +195,9 @@ async def put_messages(request: web.Request) -> web.Response:
 async def append_messages(request: web.Request) -> web.Response:
     """POST /api/users/{user_id}/messages?ttl=: append one message (an object) or several (a list).
 
-    Read-modify-write through the dispatcher. It is NOT atomic: two concurrent appends (in this
-    process or in another one sharing the same Redis) can both read the old list and one of them
-    will be lost. The whole list is written back with `ttl` (or the namespace default), so an append
-    also renews the list's expiry.
+    Atomic in a cache-only namespace (the default for messages): `Dispatcher.append` runs in Redis as
+    one script, so concurrent appends from any number of processes all land. The whole list gets
+    `ttl` (or the namespace default), so an append also renews the list's expiry.
     """
     user_id = path_id(request, "user_id")
     ttl = query_ttl(request)
@@ -217,12 +209,8 @@ async def append_messages(request: web.Request) -> web.Response:
     else:
         raise InvalidInput("body must be a message (a JSON object) or a non-empty JSON list of messages")
     dispatcher = _dispatcher(request)
-    current = await dispatcher.get(MESSAGES, user_id)
-    messages = [] if current is None else list(_as_list(current, user_id))
-    messages.extend(new)
-    _check_count(len(messages))
-    await dispatcher.set(MESSAGES, user_id, messages, ttl)
-    return json_response({"user_id": user_id, "appended": len(new), "count": len(messages),
+    count = await dispatcher.append(MESSAGES, user_id, new, ttl, max_items=MAX_MESSAGES)
+    return json_response({"user_id": user_id, "appended": len(new), "count": count,
                           "ttl": _effective_ttl(dispatcher, MESSAGES, ttl)})
 
 

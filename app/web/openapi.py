@@ -107,8 +107,8 @@ def _paths() -> dict[str, Any]:
             "put": _op("Replace a user's messages", _ok("stored", _obj(user_id=_STR, count={"type": "integer"},
                                                                          ttl=_TTL)),
                        _ID_WRITE_ERRORS, body=_MESSAGE_LIST, params=(*user, "ttl")),
-            "post": _op("Append one message (an object) or several (a non-empty list); read-modify-write, "
-                        "not atomic across concurrent writers",
+            "post": _op("Append one message (an object) or several (a non-empty list); atomic in Redis, so "
+                        "concurrent appends all land (unless messages are configured durable)",
                         _ok("appended", _obj(user_id=_STR, appended={"type": "integer"},
                                              count={"type": "integer"}, ttl=_TTL)),
                         (*_ID_WRITE_ERRORS, "409"),
