@@ -299,15 +299,12 @@ class Dispatcher:
         raw = encode(items)
         stats = self.stats[ns.name]
         stats.writes += 1
-        if self.breaker.closed:
-            try:
-                return await self.cache.append_list(ns, item_id, raw, len(items), ttl, max_items)
-            except BackendUnavailable as exc:
-                self._cache_failed(stats, exc, (ns.key(item_id),))
-        else:
-            self._mark_dirty((ns.key(item_id),))
-        self._count_lost_write(stats, ns)
-        return len(items)
+        length = await self._cache_write(stats, (ns.key(item_id),),
+                                         lambda: self.cache.append_list(ns, item_id, raw, len(items), ttl, max_items))
+        if length is _NOT_WRITTEN:
+            self._count_lost_write(stats, ns)
+            return len(items)
+        return length
 
     async def set_many(self, entries: Iterable[tuple[str, str, Any, float | None]]) -> None:
         """Write (namespace, id, value, ttl) tuples: one durable transaction, one Redis round trip."""
@@ -318,7 +315,7 @@ class Dispatcher:
             check_id(item_id)
             entry = Entry(ns, item_id, encode(value), check_ttl(ttl, ns.ttl))
             prepared.append(entry)
-            if ns.durable and self.durable is not None:
+            if self._is_durable(ns):
                 durable.append(entry)
         if not prepared:
             return

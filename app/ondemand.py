@@ -77,6 +77,16 @@ class NamedPool:
                 async with asyncio.timeout(1.0):
                     await client_pool.aclose()
 
+    def close_soon(self, reason: str) -> None:
+        """Like close, from synchronous code: the redis.asyncio pool closes in a task of its own."""
+        mux, client_pool = self.mux, self.client_pool
+        self.client_pool = None
+        if mux is not None:
+            mux.close(reason)
+        if client_pool is not None:
+            task = asyncio.ensure_future(client_pool.aclose())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
     def stats(self, now: float) -> dict[str, Any]:
         in_use = len(getattr(self.client_pool, "_in_use_connections", ()) or ())
         return {
@@ -179,9 +189,9 @@ class OnDemandRedis:
         self.counters.commands += 1
         return await conn.execute(*args)
 
-    async def execute_many(self, commands: Sequence[Command], *, connection_id: str = "default") -> list[Any]:
+    def execute_many(self, commands: Sequence[Command], *, connection_id: str = "default") -> Awaitable[list[Any]]:
         """Run several commands in one write and one round trip; raises the first error, if any."""
-        return await self.execute_grouped({connection_id: commands})
+        return self.execute_grouped({connection_id: commands})
 
     async def execute_grouped(self, groups: Mapping[str, Sequence[Command]]) -> list[Any]:
         """Run each pool's commands as one batch, all pools in the same loop turn; replies in order.
@@ -423,12 +433,7 @@ class OnDemandRedis:
 
     def _close_connections(self, reason: str) -> None:
         for pool in self.pools.values():
-            if pool.mux is not None:
-                pool.mux.close(reason)
-            if pool.client_pool is not None:
-                client_pool, pool.client_pool = pool.client_pool, None
-                task = asyncio.ensure_future(client_pool.aclose())
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            pool.close_soon(reason)
 
     def _is_idle(self, now: float) -> bool:
         idle_timeout = self.config.lifecycle.idle_timeout
@@ -497,13 +502,13 @@ class OnDemandRedis:
         now = time.monotonic()
         idle_timeout = self.config.lifecycle.idle_timeout
         running = self.state == RUNNING
-        retry_in = max(0.0, self._retry_at - time.monotonic()) if self.state == FAILED else None
+        retry_in = max(0.0, self._retry_at - now) if self.state == FAILED else None
         return {
             "lifecycle": self.lifecycle.name,
             "state": self.state,
             "pid": self.lifecycle.pid(),
             "endpoint": self._endpoint.describe() if self._endpoint else None,
-            "uptime_seconds": round(time.monotonic() - self._running_since, 3) if self._running_since else None,
+            "uptime_seconds": round(now - self._running_since, 3) if self._running_since else None,
             "idle_timeout": idle_timeout,
             "idle_deadline_in": (
                 round(max(0.0, idle_timeout - (now - self.last_used)), 3)

@@ -43,18 +43,21 @@ return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 _APPEND = """
 local current = redis.call('GET', KEYS[1])
 local length = 0
-local merged = ARGV[1]
 if current then
   local ok, decoded = pcall(cjson.decode, current)
   if ok then
-    if string.match(current, '^%s*(.)') ~= '[' then return redis.error_reply('NOTLIST') end
+    if not string.match(current, '^%s*%[') then return redis.error_reply('NOTLIST') end
     length = #decoded
-    if length > 0 and ARGV[2] ~= '0' then
-      merged = string.sub(current, 1, string.find(current, '%]%s*$') - 1) .. ',' .. string.sub(ARGV[1], 2)
-    end
   end
 end
-if length > 0 and ARGV[2] == '0' then merged = current end
+local merged = ARGV[1]
+if length > 0 then
+  if ARGV[2] == '0' then
+    merged = current
+  else
+    merged = string.sub(current, 1, string.find(current, '%]%s*$') - 1) .. ',' .. string.sub(ARGV[1], 2)
+  end
+end
 length = length + tonumber(ARGV[2])
 if length > tonumber(ARGV[4]) then return redis.error_reply('TOOLONG ' .. length) end
 if ARGV[3] == '0' then redis.call('SET', KEYS[1], merged) else redis.call('SET', KEYS[1], merged, 'PX', ARGV[3]) end
@@ -71,10 +74,15 @@ return removed
 """
 
 
+def _milliseconds(ttl: float) -> int:
+    """A ttl in whole milliseconds, at least 1 (PX 0 is an error, and 0 means no expiry to our scripts)."""
+    return max(1, int(ttl * 1000))
+
+
 def _set_command(key: str, value: bytes, ttl: float | None) -> tuple[Any, ...]:
     if ttl is None:
         return ("SET", key, value)
-    return ("SET", key, value, "PX", max(1, int(ttl * 1000)))
+    return ("SET", key, value, "PX", _milliseconds(ttl))
 
 
 @attrs.define
@@ -117,7 +125,7 @@ class RedisStorage:
         if self.on_demand.disabled:
             return False
         key = ns.key_prefix + item_id
-        px = 0 if ttl is None else max(1, int(ttl * 1000))
+        px = 0 if ttl is None else _milliseconds(ttl)
         reply = await self.on_demand.execute("EVAL", _PUT_BACK, 2, key, key + _TOMBSTONE, value, px,
                                              connection_id=ns.connection_id)
         return reply is not None
@@ -127,7 +135,7 @@ class RedisStorage:
         """See CacheStorage.append_list: one script, so concurrent appends from anywhere all land."""
         if self.on_demand.disabled:
             return count
-        px = 0 if ttl is None else max(1, int(ttl * 1000))
+        px = 0 if ttl is None else _milliseconds(ttl)
         try:
             return await self.on_demand.execute("EVAL", _APPEND, 1, ns.key_prefix + item_id, items, count, px,
                                                 max_items, connection_id=ns.connection_id)
@@ -157,7 +165,7 @@ class RedisStorage:
             return await self.on_demand.execute("DEL", *keys, connection_id=ns.connection_id)
         return await self.on_demand.execute(
             "EVAL", _DELETE_WITH_TOMBSTONES, 2 * len(keys), *keys, *(k + _TOMBSTONE for k in keys),
-            int(DELETED_HOLD * 1000), connection_id=ns.connection_id)
+            _milliseconds(DELETED_HOLD), connection_id=ns.connection_id)
 
     async def delete_keys(self, keys: Sequence[str]) -> int:
         """DEL of full keys, for invalidation after an outage."""
@@ -181,7 +189,7 @@ class RedisStorage:
     async def expire(self, ns: Namespace, item_id: str, ttl: float) -> bool:
         if self.on_demand.disabled:
             return False
-        reply = await self.on_demand.execute("PEXPIRE", ns.key_prefix + item_id, max(1, int(ttl * 1000)),
+        reply = await self.on_demand.execute("PEXPIRE", ns.key_prefix + item_id, _milliseconds(ttl),
                                              connection_id=ns.connection_id)
         return bool(reply)
 

@@ -167,15 +167,16 @@ PROFILES = ValueResource(PROFILE, "user_id", "profile", "profile for user")
 # -- messages -----------------------------------------------------------------------------------
 
 
-def _as_list(value: Any, user_id: str) -> list[Any]:
+# The same rules, and the same errors, as Dispatcher.append: one source for both (app.storage.Namespace).
+def _as_list(dispatcher: Dispatcher, value: Any, user_id: str) -> list[Any]:
     if not isinstance(value, list):
-        raise Conflict(f"the messages stored for {user_id!r} are not a JSON list")
+        raise dispatcher.namespace(MESSAGES).not_a_list(user_id)
     return value
 
 
-def _check_count(count: int) -> None:
+def _check_count(dispatcher: Dispatcher, count: int, user_id: str) -> None:
     if count > MAX_MESSAGES:
-        raise InvalidInput(f"a user's message list holds at most {MAX_MESSAGES} messages; this would make {count}")
+        raise dispatcher.namespace(MESSAGES).list_too_long(user_id, count, MAX_MESSAGES)
 
 
 async def put_messages(request: web.Request) -> web.Response:
@@ -185,8 +186,8 @@ async def put_messages(request: web.Request) -> web.Response:
     messages = await read_value(request)
     if not isinstance(messages, list):
         raise InvalidInput("body must be a JSON list of messages")
-    _check_count(len(messages))
     dispatcher = _dispatcher(request)
+    _check_count(dispatcher, len(messages), user_id)
     await dispatcher.set(MESSAGES, user_id, messages, ttl)
     return json_response({"user_id": user_id, "count": len(messages),
                           "ttl": _effective_ttl(dispatcher, MESSAGES, ttl)})
@@ -226,8 +227,9 @@ async def get_messages(request: web.Request) -> web.Response:
             last = -1
         if last < 0:
             raise InvalidInput(f"last must be a non-negative integer, got {last_text!r}")
-    found = await _found(_dispatcher(request), MESSAGES, user_id, "messages for user")
-    messages = _as_list(found.value, user_id)
+    dispatcher = _dispatcher(request)
+    found = await _found(dispatcher, MESSAGES, user_id, "messages for user")
+    messages = _as_list(dispatcher, found.value, user_id)
     selected = messages if last is None else messages[-last:] if last else []
     return _value_response({"user_id": user_id, "messages": selected, "total": len(messages),
                             "source": found.source})
