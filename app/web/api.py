@@ -27,7 +27,7 @@ from app.cache import MESSAGES, PROFILE, SESSION
 from app.dispatcher import Dispatcher, Lookup, check_id, check_ttl
 from app.errors import Conflict, InvalidInput, OndemandError
 from app.web.keys import METRICS, RUNTIME
-from app.web.views import json_response, read_json
+from app.web.responses import json_response, read_json
 
 MAX_JSON_DEPTH = 32
 # Each body is capped by server.max_body_bytes, but appends grow a stored list without end: cap it.

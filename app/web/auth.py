@@ -17,7 +17,7 @@ import hmac
 from aiohttp import web
 
 from app.web.page import PAGE_PATHS
-from app.web.views import error_response
+from app.web.responses import error_response
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", *PAGE_PATHS})
 

@@ -24,7 +24,7 @@ from aiohttp import hdrs, web
 from app.errors import OndemandError
 from app.web.auth import OPEN_PATHS, refuse_without_token
 from app.web.keys import CONFIG, METRICS
-from app.web.views import error_response
+from app.web.responses import error_response
 
 log = logging.getLogger("ondemand.web")
 

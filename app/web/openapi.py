@@ -8,7 +8,7 @@ from aiohttp import web
 
 from app.dispatcher import MAX_ID_BYTES, MAX_TTL
 from app.metrics import BREAKER_STATES, REDIS_STATES
-from app.web.views import json_response
+from app.web.responses import json_response
 
 _JSON = "application/json"
 ANY_JSON: dict[str, Any] = {"not": {"type": "null"},
