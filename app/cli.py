@@ -1,4 +1,4 @@
-"""The command line behind run.py: serve (the default), check-config, status."""
+"""The command line behind run.py and the installed `ondemand` script: serve (the default), check-config, status."""
 
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # prog is the name it was invoked by: "ondemand" (the installed script) or "run.py".
     parser = argparse.ArgumentParser(
-        prog="run.py", description="ondemand: serve the HTTP API (default), check a config, or show a server's status."
+        prog=os.path.basename(sys.argv[0]) or "ondemand",
+        description="ondemand: serve the HTTP API (default), check a config, or show a server's status.",
     )
     _serve_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="{serve,check-config,status}")

@@ -1,0 +1,142 @@
+"""`pip install .` gives an `ondemand` command that works from any directory, without the checkout.
+
+The wheel is built from a copy of the checkout (so stale build/ leftovers cannot leak into it and no
+test writes into the tree), without build isolation or an index: nothing is downloaded. It is then
+installed with --no-deps into a target directory and run with this venv's interpreter, which supplies
+the runtime dependencies; the cwd is outside the repo and app.__file__ must be inside the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parent.parent
+# What a fresh clone would not have, or the build would only pick up by accident.
+_NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache",
+                                     ".ruff_cache", ".hypothesis", ".ondemand", "results", "*.pyc")
+PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+
+
+def _pip(*args: str, cwd: Path) -> None:
+    proc = subprocess.run([*PIP, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("packaging")
+    src, wheels, target, work = base / "src", base / "wheels", base / "target", base / "work"
+    shutil.copytree(ROOT, src, ignore=_NOT_SOURCE)
+    work.mkdir()
+    _pip("wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(wheels), str(src), cwd=work)
+    (wheel,) = wheels.glob("ondemand-0.2.0-*.whl")
+    _pip("install", "--no-deps", "--no-index", "--target", str(target), str(wheel), cwd=work)
+    return {"src": src, "wheel": wheel, "target": target, "work": work}
+
+
+def _env(target: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"PYTHONPATH", "DOCKER_ENV", "REDIS_URL", "DATABASE_URL"} and not k.startswith("ONDEMAND_")}
+    env["PYTHONPATH"] = str(target)
+    return env
+
+
+def _ondemand(built: dict[str, Path], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(built["target"] / "bin" / "ondemand"), *args], cwd=built["work"],
+                          env=_env(built["target"]), capture_output=True, text=True, timeout=60)
+
+
+def test_the_wheel_holds_the_packages_and_the_status_page_and_nothing_else(built: dict[str, Path]) -> None:
+    src = built["src"]
+    with zipfile.ZipFile(built["wheel"]) as whl:
+        names = set(whl.namelist())
+        dist_info = "ondemand-0.2.0.dist-info"
+        entry_points = whl.read(f"{dist_info}/entry_points.txt").decode()
+        metadata = whl.read(f"{dist_info}/METADATA").decode()
+    assert {name.split("/")[0] for name in names} == {"app", "plugins", dist_info}, sorted(names)
+    # Every module of the two packages, a subpackage added later included, and the status page's files.
+    shipped = {p.relative_to(src).as_posix() for d in ("app", "plugins") for p in (src / d).rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    assert {"app/web/static/index.html", "app/web/static/status.css", "app/web/static/status.js"} <= shipped
+    assert shipped <= names, sorted(shipped - names)
+
+    assert "[console_scripts]\nondemand = app.cli:main" in entry_points
+    assert "Requires-Python: >=3.11" in metadata
+    # The runtime dependencies come from requirements.txt, the file the README's run command installs.
+    wanted = {str(Requirement(line)) for line in (src / "requirements.txt").read_text().splitlines()
+              if line.strip() and not line.lstrip().startswith("#")}
+    declared = {str(Requirement(line.removeprefix("Requires-Dist: ")))
+                for line in metadata.splitlines() if line.startswith("Requires-Dist: ")}
+    assert wanted and declared == wanted
+
+
+def test_the_installed_command_runs_from_anywhere_without_the_checkout(built: dict[str, Path]) -> None:
+    target, work = built["target"], built["work"]
+    assert not work.resolve().is_relative_to(ROOT)
+    where = subprocess.run(
+        [sys.executable, "-c", "import app, app.web.page as p, plugins; print(app.__file__); "
+                               "print(plugins.__file__); print(p.STATIC_DIR)"],
+        cwd=work, env=_env(target), capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.split()
+    assert all(Path(path).is_relative_to(target) for path in where), where
+
+    helped = _ondemand(built, "--help")
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("usage: ondemand ")
+    assert "{serve,check-config,status}" in helped.stdout
+
+    config = ROOT / "config" / "default.toml"
+    checked = _ondemand(built, "check-config", "--config", str(config))
+    assert checked.returncode == 0, checked.stderr
+    header, _, body = checked.stdout.partition("\n")
+    assert header == f"# {config}: valid"
+    assert json.loads(body)["server"]["port"] == 8080
+
+    missing = _ondemand(built, "check-config", "--config", str(work / "nope.toml"))
+    assert missing.returncode == 2 and "file not found" in missing.stderr
+
+
+def test_the_installed_server_serves_the_status_page_from_the_package(built: dict[str, Path]) -> None:
+    # Mark the installed copy: the page must come from the package directory, not from a checkout.
+    script = built["target"] / "app/web/static/status.js"
+    script.write_bytes(script.read_bytes() + b"\n// served from the installed package\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = built["work"] / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([str(built["target"] / "bin" / "ondemand"), "serve", "--port", str(port)],
+                                cwd=built["work"], env=_env(built["target"]), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/status.js", timeout=5) as resp:
+                    served = resp.read()
+                break
+            except OSError:
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, "the installed server did not come up"
+                time.sleep(0.1)
+        assert served == script.read_bytes()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+            assert resp.read() == (built["target"] / "app/web/static/index.html").read_bytes()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
