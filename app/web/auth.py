@@ -22,6 +22,13 @@ from app.web.responses import error_response
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", *PAGE_PATHS})
 
 
+def needs_token(path: str) -> bool:
+    """Whether a route registered for `path` checks the token when one is configured (the OpenAPI
+    document declares bearer security on exactly these). Only GET routes serve the open paths; any
+    other method there reaches the catch-all, which is not open."""
+    return path not in OPEN_PATHS
+
+
 def refuse_without_token(request: web.Request, token: str) -> web.Response | None:
     """The 401 or 403 answer for a request without `Authorization: Bearer <token>`; None if it has it."""
     scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")

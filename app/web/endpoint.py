@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import hdrs, web
 
 from app.errors import OndemandError
-from app.web.auth import OPEN_PATHS, refuse_without_token
+from app.web.auth import needs_token, refuse_without_token
 from app.web.keys import CONFIG, METRICS
 from app.web.responses import error_response
 
@@ -45,9 +45,7 @@ _HTTP_CODES = {
 def endpoint(app: web.Application, handler: Handler, *, route: str, path: str) -> Handler:
     """`handler` wrapped for `app`: JSON errors, the bearer token unless `path` is open, metrics as `route`."""
     observe = app[METRICS].observe
-    token = app[CONFIG].server.api_token
-    if path in OPEN_PATHS:
-        token = None
+    token = app[CONFIG].server.api_token if needs_token(path) else None
 
     async def handle(request: web.Request) -> web.StreamResponse:
         start = time.perf_counter()

@@ -1,4 +1,10 @@
-"""A hand-written OpenAPI 3.1 document for every route, served at GET /api/openapi.json."""
+"""A hand-written OpenAPI 3.1 document for every route, served at GET /api/openapi.json.
+
+The document describes the server that serves it (`document_for`): only the operations its app
+serves (the test endpoints can be turned off), and bearer authentication only when `server.api_token`
+is set, then on exactly the operations `app.web.auth.needs_token` guards, each with its 401 and 403.
+Without a token it declares no security at all: every request is served without one.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ from aiohttp import web
 
 from app.dispatcher import MAX_ID_BYTES, MAX_TTL
 from app.metrics import BREAKER_STATES, REDIS_STATES
+from app.web.auth import needs_token
+from app.web.keys import CONFIG
 from app.web.responses import json_response
 
 _JSON = "application/json"
@@ -25,7 +33,7 @@ ERROR = {
 }
 _ERRORS = {
     "400": "invalid input: a bad id, ttl, query parameter or body; the message names the rule",
-    "401": "an API token is configured and the request has no bearer credential",
+    "401": "the request has no bearer credential",
     "403": "the bearer token is wrong",
     "404": "absent value or unknown route",
     "405": "method not allowed on this route",
@@ -53,16 +61,13 @@ def _obj(**properties: dict[str, Any]) -> dict[str, Any]:
 
 
 def _op(summary: str, responses: dict[str, Any], errors: tuple[str, ...], *, body: dict[str, Any] | None = None,
-        body_required: bool = True, params: tuple[str, ...] = (), secured: bool = True) -> dict[str, Any]:
+        body_required: bool = True, params: tuple[str, ...] = ()) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary}
     if params:
         op["parameters"] = [{"$ref": f"#/components/parameters/{name}"} for name in params]
     if body is not None:
         op["requestBody"] = {"required": body_required, "content": {_JSON: {"schema": body}}}
-    codes = (*errors, "401", "403") if secured else errors
-    op["responses"] = {**responses, **{code: _error(code) for code in sorted(set(codes))}}
-    if not secured:
-        op["security"] = []
+    op["responses"] = {**responses, **{code: _error(code) for code in sorted(set(errors))}}
     return op
 
 
@@ -160,16 +165,15 @@ def _paths() -> dict[str, Any]:
             "get": _op("This document", _ok("the OpenAPI 3.1 document", {"type": "object"}), ()),
         },
         "/healthz": {
-            "get": _op("Liveness: always 200 while the process answers", _ok("alive", _obj(status=_STR)), (),
-                       secured=False),
+            "get": _op("Liveness: always 200 while the process answers", _ok("alive", _obj(status=_STR)), ()),
         },
         "/readyz": {
-            "get": {"summary": "Readiness: which stores can serve", "security": [],
+            "get": {"summary": "Readiness: which stores can serve",
                     "responses": {"200": _ready("ready, or degraded but serving"),
                                   "503": _ready("a durable store is configured and down, and Redis is down too")}},
         },
         "/metrics": {
-            "get": {"summary": "Prometheus metrics, text exposition format", "security": [],
+            "get": {"summary": "Prometheus metrics, text exposition format",
                     "responses": {"200": {"description": "metrics", "content": {"text/plain": {"schema": _STR}}}}},
         },
         "/": {"get": _page("The status page for operators (polls /api/cache/status; open: it holds no data)",
@@ -181,7 +185,7 @@ def _paths() -> dict[str, Any]:
 
 def _page(summary: str, media_type: str) -> dict[str, Any]:
     """A file of the status page: static, served without a token."""
-    return {"summary": summary, "security": [],
+    return {"summary": summary,
             "responses": {"200": {"description": "the file", "content": {media_type: {"schema": _STR}}}}}
 
 
@@ -193,7 +197,22 @@ def _obj_optional(**properties: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": properties}
 
 
-def build_document() -> dict[str, Any]:
+def _secured(paths: dict[str, Any]) -> dict[str, Any]:
+    """`paths` for a server with an API token: the document-wide bearer requirement is lifted (`security:
+    []`) from the open operations, and every other operation also answers 401 and 403."""
+    secured: dict[str, Any] = {}
+    for path, item in paths.items():
+        if needs_token(path):
+            secured[path] = {method: {**op, "responses": dict(sorted({**op["responses"], "401": _error("401"),
+                                                                       "403": _error("403")}.items()))}
+                             for method, op in item.items()}
+        else:
+            secured[path] = {method: {**op, "security": []} for method, op in item.items()}
+    return secured
+
+
+def build_document(*, api_token: bool) -> dict[str, Any]:
+    """The document for every route, for a server with (`api_token`) or without an API token."""
     store = {"type": ["object", "null"], "properties": {"ok": {"type": "boolean"}, "state": _STR,
                                                        "last_error": {"type": ["string", "null"]}}}
     return {
@@ -201,11 +220,12 @@ def build_document() -> dict[str, Any]:
         "info": {"title": "ondemand", "version": "1.0.0",
                  "description": "Sessions, messages and profiles cached in an on-demand Redis, with a PostgreSQL "
                                 "fallback. Values are JSON; `?ttl=` sets the expiry in seconds."},
-        "paths": _paths(),
-        "security": [{"bearer": []}],
+        "paths": _secured(_paths()) if api_token else _paths(),
+        **({"security": [{"bearer": []}]} if api_token else {}),
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "only when server.api_token is set"}},
+            **({"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                               "description": "the token is server.api_token"}}}
+               if api_token else {}),
             "parameters": {
                 "session_id": _path_param("session_id"),
                 "user_id": _path_param("user_id"),
@@ -259,19 +279,22 @@ def _path_param(name: str) -> dict[str, Any]:
             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_BYTES, "pattern": _NO_CONTROL}}
 
 
-DOCUMENT = build_document()
+# Without and with an API token.
+DOCUMENTS = {False: build_document(api_token=False), True: build_document(api_token=True)}
 
 
 def document_for(app: web.Application) -> dict[str, Any]:
-    """DOCUMENT restricted to the operations this app serves (the test endpoints can be turned off)."""
+    """The document for `app`: with bearer security if its config sets `server.api_token`, restricted to
+    the operations it serves (the test endpoints can be turned off)."""
+    document = DOCUMENTS[app[CONFIG].server.api_token is not None]
     served = {(route.method.lower(), route.resource.canonical)
               for route in app.router.routes() if route.resource is not None}
     paths = {}
-    for path, item in DOCUMENT["paths"].items():
+    for path, item in document["paths"].items():
         operations = {method: op for method, op in item.items() if (method, path) in served}
         if operations:
             paths[path] = operations
-    return {**DOCUMENT, "paths": paths}
+    return {**document, "paths": paths}
 
 
 async def openapi(request: web.Request) -> web.Response:
