@@ -1,7 +1,8 @@
 """ondemand: an aiohttp microframework whose plugins run Redis on demand, with a PostgreSQL fallback."""
 
 from app.cache import CacheService
-from app.config import Config, load_config
+from app.config import Config
+from app.configure import load_config
 from app.errors import (
     BackendUnavailable,
     ConfigError,

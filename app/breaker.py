@@ -13,10 +13,22 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from enum import StrEnum
+
+from app.errors import first_line
+from app.health import OutageTracker
 
 log = logging.getLogger("ondemand.breaker")
 
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"  # operations go to the cache
+    HALF_OPEN = "half_open"  # a probe is running; operations still skip the cache
+    OPEN = "open"  # operations skip the cache
+
+
+CLOSED, HALF_OPEN, OPEN = BreakerState
+_BREAKER_CAUSE = "breaker"  # its cause in the component's outage tracker
 
 
 class CircuitBreaker:
@@ -25,8 +37,7 @@ class CircuitBreaker:
         *,
         probe: Callable[[], Awaitable[None]],
         on_recover: Callable[[], Awaitable[None]],
-        on_open: Callable[[str], None] = lambda reason: None,
-        on_close: Callable[[float], None] = lambda down_seconds: None,
+        health: OutageTracker,
         reset_after: float = 0.2,
         reset_after_max: float = 5.0,
     ) -> None:
@@ -34,8 +45,7 @@ class CircuitBreaker:
         self.closed = True  # the hot-path check
         self._probe = probe
         self._on_recover = on_recover
-        self._on_open = on_open
-        self._on_close = on_close
+        self.health = health
         self._reset_after = reset_after
         self._reset_after_max = reset_after_max
         self._task: asyncio.Task[None] | None = None
@@ -55,7 +65,7 @@ class CircuitBreaker:
         self.opened_at = time.time()
         self._opened_mono = time.monotonic()
         log.warning("cache breaker open: %s", reason)
-        self._on_open(reason)
+        self.health.down(reason, cause=_BREAKER_CAUSE)
         self._task = asyncio.ensure_future(self._probe_until_closed())
 
     async def _probe_until_closed(self) -> None:
@@ -70,7 +80,7 @@ class CircuitBreaker:
                 raise
             except Exception as exc:
                 self.state = OPEN
-                self.last_reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                self.last_reason = first_line(exc)
                 delay = min(delay * 2, self._reset_after_max)
                 continue
             down = time.monotonic() - self._opened_mono
@@ -79,7 +89,7 @@ class CircuitBreaker:
             self.opened_at = None
             self._task = None
             log.info("cache breaker closed after %.3f s", down)
-            self._on_close(down)
+            self.health.up(cause=_BREAKER_CAUSE)
             return
 
     def status(self) -> dict[str, object]:

@@ -10,9 +10,11 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from app.config import Config, load_config, redact
+from app.config import Config, redact
+from app.configure import load_config
 from app.errors import ConfigError, PluginError
 from app.logs import configure_logging
+from app.process import ProcessError
 
 
 def _serve_options(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +72,7 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         return serve_workers(config)
-    except (ConfigError, PluginError) as exc:
+    except (ConfigError, PluginError, ProcessError) as exc:
         print(f"startup error: {exc}", file=sys.stderr)
         return 2
 

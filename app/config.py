@@ -1,28 +1,47 @@
-"""Configuration: frozen attrs classes, TOML files, environment overrides, one clear error per problem.
+"""Configuration: frozen attrs sections, validated from TOML-shaped data with one clear error per problem.
 
-`load_config(path, overrides)` reads a TOML file (or only defaults), merges `overrides` and the
-environment, and structures the result with cattrs into `Config`. An unknown key, a wrong type or a
-bad value raises ConfigError naming the file, the dotted key and what was expected.
+Every table of a config file is a *section*: a frozen attrs class declared by its owner, the core's
+own (`server`, `lifecycle`, `redis`, `storage`, `plugins`, and the keyed tables `pools.<id>` and
+`namespaces.<name>`) or a plugin's, through the `ondemand_config_sections` hook:
+
+    @hookimpl
+    def ondemand_config_sections(sections):
+        sections.add("myplugin", MyPluginConfig, env={"MYPLUGIN_URL": "url"})
+
+A plugin may also add keys to a table someone else declared (the subprocess lifecycle adds
+`lifecycle.redis_binary`, ...): a table's keys are split among the classes declared for it, and a key
+declared twice is a startup error naming both plugins. `config.section(MyPluginConfig)` hands the
+plugin its validated instance.
+
+This module only knows sections; `app.configure.load_config` reads files and the environment, asks the
+plugins for their sections and calls `build_config`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
-import tomllib
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import attrs
 import cattrs
 
-from app.errors import ConfigError
+from app.errors import ConfigError, PluginError
+from app.registry import Collector
 
-ENV_PREFIX = "ONDEMAND_"
+T = TypeVar("T")
 _MAX_SECONDS_OR_COUNT = 10 * 365 * 24 * 3600
 _SIZE = re.compile(r"^\d+(b|kb|mb|gb)?$", re.IGNORECASE)
+_TABLE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+# attrs metadata key marking a secret field: "token" hides the whole value, "url" the credentials in it.
+SECRET = "ondemand.secret"
+# Tables the loader fills itself or that are keyed tables of the core.
+_RESERVED_TABLES = frozenset({"environment", "source", "pools", "namespaces"})
+
+
+# -- validators, for the core's sections and for plugins' -----------------------------------------
 
 
 class FieldError(ValueError):
@@ -33,13 +52,15 @@ class FieldError(ValueError):
         super().__init__(message)
 
 
-def _positive(_inst: Any, attribute: attrs.Attribute, value: float | None) -> None:
+def positive(_inst: Any, attribute: attrs.Attribute, value: float | None) -> None:
+    """A finite number greater than 0, at most ten years (seconds) or as many units (None passes)."""
     # inf passes `> 0` but overflows every int(seconds * 1000) downstream; nan fails every comparison.
     if value is not None and not (value > 0 and math.isfinite(value) and value <= _MAX_SECONDS_OR_COUNT):
         raise FieldError(attribute.name, f"expected a finite number greater than 0 (at most ten years), got {value!r}")
 
 
-def _between(low: int, high: int) -> Any:
+def between(low: int, high: int) -> Any:
+    """An integer from `low` to `high`."""
     def check(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
         if not low <= value <= high:
             raise FieldError(attribute.name, f"expected an integer from {low} to {high}, got {value!r}")
@@ -47,7 +68,8 @@ def _between(low: int, high: int) -> Any:
     return check
 
 
-def _matches(pattern: str, meaning: str) -> Any:
+def matches(pattern: str, meaning: str) -> Any:
+    """A string matching `pattern` whole; `meaning` says in words what that is."""
     compiled = re.compile(pattern)
 
     def check(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
@@ -62,64 +84,59 @@ def _token(_inst: Any, attribute: attrs.Attribute, value: str | None) -> None:
         raise FieldError(attribute.name, "expected a non-empty token of printable ASCII without spaces")
 
 
-def _memory_size(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+def memory_size(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    """A Redis memory size: digits with an optional b, kb, mb or gb."""
     if not _SIZE.match(value):
         raise FieldError(attribute.name, f"expected a size like '256mb' or '0' (no limit), got {value!r}")
+
+
+# -- the core's sections ---------------------------------------------------------------------------
 
 
 @attrs.frozen
 class ServerConfig:
     host: str = "127.0.0.1"
-    port: int = attrs.field(default=8080, validator=_between(0, 65535))
+    port: int = attrs.field(default=8080, validator=between(0, 65535))
     test_endpoints: bool = True
-    max_body_bytes: int = attrs.field(default=1_048_576, validator=_positive)
-    shutdown_timeout: float = attrs.field(default=10.0, validator=_positive)
-    workers: int = attrs.field(default=1, validator=_between(1, 64))
+    max_body_bytes: int = attrs.field(default=1_048_576, validator=positive)
+    shutdown_timeout: float = attrs.field(default=10.0, validator=positive)
+    workers: int = attrs.field(default=1, validator=between(1, 64))
     log_format: Literal["text", "json"] = "text"
-    api_token: str | None = attrs.field(default=None, validator=_token)
+    api_token: str | None = attrs.field(default=None, validator=_token, metadata={SECRET: "token"})
 
 
 @attrs.frozen
 class LifecycleConfig:
+    """The keys of [lifecycle] the core's state machine reads (OnDemandRedis); lifecycle plugins add theirs."""
+
     plugin: str = "auto"
     skip_in_docker: bool = True
-    idle_timeout: float = attrs.field(default=300.0, validator=_positive)
-    startup_timeout: float = attrs.field(default=5.0, validator=_positive)
-    shutdown_grace: float = attrs.field(default=2.0, validator=_positive)
-    restart_backoff: float = attrs.field(default=0.1, validator=_positive)
-    restart_backoff_max: float = attrs.field(default=5.0, validator=_positive)
-    redis_binary: str | None = None
-    redis_url: str | None = None
-    runtime_dir: str | None = None
-    tcp: bool = False
-    tcp_port: int = attrs.field(default=0, validator=_between(0, 65535))
-    maxmemory: str = attrs.field(default="256mb", validator=_memory_size)
-    maxmemory_policy: Literal[
-        "noeviction", "allkeys-lru", "allkeys-lfu", "allkeys-random",
-        "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl",
-    ] = "allkeys-lru"
-    redis_options: dict[str, str] = attrs.field(factory=dict)
+    idle_timeout: float = attrs.field(default=300.0, validator=positive)
+    startup_timeout: float = attrs.field(default=5.0, validator=positive)
+    shutdown_grace: float = attrs.field(default=2.0, validator=positive)
+    restart_backoff: float = attrs.field(default=0.1, validator=positive)
+    restart_backoff_max: float = attrs.field(default=5.0, validator=positive)
 
 
 @attrs.frozen
 class RedisConfig:
-    op_timeout: float = attrs.field(default=0.25, validator=_positive)
-    connect_timeout: float = attrs.field(default=1.0, validator=_positive)
+    op_timeout: float = attrs.field(default=0.25, validator=positive)
+    connect_timeout: float = attrs.field(default=1.0, validator=positive)
     key_prefix: str = attrs.field(
-        default="ondemand", validator=_matches(r"[A-Za-z0-9_.\-]{1,64}", "1 to 64 letters, digits, '_', '.' or '-'")
+        default="ondemand", validator=matches(r"[A-Za-z0-9_.\-]{1,64}", "1 to 64 letters, digits, '_', '.' or '-'")
     )
-    max_batch: int = attrs.field(default=512, validator=_between(1, 100_000))
+    max_batch: int = attrs.field(default=512, validator=between(1, 100_000))
 
 
 @attrs.frozen
 class PoolConfig:
-    max_connections: int = attrs.field(default=16, validator=_between(1, 10_000))
-    keep_alive: float = attrs.field(default=300.0, validator=_positive)
+    max_connections: int = attrs.field(default=16, validator=between(1, 10_000))
+    keep_alive: float = attrs.field(default=300.0, validator=positive)
 
 
 @attrs.frozen
 class NamespaceConfig:
-    ttl: float | None = attrs.field(default=3600.0, validator=_positive)
+    ttl: float | None = attrs.field(default=3600.0, validator=positive)
     durable: bool = False
     connection_id: str = "default"
 
@@ -128,18 +145,6 @@ class NamespaceConfig:
 class StorageConfig:
     cache: str = "redis"
     durable: str = "postgres"
-
-
-@attrs.frozen
-class PostgresConfig:
-    dsn: str = "embedded"
-    data_dir: str = ".ondemand/pgdata"
-    connect_timeout: float = attrs.field(default=2.0, validator=_positive)
-    statement_timeout: float = attrs.field(default=2.0, validator=_positive)
-    startup_timeout: float = attrs.field(default=30.0, validator=_positive)
-    pool_min: int = attrs.field(default=1, validator=_between(0, 1000))
-    pool_max: int = attrs.field(default=10, validator=_between(1, 1000))
-    purge_interval: float = attrs.field(default=60.0, validator=_positive)
 
 
 @attrs.frozen
@@ -162,6 +167,81 @@ def _default_namespaces() -> dict[str, NamespaceConfig]:
     }
 
 
+# The core's tables, declared like any plugin's (the keyed tables pools/namespaces are the core's alone).
+CORE_SECTIONS: tuple[tuple[str, type], ...] = (
+    ("server", ServerConfig),
+    ("lifecycle", LifecycleConfig),
+    ("redis", RedisConfig),
+    ("storage", StorageConfig),
+    ("plugins", PluginsConfig),
+)
+
+
+@attrs.frozen
+class ConfigSection:
+    """One class declared for one table, by one plugin; `env` maps variable names to keys of the table."""
+
+    table: str
+    cls: type
+    plugin: str
+    env: Mapping[str, str] = attrs.field(factory=dict)
+
+
+class SectionRegistry(Collector):
+    """What `ondemand_config_sections` fills: which classes validate which tables."""
+
+    kind = "config section"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: list[ConfigSection] = []
+        self._key_owner: dict[tuple[str, str], str] = {}
+        for table, cls in CORE_SECTIONS:
+            self.add(table, cls)
+
+    def add(self, table: str, cls: type, *, env: Mapping[str, str] | None = None) -> None:
+        """Declare `cls` (a frozen attrs class with a default for every field) for `[table]`.
+
+        `env` names environment variables that set a key of the table (`{"DATABASE_URL": "dsn"}`),
+        applied after the file and the `ONDEMAND_<TABLE>__<KEY>` variables."""
+        plugin = self._current_plugin
+        if not isinstance(table, str) or not _TABLE_NAME.fullmatch(table) or table in _RESERVED_TABLES:
+            raise PluginError(f"plugin {plugin!r} declared a config section named {table!r}; expected lowercase "
+                              f"letters, digits and '_', not one of {', '.join(sorted(_RESERVED_TABLES))}")
+        if not (isinstance(cls, type) and attrs.has(cls)):
+            raise PluginError(f"plugin {plugin!r} declared [{table}] with {cls!r}, which is not an attrs class")
+        try:
+            cls()
+        except Exception as exc:
+            raise PluginError(f"plugin {plugin!r} declared [{table}] with {cls.__name__}, which cannot be built "
+                              f"from its defaults: {exc}") from None
+        if any(section.cls is cls for section in self.sections):
+            raise PluginError(f"plugin {plugin!r} declared {cls.__name__} a second time")
+        fields = {f.name for f in attrs.fields(cls)}
+        for name in sorted(fields):
+            owner = self._key_owner.get((table, name))
+            if owner is not None:
+                raise PluginError(f"config key {table}.{name} is declared twice: by plugin {owner!r} and by "
+                                  f"plugin {plugin!r}")
+        for variable, key in (env or {}).items():
+            if key not in fields:
+                raise PluginError(f"plugin {plugin!r} maps {variable} to {table}.{key}, which {cls.__name__} "
+                                  "does not have")
+        for name in fields:
+            self._key_owner[(table, name)] = plugin
+        self.sections.append(ConfigSection(table=table, cls=cls, plugin=plugin, env=dict(env or {})))
+
+    def tables(self) -> dict[str, list[ConfigSection]]:
+        out: dict[str, list[ConfigSection]] = {}
+        for section in self.sections:
+            out.setdefault(section.table, []).append(section)
+        return out
+
+    def env_aliases(self) -> dict[str, tuple[str, str]]:
+        """Environment variable -> (table, key)."""
+        return {variable: (s.table, key) for s in self.sections for variable, key in s.env.items()}
+
+
 @attrs.frozen
 class Config:
     server: ServerConfig = ServerConfig()
@@ -170,14 +250,29 @@ class Config:
     pools: dict[str, PoolConfig] = attrs.field(factory=lambda: {"default": PoolConfig()})
     namespaces: dict[str, NamespaceConfig] = attrs.field(factory=_default_namespaces)
     storage: StorageConfig = StorageConfig()
-    postgres: PostgresConfig = PostgresConfig()
     plugins: PluginsConfig = PluginsConfig()
     environment: EnvironmentConfig = EnvironmentConfig()
     source: str | None = None
+    # Plugins' sections, by class, with the table each came from; `data` is what was loaded (tables as
+    # read, merged), kept so that a plugin registered after loading still gets its section validated.
+    sections: Mapping[type, Any] = attrs.field(factory=dict)
+    section_tables: Mapping[type, str] = attrs.field(factory=dict, eq=False, repr=False)
+    data: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
     def pool(self, connection_id: str) -> PoolConfig:
         """The pool settings for `connection_id`, falling back to `[pools.default]`."""
         return self.pools.get(connection_id) or self.pools.get("default") or PoolConfig()
+
+    def section(self, cls: type[T]) -> T:
+        """A plugin's validated section, by the class it declared."""
+        try:
+            return self.sections[cls]
+        except KeyError:
+            raise PluginError(f"no config section {cls.__name__} was declared by a loaded plugin "
+                              "(ondemand_config_sections)") from None
+
+
+# -- structuring ---------------------------------------------------------------------------------------
 
 
 def _converter() -> cattrs.Converter:
@@ -211,49 +306,8 @@ def _converter() -> cattrs.Converter:
 _CONVERTER = _converter()
 
 
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _env_value(text: str) -> Any:
-    """Environment values are TOML literals when they parse as one (5, true, "x"), else strings."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def _environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, text in environ.items():
-        # ONDEMAND_LIFECYCLE__IDLE_TIMEOUT=5 -> lifecycle.idle_timeout = 5
-        if name.startswith(ENV_PREFIX) and "__" in name:
-            path = name[len(ENV_PREFIX):].lower().split("__")
-            node = out
-            for part in path[:-1]:
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"{name} sets a key below {part!r}, which another variable sets to a value",
-                                      source="environment", key=".".join(path))
-            if isinstance(node.get(path[-1]), dict):
-                raise ConfigError(f"{name} sets {path[-1]!r}, which other variables use as a table",
-                                  source="environment", key=".".join(path))
-            node[path[-1]] = _env_value(text)
-    if environ.get("REDIS_URL"):
-        out = _merge(out, {"lifecycle": {"redis_url": environ["REDIS_URL"]}})
-    if environ.get("DATABASE_URL"):
-        out = _merge(out, {"postgres": {"dsn": environ["DATABASE_URL"]}})
-    return out
-
-
 def _describe(exc: Exception) -> tuple[str, str | None]:
-    """Turn a cattrs error into ('message', 'dotted.key')."""
+    """Turn a cattrs error into ('message', 'dotted.key' relative to what was structured)."""
     def describe_leaf(leaf: BaseException, type_: Any) -> str:
         if isinstance(leaf, FieldError):
             return f"{leaf.field}\x00{leaf}"
@@ -271,62 +325,138 @@ def _describe(exc: Exception) -> tuple[str, str | None]:
     message, _, where = first.rpartition(" @ ")
     if not message:
         return first, None
-    key = where.removeprefix("$").lstrip(".").replace("['", ".").replace("']", "")
+    key = where.removeprefix("$").replace("['", ".").replace("']", "").lstrip(".")
     field, sep, text = message.partition("\x00")
     if sep:
         key, message = (f"{key}.{field}" if key else field), text
     return message, key or None
 
 
-def config_from_dict(data: Mapping[str, Any], *, source: str | None = None) -> Config:
-    """Validate a plain dict (as read from TOML) into Config; raises ConfigError."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"expected a table at the top level, got {type(data).__name__}", source=source)
+class Origins:
+    """Where each value came from (a file, an environment variable, overrides), for error messages."""
+
+    def __init__(self, default: str | None = None) -> None:
+        self.default = default
+        self._by_path: dict[tuple[str, ...], str] = {}
+
+    def record(self, data: Mapping[str, Any], label: str, prefix: tuple[str, ...] = ()) -> None:
+        for key, value in data.items():
+            path = (*prefix, str(key))
+            # A later layer replaces what an earlier one said, for this key and everything below it.
+            for known in [p for p in self._by_path if p[:len(path)] == path]:
+                del self._by_path[known]
+            self._by_path[path] = label
+            if isinstance(value, Mapping):
+                self.record(value, label, path)
+
+    def of(self, dotted_key: str | None) -> str | None:
+        if dotted_key:
+            path = tuple(dotted_key.split("."))
+            for end in range(len(path), 0, -1):
+                if path[:end] in self._by_path:
+                    return self._by_path[path[:end]]
+        return self.default
+
+
+def _error(message: str, key: str | None, origins: Origins) -> ConfigError:
+    return ConfigError(message, source=origins.of(key), key=key)
+
+
+def structure(data: Any, cls: Any, where: str, origins: Origins) -> Any:
+    """Validate `data` into `cls`; a ConfigError names the dotted key below `where` and its origin."""
     try:
-        config = _CONVERTER.structure(dict(data), Config)
+        return _CONVERTER.structure(data, cls)
     except Exception as exc:
         message, key = _describe(exc)
-        raise ConfigError(message, source=source, key=key) from None
-    return attrs.evolve(config, source=source)
+        dotted = ".".join(part for part in (where, key) if part) or None
+        raise _error(message, dotted, origins) from None
 
 
-def load_config(
-    path: str | os.PathLike[str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    *,
-    environ: Mapping[str, str] | None = None,
+def _structure_table(table: str, data: Any, sections: list[ConfigSection], origins: Origins) -> dict[type, Any]:
+    if not isinstance(data, Mapping):
+        raise _error(f"expected a table, got {type(data).__name__}", table, origins)
+    owner = {f.name: s.cls for s in sections for f in attrs.fields(s.cls)}
+    for key in data:
+        if key not in owner:
+            raise _error(f"unknown key {key!r} in [{table}]; its keys are: {', '.join(sorted(owner))}",
+                         f"{table}.{key}", origins)
+    return {s.cls: structure({k: v for k, v in data.items() if owner[k] is s.cls}, s.cls, table, origins)
+            for s in sections}
+
+
+def build_config(
+    data: Mapping[str, Any], registry: SectionRegistry, *, source: str | None = None, origins: Origins | None = None,
 ) -> Config:
-    """Read `path` (or $ONDEMAND_CONFIG, or only defaults), apply overrides and the environment.
+    """Validate TOML-shaped data (tables merged from file, environment and overrides) into a Config."""
+    origins = origins or Origins(source)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a table at the top level, got {type(data).__name__}", source=source)
+    tables = registry.tables()
+    known = sorted({*tables, "pools", "namespaces"})
+    for name in data:
+        if name not in tables and name not in ("pools", "namespaces", "environment"):
+            raise _error(f"unknown section [{name}]; known sections: {', '.join(known)}", str(name), origins)
+    structured: dict[type, Any] = {}
+    section_tables: dict[type, str] = {}
+    for table, sections in tables.items():
+        structured |= _structure_table(table, data.get(table, {}), sections, origins)
+        section_tables |= {s.cls: table for s in sections}
+    core = {cls: structured.pop(cls) for _, cls in CORE_SECTIONS}
+    for cls in core:
+        section_tables.pop(cls)
+    keyed: dict[str, Any] = {}
+    for name, cls in (("pools", PoolConfig), ("namespaces", NamespaceConfig)):
+        if name in data:
+            keyed[name] = structure(data[name], dict[str, cls], name, origins)
+    environment = structure(data.get("environment", {}), EnvironmentConfig, "environment", origins)
+    return Config(
+        server=core[ServerConfig], lifecycle=core[LifecycleConfig], redis=core[RedisConfig],
+        storage=core[StorageConfig], plugins=core[PluginsConfig], environment=environment, source=source,
+        sections=structured, section_tables=section_tables, data=dict(data), **keyed,
+    )
 
-    Precedence, lowest first: defaults, the file, the environment, `overrides`.
-    """
-    environ = os.environ if environ is None else environ
-    if path is None and environ.get("ONDEMAND_CONFIG"):
-        path = environ["ONDEMAND_CONFIG"]
-    data: dict[str, Any] = {}
-    source = None
-    if path is not None:
-        source = str(path)
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError("file not found", source=source) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read: {exc}", source=source) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"not valid TOML: {exc}", source=source) from None
-        if "environment" in data or "source" in data:
-            raise ConfigError("'environment' and 'source' are set by the loader, not by files", source=source)
-    data = _merge(data, _environment_overrides(environ))
-    if overrides:
-        data = _merge(data, overrides)
-    data["environment"] = {"docker": bool(environ.get("DOCKER_ENV"))}
-    return config_from_dict(data, source=source)
+
+def with_sections(config: Config, registry: SectionRegistry) -> Config:
+    """`config` with every section of `registry` it lacks, validated from the data it was loaded from
+    (a plugin registered after loading, or a Config built by hand, whose sections take their defaults)."""
+    missing = [s for s in registry.sections if s.table not in dict(CORE_SECTIONS) and s.cls not in config.sections]
+    if not missing:
+        return config
+    origins = Origins(config.source)
+    sections, tables = dict(config.sections), dict(config.section_tables)
+    for section in missing:
+        table = config.data.get(section.table, {})
+        if not isinstance(table, Mapping):
+            raise _error(f"expected a table, got {type(table).__name__}", section.table, origins)
+        fields = {f.name for f in attrs.fields(section.cls)}
+        sections |= _structure_table(section.table, {k: v for k, v in table.items() if k in fields}, [section],
+                                     origins)
+        tables[section.cls] = section.table
+    return attrs.evolve(config, sections=sections, section_tables=tables)
+
+
+# -- back to plain data ----------------------------------------------------------------------------------
+
+
+def _sections_of(config: Config) -> Iterable[tuple[str, Any]]:
+    yield from (("server", config.server), ("lifecycle", config.lifecycle), ("redis", config.redis),
+                ("storage", config.storage), ("plugins", config.plugins), ("environment", config.environment))
+    for cls, value in config.sections.items():
+        yield config.section_tables.get(cls, cls.__name__.lower()), value
 
 
 def unstructure(config: Config) -> dict[str, Any]:
-    """The config as plain data; `config_from_dict` turns it back into an equal Config."""
-    return _CONVERTER.unstructure(config)
+    """The config as plain data, every plugin section merged into its table; `load_config`'s
+    `config_from_dict` turns it back into an equal Config."""
+    data: dict[str, Any] = {
+        "pools": _CONVERTER.unstructure(config.pools),
+        "namespaces": _CONVERTER.unstructure(config.namespaces),
+    }
+    for table, value in _sections_of(config):
+        data.setdefault(table, {}).update(_CONVERTER.unstructure(value))
+    if config.source is not None:
+        data["source"] = config.source
+    return data
 
 
 def redact_url(url: str) -> str:
@@ -338,12 +468,14 @@ def redact_url(url: str) -> str:
 
 
 def redact(config: Config) -> dict[str, Any]:
-    """The config as plain data with every secret replaced, for status output and check-config."""
-    data = _CONVERTER.unstructure(config)
-    lifecycle = data["lifecycle"]
-    if lifecycle.get("redis_url"):
-        lifecycle["redis_url"] = redact_url(lifecycle["redis_url"])
-    data["postgres"]["dsn"] = redact_url(data["postgres"]["dsn"])
-    if data["server"].get("api_token"):
-        data["server"]["api_token"] = "***"
+    """The config as plain data with every secret replaced (fields marked with SECRET), for status
+    output and check-config."""
+    data = unstructure(config)
+    for table, value in _sections_of(config):
+        for field in attrs.fields(type(value)):
+            kind = field.metadata.get(SECRET)
+            current = data[table].get(field.name)
+            if kind is None or current is None:
+                continue
+            data[table][field.name] = redact_url(current) if kind == "url" else "***"
     return data

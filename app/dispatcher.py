@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -25,8 +26,8 @@ import attrs
 import orjson
 
 from app.breaker import CircuitBreaker
-from app.errors import BackendUnavailable, InvalidInput, StorageUnavailable
-from app.plugins import Events
+from app.errors import BackendUnavailable, InvalidInput, StorageUnavailable, first_line
+from app.health import OutageTracker
 from app.storage import CacheStorage, DurableStorage, Entry, Namespace
 
 log = logging.getLogger("ondemand.dispatcher")
@@ -127,22 +128,23 @@ class Dispatcher:
         cache: CacheStorage,
         durable: DurableStorage | None,
         namespaces: Mapping[str, Namespace],
-        events: Events,
+        cache_health: OutageTracker,
         dirty_limit: int = 100_000,
     ) -> None:
+        """`namespaces` say whether each is durable; one marked durable needs a `durable` store."""
         self.cache = cache
         self.durable = durable
         self.namespaces = dict(namespaces)
+        if durable is None and any(ns.durable for ns in self.namespaces.values()):
+            raise ValueError("a durable namespace needs a durable storage")
         self.stats = {name: NamespaceStats() for name in self.namespaces}
-        self.events = events
         self.dirty_limit = dirty_limit
         self._dirty: set[str] = set()
         self._dirty_overflow = False
         self.breaker = CircuitBreaker(
             probe=cache.ping,
             on_recover=self._invalidate_stale,
-            on_open=lambda reason: events.emit("ondemand_degraded", component="cache", reason=reason),
-            on_close=lambda down: events.emit("ondemand_recovered", component="cache", down_seconds=round(down, 3)),
+            health=cache_health,
         )
 
     def namespace(self, name: str) -> Namespace:
@@ -152,9 +154,6 @@ class Dispatcher:
             raise InvalidInput(
                 f"unknown namespace {name!r}; configured: {', '.join(sorted(self.namespaces))}"
             ) from None
-
-    def _is_durable(self, ns: Namespace) -> bool:
-        return ns.durable and self.durable is not None
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -185,7 +184,7 @@ class Dispatcher:
                         return Lookup(value, "redis")
         else:
             cache_error = BackendUnavailable(f"Redis circuit breaker is open: {self.breaker.last_reason}")
-        if not self._is_durable(ns):
+        if not ns.durable:
             stats.misses += 1
             return Lookup(None, "miss")
         entry = await self._durable_call(stats, cache_error, lambda: self.durable.get_entry(ns, item_id))  # type: ignore[union-attr]
@@ -201,7 +200,10 @@ class Dispatcher:
         return Lookup(decode(raw), self.durable.name)  # type: ignore[union-attr]
 
     async def get_many(self, namespace: str, ids: Sequence[str]) -> list[Any]:
+        """Values for `ids` in order (None when absent): one cache round trip; in a durable namespace the
+        ids the cache lacks come from the durable store in one more, and are put back like `lookup` does."""
         ns = self.namespace(namespace)
+        ids = list(ids)
         for item_id in ids:
             check_id(item_id)
         stats = self.stats[ns.name]
@@ -213,22 +215,30 @@ class Dispatcher:
             except BackendUnavailable as exc:
                 cache_error = self._cache_failed(stats, exc, ())
         else:
-            cache_error = BackendUnavailable("Redis circuit breaker is open")
+            cache_error = BackendUnavailable(f"Redis circuit breaker is open: {self.breaker.last_reason}")
         values = [_CORRUPT if raw is None else decode(raw) for raw in raws]
+        corrupt = {i for i, raw in enumerate(raws) if raw is not None and values[i] is _CORRUPT}
+        stats.corrupt_values += len(corrupt)
         missing = [i for i, value in enumerate(values) if value is _CORRUPT]
         stats.hits += len(ids) - len(missing)
-        if missing and self._is_durable(ns):
+        if missing and ns.durable:
             found = await self._durable_call(
-                stats, cache_error, lambda: self.durable.get_many(ns, [ids[i] for i in missing])  # type: ignore[union-attr]
+                stats, cache_error, lambda: self.durable.get_entries(ns, [ids[i] for i in missing])  # type: ignore[union-attr]
             )
-            # Not put back into Redis: get_many does not learn each row's remaining ttl.
-            for i, raw in zip(missing, found, strict=True):
-                if raw is not None:
-                    values[i] = decode(raw)
-                    stats.durable_hits += 1
-        result = [None if value is _CORRUPT else value for value in values]
+            if cache_error is not None:
+                stats.fallback_reads += len(missing)
+            backfills = []
+            for i, entry in zip(missing, found, strict=True):
+                if entry is None:
+                    continue
+                raw, remaining = entry
+                values[i] = decode(raw)
+                stats.durable_hits += 1
+                if cache_error is None:
+                    backfills.append(self._backfill(stats, ns, ids[i], raw, remaining, replace_corrupt=i in corrupt))
+            await asyncio.gather(*backfills)  # issued in one loop tick: one pipelined round trip
         stats.misses += sum(1 for value in values if value is _CORRUPT)
-        return result
+        return [None if value is _CORRUPT else value for value in values]
 
     async def _backfill(
         self, stats: NamespaceStats, ns: Namespace, item_id: str, raw: bytes, remaining: float | None,
@@ -258,7 +268,7 @@ class Dispatcher:
         raw = encode(value)
         stats = self.stats[ns.name]
         stats.writes += 1
-        if self._is_durable(ns):
+        if ns.durable:
             await self._durable_call(stats, None, lambda: self.durable.set(ns, item_id, raw, ttl))  # type: ignore[union-attr]
         if self.breaker.closed:  # the common case, inline: no closure, no extra frame
             try:
@@ -285,7 +295,7 @@ class Dispatcher:
         ns = self.namespace(namespace)
         check_id(item_id)
         ttl = check_ttl(ttl, ns.ttl)
-        if self._is_durable(ns):
+        if ns.durable:
             current = await self.get(namespace, item_id)
             if current is not None and not isinstance(current, list):
                 raise ns.not_a_list(item_id)
@@ -315,7 +325,7 @@ class Dispatcher:
             check_id(item_id)
             entry = Entry(ns, item_id, encode(value), check_ttl(ttl, ns.ttl))
             prepared.append(entry)
-            if self._is_durable(ns):
+            if ns.durable:
                 durable.append(entry)
         if not prepared:
             return
@@ -338,10 +348,10 @@ class Dispatcher:
         stats = self.stats[ns.name]
         stats.deletes += len(ids)
         removed = 0
-        if self._is_durable(ns):
+        if ns.durable:
             removed = await self._durable_call(stats, None, lambda: self.durable.delete(ns, ids))  # type: ignore[union-attr]
         cached = await self._cache_write(stats, [ns.key(i) for i in ids], lambda: self.cache.delete(ns, ids))
-        if self._is_durable(ns):
+        if ns.durable:
             return removed
         return 0 if cached is _NOT_WRITTEN else cached
 
@@ -353,17 +363,17 @@ class Dispatcher:
             raise InvalidInput("ttl is required for expire")
         stats = self.stats[ns.name]
         found = False
-        if self._is_durable(ns):
+        if ns.durable:
             found = await self._durable_call(stats, None, lambda: self.durable.expire(ns, item_id, checked))  # type: ignore[union-attr]
         cached = await self._cache_write(stats, (ns.key(item_id),), lambda: self.cache.expire(ns, item_id, checked))
-        if self._is_durable(ns):
+        if ns.durable:
             return found
         return cached is not _NOT_WRITTEN and bool(cached)
 
     # -- failure handling ---------------------------------------------------------------------
 
     def _count_lost_write(self, stats: NamespaceStats, ns: Namespace) -> None:
-        if self._is_durable(ns):
+        if ns.durable:
             stats.fallback_writes += 1
         else:
             stats.dropped_writes += 1
@@ -391,15 +401,15 @@ class Dispatcher:
             stats.durable_errors += 1
             if cache_error is not None:
                 raise StorageUnavailable(
-                    f"Redis and the durable store are both unavailable (Redis: {str(cache_error).splitlines()[0]}; "
-                    f"durable: {str(exc).splitlines()[0]})"
+                    f"Redis and the durable store are both unavailable (Redis: {first_line(cache_error)}; "
+                    f"durable: {first_line(exc)})"
                 ) from exc
             raise
 
     def _cache_failed(self, stats: NamespaceStats, exc: BackendUnavailable, keys: Iterable[str]) -> BackendUnavailable:
         stats.cache_errors += 1
         self._mark_dirty(keys)
-        self.breaker.failure(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        self.breaker.failure(first_line(exc))
         return exc
 
     def _mark_dirty(self, keys: Iterable[str]) -> None:

@@ -90,3 +90,11 @@ class StorageUnavailable(BackendUnavailable):
     """No store could serve the operation: every configured backend is down."""
 
     code = "storage_unavailable"
+
+
+def first_line(error: BaseException | str) -> str:
+    """The first line of an error's message (the rest is often a log tail), or its type's name."""
+    text = str(error).strip()
+    if text:
+        return text.splitlines()[0]
+    return "" if isinstance(error, str) else type(error).__name__

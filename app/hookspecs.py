@@ -1,9 +1,9 @@
 """Every hook of ondemand. Plugins implement them with `@app.hookimpl`.
 
-Hooks register named factories at startup and observe lifecycle events. None of them is on the
-per-operation path: the runtime calls the objects the factories made directly.
-Observer hooks are called synchronously from the event loop; keep them quick and never block.
-An exception raised by an observer is logged and does not disturb the service.
+Hooks declare config sections, register named factories at startup and observe lifecycle events.
+None of them is on the per-operation path: the runtime calls the objects the factories made directly
+(pluggy cannot await). Observer hooks are called synchronously from the event loop; keep them quick
+and never block. An exception raised by an observer is logged and does not disturb the service.
 """
 
 from __future__ import annotations
@@ -13,12 +13,18 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from app.config import Config
-    from app.plugins import Registry
+    from app.config import Config, SectionRegistry
+    from app.host import HostService
+    from app.registry import Registry
 
 PROJECT = "ondemand"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def ondemand_config_sections(sections: SectionRegistry) -> None:
+    """Declare config tables: `sections.add("name", FrozenAttrsClass, env={"VAR": "key"})`. Collects all."""
 
 
 @hookspec(historic=True)
@@ -28,12 +34,19 @@ def ondemand_configure(config: Config) -> None:
 
 @hookspec
 def ondemand_register_lifecycles(registry: Registry) -> None:
-    """Add lifecycle factories with `registry.add(name, factory)`; factory(runtime) -> Lifecycle. Collects all."""
+    """Add lifecycle factories with `registry.add(name, factory)`; factory(LifecycleContext) -> Lifecycle.
+    Collects all."""
 
 
 @hookspec
 def ondemand_register_storages(registry: Registry) -> None:
-    """Add storage factories with `registry.add(name, factory)`; factory(runtime) -> Storage. Collects all."""
+    """Add storage factories with `registry.add(name, factory)`; factory(StorageContext) -> Storage. Collects all."""
+
+
+@hookspec
+def ondemand_host_services(config: Config) -> HostService | None:
+    """A service that must run once per host for N workers (an embedded database server), or None.
+    Called by the supervisor of `--workers N` before the workers start. Collects all."""
 
 
 @hookspec
@@ -53,7 +66,7 @@ def ondemand_redis_idle_stopped(lifecycle: str, pid: int | None, idle_seconds: f
 
 @hookspec
 def ondemand_degraded(component: str, reason: str) -> None:
-    """`component` (e.g. "redis", "postgres") stopped serving; `reason` says why. Collects all."""
+    """`component` ("redis", or the durable storage's name) stopped serving; `reason` says why. Collects all."""
 
 
 @hookspec

@@ -10,16 +10,16 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import attrs
 import hiredis
+import redis.asyncio as aioredis
 
+from app.config import Config
 from app.errors import ConfigError, SpawnError
-
-if TYPE_CHECKING:
-    from app.runtime import Runtime
+from app.events import Events
 
 
 @attrs.frozen
@@ -41,6 +41,28 @@ class RedisEndpoint:
         if self.unix_socket:
             return f"unix://{auth}{self.unix_socket}?db={self.db}"
         return f"redis://{auth}{self.host}:{self.port}/{self.db}"
+
+    async def open_connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A stream connection to the server (unbounded: callers wrap it in their own timeout)."""
+        if self.unix_socket:
+            return await asyncio.open_unix_connection(self.unix_socket)
+        return await asyncio.open_connection(self.host, self.port)
+
+    async def create_connection(self, protocol: asyncio.Protocol) -> None:
+        """Connect `protocol` to the server (callers bound the wait)."""
+        loop = asyncio.get_running_loop()
+        if self.unix_socket:
+            await loop.create_unix_connection(lambda: protocol, self.unix_socket)
+        else:
+            await loop.create_connection(lambda: protocol, self.host, self.port)
+
+    def client_options(self) -> dict[str, Any]:
+        """Where and how a redis.asyncio connection pool connects: address, credentials, database."""
+        where: dict[str, Any] = (
+            {"connection_class": aioredis.UnixDomainSocketConnection, "path": self.unix_socket}
+            if self.unix_socket else {"host": self.host, "port": self.port}
+        )
+        return {**where, "password": self.password, "username": self.username, "db": self.db}
 
     @classmethod
     def from_url(cls, url: str) -> RedisEndpoint:
@@ -123,8 +145,17 @@ class WithoutProcess:
         """Nothing of ours to stop."""
 
 
+@attrs.frozen
+class LifecycleContext:
+    """What a lifecycle factory gets: the config (its own section through `config.section(...)`) and
+    the events to emit."""
+
+    config: Config
+    events: Events
+
+
 class LifecycleFactory(Protocol):
-    def __call__(self, runtime: Runtime) -> Lifecycle: ...
+    def __call__(self, context: LifecycleContext) -> Lifecycle: ...
 
 
 def resolve_lifecycle_name(plugin: str, *, docker: bool, skip_in_docker: bool) -> str:
@@ -136,10 +167,7 @@ def resolve_lifecycle_name(plugin: str, *, docker: bool, skip_in_docker: bool) -
 
 async def probe(endpoint: RedisEndpoint, expected_pid: int | None) -> bool:
     """PING, and check INFO's process_id is our child's; SpawnError if a foreign server answers."""
-    if endpoint.unix_socket:
-        reader, writer = await asyncio.open_unix_connection(endpoint.unix_socket)
-    else:
-        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+    reader, writer = await endpoint.open_connection()
     try:
         commands = [("PING",), ("INFO", "server")]
         if endpoint.password is not None:

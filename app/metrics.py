@@ -20,8 +20,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
-REDIS_STATES = ("stopped", "starting", "running", "stopping", "failed", "disabled")
+from app.breaker import BreakerState
+from app.ondemand import RedisState
+
+# The gauge value of each breaker state, and every Redis state: from the enums beside their owners.
+BREAKER_STATES = {state.value: index for index, state in enumerate(BreakerState)}
+REDIS_STATES = tuple(state.value for state in RedisState)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

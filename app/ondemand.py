@@ -20,90 +20,47 @@ import os
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from enum import StrEnum
 from typing import Any, TypeVar
 
 import attrs
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from app.config import Config
-from app.errors import BackendUnavailable, RedisCommandError, RedisDisabled, RedisTimeout, RedisUnavailable
+from app.errors import (
+    BackendUnavailable,
+    RedisCommandError,
+    RedisDisabled,
+    RedisTimeout,
+    RedisUnavailable,
+    first_line,
+)
+from app.events import Events
+from app.health import OutageTracker
 from app.lifecycle import Lifecycle, RedisEndpoint
 from app.pipeline import Command, PipelinedConnection
-from app.plugins import Events
+from app.pools import NamedPool, client_pool
 
 log = logging.getLogger("ondemand.redis")
 T = TypeVar("T")
 
-STOPPED, STARTING, RUNNING, STOPPING, FAILED, DISABLED = (
-    "stopped", "starting", "running", "stopping", "failed", "disabled",
-)
+
+
+class RedisState(StrEnum):
+    STOPPED = "stopped"  # not started yet, or stopped for idleness: the next operation starts it
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FAILED = "failed"  # would not start, or died: the next start waits out the backoff
+    DISABLED = "disabled"  # the lifecycle provides no Redis (`noop`)
+
+
+STOPPED, STARTING, RUNNING, STOPPING, FAILED, DISABLED = RedisState
+# The cause under which this state machine reports to the Redis outage tracker (the breaker is another).
+_SERVER_CAUSE = "server"
 # A server that dies sooner than this after starting does not reset the restart backoff.
 _STABLE_UPTIME = 30.0
-
-
-@attrs.define
-class NamedPool:
-    """Connections for one `connection_id`: a pipelined connection and a redis.asyncio pool."""
-
-    name: str
-    max_connections: int
-    keep_alive: float
-    last_used: float
-    mux: PipelinedConnection | None = None
-    mux_connecting: asyncio.Future[PipelinedConnection] | None = None
-    client_pool: aioredis.BlockingConnectionPool | None = None
-    leases: int = 0
-    opens: int = 0
-    idle_closes: int = 0
-
-    @property
-    def is_open(self) -> bool:
-        return (self.mux is not None and not self.mux.closed) or self.client_pool is not None
-
-    @property
-    def busy(self) -> bool:
-        return self.leases > 0 or self.mux_connecting is not None or (self.mux is not None and self.mux.busy)
-
-    async def close(self, reason: str) -> None:
-        mux, client_pool = self.mux, self.client_pool
-        self.mux = self.client_pool = None
-        if mux is not None:
-            mux.close(reason)
-        if client_pool is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1.0):
-                    await client_pool.aclose()
-
-    def close_soon(self, reason: str) -> None:
-        """Like close, from synchronous code: the redis.asyncio pool closes in a task of its own."""
-        mux, client_pool = self.mux, self.client_pool
-        self.client_pool = None
-        if mux is not None:
-            mux.close(reason)
-        if client_pool is not None:
-            task = asyncio.ensure_future(client_pool.aclose())
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-    def stats(self, now: float) -> dict[str, Any]:
-        in_use = len(getattr(self.client_pool, "_in_use_connections", ()) or ())
-        return {
-            "open": self.is_open,
-            "max_connections": self.max_connections,
-            "keep_alive": self.keep_alive,
-            "idle_seconds": round(now - self.last_used, 3),
-            "leases": self.leases,
-            "client_connections_in_use": in_use,
-            "pipeline": None if self.mux is None else {
-                "connected": not self.mux.closed,
-                "batches": self.mux.batches_written,
-                "commands": self.mux.commands_written,
-            },
-            "opens": self.opens,
-            "idle_closes": self.idle_closes,
-        }
 
 
 @attrs.define
@@ -121,10 +78,11 @@ class RedisCounters:
 class OnDemandRedis:
     """See the module docstring. One per Runtime; reach it as `rt.on_demand`."""
 
-    def __init__(self, lifecycle: Lifecycle, config: Config, events: Events) -> None:
+    def __init__(self, lifecycle: Lifecycle, config: Config, events: Events, health: OutageTracker) -> None:
         self.lifecycle = lifecycle
         self.config = config
         self.events = events
+        self.health = health
         self.counters = RedisCounters()
         self.pools: dict[str, NamedPool] = {}
         self.state = STOPPED if lifecycle.provides_redis else DISABLED
@@ -133,15 +91,12 @@ class OnDemandRedis:
         self._start_task: asyncio.Task[RedisEndpoint] | None = None
         self._endpoint: RedisEndpoint | None = None
         self._running_since: float | None = None
-        self._down_since: float | None = None  # monotonic, for durations
-        self._down_since_wall: float | None = None  # epoch seconds, for status
         self._last_error: BackendUnavailable | None = None
         self._retry_at = 0.0
         self._backoff = config.lifecycle.restart_backoff
         self._janitor: asyncio.Task[None] | None = None
         self._closed = False
         self.last_used = time.monotonic()
-        self._leases = 0
         self._pid = os.getpid()
         lifecycle.set_exit_callback(self._on_server_exit)
         # A forked copy of this process must neither use our connections nor stop our server.
@@ -188,10 +143,6 @@ class OnDemandRedis:
         conn = await self._connect_mux(pool)
         self.counters.commands += 1
         return await conn.execute(*args)
-
-    def execute_many(self, commands: Sequence[Command], *, connection_id: str = "default") -> Awaitable[list[Any]]:
-        """Run several commands in one write and one round trip; raises the first error, if any."""
-        return self.execute_grouped({connection_id: commands})
 
     async def execute_grouped(self, groups: Mapping[str, Sequence[Command]]) -> list[Any]:
         """Run each pool's commands as one batch, all pools in the same loop turn; replies in order.
@@ -280,12 +231,11 @@ class OnDemandRedis:
         if keep_alive is not None:
             pool.keep_alive = keep_alive
         pool.leases += 1
-        self._leases += 1
         self.last_used = pool.last_used = time.monotonic()
         try:
             endpoint = await self.ensure()
             if pool.client_pool is None:
-                pool.client_pool = self._client_pool(endpoint, pool.max_connections)
+                pool.client_pool = client_pool(endpoint, self.config.redis, pool.max_connections)
                 pool.opens += 1
             client = aioredis.Redis(connection_pool=pool.client_pool, single_connection_client=True)
             try:
@@ -304,26 +254,7 @@ class OnDemandRedis:
                     await client.aclose()
         finally:
             pool.leases -= 1
-            self._leases -= 1
             self.last_used = pool.last_used = time.monotonic()
-
-    def _client_pool(self, endpoint: RedisEndpoint, max_connections: int) -> aioredis.BlockingConnectionPool:
-        redis_config = self.config.redis
-        common: dict[str, Any] = {
-            "max_connections": max_connections,
-            "timeout": redis_config.connect_timeout,  # bounded wait for a free connection
-            "socket_timeout": redis_config.op_timeout,
-            "socket_connect_timeout": redis_config.connect_timeout,
-            "retry": Retry(NoBackoff(), 0),  # redis-py's default retries would multiply every bound
-            "password": endpoint.password,
-            "username": endpoint.username,
-            "db": endpoint.db,
-        }
-        if endpoint.unix_socket:
-            return aioredis.BlockingConnectionPool(
-                connection_class=aioredis.UnixDomainSocketConnection, path=endpoint.unix_socket, **common
-            )
-        return aioredis.BlockingConnectionPool(host=endpoint.host, port=endpoint.port, **common)
 
     def _new_pool(self, connection_id: str, keep_alive: float | None) -> NamedPool:
         pool_config = self.config.pool(connection_id)
@@ -367,7 +298,6 @@ class OnDemandRedis:
             async with self._lock:
                 if self.state == RUNNING and self._endpoint is not None:
                     return self._endpoint
-                previous = self.state
                 self.state = STARTING
                 self.counters.spawns += 1
                 began = time.monotonic()
@@ -386,12 +316,9 @@ class OnDemandRedis:
                 self.last_used = time.monotonic()
                 self._ensure_janitor()
                 seconds = time.monotonic() - began
-                self.events.emit("ondemand_redis_ready", lifecycle=self.lifecycle.name,
-                                 pid=self.lifecycle.pid(), endpoint=endpoint.describe(), seconds=round(seconds, 4))
-                if previous == FAILED and self._down_since is not None:
-                    self.events.emit("ondemand_recovered", component="redis",
-                                     down_seconds=round(time.monotonic() - self._down_since, 3))
-                self._down_since = self._down_since_wall = None
+                self.events.redis_ready(lifecycle=self.lifecycle.name, pid=self.lifecycle.pid(),
+                                        endpoint=endpoint.describe(), seconds=round(seconds, 4))
+                self.health.up(cause=_SERVER_CAUSE)
                 self._last_error = None
                 return endpoint
         finally:
@@ -404,9 +331,7 @@ class OnDemandRedis:
         self._last_error = exc
         self._retry_at = now + self._backoff
         self._backoff = min(self._backoff * 2, self.config.lifecycle.restart_backoff_max)
-        if self._down_since is None:
-            self._down_since, self._down_since_wall = now, time.time()
-            self.events.emit("ondemand_degraded", component="redis", reason=str(exc).splitlines()[0])
+        self.health.down(exc, cause=_SERVER_CAUSE)
         log.warning("redis unavailable: %s", exc)
 
     def _on_server_exit(self, description: str, failure: bool = True) -> None:
@@ -428,7 +353,7 @@ class OnDemandRedis:
             self._backoff = self.config.lifecycle.restart_backoff
         self.counters.unexpected_exits += 1
         self._endpoint = None
-        self._close_connections(f"Redis server exited: {description.splitlines()[0]}")
+        self._close_connections(f"Redis server exited: {first_line(description)}")
         self._mark_failed(RedisUnavailable(description))
 
     def _close_connections(self, reason: str) -> None:
@@ -441,7 +366,7 @@ class OnDemandRedis:
         return (
             now - self.last_used >= idle_timeout
             and (shared_idle is None or shared_idle >= idle_timeout)
-            and self._leases == 0
+            and not any(pool.leases for pool in self.pools.values())
             and not any(pool.busy for pool in self.pools.values())
         )
 
@@ -466,8 +391,7 @@ class OnDemandRedis:
                 self.state = STOPPED
                 self._running_since = None
             self.counters.idle_stops += 1
-            self.events.emit("ondemand_redis_idle_stopped", lifecycle=self.lifecycle.name,
-                             pid=pid, idle_seconds=round(idle_for, 3))
+            self.events.redis_idle_stopped(lifecycle=self.lifecycle.name, pid=pid, idle_seconds=round(idle_for, 3))
             return True
 
     def _ensure_janitor(self) -> None:
@@ -516,7 +440,7 @@ class OnDemandRedis:
             ),
             "last_error": str(self._last_error) if self._last_error else None,
             "retry_in": round(retry_in, 3) if retry_in is not None else None,
-            "degraded_since": self._down_since_wall,
+            "degraded_since": self.health.down_since,
             "pools": {name: pool.stats(now) for name, pool in sorted(self.pools.items())},
             "counters": attrs.asdict(self.counters),
             **self.lifecycle.status(),
@@ -549,4 +473,4 @@ class OnDemandRedis:
             finally:
                 if self.state != DISABLED:
                     self.state = STOPPED
-            self.events.emit("ondemand_shutdown", lifecycle=self.lifecycle.name, pid=pid)
+            self.events.shutdown(lifecycle=self.lifecycle.name, pid=pid)

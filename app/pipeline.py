@@ -92,10 +92,7 @@ class PipelinedConnection:
         conn = cls(op_timeout=op_timeout, max_batch=max_batch, loop=loop, on_failure=on_failure)
         try:
             async with asyncio.timeout(connect_timeout):
-                if endpoint.unix_socket:
-                    await loop.create_unix_connection(lambda: conn._protocol, endpoint.unix_socket)
-                else:
-                    await loop.create_connection(lambda: conn._protocol, endpoint.host, endpoint.port)
+                await endpoint.create_connection(conn._protocol)
         except TimeoutError:
             conn.close()
             raise RedisTimeout(f"connecting to {endpoint.describe()} took over {connect_timeout:g} s") from None

@@ -20,9 +20,17 @@ from pathlib import Path
 
 import attrs
 
-from app.errors import SpawnError
+from app.errors import OndemandError
 
 _PR_SET_PDEATHSIG = 1
+
+
+class ProcessError(OndemandError):
+    """A child could not be executed, exited while starting, or was not ready in time. The message
+    names the child and carries the tail of its log. Each caller maps it to its own error (a Redis
+    that will not start is a ProcessError, a PostgreSQL that will not start a PostgresUnavailable)."""
+
+    code = "process_error"
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:
@@ -95,7 +103,7 @@ class ChildProcess:
         user: str | None = None,
         inherit_output: bool = False,
     ) -> ChildProcess:
-        """Start `argv`; raises SpawnError if it cannot be executed at all.
+        """Start `argv`; raises ProcessError if it cannot be executed at all.
 
         Output goes to `log_path`, or to our own stdout/stderr with `inherit_output` (workers, whose
         log lines the operator wants to see). Without `env` the child gets `minimal_environment()`.
@@ -118,7 +126,7 @@ class ChildProcess:
                     preexec_fn=_die_with_parent(os.getpid()),
                 )
             except OSError as exc:
-                raise SpawnError(f"cannot execute {argv[0]!r} for {name}: {exc.strerror or exc}") from exc
+                raise ProcessError(f"cannot execute {argv[0]!r} for {name}: {exc.strerror or exc}") from exc
         return cls(name=name, argv=tuple(argv), log_path=log_path, process=process)
 
     async def wait_ready(
@@ -142,13 +150,13 @@ class ChildProcess:
         try:
             while True:
                 if exited.done():
-                    raise SpawnError(self.describe_exit())
+                    raise ProcessError(self.describe_exit())
                 with contextlib.suppress(OSError, asyncio.TimeoutError, EOFError):
                     async with asyncio.timeout(max(0.001, min(0.5, deadline - loop.time()))):
                         if await probe():
                             return loop.time() - start
                 if loop.time() >= deadline:
-                    raise SpawnError(
+                    raise ProcessError(
                         f"{self.name} (pid {self.pid}) was not ready within {timeout:g} s; "
                         f"last lines of {self.log_path}:\n{log_tail(self.log_path)}"
                     )

@@ -1,9 +1,11 @@
-"""Runtime: owns the plugin manager, the lifecycle, the storages, the dispatcher and CacheService.
+"""Runtime: assembles the plugins, the lifecycle, the storages, the dispatcher and CacheService.
 
     async with Runtime(config) as rt:
         await rt.cache.cache_session("s1", {"user": 1}, ttl=60)
 
-Starting a Runtime spawns nothing: Redis starts on the first operation that needs it.
+Starting a Runtime spawns nothing: Redis starts on the first operation that needs it. Every object is
+built into a local, its teardown registered on one exit stack as it is made, and assigned to the
+runtime only once the whole runtime stands; `close` unwinds the stack in reverse order.
 """
 
 from __future__ import annotations
@@ -12,101 +14,152 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable
+from enum import StrEnum
 from typing import Any
 
-import pluggy
+import attrs
 
+from app.breaker import BreakerState
 from app.cache import CacheService
-from app.config import Config, load_config
+from app.config import Config, with_sections
+from app.configure import load_config
 from app.dispatcher import Dispatcher
 from app.errors import PluginError
-from app.lifecycle import Lifecycle, LifecycleFactory, resolve_lifecycle_name
-from app.ondemand import OnDemandRedis
-from app.plugins import Events, Registry, make_plugin_manager
-from app.storage import CacheStorage, DurableStorage, Namespace, Storage, StorageFactory
+from app.health import OutageTracker
+from app.lifecycle import Lifecycle, LifecycleContext, LifecycleFactory, resolve_lifecycle_name
+from app.ondemand import OnDemandRedis, RedisState
+from app.plugins import Plugins
+from app.registry import Registry
+from app.storage import CacheStorage, DurableStorage, Namespace, StorageContext, StorageFactory
+
+
+class Readiness(StrEnum):
+    READY = "ready"  # every configured store serves
+    DEGRADED = "degraded"  # one is down, the other serves
+    UNAVAILABLE = "unavailable"  # a durable store is configured and down, and so is Redis
+
+
+@attrs.frozen
+class ReadinessReport:
+    state: Readiness
+    redis_ok: bool
+    durable_ok: bool | None  # None: no durable store configured
+
+    @property
+    def serving(self) -> bool:
+        return self.state != Readiness.UNAVAILABLE
 
 
 class Runtime:
+    """See the module docstring. Attributes exist once `start()` returned."""
+
+    config: Config
+    plugins: Plugins
+    lifecycle: Lifecycle
+    on_demand: OnDemandRedis
+    cache_storage: CacheStorage
+    durable_storage: DurableStorage | None
+    dispatcher: Dispatcher
+    cache: CacheService
+    lifecycles: Registry[LifecycleFactory]
+    storages: Registry[StorageFactory]
+    redis_health: OutageTracker
+    durable_health: OutageTracker | None
+
     def __init__(self, config: Config | None = None, *, plugins: Iterable[object] = ()) -> None:
-        self.config = config if config is not None else load_config()
+        self._config = config
+        if config is not None:
+            self.config = config  # until start() adds the plugins' sections
         self._extra_plugins = tuple(plugins)
         self.started_at = time.time()
-        self.pm: pluggy.PluginManager
-        self.events: Events
-        self.lifecycles: Registry[LifecycleFactory]
-        self.storages: Registry[StorageFactory]
-        self.lifecycle: Lifecycle
-        self.on_demand: OnDemandRedis
-        self.cache_storage: CacheStorage
-        self.durable_storage: DurableStorage | None = None
-        self.dispatcher: Dispatcher
-        self.cache: CacheService
-        self._opened: list[Storage] = []
+        self._stack: contextlib.AsyncExitStack | None = None
         self._pid = os.getpid()
 
     async def start(self) -> Runtime:
-        config = self.config
-        self.pm = make_plugin_manager(config, self._extra_plugins)
-        self.events = Events(self.pm)
-        self.lifecycles = Registry("lifecycle").collect(self.pm.hook.ondemand_register_lifecycles)
-        self.storages = Registry("storage").collect(self.pm.hook.ondemand_register_storages)
-        lifecycle_name = resolve_lifecycle_name(
-            config.lifecycle.plugin, docker=config.environment.docker, skip_in_docker=config.lifecycle.skip_in_docker
-        )
-        self.lifecycle = self.lifecycles.get(lifecycle_name)(self)
-        self.on_demand = OnDemandRedis(self.lifecycle, config, self.events)
-        cache = self.storages.get(config.storage.cache)(self)
-        if not isinstance(cache, CacheStorage):
-            raise PluginError(f"storage {config.storage.cache!r} cannot serve as the cache: it lacks "
-                              "ping, set_if_absent, append_list, delete_keys or delete_prefix")
-        self.cache_storage = cache
-        if config.storage.durable:
-            durable = self.storages.get(config.storage.durable)(self)
-            if not isinstance(durable, DurableStorage):
-                raise PluginError(f"storage {config.storage.durable!r} cannot serve as the durable store: "
-                                  "it lacks get_entry")
-            self.durable_storage = durable
-        try:
-            for storage in (self.cache_storage, self.durable_storage):
+        async with contextlib.AsyncExitStack() as stack:
+            config = self._config if self._config is not None else load_config(plugins=self._extra_plugins)
+            plugins = Plugins(config.plugins.disable, self._extra_plugins)
+            config = with_sections(config, plugins.config_sections())
+            plugins.configure(config)
+            events = plugins.events
+            lifecycles, storages = plugins.lifecycles(), plugins.storages()
+
+            lifecycle_name = resolve_lifecycle_name(
+                config.lifecycle.plugin, docker=config.environment.docker,
+                skip_in_docker=config.lifecycle.skip_in_docker,
+            )
+            lifecycle = lifecycles.get(lifecycle_name)(LifecycleContext(config=config, events=events))
+            redis_health = OutageTracker("redis", events)
+            on_demand = OnDemandRedis(lifecycle, config, events, redis_health)
+            stack.push_async_callback(on_demand.close)  # last out: after every storage
+
+            cache = storages.get(config.storage.cache)(StorageContext(config, events, on_demand, redis_health))
+            if not isinstance(cache, CacheStorage):
+                raise PluginError(f"storage {config.storage.cache!r} cannot serve as the cache: it lacks "
+                                  "ping, set_if_absent, append_list, delete_keys or delete_prefix")
+            durable: DurableStorage | None = None
+            durable_health: OutageTracker | None = None
+            if config.storage.durable:
+                durable_health = OutageTracker(config.storage.durable, events)
+                made = storages.get(config.storage.durable)(StorageContext(config, events, on_demand, durable_health))
+                if not isinstance(made, DurableStorage):
+                    raise PluginError(f"storage {config.storage.durable!r} cannot serve as the durable store: "
+                                      "it lacks get_entry or get_entries")
+                durable = made
+            for storage in (cache, durable):
                 if storage is not None:
                     await storage.open()
-                    self._opened.append(storage)
-        except BaseException:
-            await self.close()
-            raise
-        prefix = config.redis.key_prefix
-        namespaces = {
-            name: Namespace(name=name, ttl=ns.ttl, durable=ns.durable, connection_id=ns.connection_id,
-                            key_prefix=f"{prefix}:{name}:")
-            for name, ns in config.namespaces.items()
-        }
-        self.dispatcher = Dispatcher(cache=self.cache_storage, durable=self.durable_storage,
-                                     namespaces=namespaces, events=self.events)
-        self.cache = CacheService(self.dispatcher)
+                    stack.push_async_callback(_close_quietly, storage)
+
+            prefix = config.redis.key_prefix
+            namespaces = {
+                name: Namespace(name=name, ttl=ns.ttl, durable=ns.durable and durable is not None,
+                                connection_id=ns.connection_id, key_prefix=f"{prefix}:{name}:")
+                for name, ns in config.namespaces.items()
+            }
+            dispatcher = Dispatcher(cache=cache, durable=durable, namespaces=namespaces, cache_health=redis_health)
+            stack.push_async_callback(dispatcher.close)
+
+            self.config, self.plugins, self.lifecycles, self.storages = config, plugins, lifecycles, storages
+            self.lifecycle, self.on_demand, self.redis_health = lifecycle, on_demand, redis_health
+            self.cache_storage, self.durable_storage, self.durable_health = cache, durable, durable_health
+            self.dispatcher, self.cache = dispatcher, CacheService(dispatcher)
+            self._stack = stack.pop_all()
         return self
 
     async def close(self) -> None:
         """Close in reverse order of opening; every step bounded, every step attempted."""
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
         if os.getpid() != self._pid:
             # A forked copy: the servers and connections are the parent's. on_demand forgot its own
             # at fork and may have started a server of this process's, which it stops here.
-            if hasattr(self, "on_demand"):
-                await self.on_demand.close()
-            return
-        if hasattr(self, "dispatcher"):
-            await self.dispatcher.close()
-        while self._opened:
-            storage = self._opened.pop()
-            with contextlib.suppress(Exception):
-                await storage.close()
-        if hasattr(self, "on_demand"):
             await self.on_demand.close()
+            return
+        await stack.aclose()
 
     async def __aenter__(self) -> Runtime:
         return await self.start()
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+    def readiness(self) -> ReadinessReport:
+        """Which stores can serve. Redis is down when its breaker is not closed or the server failed or is
+        disabled (a stopped server is fine: it starts on demand); the durable store when its outage
+        tracker says so. Unavailable only when a durable store is configured and down and Redis is down
+        too (every request touching a durable namespace would fail); any other outage is degraded."""
+        redis_ok = (self.dispatcher.breaker.state == BreakerState.CLOSED
+                    and self.on_demand.state not in (RedisState.FAILED, RedisState.DISABLED))
+        durable_ok = None if self.durable_health is None else not self.durable_health.degraded
+        if redis_ok and durable_ok is not False:
+            state = Readiness.READY
+        elif redis_ok or durable_ok is not False:
+            state = Readiness.DEGRADED
+        else:
+            state = Readiness.UNAVAILABLE
+        return ReadinessReport(state=state, redis_ok=redis_ok, durable_ok=durable_ok)
 
     def status(self) -> dict[str, Any]:
         """JSON-serializable; the same document as GET /api/cache/status. No secrets."""
@@ -119,5 +172,11 @@ class Runtime:
                 "durable": self.durable_storage.status() if self.durable_storage else None,
             },
             "dispatcher": self.dispatcher.status(),
-            "plugins": sorted(name for name, _ in self.pm.list_name_plugin()),
+            "plugins": self.plugins.names(),
         }
+
+
+async def _close_quietly(storage: CacheStorage | DurableStorage) -> None:
+    """A storage that fails to close must not keep the others (and Redis) from closing."""
+    with contextlib.suppress(Exception):
+        await storage.close()

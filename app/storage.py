@@ -9,14 +9,27 @@ of BackendUnavailable when the backend cannot answer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 import attrs
 
+from app.config import Config
 from app.errors import Conflict, InvalidInput
+from app.events import Events
+from app.health import OutageTracker
 
 if TYPE_CHECKING:
-    from app.runtime import Runtime
+    from app.ondemand import OnDemandRedis
+
+
+class StoreState(StrEnum):
+    """What a storage reports as its `status()["state"]`."""
+
+    STOPPED = "stopped"  # not started yet (an embedded server starts on first use)
+    STARTING = "starting"
+    UP = "up"
+    DOWN = "down"
 
 
 @attrs.frozen
@@ -25,7 +38,7 @@ class Namespace:
 
     name: str
     ttl: float | None
-    durable: bool
+    durable: bool  # the durable store is its system of record (configured durable, and a durable store exists)
     connection_id: str
     key_prefix: str  # "ondemand:session:" -- the full Redis key is key_prefix + id
 
@@ -89,6 +102,9 @@ class DurableStorage(Storage, Protocol):
     async def get_entry(self, ns: Namespace, item_id: str) -> tuple[bytes, float | None] | None:
         """The value and its remaining ttl in seconds (None: no expiry); the cache copy must not outlive it."""
 
+    async def get_entries(self, ns: Namespace, ids: Sequence[str]) -> list[tuple[bytes, float | None] | None]:
+        """get_entry for many ids in one round trip, in the order of `ids`."""
+
 
 @runtime_checkable
 class CacheStorage(Storage, Protocol):
@@ -116,5 +132,17 @@ class CacheStorage(Storage, Protocol):
         """Delete every key starting with `prefix`; used when too many keys went stale to remember."""
 
 
+@attrs.frozen
+class StorageContext:
+    """What a storage factory gets: the config (its own section through `config.section(...)`), the
+    events to emit, the on-demand Redis (the cache storage's connection to it), and the outage tracker
+    of the component the storage serves as (a durable store reports its outages there)."""
+
+    config: Config
+    events: Events
+    redis: OnDemandRedis
+    health: OutageTracker
+
+
 class StorageFactory(Protocol):
-    def __call__(self, runtime: Runtime) -> Storage: ...
+    def __call__(self, context: StorageContext) -> Storage: ...

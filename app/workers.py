@@ -6,10 +6,12 @@ we need (restart a dead worker, stop all on SIGTERM, never orphan one) is a few 
 of our own ChildProcess, which already makes every child die with its parent.
 
 Shared state between workers:
-- Redis: the workers get one runtime directory, so the subprocess lifecycle's cross-process start
-  (flock + state.json) gives the host exactly one redis-server; the others adopt it.
-- PostgreSQL: with `postgres.dsn = "embedded"`, the supervisor starts the embedded server once and
-  hands the workers its DSN, since one data directory serves one postmaster.
+- Redis: the subprocess lifecycle's host service gives the workers one runtime directory, so its
+  cross-process start (flock + state.json) gives the host exactly one redis-server; the others adopt it.
+- Host services: what must run once per host (the embedded PostgreSQL: one data directory serves
+  one postmaster) is asked of the plugins (`ondemand_host_services`); the supervisor starts each
+  before the workers, hands the workers the config overrides each returns (its DSN), and stops them
+  after the last worker is gone.
 """
 
 from __future__ import annotations
@@ -19,23 +21,21 @@ import contextlib
 import gc
 import logging
 import os
-import shutil
 import signal
-import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import attrs
 import orjson
 from aiohttp import web
 
-from app.config import Config, config_from_dict, unstructure
+from app.config import Config, unstructure
+from app.configure import config_from_dict, merge
+from app.host import HostService
+from app.net import free_port
+from app.plugins import Plugins
 from app.process import ChildProcess
-
-if TYPE_CHECKING:
-    from plugins.storage_postgres import EmbeddedPostgres
 
 log = logging.getLogger("ondemand.workers")
 
@@ -70,18 +70,11 @@ def serve_workers(config: Config) -> int:
     return asyncio.run(Supervisor(config).run())
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 @attrs.define
 class Supervisor:
     config: Config
     workers: dict[int, ChildProcess] = attrs.field(factory=dict)
     restart_delays: dict[int, float] = attrs.field(factory=dict)
-    _own_runtime_dir: Path | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -89,10 +82,13 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stopping.set)
         config = self._prepare_config()
-        postgres = await self._start_embedded_postgres(config)
-        if postgres is not None:
-            config = attrs.evolve(config, postgres=attrs.evolve(config.postgres, dsn=postgres.dsn))
+        services: list[HostService] = []
         try:
+            for service in Plugins(config.plugins.disable).host_services(config):
+                overrides = await service.start()
+                services.append(service)
+                log.info("host service %s started for the workers", service.name)
+                config = config_from_dict(merge(unstructure(config), overrides), source=config.source)
             payload = orjson.dumps(unstructure(config)).decode()
             for index in range(config.server.workers):
                 self.workers[index] = await self._spawn(index, payload)
@@ -109,10 +105,11 @@ class Supervisor:
                         await self._restart(waits[fut], payload, stopping)
         finally:
             await self._stop_workers(config.server.shutdown_timeout + 5)
-            if postgres is not None:
-                await postgres.stop()
-            if self._own_runtime_dir is not None:
-                shutil.rmtree(self._own_runtime_dir, ignore_errors=True)
+            for service in reversed(services):
+                try:
+                    await service.stop()
+                except Exception:
+                    log.exception("host service %s did not stop cleanly", service.name)
         return 0
 
     async def _restart(self, index: int, payload: str, stopping: asyncio.Event) -> None:
@@ -129,30 +126,17 @@ class Supervisor:
 
     def _prepare_config(self) -> Config:
         config = self.config
-        server, lifecycle = config.server, config.lifecycle
+        server = config.server
         if server.port == 0:  # every worker must bind the same port
-            server = attrs.evolve(server, port=_free_port(server.host))
-        if not lifecycle.runtime_dir:  # one directory for all workers: one redis-server
-            self._own_runtime_dir = Path(tempfile.mkdtemp(prefix="ondemand-"))
-            lifecycle = attrs.evolve(lifecycle, runtime_dir=str(self._own_runtime_dir))
-        return attrs.evolve(config, server=server, lifecycle=lifecycle)
-
-    async def _start_embedded_postgres(self, config: Config) -> EmbeddedPostgres | None:
-        if config.storage.durable != "postgres" or config.postgres.dsn != "embedded":
-            return None
-        from plugins.storage_postgres import EmbeddedPostgres  # the built-in plugin's server
-
-        server = EmbeddedPostgres(config.postgres.data_dir, startup_timeout=config.postgres.startup_timeout)
-        await server.start()
-        return server
+            server = attrs.evolve(server, port=free_port(server.host))
+        return attrs.evolve(config, server=server)
 
     async def _spawn(self, index: int, payload: str) -> ChildProcess:
         python_path = os.pathsep.join(filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")]))
         env = {**os.environ, WORKER_CONFIG_ENV: payload, "PYTHONPATH": python_path}
-        log_path = Path(self.config.lifecycle.runtime_dir or self._own_runtime_dir or tempfile.gettempdir())
         child = await ChildProcess.spawn(
             f"worker {index}", [sys.executable, "-m", "app.workers"], env=env,
-            log_path=log_path / f"worker-{index}.log", inherit_output=True,
+            log_path=Path(tempfile.gettempdir()) / f"ondemand-worker-{index}.log", inherit_output=True,
         )
         log.info("worker %d started (pid %d)", index, child.pid)
         return child

@@ -19,7 +19,7 @@ from common import TTL, VALUE, Result, Table, Target, bench_config, latency_ms, 
 
 from app import Runtime
 from app.errors import OndemandError
-from plugins.storage_postgres import EmbeddedPostgres
+from plugins.postgres_server import EmbeddedPostgres
 
 CONCURRENCY = 20
 SESSIONS = 200

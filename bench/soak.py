@@ -46,7 +46,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from app.process import ChildProcess  # noqa: E402
-from plugins.storage_postgres import EmbeddedPostgres  # noqa: E402
+from plugins.postgres_server import EmbeddedPostgres  # noqa: E402
 
 REDIS_NAMES = {"redis-server", "valkey-server"}
 PG_GRACE = 2.0  # seconds after PostgreSQL is back in which a 5xx still counts as "while it was down"

@@ -11,10 +11,17 @@ from typing import Any
 
 import attrs
 
-from app.config import Config
+from app.config import SECRET, Config
 from app.errors import ConfigError, RedisTimeout, RedisUnavailable, SpawnError
 from app.hookspecs import hookimpl
 from app.lifecycle import RedisEndpoint, WithoutProcess, probe
+
+
+@attrs.frozen
+class ExternalConfig:
+    """This plugin's key of [lifecycle]; `REDIS_URL` sets it too."""
+
+    redis_url: str | None = attrs.field(default=None, metadata={SECRET: "url"})
 
 
 @attrs.define
@@ -25,7 +32,7 @@ class ExternalLifecycle(WithoutProcess):
     endpoint: RedisEndpoint = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        url = self.config.lifecycle.redis_url
+        url = self.config.section(ExternalConfig).redis_url
         if not url:
             raise ConfigError("the external lifecycle needs a Redis URL: set REDIS_URL or lifecycle.redis_url",
                               source=self.config.source, key="lifecycle.redis_url")
@@ -49,7 +56,11 @@ class ExternalLifecycle(WithoutProcess):
         return self.endpoint
 
 
+@hookimpl
+def ondemand_config_sections(sections: Any) -> None:
+    sections.add("lifecycle", ExternalConfig, env={"REDIS_URL": "redis_url"})
+
 
 @hookimpl
 def ondemand_register_lifecycles(registry: Any) -> None:
-    registry.add("external", lambda runtime: ExternalLifecycle(runtime.config))
+    registry.add("external", lambda context: ExternalLifecycle(context.config))

@@ -26,4 +26,4 @@ class NoopLifecycle(WithoutProcess):
 
 @hookimpl
 def ondemand_register_lifecycles(registry: Any) -> None:
-    registry.add("noop", lambda runtime: NoopLifecycle())
+    registry.add("noop", lambda context: NoopLifecycle())

@@ -20,27 +20,43 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import hiredis
 
-from app.config import LifecycleConfig
+from app.config import Config, LifecycleConfig, between, memory_size
 from app.errors import SpawnError
+from app.events import Events
 from app.hookspecs import hookimpl
-from app.lifecycle import RedisEndpoint, probe
-from app.plugins import Events
-from app.process import ChildProcess
+from app.lifecycle import LifecycleContext, RedisEndpoint, probe
+from app.net import free_port
+from app.process import ChildProcess, ProcessError
 
 MIN_VERSION = (6, 2, 0)
 # sun_path is 108 bytes on Linux and Redis 6.2 silently truncates long paths: stay well under.
 MAX_SOCKET_PATH = 100
 _VERSION = re.compile(rb"(Redis|Valkey) server v=(\d+)\.(\d+)\.(\d+)")
+
+
+@attrs.frozen
+class SubprocessConfig:
+    """This plugin's keys of [lifecycle] (the core's own are in app.config.LifecycleConfig)."""
+
+    redis_binary: str | None = None
+    runtime_dir: str | None = None
+    tcp: bool = False
+    tcp_port: int = attrs.field(default=0, validator=between(0, 65535))
+    maxmemory: str = attrs.field(default="256mb", validator=memory_size)
+    maxmemory_policy: Literal[
+        "noeviction", "allkeys-lru", "allkeys-lfu", "allkeys-random",
+        "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl",
+    ] = "allkeys-lru"
+    redis_options: dict[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -137,12 +153,6 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _server_in(rundir: Path, pid: int) -> bool:
     """True when `pid` is a live process working in `rundir`: a redis-server we (or a sibling) started.
 
@@ -187,6 +197,7 @@ class SubprocessLifecycle:
     says which server serves, and a process whose sibling already runs it adopts it."""
 
     config: LifecycleConfig
+    settings: SubprocessConfig
     events: Events
     name: str = "subprocess"
     provides_redis: bool = True
@@ -208,7 +219,7 @@ class SubprocessLifecycle:
 
     @property
     def shared(self) -> bool:
-        return bool(self.config.runtime_dir)
+        return bool(self.settings.runtime_dir)
 
     def set_exit_callback(self, callback: Callable[[str, bool], None]) -> None:
         self._on_exit = callback
@@ -256,7 +267,7 @@ class SubprocessLifecycle:
         if not self.shared:
             self.runtime_dir, self._own_dir = Path(tempfile.mkdtemp(prefix="ondemand-")), True  # created 0700
             return await self._spawn(self.runtime_dir)
-        rundir = Path(self.config.runtime_dir).expanduser().absolute()  # type: ignore[arg-type]
+        rundir = Path(self.settings.runtime_dir).expanduser().absolute()  # type: ignore[arg-type]
         rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
         rundir.chmod(0o700)
         self.runtime_dir, self._own_dir = rundir, False
@@ -342,14 +353,14 @@ class SubprocessLifecycle:
             "save": "",
             "appendonly": "no",
             "protected-mode": "yes",
-            "maxmemory": self.config.maxmemory,
-            "maxmemory-policy": self.config.maxmemory_policy,
+            "maxmemory": self.settings.maxmemory,
+            "maxmemory-policy": self.settings.maxmemory_policy,
         }
         if endpoint.unix_socket:
             options |= {"unixsocket": endpoint.unix_socket, "unixsocketperm": "700"}
         if endpoint.port:
             options |= {"bind": "127.0.0.1", "requirepass": endpoint.password or ""}
-        options |= self.config.redis_options
+        options |= self.settings.redis_options
         conf = rundir / "redis.conf"
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -360,14 +371,14 @@ class SubprocessLifecycle:
     async def _spawn(self, rundir: Path) -> RedisEndpoint:
         if self.binary is None:  # checked once per process, and only by a process that spawns
             try:
-                self.binary = await find_binary(self.config.redis_binary)
+                self.binary = await find_binary(self.settings.redis_binary)
             except BaseException:
                 self._remove_runtime_dir()
                 raise
         try:
-            if self.config.tcp:
+            if self.settings.tcp:
                 # The password stays the same across restarts of this lifecycle, and so does a fixed port.
-                endpoint = RedisEndpoint(host="127.0.0.1", port=self.config.tcp_port or _free_tcp_port(),
+                endpoint = RedisEndpoint(host="127.0.0.1", port=self.settings.tcp_port or free_port(),
                                          password=self._password)
             else:
                 sock = str(rundir / "redis.sock")
@@ -382,15 +393,19 @@ class SubprocessLifecycle:
             assert self.binary is not None
             child = await ChildProcess.spawn("redis-server", [self.binary.path, str(conf)],
                                              log_path=rundir / "redis.log")
-        except BaseException:
+        except BaseException as exc:
             self._remove_runtime_dir()
+            if isinstance(exc, ProcessError):
+                raise SpawnError(str(exc)) from None
             raise
         self.child, self.endpoint = child, endpoint
-        self.events.emit("ondemand_redis_spawned", lifecycle=self.name, pid=child.pid, endpoint=endpoint.describe())
+        self.events.redis_spawned(lifecycle=self.name, pid=child.pid, endpoint=endpoint.describe())
         try:
             await child.wait_ready(lambda: probe(endpoint, child.pid), timeout=self.config.startup_timeout)
-        except BaseException:
+        except BaseException as exc:
             await self.stop()
+            if isinstance(exc, ProcessError):
+                raise SpawnError(str(exc)) from None
             raise
         self._watcher = asyncio.ensure_future(self._watch(child))
         return endpoint
@@ -445,10 +460,7 @@ class SubprocessLifecycle:
 
 async def _send_shutdown(endpoint: RedisEndpoint) -> None:
     """SHUTDOWN NOSAVE: the server exits at once, without a reply."""
-    if endpoint.unix_socket:
-        reader, writer = await asyncio.open_unix_connection(endpoint.unix_socket)
-    else:
-        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+    reader, writer = await endpoint.open_connection()
     try:
         commands = [("SHUTDOWN", "NOSAVE")]
         if endpoint.password is not None:
@@ -461,6 +473,41 @@ async def _send_shutdown(endpoint: RedisEndpoint) -> None:
 
 
 @hookimpl
+def ondemand_config_sections(sections: Any) -> None:
+    sections.add("lifecycle", SubprocessConfig)
+
+
+@attrs.define(eq=False)
+class SharedRuntimeDir:
+    """A host service for `--workers N` without `lifecycle.runtime_dir`: one private directory for all
+    the workers, so that they share one server; removed after the last worker is gone."""
+
+    name: str = "shared Redis runtime directory"
+    path: Path | None = None
+
+    async def start(self) -> dict[str, Any]:
+        self.path = Path(tempfile.mkdtemp(prefix="ondemand-"))  # created 0700
+        return {"lifecycle": {"runtime_dir": str(self.path)}}
+
+    async def stop(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+
+
+@hookimpl
+def ondemand_host_services(config: Config) -> SharedRuntimeDir | None:
+    if config.section(SubprocessConfig).runtime_dir:  # (any lifecycle built on this one shares it too)
+        return None
+    return SharedRuntimeDir()
+
+
+def make_lifecycle(context: LifecycleContext) -> SubprocessLifecycle:
+    config = context.config
+    return SubprocessLifecycle(config.lifecycle, config.section(SubprocessConfig), context.events)
+
+
+@hookimpl
 def ondemand_register_lifecycles(registry: Any) -> None:
-    registry.add("subprocess", lambda runtime: SubprocessLifecycle(runtime.config.lifecycle, runtime.events))
+    registry.add("subprocess", make_lifecycle)
 

@@ -199,4 +199,4 @@ class RedisStorage:
 
 @hookimpl
 def ondemand_register_storages(registry: Any) -> None:
-    registry.add("redis", lambda runtime: RedisStorage(runtime.on_demand))
+    registry.add("redis", lambda context: RedisStorage(context.redis))

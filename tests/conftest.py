@@ -10,7 +10,8 @@ import psutil
 import pytest
 
 from app import Runtime, load_config
-from app.config import Config, _merge
+from app.config import Config
+from app.configure import merge as _merge
 
 SERVER_NAMES = {"redis-server", "valkey-server", "postgres"}
 

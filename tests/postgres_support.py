@@ -19,7 +19,7 @@ from pathlib import Path
 import aiopg
 import psutil
 
-from plugins.storage_postgres import EmbeddedPostgres
+from plugins.postgres_server import EmbeddedPostgres
 
 # Tests need no durability against an OS crash. Commits still reach the OS before they return, so a
 # killed server loses nothing (synchronous_commit stays on for that reason).

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from app.config import load_config, redact
+from app.config import redact
+from app.configure import load_config
 from app.errors import ConfigError
 from app.web import RUNTIME, create_app
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from app.config import Config, load_config, redact
+from app.config import Config, redact
+from app.configure import load_config
 from app.errors import ConfigError
+from plugins.lifecycle_external import ExternalConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +25,8 @@ def test_shipped_configs_load() -> None:
 
 def test_defaults_without_a_file() -> None:
     config = load_config(None, environ={})
-    assert config == Config(environment=config.environment)
+    assert config == Config(environment=config.environment, sections=config.sections)
+    assert all(value == type(value)() for value in config.sections.values())  # every plugin section: defaults
     assert config.redis.op_timeout == 0.25
 
 
@@ -33,7 +36,7 @@ def test_overrides_and_environment_precedence(tmp_path: Path) -> None:
     environ = {"ONDEMAND_LIFECYCLE__IDLE_TIMEOUT": "20", "REDIS_URL": "redis://r:6379/0", "DOCKER_ENV": "1"}
     config = load_config(path, environ=environ)
     assert config.lifecycle.idle_timeout == 20.0
-    assert config.lifecycle.redis_url == "redis://r:6379/0"
+    assert config.section(ExternalConfig).redis_url == "redis://r:6379/0"
     assert config.environment.docker is True
     config = load_config(path, overrides={"lifecycle": {"idle_timeout": 5}}, environ=environ)
     assert config.lifecycle.idle_timeout == 5.0

@@ -20,6 +20,8 @@ import yaml
 
 from app import Runtime, load_config
 from app.config import Config
+from plugins.lifecycle_external import ExternalConfig
+from plugins.storage_postgres import PostgresConfig
 from tests.conftest import redis_children
 from tests.test_run import ROOT, free_port
 from tests.test_workers import redis_servers_under, wait_until_serving
@@ -59,14 +61,15 @@ def test_compose_services_agree_with_docker_toml() -> None:
     # Redis URL: the compose service name, the port Redis listens on; the file's default agrees with compose.
     redis_url = urlsplit(env["REDIS_URL"])
     assert redis_url.hostname == "redis" and (redis_url.port or 6379) == 6379
-    assert urlsplit(load_config(ROOT / "config/docker.toml", environ={}).lifecycle.redis_url).hostname == "redis"
+    docker_url = load_config(ROOT / "config/docker.toml", environ={}).section(ExternalConfig).redis_url
+    assert urlsplit(docker_url).hostname == "redis"
     # DATABASE_URL names the user, password and database the postgres service creates.
     db_url = urlsplit(env["DATABASE_URL"])
     pg_env = services["postgres"]["environment"]
     assert db_url.hostname == "postgres" and db_url.port == 5432
     assert (db_url.username, db_url.password, db_url.path.lstrip("/")) == (
         pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"], pg_env["POSTGRES_DB"])
-    assert docker.postgres.dsn == env["DATABASE_URL"]
+    assert docker.section(PostgresConfig).dsn == env["DATABASE_URL"]
 
 
 def test_dockerfile_is_slim_non_root_cached_and_health_checked() -> None:
@@ -160,8 +163,8 @@ async def exercise_every_endpoint(http: aiohttp.ClientSession, base: str) -> Non
 
 def _config_keys(cls: type, prefix: str) -> list[str]:
     keys = []
-    for field in attrs.fields(cls):
-        if field.name in {"environment", "source"}:
+    for field in attrs.fields(attrs.resolve_types(cls)):
+        if field.name in {"environment", "source", "sections", "section_tables", "data"}:
             continue
         name = f"{prefix}{field.name}"
         if attrs.has(field.type if isinstance(field.type, type) else type(None)):
@@ -177,7 +180,9 @@ def _config_keys(cls: type, prefix: str) -> list[str]:
 
 def test_readme_documents_every_config_key() -> None:
     readme = (ROOT / "README.md").read_text()
-    keys = _config_keys(Config, "")
+    config = load_config(None, environ={})
+    keys = _config_keys(Config, "") + [f"{config.section_tables[cls]}.{field.name}"
+                                       for cls in config.sections for field in attrs.fields(cls)]
     assert len(keys) > 30
     missing = [key for key in keys if f"`{key}`" not in readme]
     assert not missing, f"config keys missing from README.md: {missing}"

@@ -32,14 +32,12 @@ from app.config import (
     NamespaceConfig,
     PluginsConfig,
     PoolConfig,
-    PostgresConfig,
     RedisConfig,
     ServerConfig,
     StorageConfig,
-    config_from_dict,
-    load_config,
     unstructure,
 )
+from app.configure import config_from_dict, load_config
 from app.dispatcher import MAX_ID_BYTES, MAX_TTL, check_id, check_ttl
 from app.errors import ConfigError, InvalidInput
 from app.web import RUNTIME, create_app
@@ -52,12 +50,17 @@ def fast(max_examples: int) -> settings:
 
 # -- TOML-ish values ----------------------------------------------------------------------------
 
-SECTIONS: dict[str, type] = {
-    "server": ServerConfig, "lifecycle": LifecycleConfig, "redis": RedisConfig, "storage": StorageConfig,
-    "postgres": PostgresConfig, "plugins": PluginsConfig,
+# Every table and the classes that share it: the core's and the built-in plugins' (as load_config sees them).
+_LOADED = load_config(None, environ={})
+SECTIONS: dict[str, tuple[type, ...]] = {
+    "server": (ServerConfig,), "lifecycle": (LifecycleConfig,), "redis": (RedisConfig,),
+    "storage": (StorageConfig,), "plugins": (PluginsConfig,),
 }
+for _cls, _table in _LOADED.section_tables.items():
+    SECTIONS[_table] = (*SECTIONS.get(_table, ()), _cls)
 TABLES_OF: dict[str, type] = {"pools": PoolConfig, "namespaces": NamespaceConfig}
-FIELD_NAMES = sorted({f.name for cls in (*SECTIONS.values(), *TABLES_OF.values()) for f in attrs.fields(cls)})
+FIELD_NAMES = sorted({f.name for classes in SECTIONS.values() for cls in classes for f in attrs.fields(cls)}
+                     | {f.name for cls in TABLES_OF.values() for f in attrs.fields(cls)})
 
 # Values that are close to valid for many fields, so generation reaches the validators, not only types.
 plausible = st.sampled_from([
@@ -85,10 +88,10 @@ toml_values = st.recursive(
 
 
 @st.composite
-def section_tables(draw: st.DrawFn, cls: type) -> Any:
+def section_tables(draw: st.DrawFn, classes: tuple[type, ...]) -> Any:
     if draw(st.integers(0, 9)) == 0:
         return draw(toml_values)  # not even a table
-    names = [f.name for f in attrs.fields(cls)]
+    names = [f.name for cls in classes for f in attrs.fields(cls)]
     chosen = draw(st.lists(st.sampled_from(names) | st.text(max_size=6), max_size=4, unique=True))
     return {name: draw(toml_values) for name in chosen}
 
@@ -101,7 +104,7 @@ def config_dicts(draw: st.DrawFn) -> dict[str, Any]:
         if name in SECTIONS:
             data[name] = draw(section_tables(SECTIONS[name]))
         elif name in TABLES_OF:
-            data[name] = draw(st.dictionaries(st.text(max_size=6), section_tables(TABLES_OF[name]), max_size=3)
+            data[name] = draw(st.dictionaries(st.text(max_size=6), section_tables((TABLES_OF[name],)), max_size=3)
                               | toml_values)
         else:
             data[name] = draw(toml_values)
@@ -189,7 +192,10 @@ def test_load_config_from_a_toml_file_and_environment(tmp_path_factory: Any, dat
     try:
         config = load_config(path, environ=environ)
     except ConfigError as exc:
-        assert str(path) in str(exc)
+        # The error names where the bad value came from: the file, or the one variable that set it.
+        variable = (exc.source or "").removeprefix("environment variable ")
+        assert exc.source == str(path) or variable in environ, (exc.source, environ)
+        assert str(exc).startswith(exc.source or "")
     else:
         assert isinstance(config, Config) and config.source == str(path)
 

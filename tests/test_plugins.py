@@ -7,13 +7,12 @@ import pytest
 
 from app import Runtime, hookimpl
 from app.errors import PluginError
-from app.plugins import ENTRY_POINT_GROUP, make_plugin_manager
+from app.plugins import ENTRY_POINT_GROUP, Plugins
 from tests.conftest import redis_children
 
 
 def test_builtins_and_entry_point_plugin_are_registered(make_config) -> None:
-    pm = make_plugin_manager(make_config())
-    names = {name for name, _ in pm.list_name_plugin()}
+    names = set(Plugins(make_config().plugins.disable).names())
     assert {"lifecycle_subprocess", "lifecycle_external", "lifecycle_noop", "storage_redis"} <= names
     assert "example" in names, f"the example plugin is found through the {ENTRY_POINT_GROUP!r} entry points"
 

@@ -17,12 +17,15 @@ from typing import Any
 import aiopg
 import pytest
 
-from app.config import Config, PostgresConfig
+from app.configure import load_config
 from app.errors import PostgresUnavailable
-from app.plugins import Registry
+from app.events import Events
+from app.health import OutageTracker
+from app.registry import Registry
 from app.storage import Entry, Namespace, Storage
 from plugins import storage_postgres
-from plugins.storage_postgres import EmbeddedPostgres, PostgresStorage
+from plugins.postgres_server import EmbeddedPostgres
+from plugins.storage_postgres import PostgresConfig, PostgresStorage
 from tests.postgres_support import (
     clone_data_dir,
     new_temp_dir,
@@ -38,14 +41,15 @@ PROFILE = Namespace("profile", 3600.0, False, "default", "ondemand:profile:")
 COUNT = "SELECT count(*) FROM ondemand_values"
 
 
-class Recorder:
-    """Stands in for app.plugins.Events."""
+class Recorder(Events):
+    """Events that records what is emitted instead of calling plugins."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.events: list[tuple[str, dict[str, Any]]] = []
 
-    def emit(self, name: str, **fields: Any) -> None:
-        self.events.append((name, fields))
+    def _emit(self, hook_name: str, **fields: Any) -> None:
+        self.events.append((hook_name, fields))
 
     def names(self) -> list[str]:
         return [name for name, _ in self.events]
@@ -61,7 +65,7 @@ def config(**overrides: Any) -> PostgresConfig:
 
 @contextlib.asynccontextmanager
 async def opened(cfg: PostgresConfig, events: Recorder | None = None) -> AsyncIterator[PostgresStorage]:
-    storage = PostgresStorage(cfg, events=events)  # type: ignore[arg-type]
+    storage = PostgresStorage(cfg, health=OutageTracker("postgres", events or Recorder()))
     await storage.open()
     try:
         yield storage
@@ -77,7 +81,8 @@ async def count_rows(dsn: str) -> int:
 def test_registers_the_postgres_storage() -> None:
     registry: Registry[Any] = Registry("storage")
     storage_postgres.ondemand_register_storages(registry=registry)
-    storage = registry.get("postgres")(SimpleNamespace(config=Config(), events=None))
+    storage = registry.get("postgres")(SimpleNamespace(config=load_config(None, environ={}),
+                                                       health=OutageTracker.quiet("postgres")))
     assert isinstance(storage, Storage)
     assert storage.name == "postgres"
     assert storage.embedded is not None
@@ -226,7 +231,7 @@ async def test_embedded_first_use_survives_restart_and_close_leaves_nothing() ->
 
 async def test_unreachable_postgres_fails_fast_and_clearly() -> None:
     events = Recorder()
-    s = PostgresStorage(config(dsn="host=/tmp/nonexistent-dir dbname=x"), events=events)  # type: ignore[arg-type]
+    s = PostgresStorage(config(dsn="host=/tmp/nonexistent-dir dbname=x"), health=OutageTracker("postgres", events))
     started = time.monotonic()
     await s.open()
     assert time.monotonic() - started < 0.1

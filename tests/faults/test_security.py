@@ -30,6 +30,7 @@ from app import Runtime
 from app.config import redact_url
 from app.logs import JsonFormatter
 from app.web import RUNTIME, create_app
+from plugins.lifecycle_external import ExternalConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -345,7 +346,7 @@ async def test_secrets_never_appear_in_logs_status_or_errors(aiohttp_client, mak
         }
         durable = {"storage": {"durable": "postgres"}, "postgres": {"connect_timeout": 0.5, "statement_timeout": 0.5}}
         config = make_config(durable, environ=good_env)
-        assert config.server.api_token == token and config.lifecycle.redis_url == good_env["REDIS_URL"]
+        assert config.server.api_token == token and config.section(ExternalConfig).redis_url == good_env["REDIS_URL"]
         client = await aiohttp_client(create_app(config))
         texts |= {f"good: {k}": v for k, v in (await collect_http(client, token)).items()}
         assert texts["good: get /api/sessions/sec"].startswith("200"), texts["good: get /api/sessions/sec"]

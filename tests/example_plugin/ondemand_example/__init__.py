@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 
 from app import hookimpl
-from plugins.lifecycle_subprocess import SubprocessLifecycle
+from plugins.lifecycle_subprocess import SubprocessConfig, SubprocessLifecycle
 
 SEEN_EVENTS: list[tuple[str, dict[str, Any]]] = []
 
@@ -26,7 +26,8 @@ class ExampleLifecycle(SubprocessLifecycle):
 
 @hookimpl
 def ondemand_register_lifecycles(registry: Any) -> None:
-    registry.add("example-subprocess", lambda runtime: ExampleLifecycle(runtime.config.lifecycle, runtime.events))
+    registry.add("example-subprocess", lambda context: ExampleLifecycle(
+        context.config.lifecycle, context.config.section(SubprocessConfig), context.events))
 
 
 @hookimpl

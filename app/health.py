@@ -1,0 +1,73 @@
+"""One outage tracker per component: down since when, why, up again; the degraded and recovered events.
+
+Several parts of the service can see one component fail: for Redis, the lifecycle state machine (a
+server that will not start or died) and the cache's circuit breaker (commands that time out). They
+share the component's tracker, each as a `cause`: the component is degraded from the first cause that
+reports it down until the last one reports it up, and that is one outage, one `ondemand_degraded` and
+one `ondemand_recovered` event.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import attrs
+
+from app.errors import first_line
+from app.events import Events
+
+
+@attrs.define(eq=False)
+class OutageTracker:
+    component: str  # "redis", or a durable storage's name ("postgres", "sqlite")
+    events: Events
+    outages: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None  # epoch seconds
+    _causes: dict[str, str] = attrs.field(factory=dict)  # cause -> reason, while down
+    _down_since: float | None = None  # monotonic
+    _down_since_wall: float | None = None  # epoch seconds
+
+    @classmethod
+    def quiet(cls, component: str) -> OutageTracker:
+        """A tracker whose events are only logged (an object used outside a Runtime)."""
+        return cls(component, Events())
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self._causes)
+
+    @property
+    def down_since(self) -> float | None:
+        """Epoch seconds when the current outage began, or None while up."""
+        return self._down_since_wall
+
+    def down(self, reason: str | BaseException, *, cause: str = "") -> None:
+        """Record a failure; the first one of an outage emits `degraded`."""
+        text = reason if isinstance(reason, str) else first_line(reason)
+        self.last_error, self.last_error_at = text, time.time()
+        first = not self._causes
+        self._causes[cause] = text
+        if first:
+            self.outages += 1
+            self._down_since, self._down_since_wall = time.monotonic(), self.last_error_at
+            self.events.degraded(component=self.component, reason=text)
+
+    def up(self, *, cause: str = "") -> None:
+        """`cause` serves again; when no cause is left down, the outage ends and `recovered` is emitted."""
+        if self._causes.pop(cause, None) is None or self._causes:
+            return
+        down = time.monotonic() - (self._down_since or time.monotonic())
+        self._down_since = self._down_since_wall = None
+        self.events.recovered(component=self.component, down_seconds=round(down, 3))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "degraded": self.degraded,
+            "degraded_since": self._down_since_wall,
+            "causes": sorted(self._causes),
+            "outages": self.outages,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+        }
