@@ -1,8 +1,7 @@
-"""The status page (GET /) in a real headless Chromium, driven over the DevTools protocol.
+"""The status page (GET /) in a real headless Chromium, driven with Playwright.
 
-No browser download and no extra Python package: Debian's `chromium` with `--remote-debugging-port=0`
-(it writes the port it chose to `DevToolsActivePort` in its profile directory), and aiohttp's own
-websocket client speaking CDP. Skipped, with the reason shown, where no chromium is installed.
+No browser download: Playwright's async API launches Debian's `chromium` (`executable_path=`), never a
+browser fetched by `playwright install`. Skipped, with the reason shown, where no chromium is installed.
 """
 
 from __future__ import annotations
@@ -10,29 +9,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
-import os
 import shutil
-import signal
-import subprocess
-import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from playwright.async_api import ConsoleMessage, Error, Page, async_playwright
 
 from app.web import create_app
 
 TOKEN = "page-t0ken"
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
-CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-    "--window-size=1280,1200",
-)
+# Playwright adds --headless and, with chromium_sandbox=False, --no-sandbox (needed as root, as here).
+CHROMIUM_ARGS = ["--disable-gpu", "--disable-quic", "--disable-dev-shm-usage"]
+LAUNCH_TIMEOUT_MS = 30_000
+ACTION_TIMEOUT_MS = 15_000  # Playwright's own bound on navigation, locator reads, fill and click
+EVALUATE_TIMEOUT_S = 15  # page.evaluate has no timeout of its own
+CLOSE_TIMEOUT_S = 15
 
 
 @pytest.fixture
@@ -45,112 +39,78 @@ def chromium() -> str:
                 "(apt-get install chromium); .ci/run installs it")
 
 
-class DevTools:
-    """A minimal Chrome DevTools Protocol client for one page target."""
+class StatusPage:
+    """One Playwright page, and what the browser reported as wrong on it."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.ws = ws
-        self.events: list[dict[str, Any]] = []
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._reader = asyncio.create_task(self._read())
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.found: list[str] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda error: self.found.append(f"exception: {error}"))
 
-    async def _read(self) -> None:
-        async for message in self.ws:
-            if message.type != aiohttp.WSMsgType.TEXT:
-                break
-            data = json.loads(message.data)
-            future = self._pending.pop(data["id"], None) if "id" in data else None
-            if future is None:
-                self.events.append(data)
-            elif not future.done():
-                if "error" in data:
-                    future.set_exception(RuntimeError(f"CDP error: {data['error']}"))
-                else:
-                    future.set_result(data.get("result", {}))
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(ConnectionError("DevTools connection closed"))
+    def _console(self, message: ConsoleMessage) -> None:
+        # Console errors and warnings, and (Playwright forwards the DevTools Log domain as console messages)
+        # what the browser itself logs: failed loads, CSP violations.
+        if message.type in ("error", "warning", "assert"):
+            location = message.location.get("url", "")
+            self.found.append(f"console.{message.type}: {message.text} {location}".rstrip())
 
-    async def send(self, method: str, **params: Any) -> dict[str, Any]:
-        call_id = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
-        self._pending[call_id] = future
-        await self.ws.send_json({"id": call_id, "method": method, "params": params})
-        return await asyncio.wait_for(future, 15)
+    def problems(self) -> list[str]:
+        """Console errors and warnings, uncaught exceptions and failed loads seen so far."""
+        return list(self.found)
 
     async def evaluate(self, expression: str) -> Any:
-        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in result:
-            raise AssertionError(f"{expression!r} raised: {result['exceptionDetails']}")
-        return result["result"].get("value")
+        return await asyncio.wait_for(self.page.evaluate(expression), EVALUATE_TIMEOUT_S)
+
+    async def text(self, element_id: str) -> str:
+        return (await self.page.locator(f"#{element_id}").text_content() or "").strip()
 
     async def wait_for(self, expression: str, timeout: float = 10.0) -> Any:
-        """Evaluate until truthy; the last value in the failure message."""
-        deadline = time.monotonic() + timeout
+        """Evaluate until truthy, every 100 ms; the last value in the failure message.
+
+        Polled from here rather than with page.wait_for_function: some Playwright versions compile that
+        predicate with eval() in the page, which the page's CSP (no 'unsafe-eval') refuses."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while True:
             value = await self.evaluate(expression)
             if value:
                 return value
-            if time.monotonic() > deadline:
+            if loop.time() > deadline:
                 raise AssertionError(f"timed out waiting for {expression!r}; last value {value!r}; "
                                      f"page problems: {self.problems()}")
             await asyncio.sleep(0.1)
 
-    async def open(self, url: str) -> None:
-        await self.send("Page.navigate", url=url)
-        await self.wait_for("document.readyState === 'complete' && !!document.getElementById('chart')")
+    async def wait_for_problem(self, needle: str, timeout: float = 5.0) -> str:
+        """The first problem that mentions needle, once the browser has reported it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (found := [p for p in self.found if needle in p]):
+            assert loop.time() < deadline, f"no problem mentions {needle!r}: {self.found}"
+            await asyncio.sleep(0.05)
+        return found[0]
 
-    def problems(self) -> list[str]:
-        """Console errors and warnings, uncaught exceptions and failed loads seen so far."""
-        found = []
-        for event in self.events:
-            method, params = event.get("method"), event.get("params", {})
-            if method == "Runtime.exceptionThrown":
-                details = params["exceptionDetails"]
-                found.append(f"exception: {details.get('exception', {}).get('description') or details.get('text')}")
-            elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "warning", "assert"):
-                args = [arg.get("value", arg.get("description")) for arg in params["args"]]
-                found.append(f"console.{params['type']}: {args}")
-            elif method == "Log.entryAdded" and params["entry"]["level"] in ("error", "warning"):
-                entry = params["entry"]
-                found.append(f"log {entry['level']} ({entry['source']}): {entry['text']} {entry.get('url', '')}")
-        return found
+    async def open(self, url: str) -> None:
+        await self.page.goto(url, wait_until="load")
+        await self.wait_for("document.readyState === 'complete' && !!document.getElementById('chart')")
 
 
 @contextlib.asynccontextmanager
-async def browser(binary: str, profile: Path) -> AsyncIterator[DevTools]:
-    """Headless Chromium in its own process group, killed (the whole group) on the way out."""
-    profile.mkdir()
-    log = (profile.parent / "chromium.log").open("wb")
-    proc = subprocess.Popen([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not (port_file.exists() and port_file.read_text().strip()):
-            assert proc.poll() is None, f"chromium exited early: {(profile.parent / 'chromium.log').read_text()}"
-            assert time.monotonic() < deadline, "chromium did not open its DevTools port"
-            await asyncio.sleep(0.05)
-        port = int(port_file.read_text().split()[0])
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{port}/json/list") as resp:
-                targets = await resp.json()
-            page = next(t for t in targets if t["type"] == "page")
-            async with http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-                devtools = DevTools(ws)
-                for domain in ("Runtime", "Log", "Page"):
-                    await devtools.send(f"{domain}.enable")
-                yield devtools
-    finally:
-        # SIGTERM to the browser process alone lets it stop and reap its helpers; then the whole group.
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # also whatever renderer or helper is left in the group
-        proc.wait(timeout=5)
-        log.close()
+async def browser(binary: str) -> AsyncIterator[StatusPage]:
+    """Headless Chromium through Playwright; the browser is closed, and Playwright's driver stopped,
+    on the way out (stopping the driver also kills the browser should close() not finish in time)."""
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=binary, headless=True, chromium_sandbox=False,
+                                                    args=CHROMIUM_ARGS, timeout=LAUNCH_TIMEOUT_MS)
+        try:
+            context = await chromium.new_context(viewport={"width": 1280, "height": 1200})
+            context.set_default_timeout(ACTION_TIMEOUT_MS)
+            context.set_default_navigation_timeout(ACTION_TIMEOUT_MS)
+            yield StatusPage(await context.new_page())
+        finally:
+            # A browser that crashed fails close(); let the test's own failure be the one reported.
+            with contextlib.suppress(asyncio.TimeoutError, Error):
+                await asyncio.wait_for(chromium.close(), CLOSE_TIMEOUT_S)
 
 
 def text_of(element_id: str) -> str:
@@ -177,17 +137,17 @@ async def test_page_files_are_open_and_self_contained(aiohttp_client, make_confi
     assert (await client.get("/api/cache/status", headers={"Authorization": f"Bearer {TOKEN}"})).status == 200
 
 
-async def test_status_page_goes_live_and_charts_operations(aiohttp_server, make_config, chromium, tmp_path) -> None:
+async def test_status_page_goes_live_and_charts_operations(aiohttp_server, make_config, chromium) -> None:
     server = await aiohttp_server(create_app(make_config()))
-    async with browser(chromium, tmp_path / "profile") as page, aiohttp.ClientSession() as http:
+    async with browser(chromium) as page, aiohttp.ClientSession() as http:
         # Nothing has started Redis yet.
         await page.open(str(server.make_url("/")))
         await page.wait_for("document.getElementById('conn').dataset.state === 'live'")
-        assert await page.evaluate(text_of("state")) == "stopped"
-        assert await page.evaluate(text_of("pid")) == "—"
-        plugins = await page.evaluate("[...document.querySelectorAll('#plugins li')].map(li => li.textContent)")
+        assert await page.text("state") == "stopped"
+        assert await page.text("pid") == "—"
+        plugins = await page.page.locator("#plugins li").all_text_contents()
         assert "lifecycle_subprocess" in plugins and "storage_redis" in plugins
-        assert await page.evaluate(text_of("breaker")) == "closed"
+        assert await page.text("breaker") == "closed"
 
         # One cache operation over HTTP starts Redis; the page shows it running, with its pid.
         async with http.put(server.make_url("/api/sessions/x"), json={"user": 1}) as resp:
@@ -225,34 +185,49 @@ async def test_status_page_goes_live_and_charts_operations(aiohttp_server, make_
             with contextlib.suppress(asyncio.CancelledError):
                 await load
         assert await page.evaluate(f"{CHART}.toDataURL()") != before
-        assert (await page.evaluate(text_of("conn-text"))).startswith("live")
+        assert (await page.text("conn-text")).startswith("live")
         assert page.problems() == []
 
+        # The page's CSP holds in the browser: an injected inline script does not run, and the browser
+        # reports the violation (which also shows that problems() sees what the browser logs).
+        ran = await page.evaluate("(() => { const s = document.createElement('script');"
+                                  " s.textContent = 'window.inlineRan = true'; document.body.append(s);"
+                                  " return window.inlineRan === true; })()")
+        assert ran is False
+        violation = await page.wait_for_problem("Content Security Policy")
+        assert "inline script" in violation and "script-src 'self'" in violation
 
-async def test_status_page_with_an_api_token(aiohttp_server, make_config, chromium, tmp_path) -> None:
+
+async def test_status_page_with_an_api_token(aiohttp_server, make_config, chromium) -> None:
     server = await aiohttp_server(create_app(make_config({"server": {"api_token": TOKEN}})))
-    async with browser(chromium, tmp_path / "profile") as page:
+    async with browser(chromium) as page:
         # Without a token the page loads (it holds no data) and asks for one; the status stays closed.
         await page.open(str(server.make_url("/")))
         await page.wait_for("document.getElementById('conn').dataset.state === 'auth'")
-        assert await page.evaluate("document.getElementById('token-form').hidden") is False
-        assert await page.evaluate(text_of("state")) == "—"
+        form, field = page.page.locator("#token-form"), page.page.locator("#token-input")
+        assert await form.is_visible()
+        assert await field.get_attribute("type") == "password"
+        assert await page.text("state") == "—"
 
-        # Typed into the form: kept in sessionStorage and sent as a bearer token.
-        await page.evaluate(f"document.getElementById('token-input').value = {TOKEN!r};"
-                            "document.getElementById('token-form').requestSubmit(); true")
+        # Typed into the password field and submitted with the button: kept in sessionStorage, sent as a
+        # bearer token, and not left in the field.
+        await field.fill(TOKEN)
+        await page.page.get_by_role("button", name="Use token").click()
         await page.wait_for("document.getElementById('conn').dataset.state === 'live'")
-        assert await page.evaluate(text_of("state")) == "stopped"
+        assert await page.text("state") == "stopped"
         assert await page.evaluate("sessionStorage.getItem('ondemand.apiToken')") == TOKEN
-        # The browser logs the 401 answers it got before the token; nothing else went wrong.
+        assert await field.input_value() == "" and await form.is_hidden()
+        # The browser logged the 401 answers it got before the token; nothing else went wrong.
+        assert any("status of 401" in p for p in page.problems()), page.problems()
         assert [p for p in page.problems() if "status of 401" not in p] == []
 
         # From ?token=: used, then removed from the address bar; no console errors from then on.
         await page.evaluate("sessionStorage.clear(); true")
-        page.events.clear()
+        page.found.clear()
         await page.open(str(server.make_url(f"/?token={TOKEN}")))
         await page.wait_for("document.getElementById('conn').dataset.state === 'live'")
         assert await page.evaluate("location.search") == ""
+        assert TOKEN not in page.page.url
         assert await page.evaluate("sessionStorage.getItem('ondemand.apiToken')") == TOKEN
         await page.wait_for(f"Number({CHART}.dataset.points) >= 1")
         assert page.problems() == []
