@@ -47,7 +47,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from app.config import load_config
+from app.configure import load_config
 from app.web import create_app
 from app.web.openapi import document_for
 from tests.test_run import free_port
