@@ -275,45 +275,28 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-def readiness(status: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """From Runtime.status(): which stores can serve, and 503 only when none can.
-
-    Redis counts as down when its breaker is not closed or the server failed or is disabled (a
-    stopped server is fine: it starts on demand). The durable store counts as down when configured
-    and in state `down`. 503 `unavailable` only when a durable store is configured and down and Redis
-    is down too (every request touching a durable namespace would fail). Any other outage is 200
-    `degraded`: without a durable store a Redis outage makes reads miss and drops writes, but the
-    service still answers.
-    """
-    redis = status["redis"]
-    breaker = status["dispatcher"]["breaker"]
-    redis_ok = breaker["state"] == "closed" and redis["state"] not in ("failed", "disabled")
-    durable = status["storages"]["durable"]
-    durable_ok = durable is None or durable.get("state") != "down"
-    serving = redis_ok or durable_ok
-    state = "ready" if redis_ok and durable_ok else "degraded" if serving else "unavailable"
+async def readyz(request: web.Request) -> web.Response:
+    """GET /readyz: 200 ready/degraded, 503 when no store can serve (see Runtime.readiness)."""
+    runtime = request.app[RUNTIME]
+    report = runtime.readiness()
+    on_demand, breaker = runtime.on_demand, runtime.dispatcher.breaker
+    durable = runtime.durable_storage
     body = {
-        "status": state,
+        "status": report.state,
         "redis": {
-            "ok": redis_ok,
-            "state": redis["state"],
-            "breaker": breaker["state"],
-            "last_error": None if redis_ok else redis.get("last_error") or breaker.get("last_reason"),
+            "ok": report.redis_ok,
+            "state": on_demand.state,
+            "breaker": breaker.state,
+            "last_error": None if report.redis_ok else runtime.redis_health.last_error or breaker.last_reason,
         },
-        "durable": None if durable is None else {
-            "ok": durable_ok,
-            "name": durable.get("name"),
-            "state": durable.get("state"),
-            "last_error": None if durable_ok else durable.get("last_error"),
+        "durable": None if durable is None or runtime.durable_health is None else {
+            "ok": report.durable_ok,
+            "name": durable.name,
+            "state": durable.status().get("state"),
+            "last_error": None if report.durable_ok else runtime.durable_health.last_error,
         },
     }
-    return (200 if serving else 503), body
-
-
-async def readyz(request: web.Request) -> web.Response:
-    """GET /readyz: 200 ready/degraded, 503 when no store can serve."""
-    status, body = readiness(request.app[RUNTIME].status())
-    return json_response(body, status=status)
+    return json_response(body, status=200 if report.serving else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
