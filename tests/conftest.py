@@ -6,38 +6,12 @@ import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import psutil
 import pytest
 
 from app import Runtime, load_config
 from app.config import Config
 from app.configure import merge as _merge
-
-SERVER_NAMES = {"redis-server", "valkey-server", "postgres"}
-
-
-def server_children() -> list[psutil.Process]:
-    """Our live (non-zombie) redis/valkey/postgres descendants."""
-    found = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if child.name() in SERVER_NAMES and child.status() != psutil.STATUS_ZOMBIE:
-                found.append(child)
-        except psutil.NoSuchProcess:
-            continue
-    return found
-
-
-def redis_children() -> list[psutil.Process]:
-    return [p for p in server_children() if p.name() != "postgres"]
-
-
-def pid_gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
+from tests.support import embedded_postgres, make_template, redis_children, remove_temp_dir
 
 # Small, fast bounds for tests; no durable store unless a test asks for one.
 TEST_OVERRIDES: dict[str, Any] = {
@@ -84,8 +58,6 @@ def _no_docker_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def pg_template() -> Any:
     """One initdb per test session; each test's server starts on a copy of it."""
-    from tests.postgres_support import make_template, remove_temp_dir
-
     path = make_template()
     yield path
     remove_temp_dir(path.parent)
@@ -94,8 +66,6 @@ def pg_template() -> Any:
 @pytest.fixture
 async def pg(pg_template: Any) -> AsyncIterator[Any]:
     """A real PostgreSQL (pgserver's binaries) owned by this test; stopped and removed afterwards."""
-    from tests.postgres_support import embedded_postgres
-
     async with embedded_postgres(template=pg_template) as server:
         yield server
 

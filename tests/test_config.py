@@ -12,8 +12,7 @@ from app.config import Config, redact
 from app.configure import load_config
 from app.errors import ConfigError
 from plugins.lifecycle_external import ExternalConfig
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
 
 
 def test_shipped_configs_load() -> None:

@@ -20,11 +20,10 @@ import yaml
 
 from app import Runtime, load_config
 from app.config import Config
+from app.net import free_port
 from plugins.lifecycle_external import ExternalConfig
 from plugins.storage_postgres import PostgresConfig
-from tests.conftest import redis_children
-from tests.test_run import ROOT, free_port
-from tests.test_workers import redis_servers_under, wait_until_serving
+from tests.support import ROOT, redis_children, redis_servers_under, wait_until_serving
 
 COMPOSE = ROOT / "compose/compose.yaml"
 DOCKERFILE = ROOT / "compose/Dockerfile"

@@ -13,7 +13,7 @@ import pytest
 from app import Runtime
 from app.errors import Conflict, InvalidInput, PostgresUnavailable, StorageUnavailable
 from app.web import create_app
-from tests.test_ondemand import wait_for
+from tests.support import wait_for
 
 
 async def stop_keeping_address(pg) -> None:
@@ -123,7 +123,7 @@ async def test_external_redis_returning_with_old_values_serves_no_stale_session(
 
 
 async def test_postgres_down_at_startup_then_recovers(make_config, pg_template) -> None:
-    from tests.postgres_support import embedded_postgres
+    from tests.support import embedded_postgres
 
     async with embedded_postgres(template=pg_template) as pg:
         dsn = pg.dsn

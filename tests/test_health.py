@@ -9,7 +9,7 @@ from typing import Any
 from app import Runtime, hookimpl
 from app.events import Events
 from app.health import OutageTracker
-from tests.test_ondemand import wait_for
+from tests.support import wait_for
 
 
 class RecordingEvents(Events):

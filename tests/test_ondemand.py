@@ -15,17 +15,7 @@ import pytest
 
 from app import Runtime
 from app.errors import RedisUnavailable, SpawnError
-from tests.conftest import pid_gone, redis_children
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(interval)
+from tests.support import ROOT, pid_gone, redis_children, wait_for
 
 
 async def test_runtime_start_spawns_nothing(runtime: Runtime) -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,9 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).resolve().parent.parent
+from app.net import free_port
+from tests.support import ROOT
+
 # What a fresh clone would not have, or the build would only pick up by accident.
 _NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache",
                                      ".ruff_cache", ".hypothesis", ".ondemand", "results", "*.pyc")
@@ -113,9 +114,7 @@ def test_the_installed_server_serves_the_status_page_from_the_package(built: dic
     # Mark the installed copy: the page must come from the package directory, not from a checkout.
     script = built["target"] / "app/web/static/status.js"
     script.write_bytes(script.read_bytes() + b"\n// served from the installed package\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log_path = built["work"] / "serve.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([str(built["target"] / "bin" / "ondemand"), "serve", "--port", str(port)],

@@ -8,7 +8,7 @@ import pytest
 from app import Runtime, hookimpl
 from app.errors import PluginError
 from app.plugins import ENTRY_POINT_GROUP, Plugins
-from tests.conftest import redis_children
+from tests.support import redis_children
 
 
 def test_builtins_and_entry_point_plugin_are_registered(make_config) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,20 +13,8 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import pid_gone
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str, timeout: float = 5.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.loads(resp.read())
+from app.net import free_port
+from tests.support import ROOT, get_json, pid_gone
 
 
 def test_run_py_serves_then_stops_everything_on_sigterm(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from app.storage import Entry, Namespace, Storage
 from plugins import storage_postgres
 from plugins.postgres_server import EmbeddedPostgres
 from plugins.storage_postgres import PostgresConfig, PostgresStorage
-from tests.postgres_support import (
+from tests.support import (
     clone_data_dir,
     new_temp_dir,
     pid_alive,

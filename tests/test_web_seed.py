@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.web import create_app
-from tests.conftest import redis_children
+from tests.support import redis_children
 
 
 @pytest.fixture

@@ -13,33 +13,8 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from tests.conftest import pid_gone
-from tests.test_run import ROOT, free_port
-
-
-def redis_servers_under(pid: int) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.Process(pid).children(recursive=True):
-        try:
-            if proc.name() in {"redis-server", "valkey-server"} and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return found
-
-
-async def wait_until_serving(session: aiohttp.ClientSession, base: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            async with session.get(f"{base}/api/cache/status") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "workers did not come up"
-        await asyncio.sleep(0.1)
+from app.net import free_port
+from tests.support import ROOT, pid_gone, redis_children, redis_servers_under, wait_until_serving
 
 
 async def test_four_workers_share_one_redis_and_survive_the_owner_dying(tmp_path: Path) -> None:
@@ -107,7 +82,6 @@ async def test_shared_runtime_dir_one_server_shared_idle_and_adoption(make_confi
     """Two runtimes sharing a runtime dir behave like two workers: one server, adopted by the other;
     the owner does not stop it while the other is busy; when it stops, the other notices at once."""
     from app import Runtime
-    from tests.conftest import redis_children
 
     config = make_config({"lifecycle": {"runtime_dir": str(tmp_path / "run"), "idle_timeout": 0.5}})
     async with Runtime(config) as owner, Runtime(config) as sibling:

@@ -18,9 +18,8 @@ import pytest
 
 from app import Runtime
 from app.errors import OndemandError, PostgresUnavailable, SpawnError
-from tests.conftest import pid_gone, redis_children
-from tests.test_ondemand import wait_for
-from tests.test_run import ROOT, free_port, get_json
+from app.net import free_port
+from tests.support import ROOT, get_json, pid_gone, redis_children, wait_for
 
 SCRIPTS = ROOT / "tests/scripts"
 

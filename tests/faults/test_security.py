@@ -31,8 +31,7 @@ from app.config import redact_url
 from app.logs import JsonFormatter
 from app.web import RUNTIME, create_app
 from plugins.lifecycle_external import ExternalConfig
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
 
 
 def nested(depth: int, container: str = "list") -> Any:
