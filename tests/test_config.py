@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
+from ondemand_example import ExampleConfig
 
-from app.config import Config, redact
+from app.config import CORE_SECTIONS, SECRET, Config, redact
 from app.configure import load_config
 from app.errors import ConfigError
 from plugins.lifecycle_external import ExternalConfig
@@ -94,3 +98,35 @@ def test_run_py_exits_2_naming_the_bad_key(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "lifecycle.idle_timeout" in proc.stderr and str(path) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_redact_hides_every_secret_field_of_every_section_plugins_included() -> None:
+    secret = "https://user:T0P-S3CRET@host.example/x"
+    loaded = load_config(None, environ={})
+    tables = {**{cls: table for table, cls in CORE_SECTIONS}, **loaded.section_tables}
+    marked = {(table, f.name): f.metadata[SECRET] for cls, table in tables.items() for f in attrs.fields(cls)
+              if SECRET in f.metadata}
+    # The core's token, the built-in plugins' URLs and the example plugin's token and URL at least.
+    assert {("server", "api_token"), ("lifecycle", "redis_url"), ("postgres", "dsn"), ("example", "api_key"),
+            ("example", "upstream")} <= set(marked)
+    overrides: dict[str, dict[str, str]] = {}
+    for table, key in marked:
+        overrides.setdefault(table, {})[key] = secret
+    config = load_config(None, overrides=overrides, environ={})
+    data = redact(config)
+    assert "T0P-S3CRET" not in json.dumps(data)
+    for (table, key), kind in marked.items():
+        assert data[table][key] == ("https://user:***@host.example/x" if kind == "url" else "***"), (table, key)
+    assert config.section(ExampleConfig).api_key == secret, "only the output is redacted, not the config"
+
+
+def test_check_config_prints_a_plugin_section_with_its_secrets_redacted() -> None:
+    env = {**os.environ, "ONDEMAND_EXAMPLE__API_KEY": "ex-k3y-9f9f", "EXAMPLE_GREETING": "bonjour",
+           "ONDEMAND_EXAMPLE__UPSTREAM": "https://bot:pa55w0rd@hooks.example/in"}
+    proc = subprocess.run([sys.executable, "run.py", "check-config"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "ex-k3y-9f9f" not in proc.stdout + proc.stderr and "pa55w0rd" not in proc.stdout + proc.stderr
+    printed = json.loads(proc.stdout.split("\n", 1)[1])
+    assert printed["example"] == {"greeting": "bonjour", "level": 1, "api_key": "***",
+                                  "upstream": "https://bot:***@hooks.example/in"}
