@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -26,65 +26,22 @@ import attrs
 import orjson
 
 from app.breaker import CircuitBreaker
-from app.errors import BackendUnavailable, InvalidInput, StorageUnavailable, first_line
+from app.errors import (
+    BackendUnavailable,
+    InvalidInput,
+    OndemandError,
+    RedisCommandError,
+    StorageUnavailable,
+    WriteOutcomeUnknown,
+    first_line,
+)
 from app.health import OutageTracker
 from app.storage import CacheStorage, DurableStorage, Entry, Namespace
+from app.values import CORRUPT, check_id, check_ttl, decode, encode
 
 log = logging.getLogger("ondemand.dispatcher")
 
-MAX_ID_BYTES = 256
-MAX_TTL = 10 * 365 * 24 * 3600.0
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_CORRUPT = object()
 _NOT_WRITTEN = object()  # a cache write skipped (breaker open) or failed
-
-
-def check_id(item_id: Any) -> str:
-    """An id must be a non-empty string of at most 256 UTF-8 bytes with no control characters."""
-    # The common case in three C calls: for ASCII text, isprintable() is exactly "no control characters".
-    if type(item_id) is str and item_id.isascii() and item_id.isprintable() and 0 < len(item_id) <= MAX_ID_BYTES:
-        return item_id
-    if type(item_id) is not str:
-        raise InvalidInput(f"id must be a string, got {type(item_id).__name__}")
-    if not item_id:
-        raise InvalidInput("id must not be empty")
-    if item_id.isascii():  # the common case: one byte per character, nothing to encode
-        size = len(item_id)
-    else:
-        try:
-            size = len(item_id.encode())
-        except UnicodeEncodeError:  # lone surrogates have no UTF-8 form
-            raise InvalidInput("id must be valid Unicode text (no lone surrogates)") from None
-    if size > MAX_ID_BYTES:
-        raise InvalidInput(f"id must be at most {MAX_ID_BYTES} bytes in UTF-8, got {size}")
-    if _CONTROL.search(item_id):
-        raise InvalidInput("id must not contain control characters")
-    return item_id
-
-
-def check_ttl(ttl: Any, default: float | None) -> float | None:
-    """ttl in seconds: a number greater than 0 and at most ten years; None means the namespace default."""
-    if ttl is None:
-        return default
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl != ttl:
-        raise InvalidInput(f"ttl must be a number of seconds, got {ttl!r}")
-    if not 0 < ttl <= MAX_TTL:
-        raise InvalidInput(f"ttl must be greater than 0 and at most {MAX_TTL:.0f} seconds, got {ttl!r}")
-    return float(ttl)
-
-
-def encode(value: Any) -> bytes:
-    try:
-        return orjson.dumps(value)
-    except TypeError as exc:
-        raise InvalidInput(f"value must be JSON-serializable: {exc}") from None
-
-
-def decode(raw: bytes) -> Any:
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return _CORRUPT
 
 
 class _LazyKeys:
@@ -138,6 +95,7 @@ class Dispatcher:
         if durable is None and any(ns.durable for ns in self.namespaces.values()):
             raise ValueError("a durable namespace needs a durable storage")
         self.stats = {name: NamespaceStats() for name in self.namespaces}
+        self.error_replies: Counter[str] = Counter()  # cache error replies by kind (oom, readonly, ...)
         self.dirty_limit = dirty_limit
         self._dirty: set[str] = set()
         self._dirty_overflow = False
@@ -165,13 +123,20 @@ class Dispatcher:
         ns = self.namespaces.get(namespace) or self.namespace(namespace)  # the latter raises the error
         check_id(item_id)
         stats = self.stats[ns.name]
-        cache_error: BackendUnavailable | None = None
+        cache_error: OndemandError | None = None
         corrupt = False
         if self.breaker.closed:
             try:
                 raw = await self.cache.get(ns, item_id)
+            except RedisCommandError as exc:
+                if exc.kind == "wrongtype":  # another type under our key: as good as corrupt, replaced below
+                    self._count_cache_error(stats, exc)
+                    stats.corrupt_values += 1
+                    corrupt = True
+                else:
+                    cache_error = self._read_failed(stats, exc)
             except BackendUnavailable as exc:
-                cache_error = self._cache_failed(stats, exc, ())
+                cache_error = self._read_failed(stats, exc)
             else:
                 if raw is not None:
                     try:
@@ -208,18 +173,18 @@ class Dispatcher:
             check_id(item_id)
         stats = self.stats[ns.name]
         raws: list[bytes | None] = [None] * len(ids)
-        cache_error: BackendUnavailable | None = None
+        cache_error: OndemandError | None = None
         if self.breaker.closed:
             try:
                 raws = await self.cache.get_many(ns, ids)
-            except BackendUnavailable as exc:
-                cache_error = self._cache_failed(stats, exc, ())
+            except (BackendUnavailable, RedisCommandError) as exc:
+                cache_error = self._read_failed(stats, exc)
         else:
             cache_error = BackendUnavailable(f"Redis circuit breaker is open: {self.breaker.last_reason}")
-        values = [_CORRUPT if raw is None else decode(raw) for raw in raws]
-        corrupt = {i for i, raw in enumerate(raws) if raw is not None and values[i] is _CORRUPT}
+        values = [CORRUPT if raw is None else decode(raw) for raw in raws]
+        corrupt = {i for i, raw in enumerate(raws) if raw is not None and values[i] is CORRUPT}
         stats.corrupt_values += len(corrupt)
-        missing = [i for i, value in enumerate(values) if value is _CORRUPT]
+        missing = [i for i, value in enumerate(values) if value is CORRUPT]
         stats.hits += len(ids) - len(missing)
         if missing and ns.durable:
             found = await self._durable_call(
@@ -237,8 +202,8 @@ class Dispatcher:
                 if cache_error is None:
                     backfills.append(self._backfill(stats, ns, ids[i], raw, remaining, replace_corrupt=i in corrupt))
             await asyncio.gather(*backfills)  # issued in one loop tick: one pipelined round trip
-        stats.misses += sum(1 for value in values if value is _CORRUPT)
-        return [None if value is _CORRUPT else value for value in values]
+        stats.misses += sum(1 for value in values if value is CORRUPT)
+        return [None if value is CORRUPT else value for value in values]
 
     async def _backfill(
         self, stats: NamespaceStats, ns: Namespace, item_id: str, raw: bytes, remaining: float | None,
@@ -256,8 +221,8 @@ class Dispatcher:
             if replace_corrupt:
                 await self.cache.delete_keys([ns.key(item_id)])
             await self.cache.set_if_absent(ns, item_id, raw, ttl)
-        except BackendUnavailable as exc:
-            self._cache_failed(stats, exc, (ns.key(item_id),))
+        except (BackendUnavailable, RedisCommandError) as exc:  # a put-back that failed never fails the read
+            self._read_failed(stats, exc, (ns.key(item_id),))
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -269,13 +234,13 @@ class Dispatcher:
         stats = self.stats[ns.name]
         stats.writes += 1
         if ns.durable:
-            await self._durable_call(stats, None, lambda: self.durable.set(ns, item_id, raw, ttl))  # type: ignore[union-attr]
+            await self._durable_write(stats, ((ns, [item_id]),), lambda: self.durable.set(ns, item_id, raw, ttl))  # type: ignore[union-attr]
         if self.breaker.closed:  # the common case, inline: no closure, no extra frame
             try:
                 await self.cache.set(ns, item_id, raw, ttl)
                 return
-            except BackendUnavailable as exc:
-                self._cache_failed(stats, exc, (ns.key(item_id),))
+            except (BackendUnavailable, RedisCommandError) as exc:
+                await self._write_failed(stats, exc, (ns.key(item_id),))
         else:
             self._mark_dirty((ns.key(item_id),))
         self._count_lost_write(stats, ns)
@@ -333,7 +298,10 @@ class Dispatcher:
             self.stats[entry.namespace.name].writes += 1
         if durable:
             stats = self.stats[durable[0].namespace.name]
-            await self._durable_call(stats, None, lambda: self.durable.set_many(durable))  # type: ignore[union-attr]
+            by_namespace: dict[str, tuple[Namespace, list[str]]] = {}
+            for entry in durable:
+                by_namespace.setdefault(entry.namespace.name, (entry.namespace, []))[1].append(entry.id)
+            await self._durable_write(stats, by_namespace.values(), lambda: self.durable.set_many(durable))  # type: ignore[union-attr]
         first = self.stats[prepared[0].namespace.name]
         keys = _LazyKeys(prepared)  # built only if the write fails
         if await self._cache_write(first, keys, lambda: self.cache.set_many(prepared)) is _NOT_WRITTEN:
@@ -349,7 +317,7 @@ class Dispatcher:
         stats.deletes += len(ids)
         removed = 0
         if ns.durable:
-            removed = await self._durable_call(stats, None, lambda: self.durable.delete(ns, ids))  # type: ignore[union-attr]
+            removed = await self._durable_write(stats, ((ns, ids),), lambda: self.durable.delete(ns, ids))  # type: ignore[union-attr]
         cached = await self._cache_write(stats, [ns.key(i) for i in ids], lambda: self.cache.delete(ns, ids))
         if ns.durable:
             return removed
@@ -364,7 +332,8 @@ class Dispatcher:
         stats = self.stats[ns.name]
         found = False
         if ns.durable:
-            found = await self._durable_call(stats, None, lambda: self.durable.expire(ns, item_id, checked))  # type: ignore[union-attr]
+            found = await self._durable_write(stats, ((ns, [item_id]),),
+                                              lambda: self.durable.expire(ns, item_id, checked))  # type: ignore[union-attr]
         cached = await self._cache_write(stats, (ns.key(item_id),), lambda: self.cache.expire(ns, item_id, checked))
         if ns.durable:
             return found
@@ -382,18 +351,40 @@ class Dispatcher:
         self, stats: NamespaceStats, keys: Iterable[str], write: Callable[[], Awaitable[Any]]
     ) -> Any:
         """Run a Redis write unless the breaker is open and return its result; when it did not
-        happen, remember the keys as stale and return _NOT_WRITTEN."""
+        happen, make sure no older copy is served (see _write_failed) and return _NOT_WRITTEN."""
         if self.breaker.closed:
             try:
                 return await write()
-            except BackendUnavailable as exc:
-                self._cache_failed(stats, exc, keys)
+            except (BackendUnavailable, RedisCommandError) as exc:
+                await self._write_failed(stats, exc, keys)
         else:
             self._mark_dirty(keys)
         return _NOT_WRITTEN
 
+    async def _durable_write(
+        self, stats: NamespaceStats, targets: Iterable[tuple[Namespace, Sequence[str]]],
+        call: Callable[[], Awaitable[Any]],
+    ) -> Any:
+        """A write to the system of record. When it fails, it may still commit later (a statement
+        sent to a server that froze), so the cached copies of `targets` are invalidated (with
+        tombstones, so no read puts an older value back) before the error is raised: whatever the
+        durable store ends up holding, the next read returns it."""
+        try:
+            return await call()
+        except BackendUnavailable as exc:
+            stats.durable_errors += 1
+            for ns, ids in targets:
+                keys = [ns.key(i) for i in ids]
+                await self._cache_write(stats, keys, lambda ns=ns, ids=ids: self.cache.delete(ns, ids))
+            if exc.outcome_unknown:
+                raise WriteOutcomeUnknown(
+                    f"{first_line(exc)}; the write may still take effect: the cached copy was invalidated, so "
+                    f"the next read returns what {self.durable.name} holds"  # type: ignore[union-attr]
+                ) from exc
+            raise
+
     async def _durable_call(
-        self, stats: NamespaceStats, cache_error: BackendUnavailable | None, call: Callable[[], Awaitable[Any]]
+        self, stats: NamespaceStats, cache_error: OndemandError | None, call: Callable[[], Awaitable[Any]]
     ) -> Any:
         try:
             return await call()
@@ -406,8 +397,38 @@ class Dispatcher:
                 ) from exc
             raise
 
-    def _cache_failed(self, stats: NamespaceStats, exc: BackendUnavailable, keys: Iterable[str]) -> BackendUnavailable:
+    def _count_cache_error(self, stats: NamespaceStats, exc: OndemandError) -> None:
         stats.cache_errors += 1
+        if isinstance(exc, RedisCommandError):
+            self.error_replies[exc.kind] += 1
+
+    def _read_failed(self, stats: NamespaceStats, exc: OndemandError, keys: Iterable[str] = ()) -> OndemandError:
+        """A cache read (or put-back) failed: the read goes on as a miss. An error reply that concerns
+        this command alone (out of memory, WRONGTYPE, ...) leaves the breaker closed."""
+        if isinstance(exc, RedisCommandError) and not exc.server_unusable:
+            self._count_cache_error(stats, exc)
+            return exc
+        return self._cache_failed(stats, exc, keys)
+
+    async def _write_failed(self, stats: NamespaceStats, exc: OndemandError, keys: Iterable[str]) -> None:
+        """A cache write did not happen, or may have half happened: no older copy may be served.
+
+        A server that refused it but still serves (out of memory, read-only, ...) is asked to delete
+        the keys now (DEL is served under maxmemory); otherwise, or if that fails too, the keys are
+        remembered and deleted before the breaker closes."""
+        if isinstance(exc, RedisCommandError) and not exc.server_unusable:
+            self._count_cache_error(stats, exc)
+            keys = list(keys)
+            try:
+                await self.cache.delete_keys(keys)
+                return
+            except (BackendUnavailable, RedisCommandError) as again:
+                exc = again
+        self._cache_failed(stats, exc, keys)
+
+    def _cache_failed(self, stats: NamespaceStats, exc: OndemandError, keys: Iterable[str]) -> OndemandError:
+        """Redis could not be used: remember the keys as stale and open the breaker."""
+        self._count_cache_error(stats, exc)
         self._mark_dirty(keys)
         self.breaker.failure(first_line(exc))
         return exc
@@ -446,6 +467,7 @@ class Dispatcher:
             "breaker": self.breaker.status(),
             "stale_keys_pending": len(self._dirty),
             "stale_overflow": self._dirty_overflow,
+            "error_replies": dict(self.error_replies),
             "namespaces": {name: attrs.asdict(stats) for name, stats in self.stats.items()},
         }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class OndemandError(Exception):
     """Base of every error this project raises on purpose."""
@@ -43,10 +45,14 @@ class Conflict(OndemandError):
 
 
 class BackendUnavailable(OndemandError):
-    """A store could not serve the operation in time."""
+    """A store could not serve the operation in time.
+
+    `outcome_unknown` is set by a store when a write may still take effect (the statement reached a
+    server that then stopped answering); False means it surely did not."""
 
     code = "backend_unavailable"
     http_status = 503
+    outcome_unknown = False
 
 
 class RedisUnavailable(BackendUnavailable):
@@ -74,16 +80,68 @@ class SpawnError(RedisUnavailable):
 
 
 class RedisCommandError(OndemandError):
-    """Redis answered a command with an error reply (for example WRONGTYPE)."""
+    """Redis answered a command with an error reply; `kind` classifies it (see ERROR_REPLY_KINDS).
+
+    The dispatcher never lets one reach a caller: a refused cache write is handled like a write that
+    could not reach Redis (the old copy is invalidated, the write counted), a refused read is a miss.
+    Only `with_connection` and direct `on_demand.execute` callers see it (HTTP 502)."""
 
     code = "redis_command_error"
     http_status = 502
+
+    @property
+    def kind(self) -> str:
+        return error_reply_kind(str(self))
+
+    @property
+    def server_unusable(self) -> bool:
+        """The server cannot serve anything now (loading, a busy script, a failed cluster): the breaker
+        opens as for a timeout. Others (out of memory, read-only, ...) concern the command alone."""
+        return self.kind in _UNUSABLE
+
+
+# The first word of an error reply -> the kind we count it as. Anything else is "other" (WRONGTYPE...).
+ERROR_REPLY_KINDS = {
+    "OOM": "oom",  # maxmemory reached with noeviction: writes refused, reads and DEL still served
+    "READONLY": "readonly",  # a replica (after a failover): we reconnect
+    "MISCONF": "misconf",  # persistence failing with stop-writes-on-bgsave-error: writes refused
+    "LOADING": "loading",  # the dataset is being loaded: nothing served yet
+    "BUSY": "busy",  # a script runs too long: nothing served until it ends
+    "NOSCRIPT": "noscript",
+    "MASTERDOWN": "masterdown",
+    "CLUSTERDOWN": "clusterdown",
+    "TRYAGAIN": "tryagain",
+    "MOVED": "moved",
+    "ASK": "ask",
+    "CROSSSLOT": "crossslot",
+    "WRONGTYPE": "wrongtype",  # a value of another type under our key (written by someone else)
+}
+_UNUSABLE = frozenset({"loading", "busy", "masterdown", "clusterdown"})
+
+
+_SCRIPT_ERROR = re.compile(r"^ERR Error running script .*?: -?([A-Z]+) ")
+
+
+def error_reply_kind(reply: str) -> str:
+    kind = ERROR_REPLY_KINDS.get(reply.split(" ", 1)[0])
+    if kind is None and (found := _SCRIPT_ERROR.match(reply)):
+        # Redis 6 wraps an error raised inside a script: "ERR Error running script (...): @user_script:3:
+        # -OOM command not allowed ..."; Redis 7 and Valkey pass the code through as it is.
+        kind = ERROR_REPLY_KINDS.get(found.group(1))
+    return kind or "other"
 
 
 class PostgresUnavailable(BackendUnavailable):
     """PostgreSQL could not be reached or did not answer in time."""
 
     code = "postgres_unavailable"
+
+
+class WriteOutcomeUnknown(BackendUnavailable):
+    """A durable write or delete failed in a way that lets it still take effect later. The cached copy
+    was invalidated before this was raised, so the next read returns what the durable store holds."""
+
+    code = "write_outcome_unknown"
 
 
 class StorageUnavailable(BackendUnavailable):

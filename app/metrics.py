@@ -73,6 +73,7 @@ class RuntimeCollector(Collector):
         yield from _namespace_metrics(status["dispatcher"])
         yield from _redis_metrics(status["redis"])
         yield from _breaker_metrics(status["dispatcher"])
+        yield from _error_reply_metrics(status["dispatcher"])
         yield from _storage_metrics(status["storages"])
 
 
@@ -110,6 +111,14 @@ def _breaker_metrics(dispatcher: dict[str, Any]) -> Iterator[Metric]:
                             value=BREAKER_STATES.get(breaker.get("state"), 2))
     yield CounterMetricFamily("ondemand_breaker_opens", "Times the Redis circuit breaker opened",
                               value=breaker.get("opens", 0))
+
+
+def _error_reply_metrics(dispatcher: dict[str, Any]) -> Iterator[Metric]:
+    family = CounterMetricFamily("ondemand_cache_error_replies", "Error replies from the cache, by kind",
+                                 labels=["kind"])
+    for kind, count in sorted(dispatcher.get("error_replies", {}).items()):
+        family.add_metric([kind], count)
+    yield family
 
 
 def _storage_metrics(storages: dict[str, Any]) -> Iterator[Metric]:

@@ -44,19 +44,28 @@ class _RedisProtocol(asyncio.Protocol):
         reader = self._reader
         reader.feed(data)
         waiters = self._owner._waiters
+        readonly = False
         try:
             reply = reader.gets()
             while reply is not False:
                 self._owner._answered += 1
                 fut = waiters.popleft()
-                if not fut.done():  # a cancelled or timed-out caller no longer waits
-                    if isinstance(reply, hiredis.ReplyError):
-                        fut.set_exception(RedisCommandError(str(reply)))
-                    else:
-                        fut.set_result(reply)
+                if isinstance(reply, hiredis.ReplyError):
+                    text = str(reply)
+                    readonly = readonly or text.startswith("READONLY")
+                    if not fut.done():
+                        fut.set_exception(RedisCommandError(text))
+                elif not fut.done():  # a cancelled or timed-out caller no longer waits
+                    fut.set_result(reply)
                 reply = reader.gets()
         except (hiredis.ProtocolError, IndexError) as exc:
             self._owner._fail(RedisUnavailable(f"Redis protocol error: {exc!r}"))
+            return
+        if readonly:
+            # We are talking to a replica (a failover happened behind our address): the commands still
+            # in flight would meet it too. Close; the next command reconnects, to the master if the
+            # address now leads there (or to where the lifecycle rediscovers it).
+            self._owner._fail(RedisUnavailable("Redis answered READONLY: the server is a replica now; reconnecting"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._owner._fail(RedisUnavailable(f"connection to Redis lost{f': {exc}' if exc else ''}"))

@@ -150,6 +150,12 @@ def _first_line(exc: BaseException) -> str:
     return redact_url(first_line(exc))
 
 
+def _unavailable(message: str, outcome_unknown: bool) -> PostgresUnavailable:
+    error = PostgresUnavailable(message)
+    error.outcome_unknown = outcome_unknown
+    return error
+
+
 def _is_statement_cancel(exc: asyncio.CancelledError) -> bool:
     """aiopg turns a server-side cancel (statement_timeout) into CancelledError; tell it from a real one."""
     task = asyncio.current_task()
@@ -427,23 +433,31 @@ class PostgresStorage:
 
     async def _run(self, what: str, work: Callable[[aiopg.Cursor], Awaitable[T]]) -> T:
         self._ops += 1
+        sent = False  # once the statement may have reached the server, a failure leaves its outcome unknown
+
+        async def run(cur: aiopg.Cursor) -> T:
+            nonlocal sent
+            sent = True
+            return await work(cur)
+
         try:
             pool = await self._ready_pool()
             timeout = self._op_timeout()
             try:
                 async with asyncio.timeout(timeout), pool.acquire() as conn, conn.cursor(timeout=timeout) as cur:
-                    result = await work(cur)
+                    result = await run(cur)
             except asyncio.CancelledError as exc:
                 if not _is_statement_cancel(exc):
                     raise
+                # The server cancelled the statement itself: it was rolled back, the outcome is known.
                 raise PostgresUnavailable(
                     f"PostgreSQL {what} exceeded statement_timeout ({self.config.statement_timeout:g} s)"
                 ) from None
             except TimeoutError:
-                raise PostgresUnavailable(f"PostgreSQL {what} did not complete within {timeout:g} s") from None
+                raise _unavailable(f"PostgreSQL {what} did not complete within {timeout:g} s", sent) from None
             except (psycopg2.OperationalError, psycopg2.InterfaceError, OSError) as exc:
                 self._drop_pool(pool)  # the connection broke: a new pool is made by the next op
-                raise PostgresUnavailable(f"PostgreSQL {what} failed: {_first_line(exc)}") from None
+                raise _unavailable(f"PostgreSQL {what} failed: {_first_line(exc)}", sent) from None
             except psycopg2.Error as exc:
                 raise PostgresUnavailable(f"PostgreSQL {what} failed: {_first_line(exc)}") from None
         except PostgresUnavailable as exc:

@@ -38,8 +38,8 @@ from app.config import (
     unstructure,
 )
 from app.configure import config_from_dict, load_config
-from app.dispatcher import MAX_ID_BYTES, MAX_TTL, check_id, check_ttl
 from app.errors import ConfigError, InvalidInput
+from app.values import MAX_ID_BYTES, MAX_TTL, check_id, check_ttl
 from app.web import RUNTIME, create_app
 
 

@@ -24,8 +24,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.cache import MESSAGES, PROFILE, SESSION
-from app.dispatcher import Dispatcher, Lookup, check_id, check_ttl
+from app.dispatcher import Dispatcher, Lookup
 from app.errors import Conflict, InvalidInput, OndemandError
+from app.values import check_id, check_ttl
 from app.web.keys import METRICS, RUNTIME
 from app.web.responses import json_response, read_json
 

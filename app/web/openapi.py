@@ -12,8 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
-from app.dispatcher import MAX_ID_BYTES, MAX_TTL
 from app.metrics import BREAKER_STATES, REDIS_STATES
+from app.values import MAX_ID_BYTES, MAX_TTL
 from app.web.auth import needs_token
 from app.web.keys import CONFIG
 from app.web.responses import json_response
@@ -265,6 +265,9 @@ def _status_schema() -> dict[str, Any]:
                  counters={"type": "object", "additionalProperties": int_})
     breaker = _obj(state={"enum": list(BREAKER_STATES)}, opened_at=num_or_null, opens=int_, last_reason=str_or_null)
     dispatcher = _obj(breaker=breaker, stale_keys_pending=int_, stale_overflow=_BOOL,
+                      error_replies={"type": "object", "additionalProperties": int_,
+                                     "description": "cache error replies by kind: oom, readonly, misconf, "
+                                                    "loading, busy, noscript, ..., other"},
                       namespaces={"type": "object", "additionalProperties": {"type": "object",
                                                                              "additionalProperties": int_}})
     storage = {"type": "object", "properties": {"state": _STR}}

@@ -8,6 +8,7 @@ import orjson
 from aiohttp import web
 
 from app.errors import InvalidInput
+from app.values import parse_json
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -29,6 +30,6 @@ async def read_json(request: web.Request, *, optional: bool = False) -> Any:
         raise web.HTTPUnsupportedMediaType(reason=f"expected Content-Type application/json, got {request.content_type}")
     body = await request.read()
     try:
-        return orjson.loads(body)
+        return parse_json(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"body is not valid JSON: {exc}") from None

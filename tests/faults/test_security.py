@@ -134,11 +134,15 @@ async def test_garbage_in_redis_is_never_evaluated_and_reads_as_a_miss(aiohttp_c
     assert not marker.exists()
 
 
-async def test_redis_value_of_another_type_is_a_clear_error(aiohttp_client, make_config) -> None:
+async def test_redis_value_of_another_type_reads_as_absent_never_a_5xx(aiohttp_client, make_config) -> None:
     client = await aiohttp_client(create_app(make_config()))
     rt = client.app[RUNTIME]
     await rt.on_demand.with_connection(lambda r: r.hset("ondemand:profile:h", "a", "b"))
-    await error_of(await client.get("/api/users/h/profile"), 502, "redis_command_error")
+    # Not a value of ours: read as absent (counted), never a 5xx; a durable namespace reads through.
+    await error_of(await client.get("/api/users/h/profile"), 404, "not_found")
+    assert rt.dispatcher.error_replies["wrongtype"] == 1
+    await rt.on_demand.with_connection(lambda r: r.hset("ondemand:session:h", "a", "b"))
+    await error_of(await client.get("/api/sessions/h"), 404, "not_found")
     # a write replaces it
     assert (await client.put("/api/users/h/profile", json={"ok": 1})).status == 200
     assert (await (await client.get("/api/users/h/profile")).json())["profile"] == {"ok": 1}
