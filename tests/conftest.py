@@ -13,9 +13,12 @@ from app.config import Config
 from app.configure import merge as _merge
 from tests.support import embedded_postgres, make_template, redis_children, remove_temp_dir
 
-# Small, fast bounds for tests; no durable store unless a test asks for one.
+# Small, fast bounds for tests; no durable store unless a test asks for one. ONDEMAND_TEST_REDIS_BINARY
+# (a path) runs the tests against another server than the one discovery picks (.ci/run's second pass).
 TEST_OVERRIDES: dict[str, Any] = {
-    "lifecycle": {"idle_timeout": 30.0, "startup_timeout": 5.0, "shutdown_grace": 1.0},
+    "lifecycle": {"idle_timeout": 30.0, "startup_timeout": 5.0, "shutdown_grace": 1.0,
+                  **({"redis_binary": os.environ["ONDEMAND_TEST_REDIS_BINARY"]}
+                     if os.environ.get("ONDEMAND_TEST_REDIS_BINARY") else {})},
     "redis": {"op_timeout": 0.25, "connect_timeout": 0.5},
     "storage": {"durable": ""},
 }
