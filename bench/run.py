@@ -19,6 +19,7 @@ import bench_cache
 import bench_coldstart
 import bench_failover
 import bench_http
+import bench_invalidation
 import bench_memory
 import bench_warmup
 import orjson
@@ -32,6 +33,7 @@ BENCHMARKS = {
     "warmup": bench_warmup.run,
     "failover": bench_failover.run,
     "memory": bench_memory.run,
+    "invalidation": bench_invalidation.run,
 }
 
 
