@@ -35,6 +35,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.lifecycle_noop",
     "plugins.storage_redis",
     "plugins.storage_postgres",
+    "plugins.storage_sqlite",
 )
 
 

@@ -1,0 +1,575 @@
+"""The built-in "sqlite" storage: durable namespaced values in one SQLite file, with no server process.
+
+The single-host option: `storage.durable = "sqlite"` keeps durable namespaces (sessions) in the file
+at `sqlite.path` across restarts of the app. The N workers of `run.py --workers N` share one file
+safely: WAL mode lets readers run beside the one writer, `busy_timeout` makes a writer wait for
+another process's write lock instead of failing at once, and `set_many` and `delete` are
+transactions. There is nothing to start, so the store is ready in milliseconds.
+
+Why the standard library's sqlite3 on a dedicated thread, not aiosqlite: aiosqlite is the same
+design (one thread per connection, a queue of calls) packaged as a dependency, and what we need on
+top of it is the part it does not give: every operation bounded in time. Here each storage owns one
+daemon thread that owns its one connection (so a connection is only ever used by the thread that
+opened it), and each job carries a deadline that the thread enforces itself: a job whose deadline
+passed while it waited in the queue is skipped, and a statement still running at its deadline is
+aborted by SQLite's progress handler (the transaction rolled back). A lock held by another process
+is waited for at most `busy_timeout` (never longer than `op_timeout`). The event loop stops waiting
+at `op_timeout` whatever the thread does, so even a thread stuck in a system call (a hung disk)
+costs the caller no more than that; the thread is a daemon, so it cannot keep the process alive.
+asyncio.to_thread was not used because its default pool hands a connection to whichever thread is
+free and its jobs cannot be skipped once queued.
+
+Failures are SqliteUnavailable (HTTP 503), reported to the outage tracker like PostgreSQL's (one
+`degraded` event per outage, `recovered` when an operation succeeds again). A lock held too long or
+an operation past its deadline keeps the connection; any other error (a file that is not a database,
+a disk error, a path that cannot be opened) drops it, and the next operation opens the file again,
+so a repaired or replaced file is used again by itself.
+
+`open()` never fails and never waits: it starts the thread and queues the first connect, which
+creates the parent directory (0700) and the file (0600: it holds sessions) if they are missing, sets
+WAL mode and creates the schema. So status and readiness show at once whether the path works, and
+the first request does not pay for it. A failed connect is retried by the next operation.
+
+The schema is PostgreSQL's: one table of (namespace, id) -> value blob with an optional expiry, kept
+as Unix time in seconds (the wall clock every process on the host shares, unlike a monotonic one).
+Expired rows are invisible at once and purged every `purge_interval` seconds, in short batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import queue
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import attrs
+
+from app.config import FieldError, positive
+from app.errors import BackendUnavailable, first_line
+from app.health import OutageTracker
+from app.hookspecs import hookimpl
+from app.storage import Entry, Namespace, StoreState
+
+log = logging.getLogger("ondemand.sqlite")
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+_PURGE_BATCH = 1000
+_PURGE_MAX_BATCHES = 100  # per run: a huge backlog is worked off over several runs
+_CHUNK = 500  # ids per statement: older SQLite builds allow at most 999 bound parameters
+_PROGRESS_STEPS = 1000  # SQLite VM instructions between two deadline checks
+_BUSY_SLACK = 0.05  # seconds a lock wait may outlast a job's deadline before the busy timeout is lowered
+# How long after op_timeout the event loop stops waiting for the thread: it enforces the deadline itself
+# (and reports a known outcome); this only matters when it is stuck in a system call (a hung disk).
+_BACKSTOP = 0.25
+
+_SCHEMA_SQL = (
+    """CREATE TABLE IF NOT EXISTS ondemand_values (
+        namespace TEXT NOT NULL,
+        id TEXT NOT NULL,
+        value BLOB NOT NULL,
+        expires_at REAL,
+        PRIMARY KEY (namespace, id)
+    )""",
+    "CREATE INDEX IF NOT EXISTS ondemand_values_expires_at ON ondemand_values (expires_at)"
+    " WHERE expires_at IS NOT NULL",
+    "CREATE TABLE IF NOT EXISTS ondemand_schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)",
+)
+_SQL_VERSION = "INSERT OR IGNORE INTO ondemand_schema_version (version, applied_at) VALUES (?, ?)"
+
+_LIVE = "(expires_at IS NULL OR expires_at > ?)"
+_SQL_GET = f"SELECT value FROM ondemand_values WHERE namespace = ? AND id = ? AND {_LIVE}"
+_SQL_GET_ENTRY = f"SELECT value, expires_at FROM ondemand_values WHERE namespace = ? AND id = ? AND {_LIVE}"
+_SQL_SET = """
+INSERT INTO ondemand_values (namespace, id, value, expires_at) VALUES (?, ?, ?, ?)
+ON CONFLICT (namespace, id) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
+"""
+_SQL_EXPIRE = f"UPDATE ondemand_values SET expires_at = ? WHERE namespace = ? AND id = ? AND {_LIVE}"
+_SQL_PURGE = f"""
+DELETE FROM ondemand_values WHERE rowid IN (
+    SELECT rowid FROM ondemand_values WHERE expires_at <= ? LIMIT {_PURGE_BATCH}
+)
+"""
+
+
+class SqliteUnavailable(BackendUnavailable):
+    """The SQLite file could not serve the operation in time (locked, unreadable, not a database)."""
+
+    code = "sqlite_unavailable"
+    http_status = 503
+
+
+def _a_file_path(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not value or value == ":memory:" or value.startswith("file:"):
+        raise FieldError(attribute.name, "expected the path of a file (not ':memory:' or a URI: the store must "
+                                         f"outlive the process and be shared by its workers), got {value!r}")
+
+
+@attrs.frozen
+class SqliteConfig:
+    """The [sqlite] table."""
+
+    # The database file, relative to the working directory; its directory is created (0700) if missing.
+    path: str = attrs.field(default=".ondemand/ondemand.sqlite3", validator=_a_file_path)
+    # Seconds a statement waits for a lock another connection (another worker) holds; at most op_timeout.
+    busy_timeout: float = attrs.field(default=1.0, validator=positive)
+    # Seconds an operation may take in all, its wait behind other operations of this storage included.
+    op_timeout: float = attrs.field(default=2.0, validator=positive)
+    # Seconds between purges of expired rows (they are invisible from the moment they expire).
+    purge_interval: float = attrs.field(default=60.0, validator=positive)
+    # "full": a commit is on disk (fsync) before it is acknowledged; "normal": in WAL mode, safe against a
+    # crash of the app, but an OS crash or power loss may lose the last commits. Faster.
+    synchronous: Literal["full", "normal"] = "full"
+
+
+@hookimpl
+def ondemand_config_sections(sections: Any) -> None:
+    sections.add("sqlite", SqliteConfig)
+
+
+@hookimpl
+def ondemand_register_storages(registry: Any) -> None:
+    registry.add("sqlite", lambda context: SqliteStorage(context.config.section(SqliteConfig),
+                                                         health=context.health))
+
+
+# Workers a forked child inherited from its parent: their connections are the parent's (SQLite forbids
+# using one across fork, and closing it here could disturb the parent's locks), so the child keeps them
+# referenced, never used, never closed, never finalized.
+_FORKED_AWAY: list[_Worker] = []
+
+
+class _Worker:
+    """One daemon thread and the one connection it owns; jobs run one at a time, in submission order.
+
+    A job carries a deadline (time.monotonic()): one that expired while queued is skipped, and the
+    progress handler (`past_deadline`, installed on the connection) aborts a statement running past it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.conn: sqlite3.Connection | None = None
+        self.journal_mode: str | None = None
+        self.deadline = math.inf  # the running job's; math.inf between jobs and during a rollback
+        self.busy_timeout = 0.0  # what the connection's busy timeout is set to now
+        self._jobs: queue.SimpleQueue[tuple[Callable[[_Worker], Any], Future[Any], float] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[_Worker], T], deadline: float) -> Future[T]:
+        future: Future[T] = Future()
+        self._jobs.put((job, future, deadline))
+        return future
+
+    def stop(self) -> None:
+        """The thread ends after the jobs already queued."""
+        self._jobs.put(None)
+
+    def past_deadline(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def _loop(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job, future, deadline = item
+            if not future.set_running_or_notify_cancel():
+                continue  # the caller gave up (timed out or was cancelled) before the job started
+            self.deadline = deadline
+            try:
+                result = job(self)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            finally:
+                self.deadline = math.inf
+            del item, job, future  # no reference to a finished job's result while waiting for the next
+
+
+def _expires_at(now: float, ttl: float | None) -> float | None:
+    return None if ttl is None else now + ttl
+
+
+def _chunks(ids: Sequence[str]) -> list[list[str]]:
+    unique = list(dict.fromkeys(ids))
+    return [unique[i:i + _CHUNK] for i in range(0, len(unique), _CHUNK)]
+
+
+def _transaction(worker: _Worker, body: Callable[[], T], *, write: bool = True) -> T:
+    """`body` in one transaction; a write one takes the write lock at BEGIN (waiting up to busy_timeout),
+    so it never has to upgrade a read lock halfway, the case where SQLite fails at once instead of waiting."""
+    conn = worker.conn
+    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    try:
+        result = body()
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            worker.deadline = math.inf  # the rollback itself must not be aborted
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _select(w: _Worker, columns: str, ns: Namespace, ids: Sequence[str], now: float) -> list[tuple[Any, ...]]:
+    """Live rows (id first) of `ids`; several statements run in one read transaction (one snapshot)."""
+    chunks = _chunks(ids)
+
+    def body() -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = []
+        for chunk in chunks:
+            rows += w.conn.execute(f"SELECT id, {columns} FROM ondemand_values WHERE namespace = ? AND id IN"
+                                   f" ({','.join('?' * len(chunk))}) AND {_LIVE}", (ns.name, *chunk, now))
+        return rows
+
+    return body() if len(chunks) == 1 else _transaction(w, body, write=False)
+
+
+def _prepare_file(path: Path) -> None:
+    """Create the parent directory (0700) and the file (0600) if missing; a clear error when impossible."""
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise SqliteUnavailable(f"cannot create the SQLite file {path}: its parent {parent} is not a directory")
+    try:
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SqliteUnavailable(f"cannot create the directory {parent} for the SQLite file: "
+                                f"{exc.strerror or exc}") from None
+    if path.is_dir():
+        raise SqliteUnavailable(f"the SQLite path {path} is a directory, not a file")
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    except OSError as exc:
+        raise SqliteUnavailable(f"cannot open the SQLite file {path}: {exc.strerror or exc}") from None
+
+
+@attrs.define(eq=False)
+class SqliteStorage:
+    """Storage in one SQLite file: (namespace, id) -> value blob with an optional expiry. See the module docstring."""
+
+    config: SqliteConfig
+    health: OutageTracker = attrs.field(factory=lambda: OutageTracker.quiet("sqlite"))
+    name: str = "sqlite"
+    path: Path = attrs.field(init=False)
+    _worker: _Worker | None = attrs.field(init=False, default=None)
+    _connecting: asyncio.Task[None] | None = attrs.field(init=False, default=None)
+    _purge_task: asyncio.Task[None] | None = attrs.field(init=False, default=None)
+    _closed: bool = attrs.field(init=False, default=False)
+    _state: StoreState = attrs.field(init=False, default=StoreState.STOPPED)
+    _since: float = attrs.field(init=False, factory=time.time)
+    _ops: int = attrs.field(init=False, default=0)
+    _errors: int = attrs.field(init=False, default=0)
+
+    def __attrs_post_init__(self) -> None:
+        self.path = Path(self.config.path).expanduser().absolute()
+        # A forked copy of this process must not use the parent's connection (see _FORKED_AWAY).
+        after_fork = weakref.WeakMethod(self._after_fork_in_child)
+        os.register_at_fork(after_in_child=lambda: (method := after_fork()) and method())
+
+    @property
+    def _busy_timeout(self) -> float:
+        return min(self.config.busy_timeout, self.config.op_timeout)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Never fails, never waits: starts the thread and queues the first connect (which creates the
+        directory and the file); its outcome shows in status() and the health tracker."""
+        self._closed = False
+        self._set_state(StoreState.STARTING)
+        if self._connecting is None or self._connecting.done():
+            task = asyncio.create_task(self._run("open", lambda w, now: None), name="ondemand-sqlite-open")
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # recorded by _run already
+            self._connecting = task
+        if self._purge_task is None or self._purge_task.done():
+            self._purge_task = asyncio.create_task(self._purge_loop(), name="ondemand-sqlite-purge")
+
+    async def close(self) -> None:
+        """Bounded: the connection is closed by its thread within op_timeout + 1 s, else left to it."""
+        self._closed = True
+        tasks = [t for t in (self._purge_task, self._connecting) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.config.op_timeout + 1.0)
+        self._purge_task = self._connecting = None
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            closed = worker.submit(_close_connection, math.inf)
+            worker.stop()
+            try:
+                async with asyncio.timeout(self.config.op_timeout + 1.0):
+                    await asyncio.wrap_future(closed)
+            except TimeoutError:
+                log.warning("the SQLite thread did not finish within %g s; left to finish on its own",
+                            self.config.op_timeout + 1.0)
+        self._set_state(StoreState.STOPPED)
+
+    def _after_fork_in_child(self) -> None:
+        if self._worker is not None:
+            _FORKED_AWAY.append(self._worker)
+            self._worker = None
+        self._connecting = self._purge_task = None
+
+    # -- the Storage operations --------------------------------------------------------------------
+    # Each `work` runs on the storage's thread with that thread's worker (its open connection is
+    # `w.conn`) and the wall-clock time the job started at.
+
+    async def get(self, ns: Namespace, item_id: str) -> bytes | None:
+        def work(w: _Worker, now: float) -> bytes | None:
+            row = w.conn.execute(_SQL_GET, (ns.name, item_id, now)).fetchone()
+            return None if row is None else row[0]
+
+        return await self._run("get", work)
+
+    async def get_entry(self, ns: Namespace, item_id: str) -> tuple[bytes, float | None] | None:
+        """The value and its remaining lifetime in seconds (None: no expiry), or None when absent."""
+
+        def work(w: _Worker, now: float) -> tuple[bytes, float | None] | None:
+            row = w.conn.execute(_SQL_GET_ENTRY, (ns.name, item_id, now)).fetchone()
+            if row is None:
+                return None
+            return row[0], None if row[1] is None else row[1] - now
+
+        return await self._run("get", work)
+
+    async def get_entries(self, ns: Namespace, ids: Sequence[str]) -> list[tuple[bytes, float | None] | None]:
+        """get_entry for many ids in one job (one read snapshot), in the order of `ids`."""
+        if not ids:
+            return []
+
+        def work(w: _Worker, now: float) -> list[tuple[bytes, float | None] | None]:
+            found = {row[0]: (row[1], None if row[2] is None else row[2] - now)
+                     for row in _select(w, "value, expires_at", ns, ids, now)}
+            return [found.get(item_id) for item_id in ids]
+
+        return await self._run("get_many", work)
+
+    async def get_many(self, ns: Namespace, ids: Sequence[str]) -> list[bytes | None]:
+        if not ids:
+            return []
+
+        def work(w: _Worker, now: float) -> list[bytes | None]:
+            found = {row[0]: row[1] for row in _select(w, "value", ns, ids, now)}
+            return [found.get(item_id) for item_id in ids]
+
+        return await self._run("get_many", work)
+
+    async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None) -> None:
+        def work(w: _Worker, now: float) -> None:
+            w.conn.execute(_SQL_SET, (ns.name, item_id, value, _expires_at(now, ttl)))
+
+        await self._run("set", work)
+
+    async def set_many(self, entries: Sequence[Entry]) -> None:
+        """One transaction: every entry or none, and a reader sees all of them or none. Later duplicates win."""
+        latest = {(e.namespace.name, e.id): e for e in entries}
+        if not latest:
+            return
+
+        def work(w: _Worker, now: float) -> None:
+            rows = [(name, item_id, e.value, _expires_at(now, e.ttl)) for (name, item_id), e in latest.items()]
+            _transaction(w, lambda: w.conn.executemany(_SQL_SET, rows))
+
+        await self._run("set_many", work)
+
+    async def delete(self, ns: Namespace, ids: Sequence[str]) -> int:
+        """Remove ids, expired rows too; returns how many live ones existed. One transaction."""
+        if not ids:
+            return 0
+
+        def work(w: _Worker, now: float) -> int:
+            def body() -> int:
+                live = 0
+                for chunk in _chunks(ids):
+                    marks = ",".join("?" * len(chunk))
+                    live += w.conn.execute(
+                        f"SELECT count(*) FROM ondemand_values WHERE namespace = ? AND id IN ({marks}) AND {_LIVE}",
+                        (ns.name, *chunk, now)).fetchone()[0]
+                    w.conn.execute(f"DELETE FROM ondemand_values WHERE namespace = ? AND id IN ({marks})",
+                                   (ns.name, *chunk))
+                return live
+
+            return _transaction(w, body)
+
+        return await self._run("delete", work)
+
+    async def expire(self, ns: Namespace, item_id: str, ttl: float) -> bool:
+        def work(w: _Worker, now: float) -> bool:
+            return w.conn.execute(_SQL_EXPIRE, (now + ttl, ns.name, item_id, now)).rowcount > 0
+
+        return await self._run("expire", work)
+
+    async def purge_expired(self) -> int:
+        """Delete expired rows in short batches, each its own job (other operations run in between)."""
+        def work(w: _Worker, now: float) -> int:
+            return w.conn.execute(_SQL_PURGE, (now,)).rowcount
+
+        total = 0
+        for _ in range(_PURGE_MAX_BATCHES):
+            deleted = await self._run("purge", work)
+            total += deleted
+            if deleted < _PURGE_BATCH:
+                break
+        return total
+
+    def status(self) -> dict[str, Any]:
+        worker = self._worker
+        return {
+            "name": self.name,
+            "state": self._state,
+            "since": self._since,
+            "path": str(self.path),
+            "journal_mode": None if worker is None else worker.journal_mode,
+            "synchronous": self.config.synchronous,
+            "busy_timeout": self._busy_timeout,
+            "op_timeout": self.config.op_timeout,
+            "last_error": self.health.last_error,
+            "last_error_at": self.health.last_error_at,
+            "ops": self._ops,
+            "errors": self._errors,
+        }
+
+    # -- the thread's side -------------------------------------------------------------------------
+
+    def _connect(self, worker: _Worker, busy_timeout: float) -> None:
+        _prepare_file(self.path)
+        conn = sqlite3.connect(str(self.path), timeout=busy_timeout, isolation_level=None,
+                               cached_statements=64)
+        try:
+            conn.set_progress_handler(worker.past_deadline, _PROGRESS_STEPS)
+            journal_mode = str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()
+            if journal_mode != "wal":
+                log.warning("SQLite file %s is in journal mode %r, not WAL (a file system without shared "
+                            "memory?): readers and the writer of several processes wait for one another",
+                            self.path, journal_mode)
+            conn.execute(f"PRAGMA synchronous={self.config.synchronous.upper()}")
+
+            def schema() -> int:
+                for statement in _SCHEMA_SQL:
+                    conn.execute(statement)
+                conn.execute(_SQL_VERSION, (SCHEMA_VERSION, time.time()))
+                return conn.execute("SELECT max(version) FROM ondemand_schema_version").fetchone()[0]
+
+            worker.conn = conn  # for the schema's transaction; forgotten again if anything fails
+            version = _transaction(worker, schema)
+            if version > SCHEMA_VERSION:
+                raise SqliteUnavailable(f"the SQLite file {self.path} has schema version {version}, written by a "
+                                        f"newer ondemand; this one knows version {SCHEMA_VERSION}")
+        except BaseException:
+            worker.conn = None
+            conn.close()
+            raise
+        worker.journal_mode, worker.busy_timeout = journal_mode, busy_timeout
+
+    def _in_thread(self, worker: _Worker, what: str, work: Callable[[_Worker, float], T]) -> T:
+        remaining = worker.deadline - time.monotonic()
+        if remaining <= 0:
+            raise self._expired(what)  # it waited in the queue for all of its time: not even started
+        try:
+            # No lock wait may outlast the job's deadline (it may have waited in the queue): a job that
+            # could not finish in time always fails here, rolled back, and the outcome is known.
+            busy = min(self._busy_timeout, remaining)
+            if worker.conn is None:
+                self._connect(worker, busy)
+            elif busy < worker.busy_timeout - _BUSY_SLACK or busy > worker.busy_timeout:
+                worker.conn.execute(f"PRAGMA busy_timeout = {max(1, int(busy * 1000))}")
+                worker.busy_timeout = busy
+            return work(worker, time.time())
+        except sqlite3.Error as exc:
+            name = getattr(exc, "sqlite_errorname", "") or ""
+            if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+                raise SqliteUnavailable(
+                    f"SQLite {what} waited {self._busy_timeout:g} s (busy_timeout) for a lock another connection "
+                    f"holds on {self.path}") from None
+            if name == "SQLITE_INTERRUPT":
+                raise self._expired(what) from None
+            _close_connection(worker)  # the file may be broken or replaced: the next job opens it again
+            raise SqliteUnavailable(f"SQLite {what} failed on {self.path}: {first_line(exc)}") from None
+        except OSError as exc:
+            _close_connection(worker)
+            raise SqliteUnavailable(f"SQLite {what} failed on {self.path}: {exc.strerror or exc}") from None
+
+    def _expired(self, what: str = "operation") -> SqliteUnavailable:
+        return SqliteUnavailable(f"SQLite {what} did not complete within {self.config.op_timeout:g} s (op_timeout)")
+
+    # -- the event loop's side ---------------------------------------------------------------------
+
+    def _ready_worker(self) -> _Worker:
+        if self._closed:
+            raise SqliteUnavailable("the SQLite storage is closed")
+        if self._worker is None:
+            self._worker = _Worker("ondemand-sqlite")
+        return self._worker
+
+    async def _run(self, what: str, work: Callable[[_Worker, float], T]) -> T:
+        self._ops += 1
+        try:
+            worker = self._ready_worker()
+            timeout = self.config.op_timeout
+            job = worker.submit(lambda w: self._in_thread(w, what, work), time.monotonic() + timeout)
+            try:
+                async with asyncio.timeout(timeout + _BACKSTOP):
+                    result = await asyncio.wrap_future(job)  # cancelling it cancels a job not started yet
+            except TimeoutError:
+                # The thread is stuck: a job it started (a write waiting on fsync) may still complete.
+                error = self._expired(what)
+                error.outcome_unknown = not job.cancel()  # False: it had started (or just finished)
+                raise error from None
+        except SqliteUnavailable as exc:
+            self._errors += 1
+            self._record_failure(str(exc))
+            raise
+        self._record_success()
+        return result
+
+    def _set_state(self, state: StoreState) -> None:
+        if self._state is not state:
+            self._state, self._since = state, time.time()
+
+    def _record_failure(self, message: str) -> None:
+        if not self.health.degraded:
+            log.warning("SQLite storage degraded: %s", message)
+        self.health.down(message)
+        self._set_state(StoreState.DOWN)
+
+    def _record_success(self) -> None:
+        if self._state is StoreState.UP:
+            return
+        if self.health.degraded:
+            log.info("SQLite storage recovered")
+        self.health.up()
+        self._set_state(StoreState.UP)
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.purge_interval)
+            worker = self._worker
+            if worker is None or worker.conn is None:
+                continue  # not open (a failed open is retried by the next operation, not by the purge)
+            try:
+                deleted = await self.purge_expired()
+            except SqliteUnavailable as exc:
+                log.debug("purge of expired rows skipped: %s", exc)
+            except Exception:
+                log.exception("purge of expired rows failed")
+            else:
+                if deleted:
+                    log.debug("purged %d expired rows", deleted)
+
+
+def _close_connection(worker: _Worker) -> None:
+    conn, worker.conn = worker.conn, None
+    if conn is not None:
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
