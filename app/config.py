@@ -145,6 +145,9 @@ class NamespaceConfig:
 class StorageConfig:
     cache: str = "redis"
     durable: str = "postgres"
+    # Seconds between checks of the durable store's outbox (keys other processes could not delete from
+    # Redis), the backstop of its notifications (PostgreSQL LISTEN/NOTIFY; sqlite has only this poll).
+    outbox_poll: float = attrs.field(default=1.0, validator=positive)
 
 
 @attrs.frozen

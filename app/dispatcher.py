@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -36,16 +37,20 @@ from app.errors import (
     first_line,
 )
 from app.health import OutageTracker
-from app.storage import CacheStorage, DurableStorage, Entry, Namespace
+from app.storage import OVERFLOW, CacheStorage, DurableStorage, Entry, InvalidationOutbox, Namespace
 from app.values import CORRUPT, check_id, check_ttl, decode, encode
 
 log = logging.getLogger("ondemand.dispatcher")
 
 _NOT_WRITTEN = object()  # a cache write skipped (breaker open) or failed
+_OUTBOX_BATCH = 1000
 
 
-class _LazyKeys:
-    """The Redis keys of some entries, computed only when iterated (on the failure path)."""
+Target = tuple[Namespace, str]  # a namespace and an id: what a write touches
+
+
+class _LazyTargets:
+    """The (namespace, id) of some entries, computed only when iterated (on the failure path)."""
 
     __slots__ = ("_entries",)
 
@@ -53,7 +58,7 @@ class _LazyKeys:
         self._entries = entries
 
     def __iter__(self):
-        return (e.namespace.key(e.id) for e in self._entries)
+        return ((e.namespace, e.id) for e in self._entries)
 
 
 @attrs.define
@@ -86,7 +91,9 @@ class Dispatcher:
         durable: DurableStorage | None,
         namespaces: Mapping[str, Namespace],
         cache_health: OutageTracker,
+        durable_health: OutageTracker | None = None,
         dirty_limit: int = 100_000,
+        outbox_poll: float = 1.0,
     ) -> None:
         """`namespaces` say whether each is durable; one marked durable needs a `durable` store."""
         self.cache = cache
@@ -96,6 +103,11 @@ class Dispatcher:
             raise ValueError("a durable namespace needs a durable storage")
         self.stats = {name: NamespaceStats() for name in self.namespaces}
         self.error_replies: Counter[str] = Counter()  # cache error replies by kind (oom, readonly, ...)
+        self.durable_health = durable_health
+        self.outbox = durable if isinstance(durable, InvalidationOutbox) else None
+        self.outbox_poll = outbox_poll
+        self.outbox_recorded = self.outbox_delivered = 0
+        self._outbox_task: asyncio.Task[None] | None = None
         self.dirty_limit = dirty_limit
         self._dirty: set[str] = set()
         self._dirty_overflow = False
@@ -233,16 +245,19 @@ class Dispatcher:
         raw = encode(value)
         stats = self.stats[ns.name]
         stats.writes += 1
+        recorded = False
         if ns.durable:
-            await self._durable_write(stats, ((ns, [item_id]),), lambda: self.durable.set(ns, item_id, raw, ttl))  # type: ignore[union-attr]
+            kw, recorded = self._recording()
+            await self._durable_write(stats, ((ns, [item_id]),), lambda: self.durable.set(ns, item_id, raw, ttl, **kw),  # type: ignore[union-attr]
+                                      recorded=recorded)
         if self.breaker.closed:  # the common case, inline: no closure, no extra frame
             try:
                 await self.cache.set(ns, item_id, raw, ttl)
                 return
             except (BackendUnavailable, RedisCommandError) as exc:
-                await self._write_failed(stats, exc, (ns.key(item_id),))
+                await self._write_failed(stats, exc, ((ns, item_id),))
         else:
-            self._mark_dirty((ns.key(item_id),))
+            await self._skipped(((ns, item_id),), recorded)
         self._count_lost_write(stats, ns)
 
     async def append(self, namespace: str, item_id: str, items: list[Any], ttl: float | None = None, *,
@@ -274,7 +289,7 @@ class Dispatcher:
         raw = encode(items)
         stats = self.stats[ns.name]
         stats.writes += 1
-        length = await self._cache_write(stats, (ns.key(item_id),),
+        length = await self._cache_write(stats, ((ns, item_id),),
                                          lambda: self.cache.append_list(ns, item_id, raw, len(items), ttl, max_items))
         if length is _NOT_WRITTEN:
             self._count_lost_write(stats, ns)
@@ -285,6 +300,7 @@ class Dispatcher:
         """Write (namespace, id, value, ttl) tuples: one durable transaction, one Redis round trip."""
         prepared: list[Entry] = []
         durable: list[Entry] = []
+        recorded = False
         for namespace, item_id, value, ttl in entries:
             ns = self.namespace(namespace)
             check_id(item_id)
@@ -301,10 +317,15 @@ class Dispatcher:
             by_namespace: dict[str, tuple[Namespace, list[str]]] = {}
             for entry in durable:
                 by_namespace.setdefault(entry.namespace.name, (entry.namespace, []))[1].append(entry.id)
-            await self._durable_write(stats, by_namespace.values(), lambda: self.durable.set_many(durable))  # type: ignore[union-attr]
+            kw, recorded = self._recording()
+            await self._durable_write(stats, by_namespace.values(), lambda: self.durable.set_many(durable, **kw),  # type: ignore[union-attr]
+                                      recorded=recorded)
         first = self.stats[prepared[0].namespace.name]
-        keys = _LazyKeys(prepared)  # built only if the write fails
-        if await self._cache_write(first, keys, lambda: self.cache.set_many(prepared)) is _NOT_WRITTEN:
+        targets = _LazyTargets(prepared)  # built only if the write fails
+        # The durable write recorded its own keys; with cache-only entries too, all are recorded again.
+        all_recorded = recorded and len(durable) == len(prepared)
+        if await self._cache_write(first, targets, lambda: self.cache.set_many(prepared),
+                                   recorded=all_recorded) is _NOT_WRITTEN:
             for entry in prepared:
                 self._count_lost_write(self.stats[entry.namespace.name], entry.namespace)
 
@@ -315,10 +336,13 @@ class Dispatcher:
             check_id(item_id)
         stats = self.stats[ns.name]
         stats.deletes += len(ids)
-        removed = 0
+        removed, recorded = 0, False
         if ns.durable:
-            removed = await self._durable_write(stats, ((ns, ids),), lambda: self.durable.delete(ns, ids))  # type: ignore[union-attr]
-        cached = await self._cache_write(stats, [ns.key(i) for i in ids], lambda: self.cache.delete(ns, ids))
+            kw, recorded = self._recording()
+            removed = await self._durable_write(stats, ((ns, ids),), lambda: self.durable.delete(ns, ids, **kw),  # type: ignore[union-attr]
+                                                recorded=recorded)
+        cached = await self._cache_write(stats, [(ns, i) for i in ids], lambda: self.cache.delete(ns, ids),
+                                         recorded=recorded)
         if ns.durable:
             return removed
         return 0 if cached is _NOT_WRITTEN else cached
@@ -330,11 +354,14 @@ class Dispatcher:
         if checked is None:
             raise InvalidInput("ttl is required for expire")
         stats = self.stats[ns.name]
-        found = False
+        found, recorded = False, False
         if ns.durable:
+            kw, recorded = self._recording()
             found = await self._durable_write(stats, ((ns, [item_id]),),
-                                              lambda: self.durable.expire(ns, item_id, checked))  # type: ignore[union-attr]
-        cached = await self._cache_write(stats, (ns.key(item_id),), lambda: self.cache.expire(ns, item_id, checked))
+                                              lambda: self.durable.expire(ns, item_id, checked, **kw),  # type: ignore[union-attr]
+                                              recorded=recorded)
+        cached = await self._cache_write(stats, ((ns, item_id),), lambda: self.cache.expire(ns, item_id, checked),
+                                         recorded=recorded)
         if ns.durable:
             return found
         return cached is not _NOT_WRITTEN and bool(cached)
@@ -348,40 +375,45 @@ class Dispatcher:
             stats.dropped_writes += 1
 
     async def _cache_write(
-        self, stats: NamespaceStats, keys: Iterable[str], write: Callable[[], Awaitable[Any]]
+        self, stats: NamespaceStats, targets: Iterable[Target], write: Callable[[], Awaitable[Any]], *,
+        recorded: bool = False,
     ) -> Any:
         """Run a Redis write unless the breaker is open and return its result; when it did not
-        happen, make sure no older copy is served (see _write_failed) and return _NOT_WRITTEN."""
+        happen, make sure no older copy is served (see _write_failed, _skipped) and return _NOT_WRITTEN.
+        `recorded`: the durable write already put these keys in the outbox."""
         if self.breaker.closed:
             try:
                 return await write()
             except (BackendUnavailable, RedisCommandError) as exc:
-                await self._write_failed(stats, exc, keys)
+                await self._write_failed(stats, exc, targets)
         else:
-            self._mark_dirty(keys)
+            await self._skipped(targets, recorded)
         return _NOT_WRITTEN
 
     async def _durable_write(
         self, stats: NamespaceStats, targets: Iterable[tuple[Namespace, Sequence[str]]],
-        call: Callable[[], Awaitable[Any]],
+        call: Callable[[], Awaitable[Any]], *, recorded: bool = False,
     ) -> Any:
         """A write to the system of record. When it fails, it may still commit later (a statement
         sent to a server that froze), so the cached copies of `targets` are invalidated (with
         tombstones, so no read puts an older value back) before the error is raised: whatever the
         durable store ends up holding, the next read returns it."""
         try:
-            return await call()
+            result = await call()
         except BackendUnavailable as exc:
             stats.durable_errors += 1
             for ns, ids in targets:
-                keys = [ns.key(i) for i in ids]
-                await self._cache_write(stats, keys, lambda ns=ns, ids=ids: self.cache.delete(ns, ids))
+                await self._cache_write(stats, [(ns, i) for i in ids],
+                                        lambda ns=ns, ids=ids: self.cache.delete(ns, ids))
             if exc.outcome_unknown:
                 raise WriteOutcomeUnknown(
                     f"{first_line(exc)}; the write may still take effect: the cached copy was invalidated, so "
                     f"the next read returns what {self.durable.name} holds"  # type: ignore[union-attr]
                 ) from exc
             raise
+        if recorded:
+            self.outbox_recorded += sum(len(ids) for _, ids in targets)
+        return result
 
     async def _durable_call(
         self, stats: NamespaceStats, cache_error: OndemandError | None, call: Callable[[], Awaitable[Any]]
@@ -404,27 +436,54 @@ class Dispatcher:
 
     def _read_failed(self, stats: NamespaceStats, exc: OndemandError, keys: Iterable[str] = ()) -> OndemandError:
         """A cache read (or put-back) failed: the read goes on as a miss. An error reply that concerns
-        this command alone (out of memory, WRONGTYPE, ...) leaves the breaker closed."""
+        this command alone (out of memory, ...) leaves the breaker closed."""
         if isinstance(exc, RedisCommandError) and not exc.server_unusable:
             self._count_cache_error(stats, exc)
             return exc
         return self._cache_failed(stats, exc, keys)
 
-    async def _write_failed(self, stats: NamespaceStats, exc: OndemandError, keys: Iterable[str]) -> None:
+    async def _write_failed(self, stats: NamespaceStats, exc: OndemandError, targets: Iterable[Target]) -> None:
         """A cache write did not happen, or may have half happened: no older copy may be served.
 
         A server that refused it but still serves (out of memory, read-only, ...) is asked to delete
         the keys now (DEL is served under maxmemory); otherwise, or if that fails too, the keys are
-        remembered and deleted before the breaker closes."""
+        remembered here and recorded in the outbox, so that whoever reaches Redis first deletes them."""
+        targets = list(targets)
+        keys = [ns.key(item_id) for ns, item_id in targets]
         if isinstance(exc, RedisCommandError) and not exc.server_unusable:
             self._count_cache_error(stats, exc)
-            keys = list(keys)
             try:
                 await self.cache.delete_keys(keys)
                 return
             except (BackendUnavailable, RedisCommandError) as again:
                 exc = again
         self._cache_failed(stats, exc, keys)
+        await self._record(targets)
+
+    async def _skipped(self, targets: Iterable[Target], recorded: bool) -> None:
+        """A write that skipped Redis (breaker open): its keys are stale there until deleted."""
+        targets = list(targets)
+        self._mark_dirty(ns.key(item_id) for ns, item_id in targets)
+        if not recorded:
+            await self._record(targets)
+
+    def _recording(self) -> tuple[dict[str, bool], bool]:
+        """For a durable write: ask it to record its keys in the outbox in the same transaction when
+        Redis is known to be out of reach already (the breaker is open)."""
+        if self.outbox is not None and not self.breaker.closed:
+            return {"invalidate": True}, True
+        return {}, False
+
+    async def _record(self, targets: list[Target]) -> None:
+        """Put keys in the durable store's outbox (a best effort: they stay in our own stale set too).
+        Skipped while the durable store is known down, so an outage of both never waits on it."""
+        if self.outbox is None or not targets or (self.durable_health is not None and self.durable_health.degraded):
+            return
+        try:
+            await self.outbox.record_invalidations(targets)
+            self.outbox_recorded += len(targets)
+        except BackendUnavailable as exc:
+            log.warning("could not record %d stale keys in the outbox: %s", len(targets), first_line(exc))
 
     def _cache_failed(self, stats: NamespaceStats, exc: OndemandError, keys: Iterable[str]) -> OndemandError:
         """Redis could not be used: remember the keys as stale and open the breaker."""
@@ -442,15 +501,19 @@ class Dispatcher:
             self._dirty.clear()
             self._dirty_overflow = True
 
+    async def _clear_namespaces(self) -> None:
+        for ns in self.namespaces.values():
+            await self.cache.delete_prefix(ns.key_prefix)
+
     async def _invalidate_stale(self) -> None:
-        """Runs while the breaker is half-open, after a PING succeeded; the breaker closes after it."""
+        """Runs while the breaker is half-open, after a PING succeeded; the breaker closes after it.
+        Our own stale keys first, then the outbox (what other processes could not deliver)."""
         while self._dirty or self._dirty_overflow:
             if self._dirty_overflow:
                 self._dirty_overflow = False
                 self._dirty.clear()
                 try:
-                    for ns in self.namespaces.values():
-                        await self.cache.delete_prefix(ns.key_prefix)
+                    await self._clear_namespaces()
                 except BaseException:
                     self._dirty_overflow = True
                     raise
@@ -461,6 +524,66 @@ class Dispatcher:
             except BaseException:
                 self._mark_dirty(batch)
                 raise
+        await self._deliver_outbox()
+
+    # -- the outbox: invalidations other processes could not deliver -------------------------
+
+    async def _deliver_outbox(self) -> int:
+        """Delete from the cache every key the outbox holds, then acknowledge the rows; returns how many.
+
+        Cache failures propagate (the breaker stays open); a durable store that cannot be read is
+        logged and skipped: its rows wait for the next delivery, and our own reads do not."""
+        if self.outbox is None:
+            return 0
+        delivered = 0
+        while True:
+            try:
+                rows = await self.outbox.pending_invalidations(_OUTBOX_BATCH)
+            except BackendUnavailable as exc:
+                log.debug("outbox not readable: %s", first_line(exc))
+                return delivered
+            if not rows:
+                return delivered
+            if any(namespace == OVERFLOW for _, namespace, _ in rows):
+                await self._clear_namespaces()
+            else:
+                # Plain deletes, like our own stale keys': a tombstone would keep these keys out of the cache
+                # (served from the durable store) for its whole hold after every outage. The row was
+                # committed with the write, so a read that misses from now on finds the new value.
+                keys = [self.namespaces[namespace].key(item_id) for _, namespace, item_id in rows
+                        if namespace in self.namespaces]  # another namespace: nothing this process caches
+                await self.cache.delete_keys(keys)
+            try:
+                await self.outbox.ack_invalidations([seq for seq, _, _ in rows])
+            except BackendUnavailable as exc:
+                log.debug("outbox rows delivered but not acknowledged (delivered again later): %s", first_line(exc))
+                return delivered
+            delivered += len(rows)
+            self.outbox_delivered += len(rows)
+            if len(rows) < _OUTBOX_BATCH:
+                return delivered
+
+    async def _outbox_loop(self) -> None:
+        """Deliver the outbox whenever the durable store says rows may be there, and at least every
+        `outbox_poll` seconds, while Redis is reachable (the breaker's recovery delivers it otherwise)."""
+        assert self.outbox is not None
+        while True:
+            try:
+                if await self.outbox.wait_for_invalidations(self.outbox_poll) and self.breaker.closed:
+                    await self._deliver_outbox()
+            except asyncio.CancelledError:
+                raise
+            except (BackendUnavailable, RedisCommandError) as exc:
+                log.debug("outbox delivery failed: %s", first_line(exc))
+                await asyncio.sleep(min(self.outbox_poll, 0.2))
+            except Exception:
+                log.exception("outbox delivery failed; retrying")
+                await asyncio.sleep(self.outbox_poll)
+
+    def start(self) -> None:
+        """Start delivering the outbox (when the durable store has one)."""
+        if self.outbox is not None and self._outbox_task is None:
+            self._outbox_task = asyncio.create_task(self._outbox_loop(), name="ondemand-outbox")
 
     def status(self) -> dict[str, Any]:
         return {
@@ -468,8 +591,15 @@ class Dispatcher:
             "stale_keys_pending": len(self._dirty),
             "stale_overflow": self._dirty_overflow,
             "error_replies": dict(self.error_replies),
+            "outbox": None if self.outbox is None else {"recorded": self.outbox_recorded,
+                                                        "delivered": self.outbox_delivered},
             "namespaces": {name: attrs.asdict(stats) for name, stats in self.stats.items()},
         }
 
     async def close(self) -> None:
+        task, self._outbox_task = self._outbox_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.breaker.close()

@@ -117,8 +117,10 @@ class Runtime:
                                 connection_id=ns.connection_id, key_prefix=f"{prefix}:{name}:")
                 for name, ns in config.namespaces.items()
             }
-            dispatcher = Dispatcher(cache=cache, durable=durable, namespaces=namespaces, cache_health=redis_health)
+            dispatcher = Dispatcher(cache=cache, durable=durable, namespaces=namespaces, cache_health=redis_health,
+                                    durable_health=durable_health, outbox_poll=config.storage.outbox_poll)
             stack.push_async_callback(dispatcher.close)
+            dispatcher.start()
 
             self.config, self.plugins, self.lifecycles, self.storages = config, plugins, lifecycles, storages
             self.lifecycle, self.on_demand, self.redis_health = lifecycle, on_demand, redis_health

@@ -107,6 +107,33 @@ class DurableStorage(Storage, Protocol):
 
 
 @runtime_checkable
+class InvalidationOutbox(Protocol):
+    """A durable storage that carries cache invalidations between processes (the outbox).
+
+    A process that cannot delete a key from the shared cache (its route to Redis is cut) records the
+    key here, and any process that reaches the cache deletes it there and then acknowledges the row:
+    no other process goes on serving a copy older than what the durable store acknowledged. Writes take
+    `invalidate=True` to record their own keys in the same transaction (set, set_many, delete, expire).
+    An `OVERFLOW` row (namespace "*") means: too many keys to list, clear every namespace."""
+
+    async def record_invalidations(self, targets: Sequence[tuple[Namespace, str]]) -> None:
+        """Record (namespace, id) pairs to invalidate; bounded (past the bound, one OVERFLOW row)."""
+
+    async def pending_invalidations(self, limit: int) -> list[tuple[int, str, str]]:
+        """Up to `limit` undelivered rows, oldest first: (sequence number, namespace name, id)."""
+
+    async def ack_invalidations(self, seqs: Sequence[int]) -> None:
+        """Delete delivered rows."""
+
+    async def wait_for_invalidations(self, timeout: float) -> None:
+        """Return when rows may have been recorded (a notification), or after `timeout` seconds. Never
+        starts an embedded server: while the storage is not in use it just waits."""
+
+
+OVERFLOW = "*"  # the namespace of the outbox row that stands for "clear everything"
+
+
+@runtime_checkable
 class CacheStorage(Storage, Protocol):
     """A storage that can serve as the cache in front of a durable store (the `redis` plugin)."""
 

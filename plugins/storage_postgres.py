@@ -27,7 +27,7 @@ from app.config import SECRET, Config, between, positive, redact_url
 from app.errors import PostgresUnavailable, first_line
 from app.health import OutageTracker
 from app.hookspecs import hookimpl
-from app.storage import Entry, Namespace, StoreState
+from app.storage import OVERFLOW, Entry, Namespace, StoreState
 from plugins.postgres_server import EmbeddedPostgres
 
 log = logging.getLogger("ondemand.postgres")
@@ -52,6 +52,12 @@ CREATE TABLE IF NOT EXISTS ondemand_values (
 );
 CREATE INDEX IF NOT EXISTS ondemand_values_expires_at
     ON ondemand_values (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS ondemand_invalidations (
+    seq bigserial PRIMARY KEY,
+    namespace text NOT NULL,
+    id text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
 CREATE TABLE IF NOT EXISTS ondemand_schema_version (
     version integer PRIMARY KEY,
     applied_at timestamptz NOT NULL DEFAULT now()
@@ -59,6 +65,23 @@ CREATE TABLE IF NOT EXISTS ondemand_schema_version (
 INSERT INTO ondemand_schema_version (version) VALUES ({SCHEMA_VERSION}) ON CONFLICT DO NOTHING;
 COMMIT;
 """
+
+# The outbox (app.storage.InvalidationOutbox): keys some process could not delete from the shared Redis.
+# Rows are recorded in the same transaction as a write (statements of one simple query are one
+# transaction), a NOTIFY wakes every listening process at commit, and past the bound one OVERFLOW row
+# stands for all (the deliverer then clears every namespace).
+_OUTBOX_CHANNEL = "ondemand_invalidations"
+OUTBOX_BOUND = 100_000
+_OUTBOX_FULL = f"EXISTS (SELECT 1 FROM ondemand_invalidations OFFSET {OUTBOX_BOUND} LIMIT 1)"
+_SQL_RECORD = f"""
+INSERT INTO ondemand_invalidations (namespace, id)
+SELECT ns, id FROM unnest(%s::text[], %s::text[]) AS t(ns, id) WHERE NOT {_OUTBOX_FULL};
+INSERT INTO ondemand_invalidations (namespace, id) SELECT '{OVERFLOW}', '' WHERE {_OUTBOX_FULL}
+    AND NOT EXISTS (SELECT 1 FROM ondemand_invalidations WHERE namespace = '{OVERFLOW}');
+SELECT pg_notify('{_OUTBOX_CHANNEL}', '');
+"""
+_SQL_PENDING = "SELECT seq, namespace, id FROM ondemand_invalidations ORDER BY seq LIMIT %s"
+_SQL_ACK = "DELETE FROM ondemand_invalidations WHERE seq = ANY(%s::bigint[])"
 
 _LIVE = "(expires_at IS NULL OR expires_at > now())"
 # NULL ttl -> NULL expires_at (no expiry), because NULL * interval is NULL.
@@ -150,6 +173,19 @@ def _first_line(exc: BaseException) -> str:
     return redact_url(first_line(exc))
 
 
+def _outbox_columns(targets: Sequence[tuple[Namespace, str]]) -> tuple[list[str], list[str]]:
+    return [ns.name for ns, _ in targets], [item_id for _, item_id in targets]
+
+
+def _recording(invalidate: bool, targets: Sequence[tuple[Namespace, str]], sql: str, params: Any
+               ) -> tuple[str, Any]:
+    """A write statement, preceded by the outbox rows of its keys when `invalidate`: one query string,
+    so one transaction. The write comes last, so the cursor reads its result."""
+    if not invalidate:
+        return sql, params
+    return _SQL_RECORD + sql, (*_outbox_columns(targets), *params)
+
+
 def _unavailable(message: str, outcome_unknown: bool) -> PostgresUnavailable:
     error = PostgresUnavailable(message)
     error.outcome_unknown = outcome_unknown
@@ -174,6 +210,8 @@ class PostgresStorage:
     embedded: EmbeddedPostgres | None = attrs.field(init=False, default=None)
     _pool: aiopg.Pool | None = attrs.field(init=False, default=None)
     _connecting: asyncio.Task[aiopg.Pool] | None = attrs.field(init=False, default=None)
+    _dsn: str | None = attrs.field(init=False, default=None)  # where the pool connects (the outbox listens there)
+    _listener: aiopg.Connection | None = attrs.field(init=False, default=None)  # LISTENs for outbox rows
     _purge_task: asyncio.Task[None] | None = attrs.field(init=False, default=None)
     _background: set[asyncio.Task[Any]] = attrs.field(init=False, factory=set)
     _closed: bool = attrs.field(init=False, default=False)
@@ -208,6 +246,7 @@ class PostgresStorage:
         if tasks:
             await asyncio.wait(tasks, timeout=self.config.startup_timeout)
         self._purge_task = self._connecting = None
+        self._close_listener()
         if self._pool is not None:
             self._drop_pool(self._pool)
         if self._background:
@@ -258,13 +297,14 @@ class PostgresStorage:
 
         return await self._run("get_many", work)
 
-    async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None) -> None:
+    async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, *,
+                  invalidate: bool = False) -> None:
         async def work(cur: aiopg.Cursor) -> None:
-            await cur.execute(_SQL_SET, (ns.name, item_id, value, ttl))
+            await cur.execute(*_recording(invalidate, [(ns, item_id)], _SQL_SET, (ns.name, item_id, value, ttl)))
 
         await self._run("set", work)
 
-    async def set_many(self, entries: Sequence[Entry]) -> None:
+    async def set_many(self, entries: Sequence[Entry], *, invalidate: bool = False) -> None:
         """One statement: atomic, one round trip. Later duplicates win (ON CONFLICT cannot touch a row twice)."""
         latest = {(e.namespace.name, e.id): e for e in entries}
         if not latest:
@@ -276,28 +316,95 @@ class PostgresStorage:
             [e.ttl for e in latest.values()],
         )
 
+        targets = [(e.namespace, e.id) for e in latest.values()]
+
         async def work(cur: aiopg.Cursor) -> None:
-            await cur.execute(_SQL_SET_MANY, columns)
+            await cur.execute(*_recording(invalidate, targets, _SQL_SET_MANY, columns))
 
         await self._run("set_many", work)
 
-    async def delete(self, ns: Namespace, ids: Sequence[str]) -> int:
+    async def delete(self, ns: Namespace, ids: Sequence[str], *, invalidate: bool = False) -> int:
         if not ids:
             return 0
 
         async def work(cur: aiopg.Cursor) -> int:
-            await cur.execute(_SQL_DELETE, (ns.name, list(ids)))
+            await cur.execute(*_recording(invalidate, [(ns, i) for i in ids], _SQL_DELETE, (ns.name, list(ids))))
             row = await cur.fetchone()
             return int(row[0])
 
         return await self._run("delete", work)
 
-    async def expire(self, ns: Namespace, item_id: str, ttl: float) -> bool:
+    async def expire(self, ns: Namespace, item_id: str, ttl: float, *, invalidate: bool = False) -> bool:
         async def work(cur: aiopg.Cursor) -> bool:
-            await cur.execute(_SQL_EXPIRE, (ttl, ns.name, item_id))
+            await cur.execute(*_recording(invalidate, [(ns, item_id)], _SQL_EXPIRE, (ttl, ns.name, item_id)))
             return cur.rowcount > 0
 
         return await self._run("expire", work)
+
+    # -- the outbox (app.storage.InvalidationOutbox) -----------------------------------------------
+
+    async def record_invalidations(self, targets: Sequence[tuple[Namespace, str]]) -> None:
+        if not targets:
+            return
+
+        async def work(cur: aiopg.Cursor) -> None:
+            await cur.execute(_SQL_RECORD, _outbox_columns(targets))
+
+        await self._run("record_invalidations", work)
+
+    async def pending_invalidations(self, limit: int) -> list[tuple[int, str, str]]:
+        async def work(cur: aiopg.Cursor) -> list[tuple[int, str, str]]:
+            await cur.execute(_SQL_PENDING, (limit,))
+            return [(int(seq), str(namespace), str(item_id)) for seq, namespace, item_id in await cur.fetchall()]
+
+        return await self._run("pending_invalidations", work)
+
+    async def ack_invalidations(self, seqs: Sequence[int]) -> None:
+        if not seqs:
+            return
+
+        async def work(cur: aiopg.Cursor) -> None:
+            await cur.execute(_SQL_ACK, (list(seqs),))
+
+        await self._run("ack_invalidations", work)
+
+    async def wait_for_invalidations(self, timeout: float) -> bool:
+        """LISTEN on a connection of its own; a NOTIFY (sent at commit of every recording transaction)
+        wakes us at once, `timeout` is the poll that backs it up. False while the storage is not in use
+        (an embedded server is never started for this)."""
+        if self._pool is None or self._dsn is None or self._closed:
+            await asyncio.sleep(min(timeout, 0.1))  # no I/O: only notices soon that the storage came into use
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                listener = self._listener
+                if listener is None or listener.closed:
+                    self._listener = None
+                    listener = await aiopg.connect(self._dsn, timeout=self.config.connect_timeout, enable_json=False,
+                                                   enable_hstore=False, enable_uuid=False)
+                    try:
+                        async with listener.cursor() as cur:
+                            await cur.execute(f"LISTEN {_OUTBOX_CHANNEL}")
+                    except BaseException:
+                        listener.close()
+                        raise
+                    self._listener = listener
+                    return True  # rows recorded before we listened are found by the check that follows
+                await listener.notifies.get()
+                while not listener.notifies.empty():  # one check serves every notification so far
+                    listener.notifies.get_nowait()
+        except TimeoutError:
+            pass
+        except (psycopg2.Error, OSError) as exc:
+            log.debug("outbox listener failed (%s); polling until it reconnects", _first_line(exc))
+            self._close_listener()
+            await asyncio.sleep(min(timeout, 0.5))
+        return True
+
+    def _close_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None and not listener.closed:
+            listener.close()
 
     async def purge_expired(self) -> int:
         """Delete expired rows in short batches; returns how many went."""
@@ -405,7 +512,7 @@ class PostgresStorage:
             message = f"cannot connect to PostgreSQL at {self._where()}: {what}"
             self._record_failure(message)
             raise PostgresUnavailable(message) from None
-        self._pool = pool
+        self._pool, self._dsn = pool, dsn
         self._record_success()
         return pool
 

@@ -140,7 +140,7 @@ class RedisStorage:
             return await self.on_demand.execute("EVAL", _APPEND, 1, ns.key_prefix + item_id, items, count, px,
                                                 max_items, connection_id=ns.connection_id)
         except RedisCommandError as exc:
-            reason = str(exc)
+            reason = str(exc).removeprefix("ERR ")  # Redis 7 and Valkey prefix a script's own error with ERR
             if reason.startswith("NOTLIST"):
                 raise ns.not_a_list(item_id) from None
             if reason.startswith("TOOLONG"):

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -166,3 +167,46 @@ async def test_integers_through_http(aiohttp_client, make_config) -> None:
     assert resp.status == 200
     resp = await client.get("/api/users/u/profile")
     assert (await resp.json())["profile"] == {"n": "184467440737095516160000"}
+
+
+async def test_a_process_that_cannot_reach_redis_invalidates_through_the_outbox(durable_config, make_config) -> None:
+    # B and the Redis it shares with A: our own subprocess lifecycle over TCP. A's route to that Redis is
+    # a closed port (nothing listens there): every write of A reaches PostgreSQL only.
+    async with Runtime(make_config({"lifecycle": {"tcp": True}})) as server:
+        endpoint = await server.on_demand.ensure()
+        shared = f"redis://:{endpoint.password}@127.0.0.1:{endpoint.port}/0"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+        common = {"lifecycle": {"plugin": "external"}, "storage": {"outbox_poll": 5.0}}
+        b_config = durable_config({**common, "lifecycle": {"plugin": "external", "redis_url": shared}})
+        a_config = durable_config({**common, "lifecycle": {"plugin": "external", "redis_url": closed}})
+        async with Runtime(b_config) as b, Runtime(a_config) as a:
+            await b.cache.cache_session("s", {"v": 1})
+            await b.cache.cache_session("t", {"v": 1})
+            await b.cache.cache_profile("p", {"v": 1})
+            assert await b.cache.get_session("s") == {"v": 1}  # cached in the shared Redis
+            await a.cache.cache_session("s", {"v": 2})  # acknowledged: PostgreSQL committed it
+            await a.cache.delete_session("t")
+            await a.cache.cache_profile("p", {"v": 2})  # cache-only, dropped by A: the old copy must go too
+            # B is woken by NOTIFY (its poll is 5 s): it stops serving the old values long before that.
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            async def seen_by_b() -> tuple[object, ...]:
+                return (await b.cache.get_session("s"), await b.cache.get_session("t"), await b.cache.get_profile("p"))
+
+            while await seen_by_b() != ({"v": 2}, None, None):
+                assert loop.time() - started < 2.0, "B went on serving what A replaced"
+                await asyncio.sleep(0.01)
+            for _ in range(20):  # and never the old values again
+                assert await seen_by_b() == ({"v": 2}, None, None)
+            assert b.dispatcher.status()["outbox"]["delivered"] >= 3, (b.dispatcher.status()["outbox"], a.dispatcher.status()["outbox"])
+            assert a.dispatcher.status()["outbox"]["recorded"] >= 3
+            rows = await query(b_config_dsn(b), "SELECT count(*) FROM ondemand_invalidations")
+            assert rows[0][0] == 0, "delivered rows are deleted"
+
+
+def b_config_dsn(rt: Runtime) -> str:
+    from plugins.storage_postgres import PostgresConfig
+
+    return rt.config.section(PostgresConfig).dsn

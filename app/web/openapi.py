@@ -20,7 +20,9 @@ from app.web.responses import json_response
 
 _JSON = "application/json"
 ANY_JSON: dict[str, Any] = {"not": {"type": "null"},
-                            "description": "any JSON value except null, nested at most 32 levels"}
+                            "description": "any JSON value except null, nested at most 32 levels; integers from "
+                                           "-9223372036854775808 to 18446744073709551615 (64 bits), larger ones "
+                                           "are refused with 400 (they would not be stored exactly)"}
 # An element of a message list: anything JSON, null included (only a stored value as a whole cannot be null).
 _ANY: dict[str, Any] = {"description": "any JSON value"}
 # JSON Schema counts characters, the server UTF-8 bytes: maxLength is exact for ASCII ids only.
@@ -41,7 +43,8 @@ _ERRORS = {
            "nested too deep to answer)",
     "413": "body over server.max_body_bytes",
     "415": "body is not application/json",
-    "503": "no store could serve the request",
+    "503": "no store could serve the request (code write_outcome_unknown: a durable write that may still take "
+           "effect; the cached copy was invalidated, so a read returns what the durable store holds)",
 }
 
 
