@@ -1,4 +1,8 @@
-"""Fallback to PostgreSQL: real faults (SIGKILL, SIGSTOP, a stopped server), no lost write, no stale read."""
+"""Fallback to the durable store: real faults (SIGKILL, SIGSTOP, a stopped server), no lost write, no stale read.
+
+The tests where the durable store matters run against both durable backends (`durable_backend`):
+PostgreSQL and SQLite. The PostgreSQL-only ones stop its server in ways SQLite has no counterpart for.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,13 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import time
 
 import pytest
 
 from app import Runtime
+from app.configure import merge
 from app.errors import Conflict, InvalidInput, PostgresUnavailable, StorageUnavailable
 from app.web import create_app
 from tests.support import wait_for
@@ -22,8 +28,47 @@ async def stop_keeping_address(pg) -> None:
     await asyncio.wait_for(pg.child.process.wait(), 10)
 
 
-async def test_sigkill_of_redis_under_load_loses_no_acknowledged_write(durable_config) -> None:
-    config = durable_config({"lifecycle": {"restart_backoff": 0.05}})
+class DurableBackend:
+    """A durable store a test runs against: `name` (the lookup source), `config(overrides)`, and a fault
+    that stops it serving writes (`stop()`) and its repair (`start()`)."""
+
+    def __init__(self, name, config, stop, start) -> None:
+        self.name, self.config, self.stop, self.start = name, config, stop, start
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def durable_backend(request, make_config, tmp_path):
+    """PostgreSQL (this test's own server; stop() stops the postmaster) or SQLite (a file of this test's;
+    stop() has another connection take the write lock and hold it, so writes fail after busy_timeout)."""
+    if request.param == "postgres":
+        pg = request.getfixturevalue("pg")
+        yield DurableBackend("postgres", request.getfixturevalue("durable_config"),
+                             lambda: stop_keeping_address(pg), pg.start)
+        return
+    path = tmp_path / "durable.sqlite3"
+    held: list[sqlite3.Connection] = []
+
+    def config(overrides=None):
+        return make_config(merge({"storage": {"durable": "sqlite"},
+                                  "sqlite": {"path": str(path), "busy_timeout": 0.2, "op_timeout": 0.5}},
+                                 overrides or {}))
+
+    async def stop() -> None:
+        lock = sqlite3.connect(path, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        held.append(lock)
+
+    async def start() -> None:
+        while held:
+            held.pop().close()  # rolls the transaction back, releasing the lock
+
+    yield DurableBackend("sqlite", config, stop, start)
+    for lock in held:
+        lock.close()
+
+
+async def test_sigkill_of_redis_under_load_loses_no_acknowledged_write(durable_backend) -> None:
+    config = durable_backend.config({"lifecycle": {"restart_backoff": 0.05}})
     async with Runtime(config) as rt:
         acknowledged: dict[str, int] = {}
         errors: list[BaseException] = []
@@ -55,8 +100,8 @@ async def test_sigkill_of_redis_under_load_loses_no_acknowledged_write(durable_c
             assert (await rt.cache.get_session(key))["i"] == i
 
 
-async def test_sigstop_falls_back_within_250ms_and_sigcont_recovers(durable_config) -> None:
-    config = durable_config({"redis": {"op_timeout": 0.1}})
+async def test_sigstop_falls_back_within_250ms_and_sigcont_recovers(durable_backend) -> None:
+    config = durable_backend.config({"redis": {"op_timeout": 0.1}})
     async with Runtime(config) as rt:
         await rt.cache.cache_session("s", {"v": 0})
         pid = rt.on_demand.lifecycle.pid()
@@ -83,13 +128,13 @@ async def test_sigstop_falls_back_within_250ms_and_sigcont_recovers(durable_conf
         assert found.source == "redis" and found.value == {"v": 7}
 
 
-async def test_external_redis_returning_with_old_values_serves_no_stale_session(durable_config, make_config) -> None:
+async def test_external_redis_returning_with_old_values_serves_no_stale_session(durable_backend, make_config) -> None:
     # The "external" Redis is one our subprocess lifecycle runs over TCP; SIGSTOP makes it unreachable
     # while it keeps its data, like a network partition.
     async with Runtime(make_config({"lifecycle": {"tcp": True}})) as server:
         endpoint = await server.on_demand.ensure()
         url = f"redis://:{endpoint.password}@127.0.0.1:{endpoint.port}/0"
-        config = durable_config({"lifecycle": {"plugin": "external", "redis_url": url},
+        config = durable_backend.config({"lifecycle": {"plugin": "external", "redis_url": url},
                                  "redis": {"op_timeout": 0.1}})
         async with Runtime(config) as rt:
             for i in range(20):
@@ -155,25 +200,25 @@ async def test_postgres_down_at_startup_then_recovers(make_config, pg_template) 
             assert rt.status()["storages"]["durable"]["state"] == "up"
 
 
-async def test_both_down_gives_503_then_recovers(aiohttp_client, durable_config, pg) -> None:
-    config = durable_config({"redis": {"op_timeout": 0.1}, "lifecycle": {"restart_backoff": 0.05}})
+async def test_both_down_gives_503_then_recovers(aiohttp_client, durable_backend) -> None:
+    config = durable_backend.config({"redis": {"op_timeout": 0.1}, "lifecycle": {"restart_backoff": 0.05}})
     client = await aiohttp_client(create_app(config))
     resp = await client.post("/api/cache/session/test", json={"session_id": "a", "data": {"v": 1}})
     assert resp.status == 200
     rt_status = await (await client.get("/api/cache/status")).json()
     redis_pid = rt_status["redis"]["pid"]
     os.kill(redis_pid, signal.SIGSTOP)
-    await stop_keeping_address(pg)
+    await durable_backend.stop()
     try:
         t0 = time.monotonic()
         resp = await client.post("/api/cache/session/test", json={"session_id": "a", "data": {"v": 2}})
         assert resp.status == 503
         body = await resp.json()
-        assert body["error"]["code"] in {"postgres_unavailable", "storage_unavailable"}
+        assert body["error"]["code"] in {f"{durable_backend.name}_unavailable", "storage_unavailable"}
         assert time.monotonic() - t0 < 3
     finally:
         os.kill(redis_pid, signal.SIGCONT)
-    await pg.start()
+    await durable_backend.start()
     deadline = time.monotonic() + 10
     while True:
         resp = await client.post("/api/cache/session/test", json={"session_id": "a", "data": {"v": 3}})
@@ -193,43 +238,43 @@ async def test_both_down_read_is_a_typed_error(durable_config, pg) -> None:
             await rt.cache.get_session("s")
 
 
-async def test_ttl_is_honoured_in_both_stores(durable_config) -> None:
-    async with Runtime(durable_config()) as rt:
+async def test_ttl_is_honoured_in_both_stores(durable_backend) -> None:
+    async with Runtime(durable_backend.config()) as rt:
         await rt.cache.cache_session("short", {"v": 1}, ttl=0.3)
         assert await rt.cache.get_session("short") == {"v": 1}
         await asyncio.sleep(0.5)
         assert await rt.cache.get_session("short") is None
-        # A value put back from PostgreSQL keeps its remaining lifetime, not the namespace's ttl.
+        # A value put back from the durable store keeps its remaining lifetime, not the namespace's ttl.
         await rt.cache.cache_session("back", {"v": 1}, ttl=0.6)
         await rt.on_demand.with_connection(lambda r: r.delete("ondemand:session:back"))
-        assert (await rt.dispatcher.lookup("session", "back")).source == "postgres"
+        assert (await rt.dispatcher.lookup("session", "back")).source == durable_backend.name
         pttl = await rt.on_demand.with_connection(lambda r: r.pttl("ondemand:session:back"))
         assert 0 < pttl <= 600
         await asyncio.sleep(0.8)
         assert await rt.cache.get_session("back") is None
 
 
-async def test_cache_only_namespace_with_redis_down_misses_and_counts_drops(durable_config) -> None:
-    config = durable_config({"lifecycle": {"redis_binary": "/nonexistent/redis-server"}})
+async def test_cache_only_namespace_with_redis_down_misses_and_counts_drops(durable_backend) -> None:
+    config = durable_backend.config({"lifecycle": {"redis_binary": "/nonexistent/redis-server"}})
     async with Runtime(config) as rt:
         await rt.cache.cache_profile("p", {"v": 1})
         assert await rt.cache.get_profile("p") is None
         stats = rt.status()["dispatcher"]["namespaces"]["profile"]
         assert stats["dropped_writes"] == 1
-        # Durable namespaces are still served, from PostgreSQL.
+        # Durable namespaces are still served, from the durable store.
         await rt.cache.cache_session("s", {"v": 1})
         found = await rt.dispatcher.lookup("session", "s")
-        assert found == found.__class__({"v": 1}, "postgres")
+        assert found == found.__class__({"v": 1}, durable_backend.name)
         assert rt.status()["dispatcher"]["namespaces"]["session"]["fallback_reads"] >= 1
 
 
-async def test_a_read_racing_a_delete_does_not_bring_the_session_back(durable_config, monkeypatch) -> None:
-    """A read that missed Redis puts the PostgreSQL value back; a delete landing between that read of
-    PostgreSQL and the put-back must win (a logged-out session must not come back for its ttl)."""
-    async with Runtime(durable_config()) as rt:
+async def test_a_read_racing_a_delete_does_not_bring_the_session_back(durable_backend, monkeypatch) -> None:
+    """A read that missed Redis puts the durable value back; a delete landing between that read of
+    the durable store and the put-back must win (a logged-out session must not come back for its ttl)."""
+    async with Runtime(durable_backend.config()) as rt:
         await rt.cache.cache_session("s", {"v": 1})
         key = rt.dispatcher.namespace("session").key("s")
-        await rt.on_demand.execute("DEL", key)  # gone from Redis only: the next read goes to PostgreSQL
+        await rt.on_demand.execute("DEL", key)  # gone from Redis only: the next read goes to the durable store
         read, deleted = asyncio.Event(), asyncio.Event()
         real_get_entry = type(rt.dispatcher.durable).get_entry
 
@@ -254,10 +299,10 @@ async def test_a_read_racing_a_delete_does_not_bring_the_session_back(durable_co
         assert found.source == "redis" and found.value == {"v": 2}
 
 
-async def test_append_to_a_durable_list_goes_through_postgres(durable_config) -> None:
-    """A durable namespace has no atomic append: read, then write through PostgreSQL, with the same
+async def test_append_to_a_durable_list_goes_through_the_durable_store(durable_backend) -> None:
+    """A durable namespace has no atomic append: read, then write through the durable store, with the same
     rules as the cache's atomic append (length cap, a stored non-list refused, nothing written then)."""
-    config = durable_config({"namespaces": {"messages": {"durable": True}}})
+    config = durable_backend.config({"namespaces": {"messages": {"durable": True}}})
     async with Runtime(config) as rt:
         dispatcher = rt.dispatcher
         assert await dispatcher.append("messages", "u", [{"n": 1}], max_items=3) == 1
