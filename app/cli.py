@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -13,7 +14,9 @@ from typing import Any
 from app.config import Config, redact
 from app.configure import load_config
 from app.errors import ConfigError, PluginError
+from app.lifecycle import LifecycleContext, resolve_lifecycle_name
 from app.logs import configure_logging
+from app.plugins import Plugins
 from app.process import ProcessError
 
 
@@ -85,6 +88,21 @@ def check_config(args: argparse.Namespace) -> int:
         return 2
     print(f"# {config.source or 'built-in defaults'}: valid")
     print(json.dumps(redact(config), indent=2, sort_keys=True))
+    # Which server the lifecycle would start, found by the same discovery (a lifecycle with a
+    # `describe_server` method: subprocess; only `--version` runs). On stderr, as comments: stdout stays
+    # the header and the JSON document.
+    name = resolve_lifecycle_name(config.lifecycle.plugin, docker=config.environment.docker,
+                                  skip_in_docker=config.lifecycle.skip_in_docker)
+    try:
+        plugins = Plugins(config.plugins.disable)
+        lifecycle = plugins.lifecycles().get(name)(LifecycleContext(config=config, events=plugins.events))
+    except (ConfigError, PluginError) as exc:  # (the same error a start would meet)
+        print(f"# server: lifecycle {name!r}: {exc}", file=sys.stderr)
+        return 0
+    describe = getattr(lifecycle, "describe_server", None)
+    lines = asyncio.run(describe()) if describe else [f"server: none of ours (lifecycle {name!r})"]
+    for line in lines:
+        print(f"# {line}", file=sys.stderr)
     return 0
 
 
@@ -104,6 +122,13 @@ def format_status(doc: dict[str, Any]) -> str:
            else ""),
         f"endpoint     {redis.get('endpoint') or '-'}",
     ]
+    if redis.get("binary"):
+        lines.append(f"server       {redis['binary']}")
+    for warning in redis.get("binary_warnings") or []:
+        lines.append(f"WARNING      {warning}")
+    if redis.get("binary_unreachable_advisories"):
+        lines.append("advisories   " + "; ".join(redis["binary_unreachable_advisories"])
+                     + " (known, not reachable as we run it)")
     if redis.get("last_error"):
         lines.append(f"last error   {redis['last_error'].splitlines()[0]}")
     counters = redis.get("counters", {})
