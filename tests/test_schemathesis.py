@@ -48,9 +48,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from app.configure import load_config
+from app.net import free_port
 from app.web import create_app
 from app.web.openapi import document_for
-from tests.test_run import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "schemathesis-t0ken"
