@@ -33,6 +33,11 @@ the first request does not pay for it. A failed connect is retried by the next o
 The schema is PostgreSQL's: one table of (namespace, id) -> value blob with an optional expiry, kept
 as Unix time in seconds (the wall clock every process on the host shares, unlike a monotonic one).
 Expired rows are invisible at once and purged every `purge_interval` seconds, in short batches.
+
+The storage carries the invalidation outbox (app.storage.InvalidationOutbox) like PostgreSQL's, in a
+table of the same file: keys a process could not delete from the shared Redis, recorded in the same
+transaction as the write when asked (`invalidate=True`), delivered by any process that reaches Redis.
+SQLite has no notifications, so other processes find the rows by their poll (`storage.outbox_poll`).
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ from app.config import FieldError, positive
 from app.errors import BackendUnavailable, first_line
 from app.health import OutageTracker
 from app.hookspecs import hookimpl
-from app.storage import Entry, Namespace, StoreState
+from app.storage import OVERFLOW, Entry, Namespace, StoreState
 
 log = logging.getLogger("ondemand.sqlite")
 
@@ -85,7 +90,16 @@ _SCHEMA_SQL = (
     "CREATE INDEX IF NOT EXISTS ondemand_values_expires_at ON ondemand_values (expires_at)"
     " WHERE expires_at IS NOT NULL",
     "CREATE TABLE IF NOT EXISTS ondemand_schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)",
+    # AUTOINCREMENT: a sequence number is never reused, so acknowledging rows read earlier can never
+    # delete a newer row that took the number of a delivered one.
+    """CREATE TABLE IF NOT EXISTS ondemand_invalidations (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        namespace TEXT NOT NULL,
+        id TEXT NOT NULL,
+        created_at REAL NOT NULL
+    )""",
 )
+OUTBOX_BOUND = 100_000  # outbox rows; past it one OVERFLOW row stands for all (clear every namespace)
 _SQL_VERSION = "INSERT OR IGNORE INTO ondemand_schema_version (version, applied_at) VALUES (?, ?)"
 
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
@@ -96,6 +110,8 @@ INSERT INTO ondemand_values (namespace, id, value, expires_at) VALUES (?, ?, ?, 
 ON CONFLICT (namespace, id) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
 """
 _SQL_EXPIRE = f"UPDATE ondemand_values SET expires_at = ? WHERE namespace = ? AND id = ? AND {_LIVE}"
+_SQL_RECORD = "INSERT INTO ondemand_invalidations (namespace, id, created_at) VALUES (?, ?, ?)"
+_SQL_PENDING = "SELECT seq, namespace, id FROM ondemand_invalidations ORDER BY seq LIMIT ?"
 _SQL_PURGE = f"""
 DELETE FROM ondemand_values WHERE rowid IN (
     SELECT rowid FROM ondemand_values WHERE expires_at <= ? LIMIT {_PURGE_BATCH}
@@ -235,6 +251,18 @@ def _select(w: _Worker, columns: str, ns: Namespace, ids: Sequence[str], now: fl
     return body() if len(chunks) == 1 else _transaction(w, body, write=False)
 
 
+def _record(w: _Worker, targets: Sequence[tuple[Namespace, str]], now: float, bound: int) -> None:
+    """Outbox rows for `targets`, in the caller's transaction; past `bound` rows, one OVERFLOW row instead."""
+    if not targets:
+        return
+    full = w.conn.execute(f"SELECT EXISTS (SELECT 1 FROM ondemand_invalidations LIMIT 1 OFFSET {int(bound)})"
+                          ).fetchone()[0]
+    if not full:
+        w.conn.executemany(_SQL_RECORD, [(ns.name, item_id, now) for ns, item_id in targets])
+    elif not w.conn.execute("SELECT 1 FROM ondemand_invalidations WHERE namespace = ? LIMIT 1", (OVERFLOW,)).fetchall():
+        w.conn.execute(_SQL_RECORD, (OVERFLOW, "", now))
+
+
 def _prepare_file(path: Path) -> None:
     """Create the parent directory (0700) and the file (0600) if missing; a clear error when impossible."""
     parent = path.parent
@@ -261,6 +289,7 @@ class SqliteStorage:
     health: OutageTracker = attrs.field(factory=lambda: OutageTracker.quiet("sqlite"))
     name: str = "sqlite"
     path: Path = attrs.field(init=False)
+    outbox_bound: int = attrs.field(init=False, default=OUTBOX_BOUND)
     _worker: _Worker | None = attrs.field(init=False, default=None)
     _connecting: asyncio.Task[None] | None = attrs.field(init=False, default=None)
     _purge_task: asyncio.Task[None] | None = attrs.field(init=False, default=None)
@@ -365,13 +394,23 @@ class SqliteStorage:
 
         return await self._run("get_many", work)
 
-    async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None) -> None:
+    async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, *,
+                  invalidate: bool = False) -> None:
+        """`invalidate`: record the key in the outbox in the same transaction."""
         def work(w: _Worker, now: float) -> None:
-            w.conn.execute(_SQL_SET, (ns.name, item_id, value, _expires_at(now, ttl)))
+            if not invalidate:
+                w.conn.execute(_SQL_SET, (ns.name, item_id, value, _expires_at(now, ttl)))
+                return
+
+            def body() -> None:
+                _record(w, [(ns, item_id)], now, self.outbox_bound)
+                w.conn.execute(_SQL_SET, (ns.name, item_id, value, _expires_at(now, ttl)))
+
+            _transaction(w, body)
 
         await self._run("set", work)
 
-    async def set_many(self, entries: Sequence[Entry]) -> None:
+    async def set_many(self, entries: Sequence[Entry], *, invalidate: bool = False) -> None:
         """One transaction: every entry or none, and a reader sees all of them or none. Later duplicates win."""
         latest = {(e.namespace.name, e.id): e for e in entries}
         if not latest:
@@ -379,17 +418,25 @@ class SqliteStorage:
 
         def work(w: _Worker, now: float) -> None:
             rows = [(name, item_id, e.value, _expires_at(now, e.ttl)) for (name, item_id), e in latest.items()]
-            _transaction(w, lambda: w.conn.executemany(_SQL_SET, rows))
+
+            def body() -> None:
+                if invalidate:
+                    _record(w, [(e.namespace, e.id) for e in latest.values()], now, self.outbox_bound)
+                w.conn.executemany(_SQL_SET, rows)
+
+            _transaction(w, body)
 
         await self._run("set_many", work)
 
-    async def delete(self, ns: Namespace, ids: Sequence[str]) -> int:
+    async def delete(self, ns: Namespace, ids: Sequence[str], *, invalidate: bool = False) -> int:
         """Remove ids, expired rows too; returns how many live ones existed. One transaction."""
         if not ids:
             return 0
 
         def work(w: _Worker, now: float) -> int:
             def body() -> int:
+                if invalidate:
+                    _record(w, [(ns, item_id) for item_id in dict.fromkeys(ids)], now, self.outbox_bound)
                 live = 0
                 for chunk in _chunks(ids):
                     marks = ",".join("?" * len(chunk))
@@ -404,11 +451,60 @@ class SqliteStorage:
 
         return await self._run("delete", work)
 
-    async def expire(self, ns: Namespace, item_id: str, ttl: float) -> bool:
+    async def expire(self, ns: Namespace, item_id: str, ttl: float, *, invalidate: bool = False) -> bool:
         def work(w: _Worker, now: float) -> bool:
-            return w.conn.execute(_SQL_EXPIRE, (now + ttl, ns.name, item_id, now)).rowcount > 0
+            def body() -> bool:
+                if invalidate:
+                    _record(w, [(ns, item_id)], now, self.outbox_bound)
+                return w.conn.execute(_SQL_EXPIRE, (now + ttl, ns.name, item_id, now)).rowcount > 0
+
+            return _transaction(w, body) if invalidate else body()
 
         return await self._run("expire", work)
+
+    # -- the outbox (app.storage.InvalidationOutbox) -----------------------------------------------
+
+    async def record_invalidations(self, targets: Sequence[tuple[Namespace, str]]) -> None:
+        if not targets:
+            return
+
+        def work(w: _Worker, now: float) -> None:
+            _transaction(w, lambda: _record(w, targets, now, self.outbox_bound))
+
+        await self._run("record_invalidations", work)
+
+    async def pending_invalidations(self, limit: int) -> list[tuple[int, str, str]]:
+        def work(w: _Worker, now: float) -> list[tuple[int, str, str]]:
+            return [(int(seq), str(name), str(item_id))
+                    for seq, name, item_id in w.conn.execute(_SQL_PENDING, (limit,))]
+
+        return await self._run("pending_invalidations", work)
+
+    async def ack_invalidations(self, seqs: Sequence[int]) -> None:
+        if not seqs:
+            return
+
+        def work(w: _Worker, now: float) -> None:
+            def body() -> None:
+                unique = list(dict.fromkeys(seqs))
+                for i in range(0, len(unique), _CHUNK):
+                    chunk = unique[i:i + _CHUNK]
+                    w.conn.execute(f"DELETE FROM ondemand_invalidations WHERE seq IN ({','.join('?' * len(chunk))})",
+                                   chunk)
+
+            _transaction(w, body)
+
+        await self._run("ack_invalidations", work)
+
+    async def wait_for_invalidations(self, timeout: float) -> bool:
+        """SQLite has no notifications: this is the poll. True after `timeout` seconds when the storage is
+        in use; False soon while it is not (closed, or its file not opened yet: nothing is opened for this)."""
+        worker = self._worker
+        if self._closed or worker is None or worker.conn is None:
+            await asyncio.sleep(min(timeout, 0.1))
+            return False
+        await asyncio.sleep(timeout)
+        return True
 
     async def purge_expired(self) -> int:
         """Delete expired rows in short batches, each its own job (other operations run in between)."""

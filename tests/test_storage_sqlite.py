@@ -28,6 +28,7 @@ from app.configure import load_config, merge
 from app.errors import ConfigError
 from app.events import Events
 from app.health import OutageTracker
+from app.net import free_port
 from app.registry import Registry
 from app.storage import DurableStorage, Entry, Namespace
 from app.web import create_app
@@ -420,3 +421,75 @@ async def test_a_forked_child_uses_a_connection_of_its_own(opened: SqliteStorage
     assert os.waitstatus_to_exitcode(waited[1]) == 0
     assert not pid_alive(pid)
     assert await opened.get_many(SESSION, ["parent", "child"]) == [b"1", b"12"]  # the parent's connection still serves
+
+
+async def test_the_outbox_records_with_the_write_in_one_transaction(tmp_path: Path, lock_holder: Any) -> None:
+    path = tmp_path / "db.sqlite3"
+    storage = SqliteStorage(config(path))
+    storage.outbox_bound = 5
+    profile = Namespace("profile", 3600.0, False, "default", "ondemand:profile:")
+    await storage.open()
+    try:
+        await storage.set(SESSION, "s", b"1", None, invalidate=True)
+        await storage.set_many([Entry(SESSION, "m", b"1", None), Entry(profile, "p", b"1", None)], invalidate=True)
+        assert await storage.delete(SESSION, ["s", "s", "gone"], invalidate=True) == 1
+        assert await storage.expire(SESSION, "m", 60.0, invalidate=True) is True
+        await storage.set(SESSION, "quiet", b"1", None)  # without invalidate: no row
+        pending = await storage.pending_invalidations(100)
+        assert [(ns, i) for _, ns, i in pending] == [("session", "s"), ("session", "m"), ("profile", "p"),
+                                                     ("session", "s"), ("session", "gone"), ("session", "m")]
+        seqs = [seq for seq, _, _ in pending]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 6  # oldest first
+
+        # A write that fails records nothing: the rows are part of its transaction.
+        release = lock_holder(path)
+        with pytest.raises(SqliteUnavailable):
+            await storage.set(SESSION, "locked", b"1", None, invalidate=True)
+        release()
+        assert len(await storage.pending_invalidations(100)) == 6
+
+        await storage.ack_invalidations(seqs[-1:])  # the newest: its number must never come back
+        await storage.record_invalidations([(SESSION, "after")])
+        after = await storage.pending_invalidations(100)
+        assert after[-1][1:] == ("session", "after") and after[-1][0] > seqs[-1]
+        # Six rows now, past the bound of 5: one overflow row stands for whatever comes next.
+        await storage.record_invalidations([(SESSION, "x"), (SESSION, "y")])
+        await storage.record_invalidations([(SESSION, "z")])
+        names = [ns for _, ns, _ in await storage.pending_invalidations(100)]
+        assert names == ["session"] * 2 + ["profile"] + ["session"] * 3 + ["*"]
+        await storage.ack_invalidations([seq for seq, _, _ in await storage.pending_invalidations(100)])
+        assert await storage.pending_invalidations(100) == []
+        assert await storage.ack_invalidations([]) is None and await storage.record_invalidations([]) is None
+    finally:
+        await storage.close()
+    assert await storage.wait_for_invalidations(5.0) is False  # closed: returns at once, no file opened
+
+
+async def test_a_process_that_cannot_reach_redis_invalidates_through_the_sqlite_outbox(
+        sqlite_config: Any, make_config: Any) -> None:
+    # A and B share the SQLite file and B's Redis (our subprocess lifecycle over TCP); A's route to that
+    # Redis is a closed port, so A's writes reach SQLite only. B finds A's outbox rows by its poll.
+    async with Runtime(make_config({"lifecycle": {"tcp": True}})) as server:
+        endpoint = await server.on_demand.ensure()
+        shared = f"redis://:{endpoint.password}@127.0.0.1:{endpoint.port}/0"
+        closed = f"redis://127.0.0.1:{free_port()}/0"
+        b_config = sqlite_config({"lifecycle": {"plugin": "external", "redis_url": shared},
+                                  "storage": {"outbox_poll": 0.2}})
+        a_config = sqlite_config({"lifecycle": {"plugin": "external", "redis_url": closed}})
+        async with Runtime(b_config) as b, Runtime(a_config) as a:
+            await b.cache.cache_session("s", {"v": 1})
+            await b.cache.cache_session("t", {"v": 1})
+            assert await b.cache.get_session("s") == {"v": 1}  # cached in the shared Redis
+            await a.cache.cache_session("s", {"v": 2})  # acknowledged: SQLite committed it
+            await a.cache.delete_session("t")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            while (await b.cache.get_session("s"), await b.cache.get_session("t")) != ({"v": 2}, None):
+                assert loop.time() - started < 2.0, "B went on serving what A replaced"
+                await asyncio.sleep(0.01)
+            for _ in range(10):
+                assert (await b.cache.get_session("s"), await b.cache.get_session("t")) == ({"v": 2}, None)
+            assert a.dispatcher.status()["outbox"]["recorded"] >= 2
+            assert b.dispatcher.status()["outbox"]["delivered"] >= 2
+            await wait_for(lambda: rows(Path(b_config.section(SqliteConfig).path),
+                                        "SELECT count(*) FROM ondemand_invalidations") == 0)
