@@ -63,6 +63,10 @@ The contract, as app/dispatcher.py uses it (app/storage.py states the protocol):
 - A cache's `delete_keys` deletes full keys (`ns.key(id)`) and counts those that existed;
   `delete_prefix` deletes every key starting with the prefix, taken literally (no glob), and counts them.
 - `status()` is JSON-serializable, has a `state`, and holds no secret.
+- A durable store that carries the invalidation outbox (app.storage.InvalidationOutbox; the checks are
+  skipped for one that does not) answers recorded rows oldest first with sequence numbers that only
+  grow, deletes acknowledged ones, records a write's keys with it when the write says
+  `invalidate=True`, and its `wait_for_invalidations` returns within its timeout.
 - A backend that cannot answer makes every operation raise a BackendUnavailable (HTTP 503) within a
   bound, never hang and never raise anything else.
 """
@@ -78,7 +82,7 @@ from typing import Any, ClassVar
 import pytest
 
 from app.errors import BackendUnavailable, Conflict, InvalidInput
-from app.storage import CacheStorage, DurableStorage, Entry, Namespace, Storage
+from app.storage import CacheStorage, DurableStorage, Entry, InvalidationOutbox, Namespace, Storage
 
 _asyncio = pytest.mark.asyncio
 
@@ -383,6 +387,46 @@ class DurableStorageContract(StorageContract):
         torn = [sorted(s, key=repr) for s in seen if len(s) != 1]
         assert not torn, f"a reader saw a set_many half written: {torn[:3]}"
         assert set(await storage.get_many(a, ids)) == {generations[-1]}
+
+    @_asyncio
+    async def test_contract_outbox_answers_rows_oldest_first_and_forgets_acknowledged_ones(self, storage: Any) -> None:
+        if not isinstance(storage, InvalidationOutbox):
+            pytest.skip(f"{type(storage).__name__} carries no invalidation outbox")
+        a, b = self.a, self.b
+        assert await storage.pending_invalidations(10) == []
+        await storage.record_invalidations([(a, "x"), (b, "x"), (a, "ключ")])
+        await storage.record_invalidations([(a, "y")])
+        pending = await storage.pending_invalidations(10)
+        assert [(name, item_id) for _, name, item_id in pending] == [("a", "x"), ("b", "x"), ("a", "ключ"), ("a", "y")]
+        seqs = [seq for seq, _, _ in pending]
+        assert seqs == sorted(set(seqs)), "sequence numbers must be distinct and grow"
+        assert [row[0] for row in await storage.pending_invalidations(2)] == seqs[:2]
+        await storage.ack_invalidations([seqs[0], seqs[3]])
+        assert [row[0] for row in await storage.pending_invalidations(10)] == seqs[1:3]
+        await storage.record_invalidations([(a, "z")])
+        newest = (await storage.pending_invalidations(10))[-1]
+        assert newest[1:] == ("a", "z") and newest[0] > seqs[3], "a sequence number must never come back"
+        await storage.ack_invalidations([row[0] for row in await storage.pending_invalidations(10)])
+        assert await storage.pending_invalidations(10) == []
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await storage.wait_for_invalidations(0.2)
+        assert loop.time() - started < 0.2 + 0.5
+
+    @_asyncio
+    async def test_contract_outbox_rows_ride_with_the_writes_that_ask(self, storage: Any) -> None:
+        if not isinstance(storage, InvalidationOutbox):
+            pytest.skip(f"{type(storage).__name__} carries no invalidation outbox")
+        a, b = self.a, self.b
+        await storage.set(a, "s", b"1", None, invalidate=True)
+        await storage.set_many([Entry(a, "m", b"1", None), Entry(b, "m", b"2", None)], invalidate=True)
+        assert await storage.expire(a, "m", 60.0, invalidate=True) is True
+        assert await storage.delete(a, ["s", "never"], invalidate=True) == 1
+        await storage.set(a, "quiet", b"1", None)  # not asked: no row
+        rows = [(name, item_id) for _, name, item_id in await storage.pending_invalidations(100)]
+        assert sorted(rows[:1]) == [("a", "s")] and sorted(rows[1:3]) == [("a", "m"), ("b", "m")]
+        assert rows[3] == ("a", "m") and sorted(rows[4:]) == [("a", "never"), ("a", "s")]
+        assert await storage.get_many(a, ["s", "m", "quiet"]) == [None, b"1", b"1"]  # and the writes happened
 
     @_asyncio
     @pytest.mark.parametrize("operation", ["get_entry", "get_entries"])
