@@ -116,6 +116,8 @@ class LifecycleConfig:
     shutdown_grace: float = attrs.field(default=2.0, validator=positive)
     restart_backoff: float = attrs.field(default=0.1, validator=positive)
     restart_backoff_max: float = attrs.field(default=5.0, validator=positive)
+    # "cluster": Redis Cluster (commands routed by hash slot, one pipelined connection per master).
+    topology: Literal["standalone", "cluster"] = "standalone"
 
 
 @attrs.frozen

@@ -32,6 +32,7 @@ class RedisEndpoint:
     password: str | None = attrs.field(default=None, repr=False)
     username: str | None = None
     db: int = 0
+    cluster: bool = False  # a node of a Redis Cluster: commands are routed by slot (app/cluster.py)
 
     def describe(self) -> str:
         """A URL for status and logs, with the password redacted."""

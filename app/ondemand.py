@@ -26,7 +26,9 @@ from typing import Any, TypeVar
 import attrs
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 
+from app.cluster import ClusterConnection
 from app.config import Config
 from app.errors import (
     BackendUnavailable,
@@ -40,7 +42,7 @@ from app.events import Events
 from app.health import OutageTracker
 from app.lifecycle import Lifecycle, RedisEndpoint
 from app.pipeline import Command, PipelinedConnection
-from app.pools import NamedPool, client_pool
+from app.pools import NamedPool, client_pool, cluster_client
 
 log = logging.getLogger("ondemand.redis")
 T = TypeVar("T")
@@ -73,6 +75,19 @@ class RedisCounters:
     commands: int = 0
     errors: int = 0
     timeouts: int = 0
+
+
+class _Lent:
+    """A shared cluster client as `with_connection` lends it: `aclose` is ours to call, not the borrower's."""
+
+    def __init__(self, client: RedisCluster) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def aclose(self) -> None:
+        """The pool's client stays open for the next lease."""
 
 
 class OnDemandRedis:
@@ -188,7 +203,8 @@ class OnDemandRedis:
             try:
                 endpoint = await self.ensure()
                 redis_config = self.config.redis
-                conn = await PipelinedConnection.connect(
+                kind = ClusterConnection if endpoint.cluster else PipelinedConnection
+                conn = await kind.connect(
                     endpoint,
                     op_timeout=redis_config.op_timeout,
                     connect_timeout=redis_config.connect_timeout,
@@ -235,9 +251,13 @@ class OnDemandRedis:
         try:
             endpoint = await self.ensure()
             if pool.client_pool is None:
-                pool.client_pool = client_pool(endpoint, self.config.redis, pool.max_connections)
+                make = cluster_client if endpoint.cluster else client_pool
+                pool.client_pool = make(endpoint, self.config.redis, pool.max_connections)
                 pool.opens += 1
-            client = aioredis.Redis(connection_pool=pool.client_pool, single_connection_client=True)
+            if isinstance(pool.client_pool, RedisCluster):  # a cluster client is shared, never closed per lease
+                client: Any = _Lent(pool.client_pool)
+            else:
+                client = aioredis.Redis(connection_pool=pool.client_pool, single_connection_client=True)
             try:
                 result = fn(client)
                 if inspect.isawaitable(result):
@@ -255,6 +275,16 @@ class OnDemandRedis:
         finally:
             pool.leases -= 1
             self.last_used = pool.last_used = time.monotonic()
+
+    async def per_master(self, connection_id: str = "default") -> list[Callable[..., Awaitable[Any]]]:
+        """One `execute` per server: the server's, or each master's of a cluster (for SCAN and the like)."""
+        pool = self.pools.get(connection_id) or self._new_pool(connection_id, None)
+        conn = pool.mux
+        if conn is None or conn.closed_reason is not None:
+            conn = await self._connect_mux(pool)
+        if isinstance(conn, ClusterConnection):
+            return [lambda *args, address=address: conn.execute_on(address, *args) for address in conn.slots.masters()]
+        return [conn.execute]
 
     def _new_pool(self, connection_id: str, keep_alive: float | None) -> NamedPool:
         pool_config = self.config.pool(connection_id)
@@ -429,6 +459,7 @@ class OnDemandRedis:
         retry_in = max(0.0, self._retry_at - now) if self.state == FAILED else None
         return {
             "lifecycle": self.lifecycle.name,
+            "topology": self.config.lifecycle.topology,
             "state": self.state,
             "pid": self.lifecycle.pid(),
             "endpoint": self._endpoint.describe() if self._endpoint else None,

@@ -13,12 +13,23 @@ from typing import Any
 
 import attrs
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from app.cluster import ClusterConnection
 from app.config import RedisConfig
 from app.lifecycle import RedisEndpoint
 from app.pipeline import PipelinedConnection
+
+
+def cluster_client(endpoint: RedisEndpoint, redis_config: RedisConfig, max_connections: int) -> RedisCluster:
+    """What `with_connection` lends on a cluster: a redis.asyncio RedisCluster, bounded like the pool."""
+    return RedisCluster(
+        host=endpoint.host, port=endpoint.port, password=endpoint.password, username=endpoint.username,
+        max_connections=max_connections, socket_timeout=redis_config.op_timeout,
+        socket_connect_timeout=redis_config.connect_timeout, retry=Retry(NoBackoff(), 0),
+    )
 
 
 def client_pool(endpoint: RedisEndpoint, redis_config: RedisConfig, max_connections: int
@@ -42,9 +53,9 @@ class NamedPool:
     max_connections: int
     keep_alive: float
     last_used: float
-    mux: PipelinedConnection | None = None
-    mux_connecting: asyncio.Future[PipelinedConnection] | None = None
-    client_pool: aioredis.BlockingConnectionPool | None = None
+    mux: PipelinedConnection | ClusterConnection | None = None
+    mux_connecting: asyncio.Future[PipelinedConnection | ClusterConnection] | None = None
+    client_pool: aioredis.BlockingConnectionPool | RedisCluster | None = None
     leases: int = 0
     opens: int = 0
     idle_closes: int = 0
@@ -90,6 +101,7 @@ class NamedPool:
                 "connected": not self.mux.closed,
                 "batches": self.mux.batches_written,
                 "commands": self.mux.commands_written,
+                **(self.mux.status() if isinstance(self.mux, ClusterConnection) else {}),
             },
             "opens": self.opens,
             "idle_closes": self.idle_closes,

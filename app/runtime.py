@@ -112,9 +112,12 @@ class Runtime:
                     stack.push_async_callback(_close_quietly, storage)
 
             prefix = config.redis.key_prefix
+            tagged = config.lifecycle.topology == "cluster"  # the id is the hash tag
             namespaces = {
                 name: Namespace(name=name, ttl=ns.ttl, durable=ns.durable and durable is not None,
-                                connection_id=ns.connection_id, key_prefix=f"{prefix}:{name}:")
+                                connection_id=ns.connection_id,
+                                key_prefix=f"{prefix}:{name}:" + ("{" if tagged else ""),
+                                key_suffix="}" if tagged else "")
                 for name, ns in config.namespaces.items()
             }
             dispatcher = Dispatcher(cache=cache, durable=durable, namespaces=namespaces, cache_health=redis_health,

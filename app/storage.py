@@ -40,10 +40,13 @@ class Namespace:
     ttl: float | None
     durable: bool  # the durable store is its system of record (configured durable, and a durable store exists)
     connection_id: str
-    key_prefix: str  # "ondemand:session:" -- the full Redis key is key_prefix + id
+    key_prefix: str  # "ondemand:session:" -- the full Redis key is key_prefix + id + key_suffix
+    # On a cluster the id is the key's hash tag ("ondemand:session:{" + id + "}"), so that a key, its
+    # tombstone and every script's keys share a slot; on one server there is no suffix.
+    key_suffix: str = ""
 
     def key(self, item_id: str) -> str:
-        return self.key_prefix + item_id
+        return self.key_prefix + item_id + self.key_suffix
 
     def list_too_long(self, item_id: str, length: int, max_items: int) -> InvalidInput:
         """The error for an append past `max_items` (raised by the dispatcher or the cache storage)."""

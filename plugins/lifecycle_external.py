@@ -26,34 +26,55 @@ class ExternalConfig:
 
 @attrs.define
 class ExternalLifecycle(WithoutProcess):
+    """A Redis reached by URL. With `lifecycle.topology = "cluster"` the URL names seed nodes (several,
+    comma-separated, are tried in order); the cluster's other nodes are discovered from the first that
+    answers (app/cluster.py)."""
+
     config: Config
     name: str = "external"
     provides_redis: bool = True
-    endpoint: RedisEndpoint = attrs.field(init=False)
+    endpoints: list[RedisEndpoint] = attrs.field(init=False)
+    endpoint: RedisEndpoint = attrs.field(init=False)  # the one that answered last (the first, before)
 
     def __attrs_post_init__(self) -> None:
         url = self.config.section(ExternalConfig).redis_url
         if not url:
             raise ConfigError("the external lifecycle needs a Redis URL: set REDIS_URL or lifecycle.redis_url",
                               source=self.config.source, key="lifecycle.redis_url")
-        self.endpoint = RedisEndpoint.from_url(url)
+        cluster = self.config.lifecycle.topology == "cluster"
+        urls = [part.strip() for part in url.split(",") if part.strip()] if cluster else [url]
+        self.endpoints = [attrs.evolve(RedisEndpoint.from_url(u), cluster=cluster) for u in urls]
+        self.endpoint = self.endpoints[0]
 
     def status(self) -> dict[str, Any]:
-        return {"url": self.endpoint.describe()}
+        return {"url": self.endpoint.describe(), "seeds": [e.describe() for e in self.endpoints]}
 
     async def start(self) -> RedisEndpoint:
+        errors: list[RedisUnavailable] = []
+        for endpoint in self.endpoints:
+            try:
+                await self._check(endpoint)
+            except RedisUnavailable as exc:
+                errors.append(exc)
+                continue
+            self.endpoint = endpoint
+            return endpoint
+        if len(errors) == 1:
+            raise errors[0]
+        raise RedisUnavailable("no seed node answers: " + "; ".join(str(e) for e in errors))
+
+    async def _check(self, endpoint: RedisEndpoint) -> None:
         timeout = self.config.redis.connect_timeout
         try:
             async with asyncio.timeout(timeout):
-                ready = await probe(self.endpoint, expected_pid=None)
+                ready = await probe(endpoint, expected_pid=None)
         except TimeoutError:
-            raise RedisTimeout(f"external Redis at {self.endpoint.describe()} did not answer within "
+            raise RedisTimeout(f"external Redis at {endpoint.describe()} did not answer within "
                                f"{timeout:g} s") from None
         except (OSError, EOFError, SpawnError) as exc:
-            raise RedisUnavailable(f"external Redis at {self.endpoint.describe()} is unreachable: {exc}") from None
+            raise RedisUnavailable(f"external Redis at {endpoint.describe()} is unreachable: {exc}") from None
         if not ready:
-            raise RedisUnavailable(f"external Redis at {self.endpoint.describe()} is not ready (PING failed)")
-        return self.endpoint
+            raise RedisUnavailable(f"external Redis at {endpoint.describe()} is not ready (PING failed)")
 
 
 @hookimpl

@@ -6,6 +6,7 @@ coalesce into pipelines. With the `noop` lifecycle reads miss and writes do noth
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -105,18 +106,18 @@ class RedisStorage:
     def get(self, ns: Namespace, item_id: str) -> Awaitable[bytes | None]:
         if self.on_demand.disabled:
             return _nothing()
-        return self.on_demand.execute("GET", ns.key_prefix + item_id, connection_id=ns.connection_id)
+        return self.on_demand.execute("GET", ns.key_prefix + item_id + ns.key_suffix, connection_id=ns.connection_id)
 
     async def get_many(self, ns: Namespace, ids: Sequence[str]) -> list[bytes | None]:
         if self.on_demand.disabled or not ids:
             return [None] * len(ids)
-        keys = [ns.key_prefix + i for i in ids]
+        keys = [ns.key_prefix + i + ns.key_suffix for i in ids]
         return await self.on_demand.execute("MGET", *keys, connection_id=ns.connection_id)
 
     def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None) -> Awaitable[Any]:
         if self.on_demand.disabled:
             return _nothing()
-        return self.on_demand.execute(*_set_command(ns.key_prefix + item_id, value, ttl),
+        return self.on_demand.execute(*_set_command(ns.key_prefix + item_id + ns.key_suffix, value, ttl),
                                       connection_id=ns.connection_id)
 
     async def set_if_absent(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None) -> bool:
@@ -124,7 +125,7 @@ class RedisStorage:
         durable store back without overwriting a newer one or reviving a deleted one."""
         if self.on_demand.disabled:
             return False
-        key = ns.key_prefix + item_id
+        key = ns.key_prefix + item_id + ns.key_suffix
         px = 0 if ttl is None else _milliseconds(ttl)
         reply = await self.on_demand.execute("EVAL", _PUT_BACK, 2, key, key + _TOMBSTONE, value, px,
                                              connection_id=ns.connection_id)
@@ -137,7 +138,7 @@ class RedisStorage:
             return count
         px = 0 if ttl is None else _milliseconds(ttl)
         try:
-            return await self.on_demand.execute("EVAL", _APPEND, 1, ns.key_prefix + item_id, items, count, px,
+            return await self.on_demand.execute("EVAL", _APPEND, 1, ns.key_prefix + item_id + ns.key_suffix, items, count, px,
                                                 max_items, connection_id=ns.connection_id)
         except RedisCommandError as exc:
             reason = str(exc).removeprefix("ERR ")  # Redis 7 and Valkey prefix a script's own error with ERR
@@ -152,7 +153,7 @@ class RedisStorage:
             return _nothing()
         by_pool: dict[str, list[tuple[Any, ...]]] = {}
         for e in entries:
-            command = _set_command(e.namespace.key_prefix + e.id, e.value, e.ttl)
+            command = _set_command(e.namespace.key(e.id), e.value, e.ttl)
             by_pool.setdefault(e.namespace.connection_id, []).append(command)
         return self.on_demand.execute_grouped(by_pool)
 
@@ -160,12 +161,18 @@ class RedisStorage:
         """DEL; in a durable namespace also a tombstone per id (see DELETED_HOLD)."""
         if self.on_demand.disabled or not ids:
             return 0
-        keys = [ns.key_prefix + i for i in ids]
+        keys = [ns.key_prefix + i + ns.key_suffix for i in ids]
         if not ns.durable:
             return await self.on_demand.execute("DEL", *keys, connection_id=ns.connection_id)
+        hold = _milliseconds(DELETED_HOLD)
+        if ns.key_suffix:  # a cluster: one script per id, so that each script's keys share a slot
+            removed = await asyncio.gather(*(
+                self.on_demand.execute("EVAL", _DELETE_WITH_TOMBSTONES, 2, k, k + _TOMBSTONE, hold,
+                                       connection_id=ns.connection_id) for k in keys))
+            return sum(removed)
         return await self.on_demand.execute(
             "EVAL", _DELETE_WITH_TOMBSTONES, 2 * len(keys), *keys, *(k + _TOMBSTONE for k in keys),
-            _milliseconds(DELETED_HOLD), connection_id=ns.connection_id)
+            hold, connection_id=ns.connection_id)
 
     async def delete_keys(self, keys: Sequence[str]) -> int:
         """DEL of full keys, for invalidation after an outage."""
@@ -177,19 +184,22 @@ class RedisStorage:
         """SCAN and UNLINK every key under `prefix`; the bounded fallback when too many keys went stale."""
         if self.on_demand.disabled:
             return 0
-        removed, cursor = 0, b"0"
+        removed = 0
         pattern = prefix.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?").replace("[", "\\[") + "*"
-        while True:
-            cursor, keys = await self.on_demand.execute("SCAN", cursor, "MATCH", pattern, "COUNT", batch)
-            if keys:
-                removed += await self.on_demand.execute("UNLINK", *keys)
-            if cursor in (b"0", 0):
-                return removed
+        for scan in await self.on_demand.per_master():  # one server, or every master of a cluster
+            cursor = b"0"
+            while True:
+                cursor, keys = await scan("SCAN", cursor, "MATCH", pattern, "COUNT", batch)
+                if keys:
+                    removed += await self.on_demand.execute("UNLINK", *keys)  # split by slot on a cluster
+                if cursor in (b"0", 0):
+                    break
+        return removed
 
     async def expire(self, ns: Namespace, item_id: str, ttl: float) -> bool:
         if self.on_demand.disabled:
             return False
-        reply = await self.on_demand.execute("PEXPIRE", ns.key_prefix + item_id, _milliseconds(ttl),
+        reply = await self.on_demand.execute("PEXPIRE", ns.key_prefix + item_id + ns.key_suffix, _milliseconds(ttl),
                                              connection_id=ns.connection_id)
         return bool(reply)
 

@@ -1,0 +1,319 @@
+"""Cluster-aware automatic pipelining: one pipelined connection per master, commands routed by slot.
+
+`ClusterConnection` has the interface of one `PipelinedConnection` (execute, closed_reason, busy, close)
+so that OnDemandRedis uses either the same way. Each command goes to the master of its key's slot; the
+commands of one loop tick are coalesced per node by that node's PipelinedConnection, and every node's
+batch is written in the same tick (each flushes with call_soon). Every command is bounded by
+`op_timeout`, redirects included:
+
+- MOVED: the slot map learns the new owner and the command is sent there; many MOVED in a short time
+  (a resharding) refresh the whole map, once for all waiting commands.
+- ASK: ASKING and the command are sent to the target together (adjacent on its connection), once.
+- TRYAGAIN / CLUSTERDOWN: retried after a short backoff while the budget lasts.
+- A node that fails: its commands fail (RedisUnavailable: the dispatcher falls back) and the map is
+  refreshed from any node still answering, so a promoted replica takes its slots over.
+
+Multi-key commands (DEL, UNLINK, EXISTS, MGET) are split by slot and their replies put back together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from app.errors import RedisCommandError, RedisTimeout, RedisUnavailable, first_line
+from app.lifecycle import RedisEndpoint
+from app.pipeline import Command, PipelinedConnection
+from app.routing import Address, SlotMap, key_slot, parse_redirect
+
+log = logging.getLogger("ondemand.cluster")
+
+_MAX_REDIRECTS = 5
+_REFRESH_MIN_INTERVAL = 0.1  # seconds between two full refreshes of the slot map
+_MOVED_STORM = 16  # MOVED replies within a refresh interval that make us refresh the whole map
+_SUMMED = frozenset({b"DEL", b"UNLINK", b"EXISTS", b"TOUCH"})
+_KEYLESS = frozenset({b"PING", b"SCAN", b"INFO", b"DBSIZE", b"ROLE", b"CLUSTER", b"CONFIG", b"FLUSHALL"})
+
+
+def _name(args: Sequence[Any]) -> bytes:
+    name = args[0]
+    return (name if isinstance(name, bytes) else str(name).encode()).upper()
+
+
+def command_keys(args: Sequence[Any]) -> list[Any]:
+    """The keys of a command we send (GET/SET/PEXPIRE..., EVAL's KEYS, multi-key DEL/MGET...)."""
+    name = _name(args)
+    if name in (b"EVAL", b"EVALSHA"):
+        return list(args[3:3 + int(args[2])])
+    if name in _KEYLESS or len(args) < 2:
+        return []
+    if name in _SUMMED or name == b"MGET":
+        return list(args[1:])
+    return [args[1]]
+
+
+@attrs.define(eq=False)
+class ClusterNode:
+    address: Address
+    endpoint: RedisEndpoint
+    connection: PipelinedConnection | None = None
+    connecting: asyncio.Future[PipelinedConnection] | None = None
+    failures: int = 0
+
+
+class ClusterConnection:
+    """See the module docstring."""
+
+    def __init__(self, seed: RedisEndpoint, *, op_timeout: float, connect_timeout: float, max_batch: int,
+                 on_failure: Callable[[RedisUnavailable, int], None] | None = None) -> None:
+        self._seed = seed
+        self._op_timeout = op_timeout
+        self._connect_timeout = connect_timeout
+        self._max_batch = max_batch
+        self._on_failure = on_failure
+        self._loop = asyncio.get_running_loop()
+        self.slots = SlotMap()
+        self.nodes: dict[Address, ClusterNode] = {}
+        self.closed_reason: RedisUnavailable | None = None
+        self._refreshing: asyncio.Task[None] | None = None
+        self._refreshed_at = 0.0
+        self._moved_since_refresh = 0
+        self.redirects = {"moved": 0, "ask": 0, "tryagain": 0, "clusterdown": 0}
+        self.refreshes = 0
+
+    # -- connecting ----------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(cls, seed: RedisEndpoint, *, op_timeout: float, connect_timeout: float, max_batch: int,
+                      on_failure: Callable[[RedisUnavailable, int], None] | None = None) -> ClusterConnection:
+        """Read the slot map from the seed and connect to every master (in parallel, bounded)."""
+        conn = cls(seed, op_timeout=op_timeout, connect_timeout=connect_timeout, max_batch=max_batch,
+                   on_failure=on_failure)
+        try:
+            await conn._refresh_from([seed])
+            if not conn.slots.covered():
+                raise RedisUnavailable(f"the cluster at {seed.describe()} does not serve every slot")
+            await asyncio.gather(*(conn._node_connection(node) for node in list(conn.nodes.values())))
+        except BaseException:
+            conn.close("cluster connect failed")
+            raise
+        return conn
+
+    def _endpoint(self, address: Address) -> RedisEndpoint:
+        return attrs.evolve(self._seed, unix_socket=None, host=address[0], port=address[1])
+
+    def _node(self, address: Address) -> ClusterNode:
+        node = self.nodes.get(address)
+        if node is None:
+            node = self.nodes[address] = ClusterNode(address, self._endpoint(address))
+        return node
+
+    async def _node_connection(self, node: ClusterNode) -> PipelinedConnection:
+        conn = node.connection
+        if conn is not None and conn.closed_reason is None:
+            return conn
+        if self.closed_reason is not None:
+            raise self.closed_reason
+        if node.connecting is None:
+            node.connecting = self._loop.create_future()
+            try:
+                conn = await PipelinedConnection.connect(
+                    node.endpoint, op_timeout=self._op_timeout, connect_timeout=self._connect_timeout,
+                    max_batch=self._max_batch, on_failure=self._on_failure)
+            except BaseException as exc:
+                node.connecting.set_exception(exc)
+                node.connecting.exception()
+                node.failures += 1
+                raise
+            finally:
+                waiting, node.connecting = node.connecting, None
+            node.connection = conn
+            waiting.set_result(conn)
+            return conn
+        return await asyncio.shield(node.connecting)
+
+    async def _refresh_from(self, endpoints: Sequence[RedisEndpoint]) -> None:
+        errors: list[str] = []
+        for endpoint in endpoints:
+            try:
+                async with asyncio.timeout(self._connect_timeout + self._op_timeout):
+                    conn = await PipelinedConnection.connect(
+                        endpoint, op_timeout=self._op_timeout, connect_timeout=self._connect_timeout, max_batch=8)
+                    try:
+                        reply = await conn.execute("CLUSTER", "SLOTS")
+                    finally:
+                        conn.close("slot map read")
+            except (RedisUnavailable, RedisCommandError, TimeoutError) as exc:
+                errors.append(f"{endpoint.describe()}: {first_line(exc)}")
+                continue
+            slots = SlotMap.from_cluster_slots(reply, default_host=endpoint.host or "127.0.0.1")
+            self.slots = slots
+            for address in slots.masters():
+                self._node(address)
+            for address in [a for a in self.nodes if a not in slots.masters()]:
+                node = self.nodes.pop(address)  # no longer a master (a replica now, or gone)
+                if node.connection is not None:
+                    node.connection.close("no longer a master of the cluster")
+            self._refreshed_at, self._moved_since_refresh = time.monotonic(), 0
+            self.refreshes += 1
+            return
+        raise RedisUnavailable("cannot read the cluster's slot map: " + "; ".join(errors))
+
+    def refresh_soon(self) -> None:
+        """Refresh the slot map in the background (once, however many ask), at most every 100 ms."""
+        if self._refreshing is not None or self.closed_reason is not None:
+            return
+        delay = max(0.0, self._refreshed_at + _REFRESH_MIN_INTERVAL - time.monotonic())
+
+        async def refresh() -> None:
+            try:
+                await asyncio.sleep(delay)
+                endpoints = [node.endpoint for node in self.nodes.values()] or [self._seed]
+                await self._refresh_from(endpoints)
+            except RedisUnavailable as exc:
+                log.warning("cluster slot map refresh failed: %s", exc)
+            finally:
+                self._refreshing = None
+
+        self._refreshing = asyncio.ensure_future(refresh())
+
+    async def wait_refreshed(self) -> None:
+        if self._refreshing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._refreshing)
+
+    # -- the PipelinedConnection interface -------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_reason is not None
+
+    @property
+    def busy(self) -> bool:
+        return any(node.connection is not None and node.connection.busy for node in self.nodes.values())
+
+    @property
+    def batches_written(self) -> int:
+        return sum(n.connection.batches_written for n in self.nodes.values() if n.connection is not None)
+
+    @property
+    def commands_written(self) -> int:
+        return sum(n.connection.commands_written for n in self.nodes.values() if n.connection is not None)
+
+    def execute(self, *args: Any) -> Any:
+        """One command, routed by its key's slot; multi-key commands split by slot."""
+        keys = command_keys(args)
+        if not keys:
+            return self._run(next(iter(self.slots.masters()), None), args)
+        slots = {key_slot(key) for key in keys}
+        if len(slots) == 1:
+            return self._run(self.slots.owner(slots.pop()), args)
+        return self._split(args, keys)
+
+    def execute_on(self, address: Address, *args: Any) -> Any:
+        """A keyless command on one master (SCAN on each, for example)."""
+        return self._run(address, args)
+
+    def execute_many(self, commands: Sequence[Command]) -> list[Any]:
+        return [self.execute(*command) for command in commands]
+
+    async def _split(self, args: Sequence[Any], keys: list[Any]) -> Any:
+        name = _name(args)
+        if name not in _SUMMED and name != b"MGET":
+            raise RedisCommandError(f"CROSSSLOT {name.decode()} with keys in several slots")
+        by_slot: dict[int, list[int]] = {}
+        for index, key in enumerate(keys):
+            by_slot.setdefault(key_slot(key), []).append(index)
+        parts = [(indexes, self._run(self.slots.owner(slot), (args[0], *(keys[i] for i in indexes))))
+                 for slot, indexes in by_slot.items()]
+        replies = await asyncio.gather(*(part for _, part in parts))
+        if name in _SUMMED:
+            return sum(replies)
+        merged: list[Any] = [None] * len(keys)
+        for (indexes, _), reply in zip(parts, replies, strict=True):
+            for index, value in zip(indexes, reply, strict=True):
+                merged[index] = value
+        return merged
+
+    async def _run(self, address: Address | None, args: Sequence[Any]) -> Any:
+        deadline = self._loop.time() + self._op_timeout
+        asking = False
+        backoff = 0.005
+        for _ in range(_MAX_REDIRECTS):
+            if address is None:
+                self.refresh_soon()
+                await self.wait_refreshed()
+                slot = key_slot(command_keys(args)[0]) if command_keys(args) else 0
+                address = self.slots.owner(slot)
+                if address is None:
+                    raise RedisUnavailable("no cluster node serves this key's slot")
+            node = self._node(address)
+            try:
+                conn = await self._node_connection(node)
+                if asking:  # adjacent on the target's connection, so ASKING applies to this command
+                    asked, future = conn.execute_many([("ASKING",), args])
+                    asked.add_done_callback(lambda f: f.cancelled() or f.exception())
+                else:
+                    future = conn.execute(*args)
+                async with asyncio.timeout(max(0.001, deadline - self._loop.time())):
+                    return await future
+            except TimeoutError:
+                raise RedisTimeout(f"Redis Cluster did not answer within {self._op_timeout:g} s") from None
+            except RedisCommandError as exc:
+                kind = exc.kind
+                if kind == "moved":
+                    self.redirects["moved"] += 1
+                    slot, address = parse_redirect(str(exc))
+                    self.slots.move(slot, address)
+                    self._moved_since_refresh += 1
+                    if self._moved_since_refresh >= _MOVED_STORM:
+                        self.refresh_soon()
+                    asking = False
+                    continue
+                if kind == "ask":
+                    self.redirects["ask"] += 1
+                    _, address = parse_redirect(str(exc))
+                    asking = True
+                    continue
+                if kind in ("tryagain", "clusterdown") and self._loop.time() + backoff < deadline:
+                    self.redirects[kind] += 1
+                    await asyncio.sleep(backoff)
+                    backoff *= 2
+                    if kind == "clusterdown":
+                        self.refresh_soon()
+                    continue
+                raise
+            except RedisUnavailable:
+                self.refresh_soon()  # a master may have failed: learn who took its slots
+                raise
+        raise RedisUnavailable(f"more than {_MAX_REDIRECTS} redirects for one command")
+
+    def close(self, reason: str = "connection closed") -> None:
+        if self.closed_reason is None:
+            self.closed_reason = RedisUnavailable(reason)
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            self._refreshing = None
+        for node in self.nodes.values():
+            if node.connection is not None:
+                node.connection.close(reason)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "nodes": [
+                {"address": f"{host}:{port}", "role": "master", "slots": self.slots.slots_of((host, port)),
+                 "connected": node.connection is not None and node.connection.closed_reason is None,
+                 "batches": node.connection.batches_written if node.connection else 0,
+                 "commands": node.connection.commands_written if node.connection else 0,
+                 "connect_failures": node.failures}
+                for (host, port), node in sorted(self.nodes.items())
+            ],
+            "redirects": dict(self.redirects),
+            "slot_map_refreshes": self.refreshes,
+        }
