@@ -138,8 +138,8 @@ class RedisStorage:
             return count
         px = 0 if ttl is None else _milliseconds(ttl)
         try:
-            return await self.on_demand.execute("EVAL", _APPEND, 1, ns.key_prefix + item_id + ns.key_suffix, items, count, px,
-                                                max_items, connection_id=ns.connection_id)
+            return await self.on_demand.execute("EVAL", _APPEND, 1, ns.key(item_id), items, count, px, max_items,
+                                                connection_id=ns.connection_id)
         except RedisCommandError as exc:
             reason = str(exc).removeprefix("ERR ")  # Redis 7 and Valkey prefix a script's own error with ERR
             if reason.startswith("NOTLIST"):
