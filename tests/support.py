@@ -1,4 +1,4 @@
-"""Helpers shared by the test modules: the checkout's root, process checks, polling, HTTP, PostgreSQL.
+"""Helpers shared by the test modules: the checkout's root, process checks, polling, HTTP, PostgreSQL, a local cluster.
 
 Test modules import helpers from here (conftest too), never from one another. A free TCP port comes
 from the product's own `app.net.free_port`.
@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -27,6 +29,7 @@ import aiopg
 import psutil
 
 from plugins.postgres_server import EmbeddedPostgres
+from plugins.redis_cluster import ClusterNode, LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -208,3 +211,44 @@ async def query(dsn: str, sql: str, params: tuple[object, ...] | None = None) ->
     async with aiopg.connect(dsn, timeout=5.0, enable_hstore=False) as conn, conn.cursor() as cur:
         await cur.execute(sql, params)
         return list(await cur.fetchall()) if cur.description is not None else []
+
+
+# -- a local Redis Cluster ---------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def local_cluster(parent: Path | None = None, **options: Any) -> AsyncIterator[LocalCluster]:
+    """A started LocalCluster (3 masters x 1 replica unless told), stopped afterwards whatever happens. Its
+    server is the suite's (ONDEMAND_TEST_REDIS_BINARY, else discovery's), its bounds roomy for a loaded CI
+    runner: Valkey alone holds a master back 2 s before it reports cluster_state:ok."""
+    binary = os.environ.get("ONDEMAND_TEST_REDIS_BINARY") or None
+    cluster = LocalCluster(**{"binary": binary, "parent": parent, "startup_timeout": 20.0, **options})
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        await cluster.stop()
+
+
+def kill_node(node: ClusterNode) -> int:
+    """SIGKILL a node of a LocalCluster by its ChildProcess (tests only: the product never kills a node);
+    returns its PID."""
+    assert node.child is not None and node.pid is not None
+    node.child.signal(signal.SIGKILL)
+    return node.pid
+
+
+def postmasters(data_dir: Path) -> list[int]:
+    """The live postmasters working in `data_dir`: postgres processes there whose parent is not one."""
+    target = data_dir.stat()
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if proc.info["name"] != "postgres" or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            here = Path(proc.cwd()).stat()
+            if (here.st_dev, here.st_ino) == (target.st_dev, target.st_ino) and proc.parent().name() != "postgres":
+                found.append(proc.pid)
+        except (psutil.Error, OSError, AttributeError):
+            continue
+    return found
