@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import attrs
 import hiredis
@@ -42,7 +42,6 @@ from app.errors import SpawnError
 from app.events import Events
 from app.lifecycle import RedisEndpoint, probe
 from app.process import ChildProcess, ProcessError
-from plugins.lifecycle_subprocess import RedisBinary, find_binary
 
 log = logging.getLogger("ondemand.redis")
 
@@ -56,6 +55,19 @@ _PORT_ATTEMPTS = 5  # starts of one node on fresh ports when another process too
 CLUSTER_REACHED: frozenset[str] = frozenset({"CVE-2026-21863", "CVE-2026-23631"})
 
 Role = Literal["master", "replica"]
+
+
+class ServerBinary(Protocol):
+    """A checked server binary: plugins.lifecycle_subprocess.RedisBinary (not imported at module level: that
+    lifecycle imports this module to run a cluster)."""
+
+    path: str
+    flavour: str
+    version: tuple[int, int, int]
+
+    def describe(self) -> str: ...
+
+    def advisories(self) -> list[Any]: ...
 
 
 def even_slots(masters: int) -> list[tuple[int, int]]:
@@ -220,12 +232,13 @@ class ClusterNode:
 class LocalCluster:
     """`masters` x (1 + `replicas`) nodes of our own, formed into one cluster by `start()`, gone after `stop()`.
 
-    `binary`: a RedisBinary already checked, a configured path (used with warnings like
-    lifecycle.redis_binary), or None for discovery. `parent`: where our directory is created (default: the
-    temp dir). `ports`: fixed ports, one per node (masters first); by default free ones are picked.
+    `binary`: a RedisBinary already checked, a configured path (checked, and used with warnings like
+    lifecycle.redis_binary), or None for the subprocess lifecycle's discovery (its find_binary). `parent`:
+    where our directory is created (default: the temp dir). `ports`: fixed ports, one per node (masters
+    first); by default free ones are picked. `password`: the nodes' password (default: a random one).
     """
 
-    binary: RedisBinary | str | None = None
+    binary: ServerBinary | str | None = None
     parent: Path | None = None
     masters: int = 3
     replicas: int = 1
@@ -238,7 +251,7 @@ class LocalCluster:
     ports: Sequence[int] | None = None
     options: dict[str, str] = attrs.field(factory=dict)  # more server options, for every node
     lifecycle: str = "subprocess"  # the name events carry
-    server: RedisBinary | None = None  # the binary in use, once started
+    server: ServerBinary | None = None  # the binary in use, once started
     path: Path | None = None  # our directory while we run
     nodes: list[ClusterNode] = attrs.field(factory=list)
     timings: dict[str, float] = attrs.field(factory=dict)  # seconds: binary, spawn, form, total
@@ -316,10 +329,12 @@ class LocalCluster:
         return [node.endpoint for node in self.master_nodes()]
 
     async def _resolve_binary(self) -> None:
-        if isinstance(self.binary, RedisBinary):
+        if self.binary is not None and not isinstance(self.binary, str):
             self.server = self.binary
         else:
-            self.server = await find_binary(self.binary, tcp=True)
+            from plugins.lifecycle_subprocess import find_binary  # (a module-level import would be a cycle)
+
+            self.server = await find_binary(self.binary, tcp=True)  # TCP: the preauth flaws are reachable
         if self.server.flavour == "Redis" and self.server.version < (7, 0, 0):
             raise SpawnError(f"{self.server.describe()}: a local cluster needs Redis 7.0 or later "
                              "(CLUSTER ADDSLOTSRANGE); any Valkey will do")

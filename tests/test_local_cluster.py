@@ -191,6 +191,20 @@ async def test_a_node_that_cannot_start_is_a_spawn_error_and_the_others_are_stop
     assert cluster.nodes == [] and cluster.path is None and list(tmp_path.iterdir()) == []
 
 
+async def test_a_start_is_bounded_by_its_timeout_and_says_what_it_waited_for(tmp_path: Path) -> None:
+    # Valkey holds a new master back 2 s before it reports cluster_state:ok: 1 s can never be enough.
+    events = Spawned()
+    cluster = LocalCluster(binary=os.environ.get("ONDEMAND_TEST_REDIS_BINARY") or None, parent=tmp_path,
+                           events=events, startup_timeout=1.0)
+    began = time.monotonic()
+    with pytest.raises(SpawnError, match=r"not formed within 1 s .*still waiting until every node reports "
+                                         r"cluster_state:ok .*cluster_state:fail"):
+        await cluster.start()
+    assert time.monotonic() - began < 2.0
+    assert len(events.pids) == 6 and all(pid_gone(pid) for pid in events.pids)
+    assert cluster.path is None and list(tmp_path.iterdir()) == []
+
+
 def test_a_sigkilled_owner_leaves_no_node_behind(tmp_path: Path) -> None:
     owner = subprocess.Popen(
         [sys.executable, str(ROOT / "tests/scripts/holds_cluster.py"), str(tmp_path)],
