@@ -257,7 +257,7 @@ class LocalCluster:
     timings: dict[str, float] = attrs.field(factory=dict)  # seconds: binary, spawn, form, total
     _password: str = attrs.field(factory=lambda: secrets.token_urlsafe(24), repr=False)
     _watchers: list[asyncio.Task[None]] = attrs.field(factory=list, init=False)
-    _on_exit: Callable[[ClusterNode, str], None] | None = attrs.field(default=None, init=False)
+    _on_exit: Callable[[str, bool], None] | None = attrs.field(default=None, init=False)
     _waiting: str = attrs.field(default="", init=False)  # what start() awaits now: named by its timeout error
 
     def __attrs_post_init__(self) -> None:
@@ -281,8 +281,9 @@ class LocalCluster:
     def master_nodes(self) -> list[ClusterNode]:
         return [n for n in self.nodes if n.role == "master"]
 
-    def set_exit_callback(self, callback: Callable[[ClusterNode, str], None]) -> None:
-        """Called with the node and its exit description when a node exits without our asking."""
+    def set_exit_callback(self, callback: Callable[[str, bool], None]) -> None:
+        """Called when a node exits without our asking, with its exit description and whether its shard is
+        lost (`shard_lost`): a lost replica or a failed-over master is the cluster's own business."""
         self._on_exit = callback
 
     def pids(self) -> list[int]:
@@ -500,8 +501,20 @@ class LocalCluster:
         if child is None:
             return
         await child.process.wait()
-        if node.child is child and self._on_exit is not None:  # not a stop we asked for
-            self._on_exit(node, child.describe_exit())
+        if node.child is not child or node not in self.nodes:  # a stop we asked for
+            return
+        description, lost = child.describe_exit(), self.shard_lost(node)
+        log.warning("%s of the local cluster: %s", description.split(";", 1)[0],
+                    "no node of its shard is left: the cluster cannot heal itself" if lost
+                    else "the cluster fails over to a replica (or goes on without this one)")
+        if self._on_exit is not None:
+            self._on_exit(description, lost)
+
+    def shard_lost(self, node: ClusterNode) -> bool:
+        """Whether every node started for `node`'s shard (its master and that master's replicas) is gone:
+        that shard's slots are then served by no one until the cluster is started again."""
+        shard = node.index if node.master_index is None else node.master_index
+        return not any(n.alive for n in self.nodes if shard in (n.index, n.master_index))
 
     # -- status -----------------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from redis.exceptions import MovedError
 from app.errors import SpawnError
 from app.events import Events
 from plugins.redis_cluster import MAX_PORT, SLOTS, ClusterNode, LocalCluster, free_cluster_port
-from tests.support import ROOT, kill_node, local_cluster, pid_gone, redis_children, wait_gone
+from tests.support import ROOT, kill_node, local_cluster, pid_gone, redis_children, wait_for, wait_gone
 
 
 class Spawned(Events):
@@ -136,6 +136,8 @@ async def test_a_sigkilled_master_is_replaced_by_its_replica_within_seconds(clus
         await rc.set(key, "acknowledged")
     async with client(master, cluster.password) as r:
         assert await r.execute_command("WAIT", 1, 2000) == 1  # the replica has it
+    exits: list[bool] = []
+    cluster.set_exit_callback(lambda description, lost: exits.append(lost))
     killed_at = time.monotonic()
     pid = kill_node(master)
     assert await wait_gone([pid], timeout=2.0) == []
@@ -153,6 +155,10 @@ async def test_a_sigkilled_master_is_replaced_by_its_replica_within_seconds(clus
         await asyncio.sleep(0.05)
     await cluster.refresh()
     assert replica.role == "master" and master.status()["role"] == "down"
+    assert exits == [False], "a master with a replica to take over is not a lost shard"
+    await wait_gone([kill_node(replica)], timeout=2.0)
+    await wait_for(lambda: len(exits) == 2, timeout=2.0)
+    assert exits == [False, True], "its last node gone, the shard is lost: the owner must start a new cluster"
     print(f"\npromoted {promoted_after:.2f} s after the SIGKILL")
 
 
