@@ -793,7 +793,7 @@ class SubprocessLifecycle:
         ever signalled here, and an entry that is not one of ours is refused, neither removed nor reused."""
         for name in (SOCKET_NAME, "redis.pid", "state.json"):
             remove_ours(path / name, socket=name == SOCKET_NAME)
-        for name in ("redis.conf", "redis.log"):
+        for name in ("redis.conf", "redis.log", "activity"):
             _lstat_entry(path / name)
 
     @staticmethod

@@ -14,6 +14,7 @@ import aiohttp
 import psutil
 
 from app.net import free_port
+from plugins.lifecycle_subprocess import default_runtime_dir
 from tests.support import ROOT, pid_gone, redis_children, redis_servers_under, wait_until_serving
 
 
@@ -44,6 +45,9 @@ async def test_four_workers_share_one_redis_and_survive_the_owner_dying(tmp_path
             assert all(r["ok"] and r["session"] == {"i": r["session"]["i"]} for r in results)
             servers = redis_servers_under(proc.pid)
             assert len(servers) == 1, [s.pid for s in servers]
+            async with session.get(f"{base}/api/cache/status") as resp:
+                # Shared through the project's default runtime directory, as any process started here would.
+                assert (await resp.json())["redis"]["runtime_dir"] == str(default_runtime_dir(tmp_path))
 
             # Kill the worker that started Redis: its server dies with it (PDEATHSIG), the others go on.
             owner = servers[0].parent()
@@ -110,3 +114,38 @@ async def test_shared_runtime_dir_one_server_shared_idle_and_adoption(make_confi
         await sibling.cache.cache_profile("q", {"v": 1})
         assert await owner.cache.get_profile("q") == {"v": 1}
         assert len(redis_children()) == 1
+
+
+async def test_workers_with_a_private_runtime_dir_still_share_one_server(tmp_path: Path) -> None:
+    """lifecycle.runtime_dir = "private": private to this run of run.py, shared by its workers (the supervisor
+    makes one directory for them); nothing lands in the project directory, and it is removed at the end."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "server.log"
+    env = {k: v for k, v in os.environ.items() if k not in {"DOCKER_ENV", "REDIS_URL", "DATABASE_URL"}}
+    env |= {"ONDEMAND_STORAGE__DURABLE": '""', "ONDEMAND_LIFECYCLE__RUNTIME_DIR": '"private"'}
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "--port", str(port), "--workers", "2"],
+                                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # A new connection per request: the kernel spreads them over both workers, so a worker with a
+        # server of its own would miss what the other wrote.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            await wait_until_serving(session, base, proc, log_path)
+            for i in range(40):
+                async with session.put(f"{base}/api/users/u{i}/profile", json={"i": i}) as resp:
+                    assert resp.status == 200
+            for i in range(40):
+                async with session.get(f"{base}/api/users/u{i}/profile") as resp:
+                    assert (await resp.json())["profile"] == {"i": i}
+            assert len(redis_servers_under(proc.pid)) == 1
+            async with session.get(f"{base}/api/cache/status") as resp:
+                runtime_dir = Path((await resp.json())["redis"]["runtime_dir"])
+        assert runtime_dir.name.startswith("ondemand-") and not (tmp_path / ".ondemand").exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log_path.read_text()[-2000:]
+        assert not runtime_dir.exists(), "the run's private directory was left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

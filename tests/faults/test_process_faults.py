@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 from app import Runtime
 from app.errors import OndemandError, PostgresUnavailable, SpawnError
 from app.net import free_port
+from plugins.lifecycle_subprocess import default_runtime_dir
 from tests.support import ROOT, get_json, pid_gone, redis_children, wait_for
 
 SCRIPTS = ROOT / "tests/scripts"
@@ -107,9 +109,16 @@ def test_app_sigkilled_child_gone_and_next_start_cleans_up(tmp_path: Path) -> No
     assert not (run_dir / "state.json").exists() and not (run_dir / "redis.sock").exists()
 
 
-def test_several_processes_racing_first_use_start_exactly_one_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize("runtime_dir", ["configured", "default"])
+def test_several_processes_racing_first_use_start_exactly_one_server(tmp_path: Path, runtime_dir: str) -> None:
+    # "default": no lifecycle.runtime_dir at all, four processes started in one project directory.
     run_dir, go = tmp_path / "run", tmp_path / "go"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ONDEMAND_LIFECYCLE__RUNTIME_DIR": json.dumps(str(run_dir))}
+    env = {k: v for k, v in os.environ.items() if k != "ONDEMAND_LIFECYCLE__RUNTIME_DIR"}
+    env["PYTHONPATH"] = str(ROOT)
+    if runtime_dir == "configured":
+        env["ONDEMAND_LIFECYCLE__RUNTIME_DIR"] = json.dumps(str(run_dir))
+    else:
+        run_dir = default_runtime_dir(tmp_path)
     procs = [subprocess.Popen([sys.executable, str(SCRIPTS / "race_first_use.py"), str(go)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path) for _ in range(4)]
     try:
@@ -127,6 +136,9 @@ def test_several_processes_racing_first_use_start_exactly_one_server(tmp_path: P
             assert p.wait(30) == 0
             p.stdout.close()
     assert all(pid_gone(pid) for pid in pids), "none orphaned"
+    assert not (run_dir / "state.json").exists() and not (run_dir / "redis.sock").exists()
+    if not run_dir.is_relative_to(tmp_path):  # the per-user directory of a long project path
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 async def test_foreign_listener_on_the_tcp_port_is_noticed_at_once(make_config) -> None:

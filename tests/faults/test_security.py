@@ -13,17 +13,23 @@ Covered elsewhere and not repeated here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import pickle
 import stat
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 import psutil
 import pytest
+import redis.asyncio as aioredis
+import redis.exceptions
 import yarl
 
 from app import Runtime
@@ -31,7 +37,8 @@ from app.config import redact_url
 from app.logs import JsonFormatter
 from app.web import RUNTIME, create_app
 from plugins.lifecycle_external import ExternalConfig
-from tests.support import ROOT
+from plugins.lifecycle_subprocess import RuntimeDirError, find_binary
+from tests.support import ROOT, redis_children
 
 
 def nested(depth: int, container: str = "list") -> Any:
@@ -418,3 +425,243 @@ async def test_check_config_error_does_not_print_a_numeric_token() -> None:
     out = await run_cli("check-config", env=clean_environ({"ONDEMAND_SERVER__API_TOKEN": "9876543210"}))
     assert out.startswith("exit 2")
     assert "9876543210" not in out
+
+
+# -- the runtime directory: used only if ours, nothing in it followed, no foreign server adopted ---------
+
+NOBODY = 65534
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="making another user's files needs root (CI runs as root)")
+
+
+def sqlite_config(make_config: Any, tmp_path: Path, runtime_dir: Path | str) -> Any:
+    """Redis in `runtime_dir`, sessions durable in a sqlite file of the test's."""
+    return make_config({"lifecycle": {"runtime_dir": str(runtime_dir)}, "storage": {"durable": "sqlite"},
+                        "sqlite": {"path": str(tmp_path / "durable.sqlite3")}})
+
+
+def snapshot(path: Path) -> Any:
+    """What a refused path is, to show it was left as it was: type, owner, mode, contents."""
+    st = os.lstat(path)
+    contents: Any = None
+    if stat.S_ISDIR(st.st_mode):
+        contents = sorted(os.listdir(path))
+    elif stat.S_ISREG(st.st_mode):
+        contents = path.read_bytes()
+    elif stat.S_ISLNK(st.st_mode):
+        contents = os.readlink(path)
+    return (stat.S_IFMT(st.st_mode), st.st_uid, stat.S_IMODE(st.st_mode), contents)
+
+
+async def served_without_redis(client: Any, path: Path | str) -> None:
+    """With Redis refused: no 500; cache-only reads miss and writes are dropped, durable sessions are served
+    from the durable store; readiness is degraded and names the path."""
+    for method, url, body in [("put", "/api/users/u/profile", {"v": 1}), ("post", "/api/users/u/messages", {"v": 1}),
+                              ("put", "/api/sessions/s", {"v": 1}), ("get", "/api/cache/test", None)]:
+        resp = await getattr(client, method)(url, json=body)
+        assert resp.status == 200, (url, resp.status, await resp.text())
+    await error_of(await client.get("/api/users/u/profile"), 404, "not_found")
+    assert await (await client.get("/api/sessions/s")).json() == {"session_id": "s", "value": {"v": 1},
+                                                                  "source": "sqlite"}
+    ready = await client.get("/readyz")
+    body = await ready.json()
+    assert ready.status == 200 and body["status"] == "degraded", body
+    assert str(path) in body["redis"]["last_error"]
+
+
+def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+
+
+@pytest.mark.parametrize("case", ["another user's 0777 dir", "another user's 0700 dir", "our own 0777 dir",
+                                  "a symlink to a dir of ours", "under a parent others can write", "a regular file"])
+async def test_a_runtime_dir_someone_else_prepared_is_refused_and_left_as_it_was(aiohttp_client, make_config, tmp_path,
+                                                                                caplog, case) -> None:
+    if "another user" in case and os.geteuid() != 0:
+        pytest.skip("making another user's directory needs root")
+    rundir = tmp_path / "run"
+    refused, reason = rundir, {
+        "another user's 0777 dir": f"owned by uid {NOBODY}", "another user's 0700 dir": f"owned by uid {NOBODY}",
+        "our own 0777 dir": "writable by other users (mode 0777)",
+        "a symlink to a dir of ours": "is a symbolic link, not a directory",
+        "under a parent others can write": "writable by other users (mode 0777, not sticky)",
+        "a regular file": "is a regular file, not a directory"}[case]
+    if case == "a regular file":
+        rundir.write_bytes(b"not a directory\n")
+    elif case == "a symlink to a dir of ours":
+        (tmp_path / "ours").mkdir(mode=0o700)
+        rundir.symlink_to(tmp_path / "ours")
+    elif case == "under a parent others can write":
+        refused = tmp_path / "shared"
+        refused.mkdir()
+        refused.chmod(0o777)
+        rundir = refused / "run"
+    else:
+        rundir.mkdir()
+        rundir.chmod(0o777 if "0777" in case else 0o700)
+        if "another user" in case:
+            os.chown(rundir, NOBODY, NOBODY)
+    before = snapshot(refused)
+    caplog.set_level(logging.INFO)
+    client = await aiohttp_client(create_app(sqlite_config(make_config, tmp_path, rundir)))
+    with pytest.raises(RuntimeDirError) as info:
+        await client.app[RUNTIME].on_demand.ensure()
+    assert info.value.code == "redis_runtime_dir_unusable" and info.value.http_status == 503
+    assert f"{refused} " in str(info.value) and reason in str(info.value), str(info.value)
+    await served_without_redis(client, refused)
+    assert snapshot(refused) == before, "a refused path was changed (chmodded, written to or created in)"
+    if case == "under a parent others can write":
+        assert not rundir.exists(), "created under a parent others can write"
+    if case == "a symlink to a dir of ours":
+        assert os.listdir(tmp_path / "ours") == []
+    assert redis_children() == []
+    no_tracebacks(caplog)
+
+
+PLANTED = [("symlink", name) for name in ("redis.conf", "redis.log", "state.json", "lock", "activity", "redis.pid",
+                                          "redis.sock")]
+PLANTED += [("hard link", name) for name in ("redis.conf", "redis.log", "state.json", "activity")]
+PLANTED += [("fifo", "redis.log"), ("directory", "redis.conf")]
+
+
+@pytest.mark.parametrize(("kind", "name"), PLANTED)
+async def test_a_planted_entry_in_the_runtime_dir_is_refused_and_its_target_untouched(make_config, tmp_path, kind,
+                                                                                      name) -> None:
+    rundir = tmp_path / "run"
+    rundir.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"the victim's own bytes\n")
+    victim.chmod(0o644)
+    planted = rundir / name
+    {"symlink": lambda: planted.symlink_to(victim), "hard link": lambda: os.link(victim, planted),
+     "fifo": lambda: os.mkfifo(planted), "directory": lambda: planted.mkdir()}[kind]()
+    victim_before, planted_before = snapshot(victim), snapshot(planted)
+    mtime = victim.stat().st_mtime_ns
+    async with Runtime(make_config({"lifecycle": {"runtime_dir": str(rundir)}})) as rt:
+        with pytest.raises(RuntimeDirError) as info:
+            await asyncio.wait_for(rt.on_demand.ensure(), 10)  # (a FIFO must not block the start)
+        assert f"{planted} " in str(info.value), str(info.value)
+        assert redis_children() == [], "a server was started beside a planted entry"
+    assert snapshot(victim) == victim_before and victim.stat().st_mtime_ns == mtime, "the victim was touched"
+    assert snapshot(planted) == planted_before, "the planted entry was reused or removed"
+
+
+@contextlib.asynccontextmanager
+async def foreign_server(rundir: Path, sock: Path, password: str | None) -> Any:
+    """A redis-server that is not ours, working in `rundir` (its cwd and `dir`), listening on `sock`."""
+    binary = await find_binary(os.environ.get("ONDEMAND_TEST_REDIS_BINARY") or None)
+    conf = rundir.parent / "foreign.conf"
+    lines = ["port 0", f'unixsocket "{sock}"', "unixsocketperm 700", f'dir "{rundir}"', 'save ""', "appendonly no"]
+    conf.write_text("\n".join(lines + ([f"requirepass {password}"] if password else [])) + "\n")
+    proc = await asyncio.create_subprocess_exec(binary.path, str(conf), cwd=rundir, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    client = aioredis.Redis(unix_socket_path=str(sock), password=password)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await client.ping()
+                break
+            except (redis.exceptions.ConnectionError, FileNotFoundError):
+                assert proc.returncode is None and time.monotonic() < deadline, "the foreign server did not start"
+                await asyncio.sleep(0.01)
+        yield proc, client
+    finally:
+        await client.aclose()
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def commands_run(client: Any) -> dict[str, int]:
+    """How many times the server ran each command (INFO commandstats)."""
+    return {name: value["calls"] for name, value in (await client.info("commandstats")).items()}
+
+
+@pytest.mark.parametrize("planted", ["a password it does not know", "no password", "state.json mode 0644",
+                                     "state.json owned by another user", "a socket of its own"])
+async def test_a_planted_state_json_never_gets_a_foreign_server_used_written_to_or_signalled(
+        aiohttp_client, make_config, tmp_path, caplog, planted) -> None:
+    if "another user" in planted and os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    rundir = tmp_path / "run"
+    rundir.mkdir(mode=0o700)
+    # "a socket of its own": it even knows the password recorded, but does not listen where ours would.
+    sock = rundir / ("elsewhere.sock" if planted == "a socket of its own" else "redis.sock")
+    password = "known-to-both" if planted == "a socket of its own" else None
+    async with foreign_server(rundir, sock, password) as (proc, foreign):
+        await foreign.set("theirs", "untouched")
+        recorded = {"unix_socket": str(sock), "password": None if planted == "no password" else "known-to-both"}
+        state = rundir / "state.json"
+        state.write_text(json.dumps({"pid": proc.pid, "owner_pid": proc.pid, "endpoint": recorded}))
+        state.chmod(0o644 if planted == "state.json mode 0644" else 0o600)
+        if planted == "state.json owned by another user":
+            os.chown(state, NOBODY, NOBODY)
+        state_before = snapshot(state)
+        connections = (await foreign.info("stats"))["total_connections_received"]
+        calls_before = await commands_run(foreign)
+
+        caplog.set_level(logging.INFO)
+        client = await aiohttp_client(create_app(sqlite_config(make_config, tmp_path, rundir)))
+        with pytest.raises(RuntimeDirError) as info:
+            await client.app[RUNTIME].on_demand.ensure()
+        assert str(state) in str(info.value), str(info.value)
+        await served_without_redis(client, state)
+        await client.close()
+
+        assert proc.returncode is None, "the foreign server was signalled"
+        calls = await commands_run(foreign)
+        ran = {name for name in calls if calls[name] != calls_before.get(name, 0)}
+        assert ran <= {"cmdstat_info", "cmdstat_auth"}, f"the foreign server was sent {ran}"  # (INFO: the test's)
+        assert await foreign.dbsize() == 1 and await foreign.get("theirs") == b"untouched"
+        if planted != "a password it does not know":  # refused before connecting at all
+            assert (await foreign.info("stats"))["total_connections_received"] == connections
+        assert snapshot(state) == state_before and stat.S_ISSOCK(os.lstat(sock).st_mode), "its files were touched"
+        assert [p.pid for p in redis_children()] == [proc.pid], "a server of ours was started beside it"
+    no_tracebacks(caplog)
+
+
+def read_only_bind(path: Path) -> list[str]:
+    """A command prefix that runs the rest with `path` bind-mounted read-only, in a mount namespace of its own."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"', str(path)]
+
+
+WITHOUT_DAC_OVERRIDE = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]  # root obeys modes then
+
+
+@as_root
+@pytest.mark.parametrize("fault", ["read-only file system", "read-only file system, to create", "unreadable"])
+def test_a_read_only_or_unreadable_runtime_dir_is_a_typed_error_and_no_500(tmp_path, fault) -> None:
+    """Real faults, in a child process: a read-only bind mount (its own mount namespace: nobody else sees it),
+    and a 0000 directory of ours for a root without CAP_DAC_OVERRIDE."""
+    target = tmp_path / "target"
+    target.mkdir(mode=0o700)
+    runtime_dir = target / "run" if fault.endswith("to create") else target
+    if fault == "unreadable":
+        target.chmod(0o000)
+        prefix, expected = WITHOUT_DAC_OVERRIDE, "Permission denied"
+    else:
+        prefix, expected = read_only_bind(target), "Read-only file system"
+    check = subprocess.run([*prefix, "true"], capture_output=True, timeout=30)
+    if check.returncode != 0:
+        pytest.skip(f"{prefix[0]} is not permitted here: {check.stderr.decode().strip()}")
+    try:
+        proc = subprocess.run([*prefix, sys.executable, str(ROOT / "tests/scripts/runtime_dir_probe.py"),
+                               str(runtime_dir), str(tmp_path / "durable.sqlite3")],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        target.chmod(0o700)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    error = result["error"]
+    assert (error["type"], error["code"], error["status"]) == ("RuntimeDirError", "redis_runtime_dir_unusable", 503)
+    assert str(runtime_dir) in error["message"] and expected in error["message"], error["message"]
+    responses = result["responses"]
+    assert all(status != 500 for status, _ in responses.values()), responses
+    assert responses["GET /api/sessions/s"] == [200, {"session_id": "s", "value": {"v": 1}, "source": "sqlite"}]
+    assert responses["GET /api/users/u/profile"][0] == 404
+    status, ready = responses["GET /readyz"]
+    assert status == 200 and ready["status"] == "degraded" and expected in ready["redis"]["last_error"]
+    assert result["tracebacks"] == 0, result["warnings"]
+    assert not (target / "run").exists() and os.listdir(target) == []
