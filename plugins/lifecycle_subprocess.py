@@ -419,15 +419,14 @@ def prepare_runtime_dir(path: Path) -> None:
     one mkdir each (atomic: either ours, or an existing entry that must pass the same checks)."""
     for directory in (*reversed(path.parents), path):
         try:
-            st = os.lstat(directory)
-        except FileNotFoundError:
-            try:
-                os.mkdir(directory, 0o700)
-            except FileExistsError:
-                pass  # a sibling (or someone else) was faster: checked below like any existing entry
-            except OSError as exc:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass  # ours from before, a sibling's that was faster, or someone else's: checked below
+        except OSError as exc:
+            if not os.path.lexists(directory):
                 raise _refused(directory, f"cannot be created: {exc.strerror}",
                                "set lifecycle.runtime_dir to a writable directory of ours") from None
+        try:
             st = os.lstat(directory)
         except OSError as exc:
             raise _refused(directory, f"cannot be inspected: {exc.strerror}", _DIR_RULE) from None
@@ -691,9 +690,12 @@ class SubprocessLifecycle:
             async with self._start_lock(rundir):
                 return await self._start_shared(rundir)
         except OSError as exc:  # read-only, unreadable, full: what the OS said, about which path
+            where = Path(os.fsdecode(exc.filename)) if exc.filename else rundir
+            if not where.is_relative_to(rundir):
+                raise SpawnError(f"{where}: {exc.strerror or exc}") from None
             raise RuntimeDirError(
-                f"runtime directory: {exc.filename or rundir}: {exc.strerror or exc}; the runtime directory must be "
-                "a directory we can write; fix it or set lifecycle.runtime_dir"
+                f"runtime directory: {where}: {exc.strerror or exc}; the runtime directory must be a directory "
+                "we can write; fix it or set lifecycle.runtime_dir"
             ) from None
 
     async def _start_shared(self, rundir: Path) -> RedisEndpoint:
