@@ -6,8 +6,10 @@ we need (restart a dead worker, stop all on SIGTERM, never orphan one) is a few 
 of our own ChildProcess, which already makes every child die with its parent.
 
 Shared state between workers:
-- Redis: the subprocess lifecycle's host service gives the workers one runtime directory, so its
-  cross-process start (flock + state.json) gives the host exactly one redis-server; the others adopt it.
+- Redis: the workers share the subprocess lifecycle's runtime directory (by default the project's, as
+  every process started in the same directory does; with `lifecycle.runtime_dir = "private"` one its host
+  service makes for this run), so its cross-process start (flock + state.json) gives the host exactly one
+  redis-server; the others adopt it.
 - Host services: what must run once per host (the embedded PostgreSQL: one data directory serves
   one postmaster) is asked of the plugins (`ondemand_host_services`); the supervisor starts each
   before the workers, hands the workers the config overrides each returns (its DSN), and stops them
