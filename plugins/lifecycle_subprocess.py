@@ -710,6 +710,10 @@ class SubprocessLifecycle:
             SharedState(pid=self.child.pid, owner_pid=os.getpid(), endpoint=endpoint).write(rundir / "state.json")
             touch_ours(rundir / "activity")
         except BaseException:
+            child = self.child
+            with contextlib.suppress(OSError, RuntimeDirError):
+                if child is not None:
+                    self._withdraw_state(rundir, child.pid)
             await self._stop_child()
             with contextlib.suppress(OSError, RuntimeDirError):
                 self._remove_server_files(rundir)
