@@ -50,6 +50,7 @@ from app.hookspecs import hookimpl
 from app.lifecycle import LifecycleContext, RedisEndpoint, probe
 from app.net import free_port
 from app.process import ChildProcess, ProcessError
+from plugins.redis_cluster import LocalCluster
 
 log = logging.getLogger("ondemand.redis")
 
@@ -74,6 +75,9 @@ class SubprocessConfig:
         "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl",
     ] = "allkeys-lru"
     redis_options: dict[str, str] = attrs.field(factory=dict)
+    # lifecycle.topology = "cluster": a local cluster of our own (plugins/redis_cluster.py)
+    cluster_masters: int = attrs.field(default=3, validator=between(1, 16))
+    cluster_replicas: int = attrs.field(default=1, validator=between(0, 4))
 
 
 # Why a known flaw can or cannot be reached with the server run the way this module runs it (README,
@@ -595,6 +599,7 @@ class SubprocessLifecycle:
     endpoint: RedisEndpoint | None = None
     runtime_dir: Path | None = None
     adopted_pid: int | None = None  # a sibling's server we use but do not own
+    cluster: LocalCluster | None = None  # lifecycle.topology = "cluster": our local cluster, while it runs
     _own_dir: bool = False
     _watcher: asyncio.Task[None] | None = None
     _pidfd: int | None = None
@@ -626,6 +631,8 @@ class SubprocessLifecycle:
         self._on_exit = callback
 
     def pid(self) -> int | None:
+        if self.cluster is not None:  # the first live node's (the first master's, unless it died)
+            return next(iter(self.cluster.pids()), None)
         if self.child is not None and self.child.returncode is None:
             return self.child.pid
         return self.adopted_pid
@@ -642,7 +649,8 @@ class SubprocessLifecycle:
             "runtime_dir": str(self.runtime_dir) if self.runtime_dir else None,
             "runtime_dir_kind": PRIVATE if self.private else ("configured" if self.settings.runtime_dir else "default"),
             "socket": self.endpoint.unix_socket if self.endpoint else None,
-            "owner": "self" if self.child is not None else ("sibling" if self.adopted_pid else None),
+            "owner": "self" if self.child is not None or self.cluster else ("sibling" if self.adopted_pid else None),
+            "cluster": self.cluster.status() if self.cluster else None,
         }
 
     async def describe_server(self) -> list[str]:
@@ -651,7 +659,7 @@ class SubprocessLifecycle:
 
     def forget_after_fork(self) -> None:
         """In a forked child: the parent's server and files are not ours (see OnDemandRedis)."""
-        self.child = self.endpoint = self.runtime_dir = None
+        self.child = self.endpoint = self.runtime_dir = self.cluster = None
         self.adopted_pid = self._watcher = self._pidfd = None
         self._own_dir = False
 
@@ -677,6 +685,8 @@ class SubprocessLifecycle:
 
     async def start(self) -> RedisEndpoint:
         await self.stop()  # leftovers of a server that died
+        if self.config.topology == "cluster":
+            return await self._start_cluster()
         if self.private:
             self.runtime_dir, self._own_dir = Path(tempfile.mkdtemp(prefix="ondemand-")), True  # created 0700
             return await self._spawn(self.runtime_dir)
@@ -697,6 +707,35 @@ class SubprocessLifecycle:
                 f"runtime directory: {where}: {exc.strerror or exc}; the runtime directory must be a directory "
                 "we can write; fix it or set lifecycle.runtime_dir"
             ) from None
+
+    async def _start_cluster(self) -> RedisEndpoint:
+        """A LocalCluster of our own, in a fresh 0700 directory inside the runtime directory (the temp dir for
+        "private"); the first master's endpoint is the seed, the core discovers the rest. Never shared: a
+        sibling's start in the same runtime directory is refused while ours runs (LocalCluster.exclusive).
+        Always TCP, so discovery counts the preauth flaws."""
+        parent = None
+        if not self.private:
+            parent = self.shared_path()
+            prepare_runtime_dir(parent)
+        if self.binary is None:
+            self.binary = await find_binary(self.settings.redis_binary, tcp=True)
+        cluster = LocalCluster(
+            binary=self.binary, parent=parent, masters=self.settings.cluster_masters,
+            replicas=self.settings.cluster_replicas, maxmemory=self.settings.maxmemory,
+            maxmemory_policy=self.settings.maxmemory_policy, startup_timeout=self.config.startup_timeout,
+            shutdown_grace=self.config.shutdown_grace, events=self.events, options=dict(self.settings.redis_options),
+            lifecycle=self.name, password=self._password, exclusive=parent is not None,
+        )
+        endpoints = await cluster.start()  # SpawnError with every node stopped, the directory removed
+        self.cluster = cluster
+        cluster.set_exit_callback(self._cluster_node_exited)
+        return attrs.evolve(endpoints[0], cluster=True)
+
+    def _cluster_node_exited(self, description: str, lost: bool) -> None:
+        """A node we did not stop exited: only a shard with no node left is a failure (the next operation
+        starts a new cluster); a master with a replica fails over by itself."""
+        if lost and self._on_exit is not None:
+            self._on_exit(description, True)
 
     async def _start_shared(self, rundir: Path) -> RedisEndpoint:
         """Under the start lock: adopt the server state.json names, or spawn one and record it there."""
@@ -889,6 +928,9 @@ class SubprocessLifecycle:
 
     async def stop(self) -> None:
         """Stop our child (a sibling's server we only detach from) and remove what we created."""
+        if self.cluster is not None:
+            cluster, self.cluster = self.cluster, None
+            await cluster.stop()  # every node, and its directory
         if self.adopted_pid is not None:
             self._forget_adopted()
             self.endpoint = None

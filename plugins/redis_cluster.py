@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -29,6 +30,7 @@ import random
 import secrets
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -49,6 +51,7 @@ SLOTS = 16384
 BUS_OFFSET = 10000  # the cluster bus port is the node's port + 10000
 MAX_PORT = 65535 - BUS_OFFSET  # 55535
 PORT_RANGE = (20000, MAX_PORT)  # where free ports are looked for (below is often taken by services)
+DIR_PREFIX = "ondemand-cluster-"  # our directory's name in `parent`: a fresh one per start
 _PORT_ATTEMPTS = 5  # starts of one node on fresh ports when another process took the ones we picked
 # Known flaws in features a cluster enables and a standalone server never does (plugins.lifecycle_subprocess
 # files them as "feature", unreachable there): the cluster bus and replication.
@@ -250,6 +253,7 @@ class LocalCluster:
     events: Events = attrs.field(factory=Events)
     ports: Sequence[int] | None = None
     options: dict[str, str] = attrs.field(factory=dict)  # more server options, for every node
+    exclusive: bool = False  # one cluster at a time in `parent`: another process's start is refused meanwhile
     lifecycle: str = "subprocess"  # the name events carry
     server: ServerBinary | None = None  # the binary in use, once started
     path: Path | None = None  # our directory while we run
@@ -258,7 +262,8 @@ class LocalCluster:
     _password: str = attrs.field(factory=lambda: secrets.token_urlsafe(24), repr=False)
     _watchers: list[asyncio.Task[None]] = attrs.field(factory=list, init=False)
     _on_exit: Callable[[str, bool], None] | None = attrs.field(default=None, init=False)
-    _waiting: str = attrs.field(default="", init=False)  # what start() awaits now: named by its timeout error
+    _waiting: str = attrs.field(default="", init=False)
+    _lock_fd: int | None = attrs.field(default=None, init=False)  # what start() awaits now: named by its timeout error
 
     def __attrs_post_init__(self) -> None:
         if not 1 <= self.masters <= 16:
@@ -309,6 +314,7 @@ class LocalCluster:
             async with asyncio.timeout(self.startup_timeout):
                 await self._resolve_binary()
                 self.timings = {"binary": time.monotonic() - began}
+                self._lock_parent()
                 self._layout()
                 self._waiting = "every node answers PING"
                 await _all(self._spawn_node(node, deadline) for node in self.nodes)
@@ -347,8 +353,37 @@ class LocalCluster:
                 raise SpawnError(f"{message}; upgrade it, or set lifecycle.redis_binary to use it all the same")
             log.warning("%s; upgrade it (README: Supported servers)", message)
 
+    def _lock_parent(self) -> None:
+        """With `exclusive`: an flock on parent/cluster.lock for as long as the cluster runs (the kernel drops it
+        when we die), so that two processes sharing a runtime directory never run two clusters that each
+        believes is the one (a cache written in one and read in the other would be stale). Holding it, we
+        remove what a killed owner left there (its nodes died with it: PDEATHSIG)."""
+        if not self.exclusive or self.parent is None:
+            return
+        fd = os.open(self.parent / "cluster.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise SpawnError(
+                f"another process (pid {holder}) runs a local cluster in {self.parent}; a local cluster is not shared "
+                "between processes: run one process per runtime directory (lifecycle.runtime_dir), or point "
+                "every process at one cluster (the external lifecycle with lifecycle.redis_url)") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+        # Under the lock no other cluster runs here: a directory of a cluster whose owner was killed is stale.
+        for entry in self.parent.glob(f"{DIR_PREFIX}*"):
+            st = os.lstat(entry)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():  # never a symlink, never another's
+                shutil.rmtree(entry, ignore_errors=True)
+
     def _layout(self) -> None:
-        self.path = Path(tempfile.mkdtemp(prefix="ondemand-cluster-", dir=self.parent))  # created 0700
+        self.path = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=self.parent))  # created 0700
         ranges = even_slots(self.masters)
         nodes = [ClusterNode(index=i, directory=self.path / f"node{i}", role="master", slots=ranges[i],
                              password=self._password) for i in range(self.masters)]
@@ -547,6 +582,9 @@ class LocalCluster:
         path, self.path = self.path, None
         if path is not None:
             shutil.rmtree(path, ignore_errors=True)
+        if self._lock_fd is not None:  # released only once every node is gone
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     async def _stop_node(self, node: ClusterNode) -> None:
         child = node.child

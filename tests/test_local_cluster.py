@@ -24,7 +24,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import MovedError
 
-from app.errors import SpawnError
+from app import Runtime
+from app.errors import ConfigError, SpawnError
 from app.events import Events
 from plugins.redis_cluster import MAX_PORT, SLOTS, ClusterNode, LocalCluster, free_cluster_port
 from tests.support import ROOT, kill_node, local_cluster, pid_gone, redis_children, wait_for, wait_gone
@@ -211,6 +212,18 @@ async def test_a_start_is_bounded_by_its_timeout_and_says_what_it_waited_for(tmp
     assert cluster.path is None and list(tmp_path.iterdir()) == []
 
 
+async def test_an_exclusive_cluster_refuses_a_second_one_in_its_directory_until_it_stops(tmp_path: Path) -> None:
+    async with local_cluster(tmp_path, exclusive=True) as first:
+        events = Spawned()
+        second = LocalCluster(binary=first.server, parent=tmp_path, exclusive=True, events=events)
+        with pytest.raises(SpawnError, match=f"another process \\(pid {os.getpid()}\\) runs a local cluster"):
+            await second.start()
+        assert events.pids == [] and second.path is None, "refused before anything was spawned"
+        await first.stop()
+        async with local_cluster(tmp_path, exclusive=True) as third:  # free again once the first stopped
+            assert len(third.pids()) == 6
+
+
 def test_a_sigkilled_owner_leaves_no_node_behind(tmp_path: Path) -> None:
     owner = subprocess.Popen(
         [sys.executable, str(ROOT / "tests/scripts/holds_cluster.py"), str(tmp_path)],
@@ -228,6 +241,15 @@ def test_a_sigkilled_owner_leaves_no_node_behind(tmp_path: Path) -> None:
         while not all(pid_gone(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert all(pid_gone(pid) for pid in pids), "a node outlived its SIGKILLed owner"
+        stale = Path(json.loads(line)["path"])
+        assert stale.is_dir(), "nobody was left to remove it"
+
+        async def next_owner() -> None:  # the dead owner's lock went with it; its directory goes now
+            async with local_cluster(tmp_path, exclusive=True) as cluster:
+                assert cluster.path is not None and not stale.exists()
+                assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [cluster.path.name]
+
+        asyncio.run(next_owner())
     finally:
         if owner.poll() is None:
             owner.kill()
@@ -237,3 +259,38 @@ def test_a_sigkilled_owner_leaves_no_node_behind(tmp_path: Path) -> None:
         for pid in pids:  # only if the assertion above failed: never leave them running
             if not pid_gone(pid):
                 psutil.Process(pid).kill()
+
+
+# -- wired into the subprocess lifecycle: lifecycle.topology = "cluster" ------------------------------
+
+
+async def test_the_subprocess_lifecycle_runs_a_cluster_from_the_first_operation_until_idle(make_config) -> None:
+    config = make_config({"lifecycle": {"topology": "cluster", "idle_timeout": 1.0, "startup_timeout": 20.0,
+                                        "cluster_masters": 3, "cluster_replicas": 1}})
+    async with Runtime(config) as rt:
+        lifecycle = rt.on_demand.lifecycle
+        assert lifecycle.cluster is None and redis_children() == [], "nothing runs before the first operation"
+        for i in range(60):
+            await rt.cache.cache_profile(f"user{i}", {"n": i})
+        cluster = lifecycle.cluster
+        assert cluster is not None and len(cluster.pids()) == 6
+        assert [await rt.cache.get_profile(f"user{i}") for i in range(60)] == [{"n": i} for i in range(60)]
+        sizes = []
+        for node in cluster.master_nodes():
+            async with client(node, cluster.password) as r:
+                sizes.append(await r.dbsize())
+        assert all(size > 0 for size in sizes), f"keys must spread over every master: {sizes}"
+        nodes = lifecycle.status()["cluster"]["nodes"]
+        assert [n["role"] for n in nodes] == ["master"] * 3 + ["replica"] * 3
+        assert lifecycle.pid() == cluster.nodes[0].pid
+        pids, path = cluster.pids(), cluster.path
+        await wait_for(lambda: rt.on_demand.state == "stopped", timeout=5)
+        assert rt.on_demand.counters.idle_stops == 1 and lifecycle.cluster is None
+        assert all(pid_gone(pid) for pid in pids) and path is not None and not path.exists()
+
+
+def test_cluster_sizes_are_bounded(make_config) -> None:
+    with pytest.raises(ConfigError, match="cluster_masters"):
+        make_config({"lifecycle": {"cluster_masters": 17}})
+    with pytest.raises(ConfigError, match="cluster_replicas"):
+        make_config({"lifecycle": {"cluster_replicas": 5}})
