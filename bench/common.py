@@ -45,7 +45,9 @@ def bench_config(transport: str, **sections: dict[str, Any]) -> Config:
     """Runtime config for benchmarks: no durable store, no idle stop, the chosen transport; no environment."""
     overrides: dict[str, Any] = {
         "storage": {"durable": ""},
-        "lifecycle": {"idle_timeout": 600, "tcp": transport == "tcp"},
+        # A private server per benchmark run: the project's shared default would mix runs with each other
+        # and with whatever else runs in this checkout.
+        "lifecycle": {"idle_timeout": 600, "tcp": transport == "tcp", "runtime_dir": "private"},
     }
     for name, values in sections.items():
         overrides[name] = {**overrides.get(name, {}), **values}
