@@ -212,9 +212,16 @@ class ClusterConnection:
         if not keys:
             return self._run(next(iter(self.slots.masters()), None), args)
         slots = {key_slot(key) for key in keys}
-        if len(slots) == 1:
-            return self._run(self.slots.owner(slots.pop()), args)
-        return self._split(args, keys)
+        if len(slots) != 1:
+            return self._split(args, keys)
+        address = self.slots.owner(slots.pop())
+        node = self.nodes.get(address) if address is not None else None
+        conn = node.connection if node is not None else None
+        if conn is not None and conn.closed_reason is None:
+            # Queued now, in this tick, whenever the caller awaits it: commands issued together share
+            # their node's batch (execute_grouped awaits one reply after the other).
+            return self._finish(conn.execute(*args), address, args)  # type: ignore[arg-type]
+        return self._run(address, args)
 
     def execute_on(self, address: Address, *args: Any) -> Any:
         """A keyless command on one master (SCAN on each, for example)."""
@@ -241,11 +248,36 @@ class ClusterConnection:
                 merged[index] = value
         return merged
 
-    async def _run(self, address: Address | None, args: Sequence[Any]) -> Any:
+    async def _finish(self, future: asyncio.Future[Any], address: Address, args: Sequence[Any]) -> Any:
+        """The reply of a command already queued; a redirect or a failed node goes the long way."""
+        try:
+            return await future
+        except (RedisCommandError, RedisUnavailable) as exc:
+            if isinstance(exc, RedisUnavailable):
+                self.refresh_soon()
+                raise
+            if exc.kind not in ("moved", "ask", "tryagain", "clusterdown"):
+                raise
+            return await self._run(address, args, first_error=exc)
+
+    async def _run(self, address: Address | None, args: Sequence[Any], *,
+                   first_error: RedisCommandError | None = None) -> Any:
         deadline = self._loop.time() + self._op_timeout
         asking = False
         backoff = 0.005
+        pending_error = first_error
         for _ in range(_MAX_REDIRECTS):
+            if pending_error is not None:
+                error, pending_error = pending_error, None
+                redirect = self._redirect(error, args)
+                if redirect is None:
+                    raise error
+                address, asking = redirect
+                if error.kind in ("tryagain", "clusterdown"):
+                    if self._loop.time() + backoff >= deadline:
+                        raise error
+                    await asyncio.sleep(backoff)
+                    backoff *= 2
             if address is None:
                 self.refresh_soon()
                 await self.wait_refreshed()
@@ -266,33 +298,35 @@ class ClusterConnection:
             except TimeoutError:
                 raise RedisTimeout(f"Redis Cluster did not answer within {self._op_timeout:g} s") from None
             except RedisCommandError as exc:
-                kind = exc.kind
-                if kind == "moved":
-                    self.redirects["moved"] += 1
-                    slot, address = parse_redirect(str(exc))
-                    self.slots.move(slot, address)
-                    self._moved_since_refresh += 1
-                    if self._moved_since_refresh >= _MOVED_STORM:
-                        self.refresh_soon()
-                    asking = False
-                    continue
-                if kind == "ask":
-                    self.redirects["ask"] += 1
-                    _, address = parse_redirect(str(exc))
-                    asking = True
-                    continue
-                if kind in ("tryagain", "clusterdown") and self._loop.time() + backoff < deadline:
-                    self.redirects[kind] += 1
-                    await asyncio.sleep(backoff)
-                    backoff *= 2
-                    if kind == "clusterdown":
-                        self.refresh_soon()
-                    continue
-                raise
+                if exc.kind not in ("moved", "ask", "tryagain", "clusterdown"):
+                    raise
+                pending_error = exc
+                continue
             except RedisUnavailable:
                 self.refresh_soon()  # a master may have failed: learn who took its slots
                 raise
         raise RedisUnavailable(f"more than {_MAX_REDIRECTS} redirects for one command")
+
+    def _redirect(self, error: RedisCommandError, args: Sequence[Any]) -> tuple[Address | None, bool] | None:
+        """Where to send a command again after `error`, and whether with ASKING; None: give up."""
+        kind = error.kind
+        if kind in self.redirects:
+            self.redirects[kind] += 1
+        if kind == "moved":
+            slot, address = parse_redirect(str(error))
+            self.slots.move(slot, address)
+            self._moved_since_refresh += 1
+            if self._moved_since_refresh >= _MOVED_STORM:
+                self.refresh_soon()
+            return address, False
+        if kind == "ask":
+            return parse_redirect(str(error))[1], True
+        if kind in ("tryagain", "clusterdown"):
+            if kind == "clusterdown":
+                self.refresh_soon()
+            slot = key_slot(keys[0]) if (keys := command_keys(args)) else 0
+            return self.slots.owner(slot), False
+        return None
 
     def close(self, reason: str = "connection closed") -> None:
         if self.closed_reason is None:
