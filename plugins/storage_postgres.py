@@ -1,9 +1,12 @@
 """The built-in "postgres" storage: durable namespaced values in PostgreSQL, through aiopg.
 
-With `postgres.dsn = "embedded"` (the default) the plugin runs its own PostgreSQL from the binaries
-bundled in the `pgserver` package (plugins/postgres_server.py), started on first use. Any other dsn
-is a libpq DSN or a postgresql:// URL of a server someone else runs. Its settings are the [postgres]
-table (`PostgresConfig`); `DATABASE_URL` sets `postgres.dsn`.
+With `postgres.dsn = "embedded"` (the default) the plugin uses the PostgreSQL of `postgres.data_dir`,
+from the binaries bundled in the `pgserver` package (plugins/postgres_server.py): started on first use
+by the first process that needs it, adopted by every other process using the same data directory (the
+workers of `run.py --workers N`, a script beside `run.py`), stopped by its owner when all of them were
+idle for `postgres.idle_timeout`. Any other dsn is a libpq DSN or a postgresql:// URL of a server
+someone else runs. Its settings are the [postgres] table (`PostgresConfig`); `DATABASE_URL` sets
+`postgres.dsn`.
 
 PostgreSQL being down never stops the app: open() returns at once and connects in the background;
 operations wait a bounded time and raise PostgresUnavailable; the next operation tries again.
@@ -15,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aiopg
@@ -23,7 +26,7 @@ import attrs
 import psycopg2
 import psycopg2.extensions
 
-from app.config import SECRET, Config, between, positive, redact_url
+from app.config import SECRET, between, positive, redact_url
 from app.errors import PostgresUnavailable, first_line
 from app.health import OutageTracker
 from app.hookspecs import hookimpl
@@ -133,6 +136,8 @@ class PostgresConfig:
     pool_min: int = attrs.field(default=1, validator=between(0, 1000))
     pool_max: int = attrs.field(default=10, validator=between(1, 1000))
     purge_interval: float = attrs.field(default=60.0, validator=positive)
+    # The embedded server: stopped when every process using it was idle this long (the next use starts it).
+    idle_timeout: float = attrs.field(default=300.0, validator=positive)
 
 
 @hookimpl
@@ -144,29 +149,6 @@ def ondemand_config_sections(sections: Any) -> None:
 def ondemand_register_storages(registry: Any) -> None:
     registry.add("postgres", lambda context: PostgresStorage(context.config.section(PostgresConfig),
                                                              health=context.health))
-
-
-@attrs.define(eq=False)
-class EmbeddedPostgresService:
-    """The embedded server as a host service: one postmaster for all the workers of `--workers N`."""
-
-    server: EmbeddedPostgres
-    name: str = "embedded PostgreSQL"
-
-    async def start(self) -> Mapping[str, Any]:
-        await self.server.start()
-        return {"postgres": {"dsn": self.server.dsn}}
-
-    async def stop(self) -> None:
-        await self.server.stop()
-
-
-@hookimpl
-def ondemand_host_services(config: Config) -> EmbeddedPostgresService | None:
-    settings = config.section(PostgresConfig)
-    if config.storage.durable != "postgres" or settings.dsn != "embedded":
-        return None
-    return EmbeddedPostgresService(EmbeddedPostgres(settings.data_dir, startup_timeout=settings.startup_timeout))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -213,6 +195,7 @@ class PostgresStorage:
     _dsn: str | None = attrs.field(init=False, default=None)  # where the pool connects (the outbox listens there)
     _listener: aiopg.Connection | None = attrs.field(init=False, default=None)  # LISTENs for outbox rows
     _purge_task: asyncio.Task[None] | None = attrs.field(init=False, default=None)
+    _idle_task: asyncio.Task[None] | None = attrs.field(init=False, default=None)
     _background: set[asyncio.Task[Any]] = attrs.field(init=False, factory=set)
     _closed: bool = attrs.field(init=False, default=False)
     _state: StoreState = attrs.field(init=False, default=StoreState.STARTING)
@@ -222,7 +205,9 @@ class PostgresStorage:
 
     def __attrs_post_init__(self) -> None:
         if self.config.dsn == "embedded":
-            self.embedded = EmbeddedPostgres(self.config.data_dir, startup_timeout=self.config.startup_timeout)
+            self.embedded = EmbeddedPostgres(self.config.data_dir, startup_timeout=self.config.startup_timeout,
+                                             activity_interval=min(1.0, self.config.idle_timeout / 10))
+            self.embedded.set_exit_callback(self._sibling_server_exited)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -237,15 +222,17 @@ class PostgresStorage:
             self._state = StoreState.STOPPED
         if self._purge_task is None or self._purge_task.done():
             self._purge_task = asyncio.create_task(self._purge_loop(), name="ondemand-postgres-purge")
+        if self.embedded is not None and (self._idle_task is None or self._idle_task.done()):
+            self._idle_task = asyncio.create_task(self._idle_loop(), name="ondemand-postgres-idle")
 
     async def close(self) -> None:
         self._closed = True
-        tasks = [t for t in (self._purge_task, self._connecting) if t is not None and not t.done()]
+        tasks = [t for t in (self._purge_task, self._idle_task, self._connecting) if t is not None and not t.done()]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=self.config.startup_timeout)
-        self._purge_task = self._connecting = None
+        self._purge_task = self._idle_task = self._connecting = None
         self._close_listener()
         if self._pool is not None:
             self._drop_pool(self._pool)
@@ -257,6 +244,8 @@ class PostgresStorage:
     # -- the Storage operations --------------------------------------------------------------------
 
     async def get(self, ns: Namespace, item_id: str) -> bytes | None:
+        self._note_use()
+
         async def work(cur: aiopg.Cursor) -> bytes | None:
             await cur.execute(_SQL_GET, (ns.name, item_id))
             row = await cur.fetchone()
@@ -266,6 +255,7 @@ class PostgresStorage:
 
     async def get_entry(self, ns: Namespace, item_id: str) -> tuple[bytes, float | None] | None:
         """The value and its remaining lifetime in seconds (None: no expiry), or None when absent."""
+        self._note_use()
 
         async def work(cur: aiopg.Cursor) -> tuple[bytes, float | None] | None:
             await cur.execute(_SQL_GET_ENTRY, (ns.name, item_id))
@@ -276,6 +266,7 @@ class PostgresStorage:
 
     async def get_entries(self, ns: Namespace, ids: Sequence[str]) -> list[tuple[bytes, float | None] | None]:
         """get_entry for many ids, one statement."""
+        self._note_use()
         if not ids:
             return []
 
@@ -287,6 +278,7 @@ class PostgresStorage:
         return await self._run("get_many", work)
 
     async def get_many(self, ns: Namespace, ids: Sequence[str]) -> list[bytes | None]:
+        self._note_use()
         if not ids:
             return []
 
@@ -299,6 +291,8 @@ class PostgresStorage:
 
     async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, *,
                   invalidate: bool = False) -> None:
+        self._note_use()
+
         async def work(cur: aiopg.Cursor) -> None:
             await cur.execute(*_recording(invalidate, [(ns, item_id)], _SQL_SET, (ns.name, item_id, value, ttl)))
 
@@ -306,6 +300,7 @@ class PostgresStorage:
 
     async def set_many(self, entries: Sequence[Entry], *, invalidate: bool = False) -> None:
         """One statement: atomic, one round trip. Later duplicates win (ON CONFLICT cannot touch a row twice)."""
+        self._note_use()
         latest = {(e.namespace.name, e.id): e for e in entries}
         if not latest:
             return
@@ -324,6 +319,7 @@ class PostgresStorage:
         await self._run("set_many", work)
 
     async def delete(self, ns: Namespace, ids: Sequence[str], *, invalidate: bool = False) -> int:
+        self._note_use()
         if not ids:
             return 0
 
@@ -335,6 +331,8 @@ class PostgresStorage:
         return await self._run("delete", work)
 
     async def expire(self, ns: Namespace, item_id: str, ttl: float, *, invalidate: bool = False) -> bool:
+        self._note_use()
+
         async def work(cur: aiopg.Cursor) -> bool:
             await cur.execute(*_recording(invalidate, [(ns, item_id)], _SQL_EXPIRE, (ttl, ns.name, item_id)))
             return cur.rowcount > 0
@@ -429,6 +427,8 @@ class PostgresStorage:
             "embedded": self.embedded is not None,
             "dsn": self._where(),
             "pid": self.embedded.pid if self.embedded is not None else None,
+            # "self": this process started the embedded server; "sibling": another process did, we use it
+            "owner": self.embedded.owner if self.embedded is not None else None,
             "data_dir": str(self.embedded.data_dir) if self.embedded is not None else None,
             "last_error": self.health.last_error,
             "last_error_at": self.health.last_error_at,
@@ -591,6 +591,43 @@ class PostgresStorage:
             log.info("PostgreSQL storage recovered")
         self.health.up()
         self._set_state(StoreState.UP)
+
+    # -- the embedded server's use and idleness ------------------------------------------------------
+
+    def _note_use(self) -> None:
+        """An operation for a caller (not the purge's, nor the outbox's polls): keeps the server from idling."""
+        if self.embedded is not None:
+            self.embedded.note_activity()
+
+    def _detach(self) -> None:
+        """The embedded server stops (idle) or stopped: forget every connection to it; the next
+        operation starts (or adopts) one. The outbox's polls do not: they never start a server."""
+        self._close_listener()
+        if self._pool is not None:
+            self._drop_pool(self._pool)
+        self._set_state(StoreState.STOPPED)
+
+    def _sibling_server_exited(self, reason: str) -> None:
+        log.info("%s; the next operation starts it again", reason)
+        self._detach()
+
+    async def _idle_loop(self) -> None:
+        period = min(max(self.config.idle_timeout / 4, 0.05), 5.0)
+        server = self.embedded
+        assert server is not None
+        while True:
+            await asyncio.sleep(period)
+            if server.owner != "self" or (self._connecting is not None and not self._connecting.done()):
+                continue
+            pid, idle_for = server.pid, server.idle_seconds()
+            try:
+                stopped = await server.stop_if_idle(self.config.idle_timeout, self._detach)
+            except Exception:
+                log.exception("the idle stop of the embedded PostgreSQL failed")
+                continue
+            if stopped:
+                log.info("embedded PostgreSQL pid %s stopped: unused by every process for %.1f s "
+                         "(postgres.idle_timeout); the next operation starts it again", pid, idle_for)
 
     async def _purge_loop(self) -> None:
         while True:
