@@ -47,8 +47,10 @@ import contextlib
 import logging
 import math
 import os
+import pwd
 import queue
 import sqlite3
+import stat
 import threading
 import time
 import weakref
@@ -263,20 +265,83 @@ def _record(w: _Worker, targets: Sequence[tuple[Namespace, str]], now: float, bo
         w.conn.execute(_SQL_RECORD, (OVERFLOW, "", now))
 
 
+_PATH_RULE = ("The SQLite file must be ours: a regular file (not a symbolic link, not a directory) owned by our "
+              "user and writable by no one else, in a directory of ours that no one else can write (so that no one "
+              "can plant its -wal or -shm files either); one someone else prepared is never used. Fix or remove it, "
+              "or set sqlite.path to another path")
+
+
+def _refusal(st: os.stat_result, *, directory: bool) -> str | None:
+    """Why an entry with this lstat() is not ours to use (None: it is)."""
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if directory and not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if not directory and stat.S_ISDIR(st.st_mode):
+        return "is a directory, not a file"
+    if not directory and not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid != os.geteuid():
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = "another user"
+        return f"belongs to {owner} (uid {st.st_uid}), not to us (uid {os.geteuid()})"
+    if st.st_mode & 0o022:
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
 def _prepare_file(path: Path) -> None:
-    """Create the parent directory (0700) and the file (0600) if missing; a clear error when impossible."""
+    """Check, or create, the file and its directory: missing directories are created 0700 and a missing
+    file 0600 (O_EXCL, never through a symlink); an existing one is used only if it is ours (_PATH_RULE).
+    Any other case is one SqliteUnavailable naming the path and the rule."""
     parent = path.parent
-    if parent.exists() and not parent.is_dir():
-        raise SqliteUnavailable(f"cannot create the SQLite file {path}: its parent {parent} is not a directory")
+    missing = []
+    probe = parent
+    while True:
+        try:
+            os.lstat(probe)
+            break
+        except FileNotFoundError:
+            missing.append(probe)
+            probe = probe.parent
+        except OSError as exc:
+            raise SqliteUnavailable(f"cannot create the directory {parent} for the SQLite file: "
+                                    f"{exc.strerror or exc}") from None
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass  # made meanwhile by another process: checked below like any existing one
+        except OSError as exc:
+            raise SqliteUnavailable(f"cannot create the directory {directory} for the SQLite file: "
+                                    f"{exc.strerror or exc}") from None
     try:
-        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        reason = _refusal(os.lstat(parent), directory=True)
     except OSError as exc:
-        raise SqliteUnavailable(f"cannot create the directory {parent} for the SQLite file: "
+        raise SqliteUnavailable(f"cannot look at the directory {parent} of the SQLite file: "
                                 f"{exc.strerror or exc}") from None
-    if path.is_dir():
-        raise SqliteUnavailable(f"the SQLite path {path} is a directory, not a file")
+    if reason is not None:
+        raise SqliteUnavailable(f"refusing the directory {parent}: it {reason}; it would hold the SQLite file "
+                                f"{path}. {_PATH_RULE}")
     try:
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass  # an existing file (or anything else by that name): checked next
+    except OSError as exc:
+        raise SqliteUnavailable(f"cannot create the SQLite file {path}: {exc.strerror or exc}") from None
+    for entry in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", "-journal"))):
+        try:
+            reason = _refusal(os.lstat(entry), directory=False)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise SqliteUnavailable(f"cannot look at the SQLite file {entry}: {exc.strerror or exc}") from None
+        if reason is not None:
+            raise SqliteUnavailable(f"refusing the SQLite file {entry}: it {reason}. {_PATH_RULE}")
+    try:  # unreadable, or on a read-only file system: said here, with the path, not by sqlite3 later
+        os.close(os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK))
     except OSError as exc:
         raise SqliteUnavailable(f"cannot open the SQLite file {path}: {exc.strerror or exc}") from None
 

@@ -493,3 +493,139 @@ async def test_a_process_that_cannot_reach_redis_invalidates_through_the_sqlite_
             assert b.dispatcher.status()["outbox"]["delivered"] >= 2
             await wait_for(lambda: rows(Path(b_config.section(SqliteConfig).path),
                                         "SELECT count(*) FROM ondemand_invalidations") == 0)
+
+
+# -- paths someone else prepared -------------------------------------------------------------------
+
+
+def _nobody() -> int:
+    import pwd
+
+    return pwd.getpwnam("nobody").pw_uid
+
+
+def _hostile(kind: str, base: Path, victim: Path) -> tuple[Path, Path]:
+    """Prepare `kind` of hostile SQLite path under `base` (0700, ours): (sqlite.path, the path the error names)."""
+    path = base / "app" / "db.sqlite3"
+    path.parent.mkdir(mode=0o700)
+    named = path
+    if kind == "symlinked file":
+        path.symlink_to(victim / "precious")
+    elif kind == "symlinked -wal":
+        sqlite3.connect(path).close()
+        path.chmod(0o600)
+        named = path.with_name("db.sqlite3-wal")
+        named.symlink_to(victim / "precious")
+    elif kind == "file of another user":
+        sqlite3.connect(path).close()
+        os.chown(path, _nobody(), -1)
+    elif kind == "file 0666":
+        sqlite3.connect(path).close()
+        path.chmod(0o666)
+    elif kind == "a fifo":
+        os.mkfifo(path, 0o600)
+    elif kind == "directory 0777":
+        path.parent.chmod(0o777)
+        named = path.parent
+    elif kind == "directory of another user":
+        os.chown(path.parent, _nobody(), -1)
+        named = path.parent
+    elif kind == "symlinked directory":
+        path.parent.rmdir()
+        path.parent.symlink_to(victim, target_is_directory=True)
+        named = path.parent
+    return path, named
+
+
+_SQLITE_REFUSALS = {
+    "symlinked file": "it is a symbolic link",
+    "symlinked -wal": "it is a symbolic link",
+    "file of another user": "it belongs to nobody",
+    "file 0666": r"it is writable by group or others \(mode 0666\)",
+    "a fifo": "it is not a regular file",
+    "directory 0777": r"it is writable by group or others \(mode 0777\)",
+    "directory of another user": "it belongs to nobody",
+    "symlinked directory": "it is a symbolic link",
+}
+
+
+@pytest.mark.parametrize("kind", list(_SQLITE_REFUSALS))
+async def test_a_sqlite_path_someone_else_prepared_is_refused_and_nothing_outside_is_touched(
+        kind: str, tmp_path: Path) -> None:
+    if "another user" in kind and os.geteuid() != 0:
+        pytest.skip("needs root to chown to another user (CI runs as root)")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_bytes(b"keep me")
+    before = sorted(os.listdir(victim)), (victim / "precious").stat().st_mtime_ns
+    path, named = _hostile(kind, tmp_path, victim)
+    storage = SqliteStorage(config(path))
+    await storage.open()
+    try:
+        for call in (lambda: storage.set(SESSION, "a", b"1", None), lambda: storage.get(SESSION, "a")):
+            with pytest.raises(SqliteUnavailable, match=_SQLITE_REFUSALS[kind]) as info:
+                await call()
+            assert info.value.code == "sqlite_unavailable" and info.value.http_status == 503
+            assert f"{named}: it " in str(info.value) and "must be ours" in str(info.value), str(info.value)
+    finally:
+        await storage.close()
+    assert (victim / "precious").read_bytes() == b"keep me"
+    assert (sorted(os.listdir(victim)), (victim / "precious").stat().st_mtime_ns) == before
+
+
+async def test_a_new_sqlite_file_is_0600_in_a_0700_directory_whatever_the_umask(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "db.sqlite3"
+    old = os.umask(0)
+    try:
+        storage = SqliteStorage(config(path))
+        await storage.open()
+        try:
+            await storage.set(SESSION, "a", b"1", None)
+        finally:
+            await storage.close()
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o700 and path.parent.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("existing", [False, True])
+async def test_a_sqlite_file_on_a_read_only_file_system_is_a_clear_error(tmp_path: Path, existing: bool) -> None:
+    mount = tmp_path / "ro"
+    mount.mkdir(mode=0o700)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        path = mount / "db.sqlite3"
+        if existing:
+            sqlite3.connect(path).close()
+            path.chmod(0o600)
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
+        storage = SqliteStorage(config(path))
+        await storage.open()
+        try:
+            with pytest.raises(SqliteUnavailable, match=rf"{path}: Read-only file system"):
+                await storage.set(SESSION, "a", b"1", None)
+        finally:
+            await storage.close()
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+async def test_requests_needing_a_refused_sqlite_file_answer_503_never_500(aiohttp_client: Any, sqlite_config: Any,
+                                                                         tmp_path: Path) -> None:
+    config_ = sqlite_config()
+    path = Path(config_.section(SqliteConfig).path)
+    path.parent.mkdir(mode=0o700)
+    (tmp_path / "victim").write_bytes(b"keep me")
+    path.symlink_to(tmp_path / "victim")
+    client = await aiohttp_client(create_app(config_))
+    for method, body in (("PUT", {"v": 1}), ("GET", None), ("DELETE", None)):
+        resp = await client.request(method, "/api/sessions/s1", json=body)
+        text = await resp.text()
+        assert resp.status == 503, text
+        error = json.loads(text)["error"]
+        assert error["code"] == "sqlite_unavailable" and f"{path}: it is a symbolic link" in error["message"]
+    assert (tmp_path / "victim").read_bytes() == b"keep me"
+    assert (await client.put("/api/users/u/profile", json={"name": "x"})).status == 200  # the cache still serves
