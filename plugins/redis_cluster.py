@@ -9,7 +9,7 @@ a cluster on one machine. A library, not a plugin: it has no hooks.
 - Ports: the cluster bus listens on port + 10000, so a node's port is at most 55535; both are checked
   free before a node is started, and a node that loses the race for them is started again on others.
 - Formation without valkey-cli: CLUSTER MYID and SET-CONFIG-EPOCH on every node, ADDSLOTSRANGE on each
-  master (an even split of the 16384 slots), MEET from the first node, REPLICATE on the replicas once
+  master (an even split of the 16384 slots), MEET between every pair, REPLICATE on the replicas once
   they know their master; ready when every node agrees on every node's role and master, reports
   `cluster_state:ok` with all slots served, and every replica's link to its master is up. Every wait is
   bounded by `startup_timeout`; a failure stops every node and removes the directory.
@@ -473,8 +473,12 @@ class LocalCluster:
                                    for n, c in zip(nodes, conns, strict=True)))
             await asyncio.gather(*(c.call("CLUSTER", "ADDSLOTSRANGE", *n.slots)
                                    for n, c in zip(nodes, conns, strict=True) if n.slots is not None))
-            for node in nodes[1:]:
-                await conns[0].call("CLUSTER", "MEET", "127.0.0.1", node.port)
+            # Each pair meets once, directly (gossip alone takes most of a second to spread the news).
+            async def meet_earlier(i: int) -> None:
+                for earlier in nodes[:i]:
+                    await conns[i].call("CLUSTER", "MEET", "127.0.0.1", earlier.port)
+
+            await asyncio.gather(*(meet_earlier(i) for i in range(1, len(nodes))))
             await self._until(conns, self._everyone_met, "every node knows every other")
             await asyncio.gather(*(c.call("CLUSTER", "REPLICATE", nodes[n.master_index].node_id)
                                    for n, c in zip(nodes, conns, strict=True) if n.master_index is not None))
