@@ -13,6 +13,10 @@ a cluster on one machine. A library, not a plugin: it has no hooks.
   they know their master; ready when every node agrees on every node's role and master, reports
   `cluster_state:ok` with all slots served, and every replica's link to its master is up. Every wait is
   bounded by `startup_timeout`; a failure stops every node and removes the directory.
+- A node that exits unasked is reported (`set_exit_callback`) with whether its shard is lost: a master
+  with a live replica fails over by itself (about 2.5 s with the 1000 ms node timeout).
+- `exclusive`: one cluster at a time in `parent` (an flock the kernel drops when we die); a second
+  process's start is refused, and the next owner removes what a killed one left.
 - The cluster bus carries no authentication (Redis and Valkey have none for it short of TLS client
   certificates): any local user can reach 127.0.0.1:port+10000. Fine on a developer's machine or a CI
   runner; not for a host shared with users you do not trust.
