@@ -152,6 +152,37 @@ async def test_racing_first_users_start_one_server(data_dir, servers) -> None:
     assert len({u.pid for u in users}) == 1 and postmasters(data_dir) == [users[0].pid]
 
 
+async def test_four_processes_racing_the_first_use_of_a_new_data_dir_run_one_server() -> None:
+    base = new_temp_dir()
+    data_dir, go = base / "pgdata", base / "go"  # no data directory yet: one initdb, under the lock
+    racers = [subprocess.Popen([sys.executable, str(ROOT / "tests/scripts/race_postgres.py"), str(data_dir), str(go)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=clean_env())
+              for _ in range(4)]
+    try:
+        assert [await asyncio.to_thread(r.stdout.readline) for r in racers] == ["ready\n"] * 4
+        go.touch()
+        results = [json.loads(await asyncio.to_thread(r.stdout.readline)) for r in racers]
+        assert sorted(r["owner"] for r in results) == ["self", "sibling", "sibling", "sibling"]
+        [pid] = {r["pid"] for r in results}
+        assert postmasters(data_dir) == [pid]
+        owner = next(racer for racer, result in zip(racers, results, strict=True) if result["owner"] == "self")
+        for racer in racers:  # the adopters leave first: the server stays
+            if racer is not owner:
+                racer.stdin.close()
+                assert racer.wait(20) == 0
+        assert postmasters(data_dir) == [pid]
+        tree = process_tree(pid)
+        owner.stdin.close()  # the last one leaves: the server goes with it
+        assert owner.wait(20) == 0
+        assert await wait_gone(tree, timeout=5.0) == [] and postmasters(data_dir) == []
+    finally:
+        for racer in racers:
+            if racer.poll() is None:
+                racer.kill()
+                racer.wait()
+        remove_temp_dir(base)
+
+
 async def test_a_start_right_after_the_owner_was_killed_waits_for_its_server(data_dir, servers) -> None:
     owner = subprocess.Popen([sys.executable, str(ROOT / "tests/scripts/hold_postgres.py"), str(data_dir)],
                              stdout=subprocess.PIPE, text=True, env=clean_env(), start_new_session=True)
