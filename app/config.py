@@ -117,7 +117,8 @@ class LifecycleConfig:
     restart_backoff: float = attrs.field(default=0.1, validator=positive)
     restart_backoff_max: float = attrs.field(default=5.0, validator=positive)
     # "cluster": Redis Cluster (commands routed by hash slot, one pipelined connection per master).
-    topology: Literal["standalone", "cluster"] = "standalone"
+    # "sentinel": the master Redis Sentinel names (the external lifecycle; plugins/lifecycle_external.py).
+    topology: Literal["standalone", "cluster", "sentinel"] = "standalone"
 
 
 @attrs.frozen

@@ -115,6 +115,11 @@ class Lifecycle(Protocol):
     def forget_after_fork(self) -> None:
         """In a forked child: drop every reference to the parent's server, stopping nothing."""
 
+    def connection_lost(self, reason: str) -> None:
+        """A connection to the endpoint failed (lost, timed out, or answered READONLY: a replica now). A
+        lifecycle that can find the server elsewhere (Sentinel) ends its use of the endpoint through the
+        exit callback (failure=False); the others ignore it. Called off the hot path, on failures only."""
+
     def pid(self) -> int | None:
         """The server's PID when we own its process."""
 
@@ -138,6 +143,9 @@ class WithoutProcess:
 
     def forget_after_fork(self) -> None:
         """Nothing of a parent's to forget."""
+
+    def connection_lost(self, reason: str) -> None:
+        """The endpoint is where it was: the next command reconnects to it."""
 
     def pid(self) -> int | None:
         return None

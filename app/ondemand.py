@@ -113,6 +113,11 @@ class OnDemandRedis:
         self._closed = False
         self.last_used = time.monotonic()
         self._pid = os.getpid()
+        # The optional Lifecycle.connection_lost (a lifecycle that can find the server elsewhere, Sentinel): told
+        # about failed connections to the current endpoint, on failures only. `_current` holds the pipelined
+        # connections opened since the last start, so that one closed by our own stop is not reported.
+        self._connection_lost: Callable[[str], None] | None = getattr(lifecycle, "connection_lost", None)
+        self._current: weakref.WeakSet[Any] = weakref.WeakSet()
         lifecycle.set_exit_callback(self._on_server_exit)
         # A forked copy of this process must neither use our connections nor stop our server.
         after_fork = weakref.WeakMethod(self._after_fork_in_child)
@@ -194,11 +199,21 @@ class OnDemandRedis:
         self.counters.errors += commands
         if isinstance(exc, RedisTimeout):
             self.counters.timeouts += commands
+        self._report_lost(exc)
+
+    def _report_lost(self, exc: BaseException) -> None:
+        """Tell the lifecycle (if it listens) that a connection to the running endpoint failed."""
+        if self._connection_lost is not None and self.state == RUNNING:
+            self._connection_lost(first_line(str(exc)))
 
     async def _connect_mux(self, pool: NamedPool) -> PipelinedConnection:
         self._rebind_after_fork()
         # Concurrent callers on a fresh pool share one connect.
         if pool.mux_connecting is None:
+            old = pool.mux
+            if old is not None and old.closed_reason is not None and old in self._current:
+                self._current.discard(old)
+                self._report_lost(old.closed_reason)  # lost with nothing in flight (or a lone READONLY)
             pool.mux_connecting = self._loop.create_future()
             try:
                 endpoint = await self.ensure()
@@ -219,6 +234,8 @@ class OnDemandRedis:
                 waiting, pool.mux_connecting = pool.mux_connecting, None
             if self.state != RUNNING or self._endpoint != endpoint:  # stopped while we connected
                 conn.close("Redis stopped while connecting")
+            elif self._connection_lost is not None:
+                self._current.add(conn)
             pool.mux = conn
             pool.opens += 1
             waiting.set_result(conn)
@@ -265,10 +282,15 @@ class OnDemandRedis:
                 return result  # type: ignore[return-value]
             except redis.exceptions.TimeoutError as exc:
                 self.counters.timeouts += 1
+                self._report_lost(exc)
                 raise RedisTimeout(f"Redis did not answer within {self.config.redis.op_timeout:g} s") from exc
             except redis.exceptions.ConnectionError as exc:
                 self.counters.errors += 1
+                self._report_lost(exc)
                 raise RedisUnavailable(f"Redis connection failed: {exc}") from exc
+            except redis.exceptions.ReadOnlyError as exc:  # a replica now: the lifecycle may find the master
+                self._report_lost(exc)
+                raise
             finally:
                 with contextlib.suppress(Exception):
                     await client.aclose()
@@ -340,6 +362,7 @@ class OnDemandRedis:
                     self.state = STOPPED
                     raise
                 self._endpoint = endpoint
+                self._current = weakref.WeakSet()
                 self._running_since = time.monotonic()
                 self.state = RUNNING
                 self.counters.ready += 1
@@ -367,9 +390,14 @@ class OnDemandRedis:
     def _on_server_exit(self, description: str, failure: bool = True) -> None:
         """The server went away without our asking: fail in-flight work, plan a restart.
 
-        `failure` is False for a sibling's shared server that its owner stopped: then the next
-        operation simply starts (or adopts) a server, with no backoff.
+        `failure` is False for a sibling's shared server that its owner stopped, or a server that is no
+        longer the one to use (Sentinel: a failover): then the next operation simply starts (or adopts, or
+        discovers) a server, with no backoff, even after a failed start.
         """
+        if not failure and self.state == FAILED:
+            self.state = STOPPED
+            self._retry_at = 0.0
+            return
         if self.state != RUNNING:
             return
         if not failure:

@@ -2,26 +2,59 @@
 
 No process management: `start` checks that the server answers PING within `redis.connect_timeout`
 and `stop` does nothing. The URL is `lifecycle.redis_url`, which `REDIS_URL` overrides.
+
+With `lifecycle.topology = "sentinel"` there is no URL: the master of `lifecycle.sentinel_master` is
+discovered from `lifecycle.sentinels` (SentinelLifecycle below) and followed through failovers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
+import hiredis
 
-from app.config import SECRET, Config
+from app.config import SECRET, Config, FieldError
 from app.errors import ConfigError, RedisTimeout, RedisUnavailable, SpawnError
 from app.hookspecs import hookimpl
 from app.lifecycle import RedisEndpoint, WithoutProcess, probe
 
+log = logging.getLogger("ondemand.redis")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """"host:port" (an IPv6 host in brackets: "[::1]:26379") as (host, port); ValueError otherwise."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"expected \"host:port\", got {text!r}")
+    return host, int(port)
+
+
+def _addresses(_inst: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    for text in value:
+        try:
+            parse_address(text)
+        except ValueError as exc:
+            raise FieldError(attribute.name, str(exc)) from None
+
 
 @attrs.frozen
 class ExternalConfig:
-    """This plugin's key of [lifecycle]; `REDIS_URL` sets it too."""
+    """This plugin's keys of [lifecycle]; `REDIS_URL` sets `redis_url` too."""
 
     redis_url: str | None = attrs.field(default=None, metadata={SECRET: "url"})
+    # lifecycle.topology = "sentinel": where the sentinels listen, the master's name they monitor, and the
+    # passwords of the sentinels and of the data nodes (master and replicas share one, as Sentinel requires).
+    sentinels: tuple[str, ...] = attrs.field(default=(), validator=_addresses)
+    sentinel_master: str | None = None
+    sentinel_password: str | None = attrs.field(default=None, metadata={SECRET: "token"})
+    redis_password: str | None = attrs.field(default=None, metadata={SECRET: "token"})
 
 
 @attrs.define
@@ -77,11 +110,333 @@ class ExternalLifecycle(WithoutProcess):
             raise RedisUnavailable(f"external Redis at {endpoint.describe()} is not ready (PING failed)")
 
 
+# -- Redis Sentinel ----------------------------------------------------------------------------------------
+
+
+class _Resp:
+    """One RESP connection to a sentinel or a data node: commands one at a time, each wait bounded by the
+    caller. An error reply is raised as RedisUnavailable naming the command (never AUTH's argument)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, what: str) -> None:
+        self.reader, self.writer, self.what, self.parser = reader, writer, what, hiredis.Reader()
+
+    @classmethod
+    async def open(cls, host: str, port: int, password: str | None, what: str) -> _Resp:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError as exc:
+            raise RedisUnavailable(f"{what} is unreachable: {exc.strerror or exc}") from None
+        conn = cls(reader, writer, what)
+        try:
+            if password is not None:
+                await conn.call("AUTH", password)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def send(self, *command: str) -> None:
+        self.writer.write(hiredis.pack_command(command))
+
+    async def reply(self) -> Any:
+        while (reply := self.parser.gets()) is False:
+            data = await self.reader.read(65536)
+            if not data:
+                raise RedisUnavailable(f"{self.what} closed the connection")
+            self.parser.feed(data)
+        return reply
+
+    async def call(self, *command: str) -> Any:
+        self.send(*command)
+        reply = await self.reply()
+        if isinstance(reply, hiredis.ReplyError):
+            shown = "AUTH" if command[0] == "AUTH" else " ".join(command)
+            raise RedisUnavailable(f"{self.what} refused {shown}: {reply}")
+        return reply
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@attrs.define
+class SentinelView:
+    """One configured sentinel, as we last saw it (for status)."""
+
+    host: str
+    port: int
+    state: str = "unknown"  # "up" (answered last time), "down" (did not), "unknown" (not asked yet)
+    last_error: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def what(self) -> str:
+        return f"sentinel {self.address}"
+
+
+_WATCH_PING = 1.0  # seconds between PINGs on the subscription (a sentinel that stops answering is left)
+_WATCH_BACKOFF = (0.1, 2.0)  # reconnect delay of the subscription after every sentinel failed: first, most
+
+
+@attrs.define
+class SentinelLifecycle(WithoutProcess):
+    """The master of `lifecycle.sentinel_master` as the sentinels `lifecycle.sentinels` name it (README, "Redis
+    Sentinel").
+
+    - `start` asks the sentinels in turn (the one that answered last first, then the configured order) for
+      the master's address, and takes it only once that server's own ROLE says "master": never a replica,
+      never an address remembered from before. Every wait is bounded by `redis.connect_timeout`, and rounds
+      are repeated only while `redis.op_timeout` lasts: with no master known the operation fails soon (the
+      dispatcher serves durable namespaces from the durable store) and the next one looks again.
+    - A failover is followed: a subscription to `+switch-master` on one sentinel at a time (PINGed, moved to
+      the next sentinel when it stops answering, reconnects bounded by a backoff) and every connection the
+      core reports lost (`connection_lost`: a lost connection, a timeout, a READONLY reply) end our use of
+      the master (the exit callback with failure=False): the next operation discovers it again.
+    """
+
+    config: Config
+    name: str = "external"
+    provides_redis: bool = True
+    sentinels: list[SentinelView] = attrs.field(init=False)
+    master_name: str = attrs.field(init=False)
+    master: tuple[str, int] | None = None  # the address in use, once ROLE confirmed it
+    failovers: int = 0  # +switch-master messages seen for our master (or a change found on resubscribing)
+    last_failover: dict[str, Any] | None = None
+    discoveries: int = 0  # masters found by start()
+    rediscoveries: int = 0  # ends of our use of a master (failover, lost connection, READONLY)
+    subscribed: SentinelView | None = None
+    _preferred: int = 0  # index of the sentinel that answered last
+    _callback: Callable[[str, bool], None] | None = None
+    _watcher: asyncio.Task[None] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        section = self.config.section(ExternalConfig)
+        if not section.sentinels:
+            raise ConfigError('lifecycle.topology = "sentinel" needs the sentinels\' addresses: set '
+                              'lifecycle.sentinels (a list of "host:port")', source=self.config.source,
+                              key="lifecycle.sentinels")
+        if not section.sentinel_master:
+            raise ConfigError('lifecycle.topology = "sentinel" needs the name the sentinels monitor the master '
+                              "by: set lifecycle.sentinel_master", source=self.config.source,
+                              key="lifecycle.sentinel_master")
+        self.sentinels = [SentinelView(*parse_address(a)) for a in section.sentinels]
+        self.master_name = section.sentinel_master
+
+    @property
+    def _section(self) -> ExternalConfig:
+        return self.config.section(ExternalConfig)
+
+    def set_exit_callback(self, callback: Callable[[str, bool], None]) -> None:
+        self._callback = callback
+
+    def forget_after_fork(self) -> None:
+        self._watcher = None  # the parent's loop's task; a child subscribes on its own first start
+        self.subscribed = None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "url": self._endpoint(self.master).describe() if self.master else None,
+            "sentinel": {
+                "master_name": self.master_name,
+                "master": self._show(self.master),
+                "sentinels": [{"address": s.address, "state": s.state, "last_error": s.last_error,
+                               "subscribed": s is self.subscribed} for s in self.sentinels],
+                "failovers": self.failovers,
+                "last_failover": self.last_failover,
+                "discoveries": self.discoveries,
+                "rediscoveries": self.rediscoveries,
+            },
+        }
+
+    @staticmethod
+    def _show(address: tuple[str, int] | None) -> str | None:
+        return None if address is None else SentinelView(*address).address
+
+    def _endpoint(self, address: tuple[str, int]) -> RedisEndpoint:
+        return RedisEndpoint(host=address[0], port=address[1], password=self._section.redis_password)
+
+    def _order(self) -> list[SentinelView]:
+        first = self._preferred % len(self.sentinels)
+        return self.sentinels[first:] + self.sentinels[:first]
+
+    # -- discovery --------------------------------------------------------------------------------------
+
+    async def start(self) -> RedisEndpoint:
+        self._ensure_watcher()
+        self.master = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.redis.op_timeout
+        errors: dict[str, str] = {}
+        while True:
+            for sentinel in self._order():
+                try:
+                    address = await self._ask(sentinel)
+                except RedisUnavailable as exc:
+                    errors[sentinel.address] = str(exc)
+                    continue
+                if address is None:
+                    errors[sentinel.address] = f"{sentinel.what()} knows no master named {self.master_name!r}"
+                    continue
+                problem = await self._not_master(address)
+                if problem is not None:
+                    errors[sentinel.address] = f"{sentinel.what()} names {self._show(address)}, but {problem}"
+                    continue
+                self._preferred = self.sentinels.index(sentinel)
+                self.master = address
+                self.discoveries += 1
+                return self._endpoint(address)
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+        raise RedisUnavailable(f"no master of {self.master_name!r} found: " + "; ".join(errors.values()))
+
+    async def _ask(self, sentinel: SentinelView) -> tuple[str, int] | None:
+        """The master's address as `sentinel` reports it (None when it knows no such master)."""
+        timeout = self.config.redis.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await _Resp.open(sentinel.host, sentinel.port, self._section.sentinel_password,
+                                        sentinel.what())
+                try:
+                    reply = await conn.call("SENTINEL", "get-master-addr-by-name", self.master_name)
+                finally:
+                    conn.close()
+        except TimeoutError:
+            error: RedisUnavailable = RedisTimeout(f"{sentinel.what()} did not answer within {timeout:g} s")
+        except RedisUnavailable as exc:
+            error = exc
+        else:
+            sentinel.state, sentinel.last_error = "up", None
+            if not isinstance(reply, list) or len(reply) != 2:
+                return None
+            return reply[0].decode(), int(reply[1])
+        sentinel.state, sentinel.last_error = "down", str(error)
+        raise error
+
+    async def _not_master(self, address: tuple[str, int]) -> str | None:
+        """None when the server at `address` says it is a master; else why it cannot be used."""
+        timeout = self.config.redis.connect_timeout
+        where = f"Redis at {self._show(address)}"
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await _Resp.open(*address, self._section.redis_password, where)
+                try:
+                    role = await conn.call("ROLE")
+                finally:
+                    conn.close()
+        except TimeoutError:
+            return f"it did not answer ROLE within {timeout:g} s"
+        except RedisUnavailable as exc:
+            return f"it cannot be used: {exc}"
+        kind = role[0].decode() if isinstance(role, list) and role and isinstance(role[0], bytes) else "?"
+        return None if kind == "master" else f"its ROLE is {kind!r}, not 'master'"
+
+    # -- following a failover ---------------------------------------------------------------------------
+
+    def connection_lost(self, reason: str) -> None:
+        """The core lost a connection to the master (or it answered READONLY, or timed out): stop using it, so
+        that the next operation discovers the master again."""
+        self._rediscover(f"connection to the master {self._show(self.master)} failed ({reason}); "
+                         "asking the sentinels again")
+
+    def _rediscover(self, description: str) -> None:
+        if self.master is None:
+            return  # not in use: the next start discovers anyway
+        self.master = None
+        self.rediscoveries += 1
+        log.info("sentinel: %s", description)
+        if self._callback is not None:
+            self._callback(description, False)
+
+    def _switched(self, old: str, new: str, via: str) -> None:
+        self.failovers += 1
+        self.last_failover = {"from": old, "to": new, "at": time.time(), "seen_by": via}
+        log.warning("sentinel: %s failed over from %s to %s (seen by %s)", self.master_name, old, new, via)
+        self._rediscover(f"master {self.master_name!r} moved from {old} to {new}")
+
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.ensure_future(self._watch())
+
+    async def stop(self) -> None:
+        """Stop following: the subscription is closed (nothing of ours runs on the servers)."""
+        watcher, self._watcher = self._watcher, None
+        self.master = None
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
+
+    async def _watch(self) -> None:
+        delay = _WATCH_BACKOFF[0]
+        while True:
+            for sentinel in self._order():
+                try:
+                    await self._listen(sentinel)
+                except asyncio.CancelledError:
+                    raise
+                except (RedisUnavailable, OSError, TimeoutError, EOFError, ValueError, IndexError) as exc:
+                    sentinel.state = "down"
+                    sentinel.last_error = f"subscription: {exc or type(exc).__name__}"
+                    if self.subscribed is sentinel:
+                        delay = _WATCH_BACKOFF[0]  # it worked for a while: the next sentinel at once
+                finally:
+                    self.subscribed = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _WATCH_BACKOFF[1])
+
+    async def _listen(self, sentinel: SentinelView) -> None:
+        """Subscribe to +switch-master on `sentinel` and follow it until the connection fails."""
+        async with asyncio.timeout(self.config.redis.connect_timeout):
+            conn = await _Resp.open(sentinel.host, sentinel.port, self._section.sentinel_password, sentinel.what())
+            try:
+                conn.send("SUBSCRIBE", "+switch-master")
+                await conn.reply()
+            except BaseException:
+                conn.close()
+                raise
+        try:
+            sentinel.state, sentinel.last_error = "up", None
+            self.subscribed = sentinel
+            # A switch while nobody listened (every sentinel down, or before this subscription): compare.
+            if self.master is not None:
+                now = await self._ask(sentinel)
+                if now is not None and now != self.master:
+                    self._switched(self._show(self.master) or "?", self._show(now) or "?", sentinel.address)
+            pinged = False
+            while True:
+                try:
+                    async with asyncio.timeout(_WATCH_PING):
+                        message = await conn.reply()
+                except TimeoutError:
+                    if pinged:
+                        raise TimeoutError(f"{sentinel.what()} did not answer PING within {_WATCH_PING:g} s") from None
+                    conn.send("PING")
+                    pinged = True
+                    continue
+                pinged = False
+                if isinstance(message, list) and len(message) == 3 and message[0] == b"message":
+                    fields = message[2].decode().split()
+                    if len(fields) == 5 and fields[0] == self.master_name:
+                        old = self._show((fields[1], int(fields[2])))
+                        new = self._show((fields[3], int(fields[4])))
+                        self._switched(old or "?", new or "?", sentinel.address)
+        finally:
+            conn.close()
+
+
 @hookimpl
 def ondemand_config_sections(sections: Any) -> None:
     sections.add("lifecycle", ExternalConfig, env={"REDIS_URL": "redis_url"})
 
 
+def _external(context: Any) -> ExternalLifecycle | SentinelLifecycle:
+    if context.config.lifecycle.topology == "sentinel":
+        return SentinelLifecycle(context.config)
+    return ExternalLifecycle(context.config)
+
+
 @hookimpl
 def ondemand_register_lifecycles(registry: Any) -> None:
-    registry.add("external", lambda context: ExternalLifecycle(context.config))
+    registry.add("external", _external)

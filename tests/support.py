@@ -1,4 +1,5 @@
-"""Helpers shared by the test modules: the checkout's root, process checks, polling, HTTP, PostgreSQL, a local cluster.
+"""Helpers shared by the test modules: the checkout's root, process checks, polling, HTTP, PostgreSQL, a local cluster,
+a Sentinel group.
 
 Test modules import helpers from here (conftest too), never from one another. A free TCP port comes
 from the product's own `app.net.free_port`.
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -26,8 +28,13 @@ from typing import Any
 
 import aiohttp
 import aiopg
+import attrs
+import hiredis
 import psutil
 
+from app.lifecycle import RedisEndpoint, probe
+from app.net import free_port
+from app.process import ChildProcess
 from plugins.postgres_server import EmbeddedPostgres
 from plugins.redis_cluster import ClusterNode, LocalCluster
 
@@ -252,3 +259,237 @@ def postmasters(data_dir: Path) -> list[int]:
         except (psutil.Error, OSError, AttributeError):
             continue
     return found
+
+
+# -- a Redis Sentinel group ---------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class GroupNode:
+    """A data node or a sentinel of a SentinelGroup: its config file, its port, its ChildProcess."""
+
+    name: str
+    directory: Path
+    port: int
+    sentinel: bool = False
+    child: ChildProcess | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid if self.child is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self.child is not None and self.child.returncode is None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def _resp_quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@attrs.define(eq=False)
+class SentinelGroup:
+    """1 master, `replicas` replicas and `sentinels` sentinels of the bundled server (`valkey-server <conf>
+    --sentinel` for a sentinel), each a ChildProcess (PDEATHSIG) on 127.0.0.1 with a password (one for the
+    data nodes, one for the sentinels), persistence off, `down-after-milliseconds` small. Tests only."""
+
+    replicas: int = 1
+    sentinels: int = 3
+    master_name: str = "themaster"
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 3000
+    password: str = attrs.field(factory=lambda: secrets.token_urlsafe(16))
+    sentinel_password: str = attrs.field(factory=lambda: secrets.token_urlsafe(16))
+    binary: str | None = None
+    path: Path | None = None
+    data: list[GroupNode] = attrs.field(factory=list)
+    watchers: list[GroupNode] = attrs.field(factory=list)
+
+    @property
+    def nodes(self) -> list[GroupNode]:
+        return [*self.data, *self.watchers]
+
+    def sentinel_addresses(self) -> list[str]:
+        return [n.address for n in self.watchers]
+
+    def config(self) -> dict[str, Any]:
+        """The [lifecycle] and [redis] overrides that point the external lifecycle at this group."""
+        return {"lifecycle": {"plugin": "external", "topology": "sentinel", "sentinels": self.sentinel_addresses(),
+                              "sentinel_master": self.master_name, "sentinel_password": self.sentinel_password,
+                              "redis_password": self.password}}
+
+    async def start(self, timeout: float = 30.0) -> None:
+        from plugins.lifecycle_subprocess import find_binary
+
+        self.binary = self.binary or (await find_binary(os.environ.get("ONDEMAND_TEST_REDIS_BINARY") or None,
+                                                        tcp=True)).path
+        self.path = Path(tempfile.mkdtemp(prefix="ondemand-sentinel-"))
+        ports: list[int] = []
+        for _ in range(1 + self.replicas + self.sentinels):
+            port = free_port()
+            while port in ports:
+                port = free_port()
+            ports.append(port)
+        self.data = [GroupNode(f"data{i}", self.path / f"data{i}", ports[i]) for i in range(1 + self.replicas)]
+        self.watchers = [GroupNode(f"sentinel{i}", self.path / f"sentinel{i}", ports[1 + self.replicas + i], True)
+                         for i in range(self.sentinels)]
+        try:
+            async with asyncio.timeout(timeout):
+                for node in self.data:
+                    node.directory.mkdir(mode=0o700)
+                    await self.spawn(node, replica_of=None if node is self.data[0] else self.data[0].port)
+                for node in self.watchers:
+                    node.directory.mkdir(mode=0o700)
+                    await self.spawn(node)
+                await self.wait_settled()
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _write_config(self, node: GroupNode, replica_of: int | None) -> Path:
+        common = {"port": str(node.port), "bind": "127.0.0.1", "dir": str(node.directory), "logfile": "",
+                  "daemonize": "no", "protected-mode": "yes"}
+        if node.sentinel:
+            lines = [f"{k} {_resp_quote(v)}" for k, v in common.items()]
+            lines += [f"requirepass {_resp_quote(self.sentinel_password)}",
+                      f"sentinel sentinel-pass {_resp_quote(self.sentinel_password)}",
+                      f"sentinel monitor {self.master_name} 127.0.0.1 {self.data[0].port} 2",
+                      f"sentinel auth-pass {self.master_name} {_resp_quote(self.password)}",
+                      f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
+                      f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}",
+                      f"sentinel parallel-syncs {self.master_name} 1"]
+        else:
+            options = {**common, "requirepass": self.password, "masterauth": self.password, "save": "",
+                       "appendonly": "no", "repl-diskless-sync-delay": "0", "repl-diskless-load": "on-empty-db",
+                       "maxmemory": "64mb", "maxmemory-policy": "allkeys-lru"}
+            lines = [f"{k} {_resp_quote(v)}" for k, v in options.items()]
+            if replica_of is not None:
+                lines.append(f"replicaof 127.0.0.1 {replica_of}")
+        conf = node.directory / ("sentinel.conf" if node.sentinel else "server.conf")
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return conf
+
+    async def spawn(self, node: GroupNode, replica_of: int | None = None, *, rewrite: bool = True) -> None:
+        """Start `node` (again): a sentinel keeps the config file it rewrote unless `rewrite`; a data node
+        restarted without `replica_of` comes back as a master, as a crashed master does."""
+        assert self.binary is not None
+        conf = node.directory / ("sentinel.conf" if node.sentinel else "server.conf")
+        if rewrite or not conf.exists():
+            conf = self._write_config(node, replica_of)
+        argv = [self.binary, str(conf), *(["--sentinel"] if node.sentinel else [])]
+        node.child = await ChildProcess.spawn(node.name, argv, log_path=node.directory / "server.log")
+        password = self.sentinel_password if node.sentinel else self.password
+        endpoint = RedisEndpoint(host="127.0.0.1", port=node.port, password=password)
+        await node.child.wait_ready(lambda: probe(endpoint, node.child.pid), timeout=10.0)
+
+    async def call(self, node: GroupNode | str, *command: str | int, timeout: float = 2.0) -> Any:
+        """One command to a node (or "host:port" of one of ours), authenticated; error replies are returned."""
+        if isinstance(node, str):
+            node = next(n for n in self.nodes if n.address == node)
+        password = self.sentinel_password if node.sentinel else self.password
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+            try:
+                parser = hiredis.Reader()
+                writer.write(hiredis.pack_command(("AUTH", password)) + hiredis.pack_command(tuple(map(str, command))))
+                replies: list[Any] = []
+                while len(replies) < 2:
+                    data = await reader.read(65536)
+                    if not data:
+                        raise EOFError(f"{node.name} closed the connection")
+                    parser.feed(data)
+                    while (reply := parser.gets()) is not False:
+                        replies.append(reply)
+                return replies[1]
+            finally:
+                writer.close()
+
+    async def info(self, node: GroupNode, section: str) -> dict[str, str]:
+        text = await self.call(node, "INFO", section)
+        return dict(line.split(":", 1) for line in text.decode().splitlines() if ":" in line)
+
+    async def role(self, node: GroupNode) -> str | None:
+        try:
+            reply = await self.call(node, "ROLE")
+        except (OSError, EOFError, TimeoutError):
+            return None
+        return reply[0].decode() if isinstance(reply, list) else None
+
+    async def master(self) -> GroupNode | None:
+        """The data node that the live sentinels agree is the master and that says so itself."""
+        named = set()
+        for sentinel in self.watchers:
+            if not sentinel.alive:
+                continue
+            reply = await self.call(sentinel, "SENTINEL", "get-master-addr-by-name", self.master_name)
+            named.add(f"{reply[0].decode()}:{int(reply[1])}")
+        if len(named) != 1:
+            return None
+        node = next(n for n in self.data if n.address in named)
+        return node if node.alive and await self.role(node) == "master" else None
+
+    async def wait_settled(self, timeout: float = 30.0, *, master: GroupNode | None = None) -> GroupNode:
+        """Until every live sentinel names one master (`master` if given) that says it is one, every live
+        sentinel knows the others and every live replica's link to it is up; returns the master."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = None
+            with contextlib.suppress(OSError, EOFError, TimeoutError, StopIteration):
+                found = await self.master()
+            if found is not None and (master is None or found is master):
+                ok = True
+                for sentinel in (s for s in self.watchers if s.alive):
+                    state = await self.call(sentinel, "SENTINEL", "master", self.master_name)
+                    fields = dict(zip(state[::2], state[1::2], strict=True))
+                    live = sum(1 for s in self.watchers if s.alive) - 1
+                    replicas = sum(1 for n in self.data if n.alive) - 1
+                    if (int(fields[b"num-other-sentinels"]) < live or int(fields[b"num-slaves"]) < replicas
+                            or b"s_down" in fields[b"flags"] or b"o_down" in fields[b"flags"]):
+                        ok = False
+                for node in (n for n in self.data if n.alive and n is not found):
+                    with contextlib.suppress(OSError, EOFError, TimeoutError):
+                        fields = await self.info(node, "replication")
+                        if fields.get("role") != "slave" or fields.get("master_link_status") != "up" \
+                                or fields.get("master_port") != str(found.port):
+                            ok = False
+                if ok:
+                    return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the sentinel group did not settle in {timeout:g} s (master: {found})")
+            await asyncio.sleep(0.1)
+
+    def kill(self, node: GroupNode) -> int:
+        """SIGKILL a node by its ChildProcess; returns its PID."""
+        assert node.child is not None and node.pid is not None
+        node.child.signal(signal.SIGKILL)
+        return node.pid
+
+    async def stop(self) -> None:
+        """Every node SIGKILLed by PID (nothing of theirs is worth keeping) and reaped; the directory removed."""
+        for node in self.nodes:
+            if node.alive:
+                node.child.signal(signal.SIGKILL)  # type: ignore[union-attr]
+        for node in self.nodes:
+            if node.child is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(node.child.process.wait(), 5.0)
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+
+
+@contextlib.asynccontextmanager
+async def sentinel_group(**options: Any) -> AsyncIterator[SentinelGroup]:
+    """A started SentinelGroup (1 master, 1 replica, 3 sentinels unless told), stopped afterwards whatever happens."""
+    group = SentinelGroup(**options)
+    try:
+        await group.start()
+        yield group
+    finally:
+        await group.stop()

@@ -1,0 +1,280 @@
+"""Redis Sentinel (`lifecycle.topology = "sentinel"`, the external lifecycle): the master is discovered from the
+sentinels and followed through a failover. Against a real group of the bundled server (tests/support.py
+SentinelGroup: 1 master, 1 replica, 3 sentinels, down-after-milliseconds 1000), passwords on every node."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+
+from app import Runtime, load_config
+from app.config import redact
+from app.configure import merge
+from app.errors import ConfigError, RedisUnavailable
+from app.web import RUNTIME, create_app
+from plugins.lifecycle_external import ExternalConfig, SentinelLifecycle
+from tests.support import GroupNode, SentinelGroup, sentinel_group, wait_for
+
+# The sentinel group's own bounds: failures are noticed within the op budget, connects are quick on loopback.
+FAST = {"redis": {"op_timeout": 0.25, "connect_timeout": 0.5}, "lifecycle": {"restart_backoff": 0.05,
+                                                                             "restart_backoff_max": 0.5}}
+
+
+def sentinel_config(make: Any, group: SentinelGroup, overrides: dict[str, Any] | None = None) -> Any:
+    return make(merge(merge(group.config(), FAST), overrides or {}))
+
+
+async def foreign_clients(group: SentinelGroup, node: GroupNode) -> list[str]:
+    """`node`'s client connections that are not a sentinel's, its master link, a replica's, or this query's own:
+    a connection of ours (the app's) to it."""
+    text = (await group.call(node, "CLIENT", "LIST")).decode()
+    found = []
+    for line in text.splitlines():
+        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        if fields.get("name", "").startswith("sentinel-") or set(fields.get("flags", "")) & {"M", "S"}:
+            continue
+        if fields.get("cmd") in {"client|list", "client"}:
+            continue
+        found.append(line)
+    return found
+
+
+async def readonly_errors(group: SentinelGroup, node: GroupNode) -> int:
+    """How many commands `node` refused with READONLY (a write sent to it while a replica) since it started."""
+    stats = await group.info(node, "errorstats")
+    entry = stats.get("errorstat_READONLY")
+    return int(entry.split("count=")[1].split(",")[0]) if entry else 0
+
+
+# -- configuration ----------------------------------------------------------------------------------------
+
+
+async def test_sentinel_keys_from_the_environment_validated_and_redacted() -> None:
+    environ = {"ONDEMAND_LIFECYCLE__PLUGIN": "external", "ONDEMAND_LIFECYCLE__TOPOLOGY": "sentinel",
+               "ONDEMAND_LIFECYCLE__SENTINELS": '["127.0.0.1:26379", "[::1]:26380"]',
+               "ONDEMAND_LIFECYCLE__SENTINEL_MASTER": "mymaster",
+               "ONDEMAND_LIFECYCLE__SENTINEL_PASSWORD": "sentinel-secret",
+               "ONDEMAND_LIFECYCLE__REDIS_PASSWORD": "data-secret"}
+    config = load_config(None, environ=environ)
+    section = config.section(ExternalConfig)
+    assert config.lifecycle.topology == "sentinel"
+    assert section.sentinels == ("127.0.0.1:26379", "[::1]:26380") and section.sentinel_master == "mymaster"
+    shown = json.dumps(redact(config))
+    assert "sentinel-secret" not in shown and "data-secret" not in shown and "***" in shown
+    lifecycle = SentinelLifecycle(config)
+    assert [s.address for s in lifecycle.sentinels] == ["127.0.0.1:26379", "[::1]:26380"]
+    assert "secret" not in json.dumps(lifecycle.status())
+
+    with pytest.raises(ConfigError) as bad:
+        load_config(None, environ={**environ, "ONDEMAND_LIFECYCLE__SENTINELS": '["127.0.0.1"]'})
+    assert bad.value.key == "lifecycle.sentinels" and "host:port" in str(bad.value)
+    for missing, key in (("ONDEMAND_LIFECYCLE__SENTINELS", "lifecycle.sentinels"),
+                         ("ONDEMAND_LIFECYCLE__SENTINEL_MASTER", "lifecycle.sentinel_master")):
+        config = load_config(None, environ={k: v for k, v in environ.items() if k != missing})
+        with pytest.raises(ConfigError) as bad:
+            async with Runtime(config):
+                pass
+        assert bad.value.key == key and key in str(bad.value)
+
+
+# -- against a real group ---------------------------------------------------------------------------------
+
+
+async def test_every_api_operation_goes_through_the_discovered_master(aiohttp_client, make_config) -> None:
+    async with sentinel_group() as group:
+        master, replica = group.data
+        config = sentinel_config(make_config, group, {"server": {"test_endpoints": True}})
+        client = await aiohttp_client(create_app(config))
+
+        async def call(method: str, path: str, status: int, **kwargs: Any) -> Any:
+            async with client.request(method, path, **kwargs) as resp:
+                assert resp.status == status, f"{method} {path}: {resp.status} {await resp.text()}"
+                return await resp.json() if resp.content_type == "application/json" else None
+
+        await call("GET", "/readyz", 200)
+        await call("PUT", "/api/sessions/s1", 200, json={"user": 1})
+        assert await call("GET", "/api/sessions/s1", 200) == {"session_id": "s1", "value": {"user": 1},
+                                                              "source": "redis"}
+        await call("PUT", "/api/users/u1/messages", 200, json=[{"t": 1}])
+        await call("POST", "/api/users/u1/messages", 200, json={"t": 2})
+        assert (await call("GET", "/api/users/u1/messages", 200))["messages"] == [{"t": 1}, {"t": 2}]
+        await call("PUT", "/api/users/u1/profile", 200, json={"name": "Ada"})
+        assert (await call("GET", "/api/users/u1/profile", 200))["profile"] == {"name": "Ada"}
+        await call("POST", "/api/users/u2/warmup", 200, json={"session": {"s": 1}, "profile": {"p": 1}})
+        assert (await call("GET", "/api/cache/test", 200))["ok"] is True
+        await call("POST", "/api/cache/session/test", 200, json={"session_id": "t1", "data": {"v": 1}})
+        await call("POST", "/api/cache/batch/test", 200, json={"user_id": "b1"})
+        for key in ("ondemand:session:s1", "ondemand:messages:u1", "ondemand:profile:u1", "ondemand:session:u2",
+                    "ondemand:profile:u2", "ondemand:session:t1", "ondemand:profile:b1"):
+            assert await group.call(master, "EXISTS", key) == 1, key
+        await call("DELETE", "/api/sessions/s1", 204)
+        await call("DELETE", "/api/users/u1/messages", 204)
+        await call("DELETE", "/api/users/u1/profile", 204)
+        assert await group.call(master, "EXISTS", "ondemand:profile:u1") == 0
+        assert await group.call(master, "EXISTS", "ondemand:messages:u1") == 0
+
+        status = await call("GET", "/api/cache/status", 200)
+        redis = status["redis"]
+        assert redis["topology"] == "sentinel" and redis["state"] == "running"
+        assert redis["endpoint"] == f"redis://:***@{master.address}/0"
+        sentinel = redis["sentinel"]
+        assert sentinel["master_name"] == group.master_name and sentinel["master"] == master.address
+        assert [s["address"] for s in sentinel["sentinels"]] == group.sentinel_addresses()
+        assert sentinel["sentinels"][0]["state"] == "up" and sentinel["failovers"] == 0
+        await wait_for(lambda: client.app[RUNTIME].on_demand.lifecycle.subscribed is not None, timeout=5)
+        text = json.dumps(status)
+        assert group.password not in text and group.sentinel_password not in text
+        # The replica served nothing of ours and was never written to: replication alone filled it.
+        assert await foreign_clients(group, replica) == []
+        assert await readonly_errors(group, replica) == 0
+        assert await group.call(replica, "EXISTS", "ondemand:session:u2") == 1
+
+
+async def test_master_sigkill_under_mixed_load_fails_no_durable_operation(durable_config) -> None:
+    async with sentinel_group() as group:
+        old, new = group.data
+        config = durable_config(merge(group.config(), FAST))
+        async with Runtime(config) as rt:
+            lifecycle = rt.on_demand.lifecycle
+            acknowledged: dict[str, int] = {}
+            durable_errors: list[BaseException] = []
+            cache_only: dict[str, list[tuple[float, bool]]] = {"ok": [], "failed": []}
+            killed_at: list[float] = []
+            stop = asyncio.Event()
+            await rt.cache.get_session("warm")
+
+            async def durable_worker(n: int) -> None:
+                i = 0
+                while not stop.is_set():
+                    key = f"w{n}-{i % 5}"
+                    try:
+                        await rt.cache.cache_session(key, {"n": n, "i": i})
+                        acknowledged[key] = i
+                        value = await rt.cache.get_session(key)
+                        assert value == {"n": n, "i": i}, (key, value)
+                    except Exception as exc:  # every failure is the test's finding
+                        durable_errors.append(exc)
+                    i += 1
+                    await asyncio.sleep(0.005)
+
+            async def cache_only_worker(n: int) -> None:
+                i = 0
+                while not stop.is_set():
+                    item = f"p{n}-{i % 5}"
+                    await rt.dispatcher.set("profile", item, {"i": i})
+                    found = await rt.dispatcher.lookup("profile", item)
+                    outcome = "ok" if found.source == "redis" and found.value == {"i": i} else "failed"
+                    cache_only[outcome].append((time.monotonic(), outcome == "ok"))
+                    i += 1
+                    await asyncio.sleep(0.005)
+
+            async def scenario() -> None:
+                await asyncio.sleep(0.5)
+                killed_at.append(time.monotonic())
+                group.kill(old)
+                await group.wait_settled(master=new, timeout=30)
+                # Cache-only operations come back to Redis (the promoted replica) by themselves.
+                await wait_for(lambda: cache_only["ok"] and cache_only["ok"][-1][0] > time.monotonic() - 0.2
+                               and lifecycle.master == ("127.0.0.1", new.port), timeout=15)
+                await asyncio.sleep(0.5)
+                stop.set()
+
+            await asyncio.gather(scenario(), *(durable_worker(n) for n in range(6)),
+                                 *(cache_only_worker(n) for n in range(3)))
+            assert durable_errors == []
+            assert len(acknowledged) == 30
+            ok_times = [t for t, _ in cache_only["ok"]]
+            assert min(ok_times) < killed_at[0] < max(ok_times)
+            # Every session reads back its last acknowledged value (from Redis or the durable store).
+            for key, i in acknowledged.items():
+                assert (await rt.cache.get_session(key))["i"] == i, key
+            assert await group.call(new, "EXISTS", "ondemand:profile:p0-0") == 1  # written to the new master
+            status = rt.status()["redis"]
+            assert status["sentinel"]["master"] == new.address and status["sentinel"]["failovers"] >= 1
+            assert status["sentinel"]["last_failover"]["to"] == new.address
+            assert status["endpoint"] == f"redis://:***@{new.address}/0"
+
+            # The old master comes back (empty, as a master, as a crashed one does); the sentinels make it a
+            # replica of the new one, and we never write to it meanwhile or after.
+            await group.spawn(old)
+            stop.clear()
+            sampled: list[list[str]] = []
+
+            async def sample() -> None:
+                while not stop.is_set():
+                    sampled.append(await foreign_clients(group, old))
+                    await asyncio.sleep(0.05)
+
+            async def rejoin() -> None:
+                await group.wait_settled(master=new, timeout=40)
+                await asyncio.sleep(1.0)
+                stop.set()
+
+            await asyncio.gather(rejoin(), sample(), *(durable_worker(n) for n in range(3)), cache_only_worker(0))
+            assert await group.role(old) == "slave"
+            assert durable_errors == []
+            assert sampled and all(found == [] for found in sampled), [f for f in sampled if f]
+            assert await readonly_errors(group, old) == 0
+            stats = await group.info(old, "commandstats")
+            assert all("rejected_calls=0" in value for key, value in stats.items() if key.startswith("cmdstat_"))
+            for key, i in acknowledged.items():
+                assert (await rt.cache.get_session(key))["i"] == i, key
+
+
+async def test_a_sentinel_down_then_all_down_bounded_errors_and_recovery(make_config) -> None:
+    async with sentinel_group() as group:
+        master = group.data[0]
+        first, *others = group.watchers
+        group.kill(first)
+        await asyncio.sleep(0.1)
+        config = sentinel_config(make_config, group)
+        async with Runtime(config) as rt:
+            lifecycle = rt.on_demand.lifecycle
+            began = time.monotonic()
+            await rt.cache.cache_profile("a", {"v": 1})  # discovered through the second sentinel
+            assert time.monotonic() - began < 1.0
+            assert lifecycle.master == ("127.0.0.1", master.port)
+            views = {s.address: s for s in lifecycle.sentinels}
+            assert views[first.address].state == "down" and views[others[0].address].state == "up"
+            await wait_for(lambda: lifecycle.subscribed is not None, timeout=5)
+            assert lifecycle.subscribed.address != first.address
+
+            # Every sentinel down: the master still serves the connection we have.
+            for sentinel in others:
+                group.kill(sentinel)
+            await wait_for(lambda: lifecycle.subscribed is None, timeout=5)
+            assert (await rt.dispatcher.lookup("profile", "a")).source == "redis"
+
+            # Our connection to the master is cut: we must ask the sentinels again, and none answers. Each
+            # operation gives up within its bounds (a cache-only read is a miss), and none is served by an
+            # address remembered from before.
+            await group.call(master, "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            for _ in range(5):
+                began = time.monotonic()
+                found = await rt.dispatcher.lookup("profile", "a")
+                assert time.monotonic() - began < 1.0
+                if found.source == "miss":
+                    break
+                await asyncio.sleep(0.05)
+            assert found.source == "miss"
+            began = time.monotonic()
+            with pytest.raises(RedisUnavailable) as down:
+                await rt.on_demand.ensure()
+            assert time.monotonic() - began < 3 * 0.5 + 0.5
+            assert "themaster" in str(down.value)
+            assert lifecycle.master is None
+
+            # The sentinels come back (with the configuration they rewrote): we find the master again.
+            for sentinel in group.watchers:
+                await group.spawn(sentinel, rewrite=False)
+            await group.wait_settled(master=master)
+            deadline = time.monotonic() + 15
+            while (await rt.dispatcher.lookup("profile", "a")).source != "redis":
+                assert time.monotonic() < deadline, rt.status()["redis"]
+                await asyncio.sleep(0.1)
+            assert lifecycle.master == ("127.0.0.1", master.port)
+            await wait_for(lambda: lifecycle.subscribed is not None, timeout=10)
