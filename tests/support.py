@@ -291,6 +291,9 @@ def _resp_quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+PROBE_NAME = "ondemand-test-probe"  # the client name of SentinelGroup.call's connections
+
+
 @attrs.define(eq=False)
 class SentinelGroup:
     """1 master, `replicas` replicas and `sentinels` sentinels of the bundled server (`valkey-server <conf>
@@ -389,7 +392,8 @@ class SentinelGroup:
         await node.child.wait_ready(lambda: probe(endpoint, node.child.pid), timeout=10.0)
 
     async def call(self, node: GroupNode | str, *command: str | int, timeout: float = 2.0) -> Any:
-        """One command to a node (or "host:port" of one of ours), authenticated; error replies are returned."""
+        """One command to a node (or "host:port" of one of ours), authenticated, on a connection named
+        PROBE_NAME (so a test tells its own connections from the app's); error replies are returned."""
         if isinstance(node, str):
             node = next(n for n in self.nodes if n.address == node)
         password = self.sentinel_password if node.sentinel else self.password
@@ -397,16 +401,18 @@ class SentinelGroup:
             reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
             try:
                 parser = hiredis.Reader()
-                writer.write(hiredis.pack_command(("AUTH", password)) + hiredis.pack_command(tuple(map(str, command))))
+                writer.write(hiredis.pack_command(("AUTH", password))
+                             + hiredis.pack_command(("CLIENT", "SETNAME", PROBE_NAME))
+                             + hiredis.pack_command(tuple(map(str, command))))
                 replies: list[Any] = []
-                while len(replies) < 2:
+                while len(replies) < 3:
                     data = await reader.read(65536)
                     if not data:
                         raise EOFError(f"{node.name} closed the connection")
                     parser.feed(data)
                     while (reply := parser.gets()) is not False:
                         replies.append(reply)
-                return replies[1]
+                return replies[2]
             finally:
                 writer.close()
 

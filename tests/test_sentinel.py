@@ -17,7 +17,7 @@ from app.configure import merge
 from app.errors import ConfigError, RedisUnavailable
 from app.web import RUNTIME, create_app
 from plugins.lifecycle_external import ExternalConfig, SentinelLifecycle
-from tests.support import GroupNode, SentinelGroup, sentinel_group, wait_for
+from tests.support import PROBE_NAME, GroupNode, SentinelGroup, sentinel_group, wait_for
 
 # The sentinel group's own bounds: failures are noticed within the op budget, connects are quick on loopback.
 FAST = {"redis": {"op_timeout": 0.25, "connect_timeout": 0.5}, "lifecycle": {"restart_backoff": 0.05,
@@ -29,15 +29,15 @@ def sentinel_config(make: Any, group: SentinelGroup, overrides: dict[str, Any] |
 
 
 async def foreign_clients(group: SentinelGroup, node: GroupNode) -> list[str]:
-    """`node`'s client connections that are not a sentinel's, its master link, a replica's, or this query's own:
-    a connection of ours (the app's) to it."""
+    """`node`'s client connections that are not a sentinel's, its master link, a replica's, or the test's own
+    (SentinelGroup.call's): a connection of the app's to it."""
     text = (await group.call(node, "CLIENT", "LIST")).decode()
     found = []
     for line in text.splitlines():
         fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
         if fields.get("name", "").startswith("sentinel-") or set(fields.get("flags", "")) & {"M", "S"}:
             continue
-        if fields.get("cmd") in {"client|list", "client"}:
+        if fields.get("name") == PROBE_NAME:
             continue
         found.append(line)
     return found
