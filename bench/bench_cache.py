@@ -1,4 +1,5 @@
-"""Benchmark 1: CacheService get/set vs raw redis.asyncio, aiocache and cashews, on our spawned Redis.
+"""Benchmark 1: CacheService get/set vs raw redis.asyncio, aiocache, cashews, coredis and valkey-glide, on
+our spawned Redis.
 
 An op is one SET (60 s TTL) plus one GET of the ~250-byte JSON value, awaited one after the other by
 one task; N tasks loop for a fixed time. ops/s counts these pairs (commands/s is twice that).
@@ -10,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import gc
+import importlib.metadata
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -126,15 +130,64 @@ async def cashews(rt: Runtime, endpoint: Any) -> tuple[Op, Callable[[], Awaitabl
                              f"BlockingConnectionPool of {POOL_SIZE})")
 
 
-CONTENDERS = {"raw redis.asyncio": raw, "ondemand CacheService": ondemand, "aiocache": aiocache, "cashews": cashews}
+async def coredis(rt: Runtime, endpoint: Any) -> tuple[Op, Callable[[], Awaitable[None]], str]:
+    import coredis
+
+    where = ({"unix_socket_path": endpoint.unix_socket} if endpoint.unix_socket
+             else {"host": endpoint.host, "port": endpoint.port})
+    client = coredis.Redis(**where, password=endpoint.password, max_connections=POOL_SIZE)
+    stack = contextlib.AsyncExitStack()
+    await stack.enter_async_context(client)  # coredis 6 clients work only inside their context (a task group)
+    packed = orjson.dumps(VALUE)
+
+    async def op(key: str) -> Any:
+        await client.set("coredis:" + key, packed, px=TTL * 1000)
+        found = await client.get("coredis:" + key)
+        return None if found is None else orjson.loads(found)
+
+    return op, stack.aclose, (f"coredis.Redis {coredis.__version__} (RESP3, its blocking pool of at most {POOL_SIZE}, "
+                              "which multiplexes commands of several tasks on a connection), orjson")
+
+
+async def glide(rt: Runtime, endpoint: Any) -> tuple[Op, Callable[[], Awaitable[None]], str] | None:
+    from glide import GlideClient, GlideClientConfiguration, NodeAddress, ServerCredentials
+
+    if endpoint.unix_socket:
+        return None  # glide connects over TCP only
+    client = await GlideClient.create(GlideClientConfiguration(
+        [NodeAddress(endpoint.host, endpoint.port)], credentials=ServerCredentials(endpoint.password),
+        request_timeout=5000))
+    packed = orjson.dumps(VALUE)
+
+    async def op(key: str) -> Any:
+        await client.set("glide:" + key, packed, expiry=_glide_expiry())
+        found = await client.get("glide:" + key)
+        return None if found is None else orjson.loads(found)
+
+    version = importlib.metadata.version("valkey-glide")
+    return op, client.close, (f"valkey-glide {version} GlideClient (its Rust core, one multiplexed connection), "
+                              "orjson; no unix socket, so not in a --transport unix run")
+
+
+@functools.cache
+def _glide_expiry() -> Any:
+    from glide import ExpirySet, ExpiryType
+
+    return ExpirySet(ExpiryType.MILLSEC, TTL * 1000)
+
+
+CONTENDERS = {"raw redis.asyncio": raw, "ondemand CacheService": ondemand, "aiocache": aiocache, "cashews": cashews,
+              "coredis": coredis, "valkey-glide": glide}
 BASELINE = "raw redis.asyncio"
+OURS = "ondemand CacheService"
 
 
 # -- the load loop ----------------------------------------------------------------------------------
 
-async def measure(op: Op, concurrency: int, seconds: float, redis_pid: int | None = None) -> dict[str, Any]:
+async def measure(op: Op, concurrency: int, seconds: float, redis_pids: Sequence[int | None] = ()) -> dict[str, Any]:
     """`concurrency` tasks each loop op(key) for `seconds`; returns ops/s, p50/p99 per op, misses, and the
-    CPU time per op of this process (client) and of redis-server: unlike ops/s, barely moved by outside load."""
+    CPU time per op of this process (client) and of the server(s) `redis_pids` (every node of a cluster):
+    unlike ops/s, barely moved by outside load."""
     latencies: list[float] = []
     misses = 0
     clock = time.perf_counter
@@ -152,7 +205,7 @@ async def measure(op: Op, concurrency: int, seconds: float, redis_pid: int | Non
             n += 1
 
     gc.collect()
-    cpu, redis_cpu = time.process_time(), cpu_seconds([redis_pid])
+    cpu, redis_cpu = time.process_time(), cpu_seconds(list(redis_pids))
     started = clock()
     deadline = started + seconds
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
@@ -160,7 +213,8 @@ async def measure(op: Op, concurrency: int, seconds: float, redis_pid: int | Non
     ops = len(latencies)
     return {"ops": ops, "ops_per_s": ops / elapsed, **latency_ms(latencies), "misses": misses,
             "client_cpu_us/op": (time.process_time() - cpu) / ops * 1e6,
-            "redis_cpu_us/op": (cpu_seconds([redis_pid]) - redis_cpu) / ops * 1e6 if redis_pid else float("nan")}
+            "redis_cpu_us/op": ((cpu_seconds(list(redis_pids)) - redis_cpu) / ops * 1e6 if any(redis_pids)
+                                else float("nan"))}
 
 
 def pipeline_counts(rt: Runtime) -> tuple[int, int]:
@@ -172,14 +226,18 @@ def pipeline_counts(rt: Runtime) -> tuple[int, int]:
 
 async def run(*, quick: bool = False, transport: str = "tcp") -> Result:
     seconds, warmup, rounds = (0.1, 0.02, 1) if quick else (2.0, 0.3, ROUNDS)
-    result = Result("cache", "1. CacheService get/set vs raw redis.asyncio, aiocache, cashews")
+    result = Result("cache", "1. CacheService get/set vs raw redis.asyncio, aiocache, cashews, coredis, valkey-glide")
     best: dict[tuple[int, str], dict[str, Any]] = {}
     async with Runtime(bench_config(transport)) as rt:
         endpoint = await rt.on_demand.ensure()
         contenders = {}
         for name, make in CONTENDERS.items():
-            contenders[name] = await make(rt, endpoint)
-            result.notes.append(f"{name}: {contenders[name][2]}")
+            made = await make(rt, endpoint)
+            if made is None:
+                result.notes.append(f"{name}: not run over transport {transport}")
+                continue
+            contenders[name] = made
+            result.notes.append(f"{name}: {made[2]}")
         stats = rt.dispatcher.stats["profile"]
         try:
             for _round in range(rounds):  # the whole matrix per round, so a burst of outside load hits one round
@@ -187,7 +245,7 @@ async def run(*, quick: bool = False, transport: str = "tcp") -> Result:
                     for name, (op, _close, _desc) in contenders.items():
                         await measure(op, concurrency, warmup)
                         before = pipeline_counts(rt)
-                        measured = await measure(op, concurrency, seconds, rt.lifecycle.pid())
+                        measured = await measure(op, concurrency, seconds, [rt.lifecycle.pid()])
                         row = {"concurrency": concurrency, "client": name, **measured}
                         if name == "ondemand CacheService":
                             batches, commands = (a - b for a, b in zip(pipeline_counts(rt), before, strict=True))
@@ -203,7 +261,8 @@ async def run(*, quick: bool = False, transport: str = "tcp") -> Result:
     rows = list(best.values())
     for row in rows:
         row["x raw"] = ratio(row["ops_per_s"], best[row["concurrency"], BASELINE]["ops_per_s"])
-    columns = ["concurrency", "client", "ops_per_s", "p50_ms", "p99_ms", "x raw", "client_cpu_us/op",
+        row["ours over it"] = ratio(best[row["concurrency"], OURS]["ops_per_s"], row["ops_per_s"])
+    columns = ["concurrency", "client", "ops_per_s", "p50_ms", "p99_ms", "x raw", "ours over it", "client_cpu_us/op",
                "redis_cpu_us/op", "misses", "cmds/batch", "rounds ops_per_s"]
     result.tables.append(Table(f"transport {transport}; op = SET (PX 60000) + GET of a {len(orjson.dumps(VALUE))}-byte "
                                f"JSON value; best of {rounds} round(s) of {seconds:g} s per cell (its p50/p99)",

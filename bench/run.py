@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import bench_cache
+import bench_cluster
 import bench_coldstart
 import bench_failover
 import bench_http
@@ -34,6 +35,7 @@ BENCHMARKS = {
     "failover": bench_failover.run,
     "memory": bench_memory.run,
     "invalidation": bench_invalidation.run,
+    "cluster": bench_cluster.run,
 }
 
 
