@@ -21,7 +21,7 @@ import yaml
 from app import Runtime, load_config
 from app.config import Config
 from app.net import free_port
-from plugins.lifecycle_external import ExternalConfig
+from plugins.lifecycle_external import ExternalConfig, SentinelLifecycle
 from plugins.storage_postgres import PostgresConfig
 from tests.support import ROOT, redis_children, redis_servers_under, wait_until_serving
 
@@ -35,10 +35,12 @@ def compose_app_env() -> dict[str, str]:
 
 def test_compose_services_agree_with_docker_toml() -> None:
     compose = yaml.safe_load(COMPOSE.read_text())
-    services = compose["services"]
-    assert set(services) == {"app", "redis", "postgres"}
-    for name, service in services.items():
+    for name, service in compose["services"].items():
         assert "healthcheck" in service, f"{name} has no health check"
+    # Without a profile: the app, Redis and PostgreSQL; every other service is the Sentinel profile's.
+    services = {name: s for name, s in compose["services"].items() if "profiles" not in s}
+    assert set(services) == {"app", "redis", "postgres"}
+    assert all(s["profiles"] == ["sentinel"] for s in compose["services"].values() if "profiles" in s)
     app = services["app"]
     env = compose_app_env()
     assert env["DOCKER_ENV"] and env["REDIS_URL"] and env["DATABASE_URL"]
@@ -69,6 +71,42 @@ def test_compose_services_agree_with_docker_toml() -> None:
     assert (db_url.username, db_url.password, db_url.path.lstrip("/")) == (
         pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"], pg_env["POSTGRES_DB"])
     assert docker.section(PostgresConfig).dsn == env["DATABASE_URL"]
+
+
+def test_compose_sentinel_profile_agrees_with_the_sentinel_settings() -> None:
+    """The "sentinel" profile: the master (`redis`), its replica and three sentinels monitoring it under the
+    name `app-sentinel` asks them for, at the addresses it is given; the same database as `app`."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    profiled = {name for name, s in services.items() if s.get("profiles") == ["sentinel"]}
+    sentinels = sorted(name for name in profiled if name.startswith("sentinel-"))
+    assert profiled == {"redis-replica", "app-sentinel", *sentinels} and len(sentinels) >= 3
+    env = {k: str(v) for k, v in services["app-sentinel"]["environment"].items()}
+    assert "REDIS_URL" not in env and env["DATABASE_URL"] == compose_app_env()["DATABASE_URL"]
+    config = load_config(ROOT / "config/docker.toml", environ=env)
+    assert config.environment.docker and config.lifecycle.plugin == "auto" and config.lifecycle.skip_in_docker
+    assert config.lifecycle.topology == "sentinel"
+    section = config.section(ExternalConfig)
+    lifecycle = SentinelLifecycle(config)  # what the app builds from it: valid, and names every sentinel
+    assert sorted((s.host, s.port) for s in lifecycle.sentinels) == [(name, 26379) for name in sentinels]
+    for name in sentinels:
+        service = services[name]
+        script = service["command"][-1]
+        assert "port 26379" in script and "--sentinel" in script, name
+        monitor = re.search(r"sentinel monitor (\S+) (\S+) (\d+) (\d+)", script)
+        assert monitor, name
+        master_name, host, port, quorum = monitor.groups()
+        assert master_name == section.sentinel_master and (host, int(port)) == ("redis", 6379)
+        assert len(sentinels) // 2 < int(quorum) <= len(sentinels)  # a majority, and reachable with one down
+        assert "resolve-hostnames yes" in script and "announce-hostnames yes" in script
+        assert service["healthcheck"]["test"][-1] == section.sentinel_master
+        assert "26379" in service["healthcheck"]["test"]
+    replica = services["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1:][:2] == ["redis", "6379"]
+    assert replica[replica.index("--replica-announce-ip") + 1] == "redis-replica"
+    assert services["redis"]["command"][services["redis"]["command"].index("--replica-announce-ip") + 1] == "redis"
+    assert set(services["app-sentinel"]["depends_on"]) == {"redis-replica", "postgres", *sentinels}
+    assert all(d == {"condition": "service_healthy"} for d in services["app-sentinel"]["depends_on"].values())
+    assert services["app-sentinel"]["build"] == services["app"]["build"]
 
 
 def test_dockerfile_is_slim_non_root_cached_and_health_checked() -> None:
