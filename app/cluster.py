@@ -11,7 +11,9 @@ batch is written in the same tick (each flushes with call_soon). Every command i
 - ASK: ASKING and the command are sent to the target together (adjacent on its connection), once.
 - TRYAGAIN / CLUSTERDOWN: retried after a short backoff while the budget lasts.
 - A node that fails: its commands fail (RedisUnavailable: the dispatcher falls back) and the map is
-  refreshed from any node still answering, so a promoted replica takes its slots over.
+  refreshed from any node still answering, again and again (every 100 ms, backing off to 1 s) for as
+  long as the map names a master we cannot reach, so that a promoted replica takes its slots over
+  within one interval of its promotion, with no command (the breaker is open) needed to notice it.
 
 Multi-key commands (DEL, UNLINK, EXISTS, MGET) are split by slot and their replies put back together.
 """
@@ -37,6 +39,7 @@ log = logging.getLogger("ondemand.cluster")
 _MAX_REDIRECTS = 5
 _REFRESH_MIN_INTERVAL = 0.1  # seconds between two full refreshes of the slot map
 _MOVED_STORM = 16  # MOVED replies within a refresh interval that make us refresh the whole map
+_FAILED_REFRESH_MAX = 1.0  # seconds: the longest wait between two refreshes while a master is unreachable
 _SUMMED = frozenset({b"DEL", b"UNLINK", b"EXISTS", b"TOUCH"})
 _KEYLESS = frozenset({b"PING", b"SCAN", b"INFO", b"DBSIZE", b"ROLE", b"CLUSTER", b"CONFIG", b"FLUSHALL"})
 
@@ -82,8 +85,10 @@ class ClusterConnection:
         self.nodes: dict[Address, ClusterNode] = {}
         self.closed_reason: RedisUnavailable | None = None
         self._refreshing: asyncio.Task[None] | None = None
+        self._refreshed: asyncio.Future[None] | None = None  # what wait_refreshed awaits: the next map read
         self._refreshed_at = 0.0
         self._moved_since_refresh = 0
+        self._failed: set[Address] = set()  # masters whose connection failed, until they answer or leave the map
         self.redirects = {"moved": 0, "ask": 0, "tryagain": 0, "clusterdown": 0}
         self.refreshes = 0
 
@@ -134,6 +139,7 @@ class ClusterConnection:
             finally:
                 waiting, node.connecting = node.connecting, None
             node.connection = conn
+            self._failed.discard(node.address)
             waiting.set_result(conn)
             return conn
         return await asyncio.shield(node.connecting)
@@ -160,33 +166,63 @@ class ClusterConnection:
                 node = self.nodes.pop(address)  # no longer a master (a replica now, or gone)
                 if node.connection is not None:
                     node.connection.close("no longer a master of the cluster")
+            self._failed &= set(slots.masters())
             self._refreshed_at, self._moved_since_refresh = time.monotonic(), 0
             self.refreshes += 1
             return
         raise RedisUnavailable("cannot read the cluster's slot map: " + "; ".join(errors))
 
+    def node_failed(self, address: Address | None) -> None:
+        """A master's connection failed (or could not be made): refresh the map until it answers again or
+        the cluster replaced it (a failover)."""
+        if address is not None and address in self.nodes:
+            self._failed.add(address)
+        self.refresh_soon()
+
     def refresh_soon(self) -> None:
-        """Refresh the slot map in the background (once, however many ask), at most every 100 ms."""
+        """Refresh the slot map in the background (once, however many ask), at most every 100 ms; while a
+        master in the map is unreachable, keep refreshing (and trying it) with a backoff up to 1 s."""
         if self._refreshing is not None or self.closed_reason is not None:
             return
         delay = max(0.0, self._refreshed_at + _REFRESH_MIN_INTERVAL - time.monotonic())
 
         async def refresh() -> None:
+            wait = delay
+            pause = _REFRESH_MIN_INTERVAL
             try:
-                await asyncio.sleep(delay)
-                endpoints = [node.endpoint for node in self.nodes.values()] or [self._seed]
-                await self._refresh_from(endpoints)
-            except RedisUnavailable as exc:
-                log.warning("cluster slot map refresh failed: %s", exc)
+                while True:
+                    await asyncio.sleep(wait)
+                    # Answering nodes first: a dead one costs a refused connect (or a connect timeout) each time.
+                    nodes = sorted(self.nodes.values(), key=lambda n: n.address in self._failed)
+                    try:
+                        await self._refresh_from([n.endpoint for n in nodes] or [self._seed])
+                    except RedisUnavailable as exc:
+                        log.warning("cluster slot map refresh failed: %s", exc)
+                    if self._refreshed is not None and not self._refreshed.done():
+                        self._refreshed.set_result(None)  # (wait_refreshed: a map, or none to be had now)
+                    for address in list(self._failed):  # still a master: does it answer now?
+                        node = self.nodes.get(address)
+                        with contextlib.suppress(RedisUnavailable, TimeoutError):
+                            if node is not None:
+                                await self._node_connection(node)
+                            self._failed.discard(address)
+                    if not self._failed:
+                        return
+                    wait, pause = pause, min(pause * 2, _FAILED_REFRESH_MAX)
             finally:
                 self._refreshing = None
 
         self._refreshing = asyncio.ensure_future(refresh())
 
-    async def wait_refreshed(self) -> None:
+    async def wait_refreshed(self, timeout: float | None = None) -> None:
+        """Until the refresh under way has tried to read a map, at most `timeout` seconds (not until a failed
+        master is back: the refresh goes on for that)."""
         if self._refreshing is not None:
+            if self._refreshed is None or self._refreshed.done():
+                self._refreshed = self._loop.create_future()
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._refreshing)
+                await asyncio.wait([self._refreshed, self._refreshing], timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
 
     # -- the PipelinedConnection interface -------------------------------------------------------
 
@@ -254,7 +290,7 @@ class ClusterConnection:
             return await future
         except (RedisCommandError, RedisUnavailable) as exc:
             if isinstance(exc, RedisUnavailable):
-                self.refresh_soon()
+                self.node_failed(address)
                 raise
             if exc.kind not in ("moved", "ask", "tryagain", "clusterdown"):
                 raise
@@ -280,7 +316,7 @@ class ClusterConnection:
                     backoff *= 2
             if address is None:
                 self.refresh_soon()
-                await self.wait_refreshed()
+                await self.wait_refreshed(max(0.001, deadline - self._loop.time()))
                 slot = key_slot(command_keys(args)[0]) if command_keys(args) else 0
                 address = self.slots.owner(slot)
                 if address is None:
@@ -303,7 +339,7 @@ class ClusterConnection:
                 pending_error = exc
                 continue
             except RedisUnavailable:
-                self.refresh_soon()  # a master may have failed: learn who took its slots
+                self.node_failed(address)  # a master may have failed: learn who took its slots
                 raise
         raise RedisUnavailable(f"more than {_MAX_REDIRECTS} redirects for one command")
 
