@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from typing import Any
 
@@ -278,3 +279,60 @@ async def test_a_sentinel_down_then_all_down_bounded_errors_and_recovery(make_co
                 await asyncio.sleep(0.1)
             assert lifecycle.master == ("127.0.0.1", master.port)
             await wait_for(lambda: lifecycle.subscribed is not None, timeout=10)
+
+
+# -- the status page --------------------------------------------------------------------------------------
+
+
+async def test_status_page_shows_the_sentinels_the_master_and_failovers(aiohttp_server, make_config) -> None:
+    """In a real headless Chromium (Debian's; skipped without one): the Redis card's sentinel rows."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    from playwright.async_api import async_playwright
+
+    async with sentinel_group() as group:
+        old, new = group.data
+        server = await aiohttp_server(create_app(sentinel_config(make_config, group)))
+        rt = server.app[RUNTIME]
+        await rt.cache.cache_profile("x", {"v": 1})
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=binary, headless=True, chromium_sandbox=False,
+                                                       args=["--disable-gpu", "--disable-dev-shm-usage"])
+            try:
+                page = await browser.new_page()
+                problems: list[str] = []
+                page.on("console", lambda m: m.type in ("error", "warning") and problems.append(m.text))
+                page.on("pageerror", lambda e: problems.append(str(e)))
+                await page.goto(str(server.make_url("/")), wait_until="load")
+
+                async def text(element_id: str, expected: str, timeout: float = 15.0) -> str:
+                    deadline = time.monotonic() + timeout
+                    while True:
+                        found = await page.evaluate(
+                            f"(document.getElementById({element_id!r}) || {{}}).textContent || ''")
+                        if expected in found:
+                            return found
+                        assert time.monotonic() < deadline, (element_id, found, problems)
+                        await asyncio.sleep(0.1)
+
+                await text("sentinel-master", f"{group.master_name} at {old.address}")
+                listed = await text("sentinel-list", "(subscribed)")
+                first, *others = group.sentinel_addresses()  # the first answered: the others were not asked
+                assert listed.startswith(f"{first} up (subscribed)"), listed
+                assert all(f"{address} unknown" in listed for address in others), listed
+                assert (await text("sentinel-failovers", "0")).strip() == "0"
+
+                group.kill(old)
+                await group.wait_settled(master=new, timeout=30)
+                deadline = time.monotonic() + 15
+                while (await rt.dispatcher.lookup("profile", "x")).source != "redis" or \
+                        rt.on_demand.lifecycle.master != ("127.0.0.1", new.port):
+                    assert time.monotonic() < deadline, rt.status()["redis"]
+                    await rt.cache.cache_profile("x", {"v": 2})
+                    await asyncio.sleep(0.1)
+                await text("sentinel-master", f"{group.master_name} at {new.address}")
+                await text("sentinel-failovers", f"last {old.address} → {new.address}")
+                assert problems == []
+            finally:
+                await browser.close()

@@ -328,6 +328,7 @@
     if (redis.retry_in !== null && redis.retry_in !== undefined) problems.push(`retry in ${fmtDuration(redis.retry_in)}`);
     $("redis-error").hidden = !problems.length;
     setText("redis-error", problems.join(" · "));
+    renderSentinel(redis.sentinel);
 
     if (redis.idle_deadline_in !== null && redis.idle_deadline_in !== undefined) {
       idle = { deadline: now + redis.idle_deadline_in, timeout: redis.idle_timeout };
@@ -365,6 +366,54 @@
     renderNamespaces(dispatcher.namespaces || {});
     renderPlugins(doc.plugins || []);
     if ($("raw").closest("details").open) $("raw").textContent = JSON.stringify(doc, null, 2);
+  }
+
+  // lifecycle.topology = "sentinel": rows of the Redis card, made on the first status that has them.
+  function sentinelRows() {
+    let group = $("sentinel-rows");
+    if (group) return group;
+    group = document.createElement("div");
+    group.id = "sentinel-rows";
+    for (const [label, id] of [["master", "sentinel-master"], ["sentinels", "sentinel-list"],
+      ["failovers", "sentinel-failovers"]]) {
+      const dt = document.createElement("dt");
+      dt.textContent = label;
+      const dd = document.createElement("dd");
+      dd.id = id;
+      dd.className = "mono wrap";
+      group.append(dt, dd);
+    }
+    $("endpoint").closest("dl").append(group);
+    return group;
+  }
+
+  function renderSentinel(sentinel) {
+    if (!sentinel) {
+      if ($("sentinel-rows")) $("sentinel-rows").hidden = true;
+      return;
+    }
+    sentinelRows().hidden = false;
+    setText("sentinel-master", sentinel.master
+      ? `${sentinel.master_name} at ${sentinel.master}`
+      : `${sentinel.master_name}: none known now`);
+    const list = $("sentinel-list");
+    const items = (sentinel.sentinels || []).map((s) => {
+      const item = document.createElement("span");
+      item.className = "sentinel";
+      item.dataset.state = s.state;
+      item.textContent = `${s.address} ${s.state}${s.subscribed ? " (subscribed)" : ""}`;
+      if (s.last_error) item.title = s.last_error;
+      return item;
+    });
+    const text = items.map((i) => i.textContent).join(" · ");
+    if (list.dataset.text !== text) {
+      list.dataset.text = text;
+      list.replaceChildren(...items.flatMap((item, i) => (i ? [document.createTextNode(" · "), item] : [item])));
+    }
+    const last = sentinel.last_failover;
+    setText("sentinel-failovers", last
+      ? `${fmtNum(sentinel.failovers)} · last ${last.from} → ${last.to}, ${fmtDuration(Date.now() / 1000 - last.at)} ago`
+      : fmtNum(sentinel.failovers));
   }
 
   function renderPools(pools) {
