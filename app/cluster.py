@@ -386,4 +386,6 @@ class ClusterConnection:
             ],
             "redirects": dict(self.redirects),
             "slot_map_refreshes": self.refreshes,
+            # masters in the map whose connection failed: the map is refreshed until this is empty again
+            "unreachable": [f"{host}:{port}" for host, port in sorted(self._failed)],
         }
