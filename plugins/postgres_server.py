@@ -295,7 +295,7 @@ class ServerState:
     owner_pid: int  # the process that started it: its parent
     socket_dir: str
     port: int
-    started: str  # pg_postmaster_start_time() as text: this server's life, not the next one's
+    started: str  # pg_postmaster_start_time() in epoch seconds, as text: this server's life, not the next one's
     uid: int  # the user it runs as
 
     def dumps(self) -> bytes:
@@ -402,10 +402,11 @@ class EmbeddedPostgres:
     # -- activity (idle accounting shared by every process using the server) --------------------------
 
     def note_activity(self, *, force: bool = False) -> None:
-        """A use: remembered here, and in the activity file's mtime at most every activity_interval."""
+        """A use: remembered here, and in the activity file's mtime at most every activity_interval (only
+        while we use a server: never a file in a directory not checked yet)."""
         now = time.monotonic()
         self._last_used = now
-        if not force and now - self._noted < self.activity_interval:
+        if self.owner is None or (not force and now - self._noted < self.activity_interval):
             return
         self._noted = now
         with contextlib.suppress(OSError, PostgresUnavailable):  # (not prepared yet: nothing to account)

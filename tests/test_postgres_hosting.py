@@ -29,6 +29,7 @@ from typing import Any
 
 import aiohttp
 import attrs
+import psutil
 import pytest
 
 from app.errors import PostgresUnavailable
@@ -373,6 +374,15 @@ def start_run_py(cwd: Path, config: Path, port: int, log_name: str) -> subproces
                                 start_new_session=True)
 
 
+def workers_listening(supervisor: subprocess.Popen, port: int) -> int:
+    """How many of run.py's workers accept connections on `port` (the first may serve before the second)."""
+    count = 0
+    for worker in psutil.Process(supervisor.pid).children():
+        with contextlib.suppress(psutil.Error):
+            count += any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in worker.net_connections("tcp"))
+    return count
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -403,6 +413,7 @@ async def test_run_py_its_workers_a_script_and_status_share_one_server_and_survi
         # A new connection per request, so that the kernel spreads them over both workers.
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
             await wait_until_serving(http, base, server, tmp_path / "run-1.log")
+            await wait_for(lambda: workers_listening(server, port) == 2, timeout=30.0)
             for i in range(20):  # each PUT writes to PostgreSQL, from whichever worker takes it
                 async with http.put(f"{base}/api/sessions/by-server-{i}", json={"from": "server"}) as resp:
                     assert resp.status == 200, await resp.text()
@@ -432,6 +443,7 @@ async def test_run_py_its_workers_a_script_and_status_share_one_server_and_survi
             server.wait()
             server = start_run_py(tmp_path, config, port, "run-2.log")
             await wait_until_serving(http, base, server, tmp_path / "run-2.log")
+            await wait_for(lambda: workers_listening(server, port) == 2, timeout=30.0)
             for name, value in (("by-server-0", {"from": "server"}), ("by-script", {"from": "script"})):
                 async with http.get(f"{base}/api/sessions/{name}") as resp:
                     assert resp.status == 200, await resp.text()
