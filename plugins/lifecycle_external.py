@@ -341,11 +341,12 @@ class SentinelLifecycle(WithoutProcess):
                          "asking the sentinels again")
 
     def _rediscover(self, description: str) -> None:
-        if self.master is None:
-            return  # not in use: the next start discovers anyway
-        self.master = None
-        self.rediscoveries += 1
-        log.info("sentinel: %s", description)
+        # The callback even when no master is recorded: a switch seen while a start was returning the old
+        # one leaves the core running on it, and only this ends that (the core ignores it otherwise).
+        if self.master is not None:
+            self.master = None
+            self.rediscoveries += 1
+            log.info("sentinel: %s", description)
         if self._callback is not None:
             self._callback(description, False)
 

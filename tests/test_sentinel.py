@@ -338,3 +338,48 @@ async def test_status_page_shows_the_sentinels_the_master_and_failovers(aiohttp_
                 assert problems == []
             finally:
                 await browser.close()
+
+
+async def test_a_readonly_reply_ends_writes_to_that_server_and_a_replica_is_never_taken_for_the_master(
+        make_config) -> None:
+    """With no sentinel to tell us (all down), the master turns replica behind our connection: its READONLY
+    reply makes us stop writing there, and a sentinel naming it later (its stale view) is not believed: ROLE
+    decides."""
+    async with sentinel_group() as group:
+        first, second = group.data
+        async with Runtime(sentinel_config(make_config, group)) as rt:
+            lifecycle = rt.on_demand.lifecycle
+            await rt.cache.cache_profile("a", {"v": 1})
+            assert lifecycle.master == ("127.0.0.1", first.port)
+            for sentinel in group.watchers:
+                group.kill(sentinel)
+            await wait_for(lambda: lifecycle.subscribed is None, timeout=5)
+            assert await group.call(second, "REPLICAOF", "NO", "ONE") == b"OK"
+            assert await group.call(first, "REPLICAOF", "127.0.0.1", second.port) == b"OK"
+
+            async def writes(count: int) -> None:
+                for i in range(count):
+                    began = time.monotonic()
+                    await rt.dispatcher.set("profile", f"k{i}", {"i": i})  # a cache-only write: dropped, not failed
+                    assert time.monotonic() - began < 1.0
+                    await asyncio.sleep(0.02)
+
+            await writes(10)
+            refused = await readonly_errors(group, first)
+            assert refused >= 1  # the first write after the switch met the replica: that is how we knew
+            assert lifecycle.master is None and rt.on_demand.state != "running"
+            await writes(20)
+            assert await readonly_errors(group, first) == refused  # and nothing more was sent there
+
+            # The sentinels come back believing the old master; it says it is a replica: not taken.
+            for sentinel in group.watchers:
+                await group.spawn(sentinel, rewrite=False)
+            deadline = time.monotonic() + 5
+            while True:
+                with pytest.raises(RedisUnavailable) as refused_master:
+                    await rt.on_demand.ensure()
+                if f"names {first.address}, but its ROLE is 'slave'" in str(refused_master.value):
+                    break
+                assert time.monotonic() < deadline, str(refused_master.value)
+                await asyncio.sleep(0.05)
+            assert await readonly_errors(group, first) == refused
