@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import aiopg
 import attrs
@@ -30,7 +30,7 @@ from app.config import SECRET, between, positive, redact_url
 from app.errors import PostgresUnavailable, first_line
 from app.health import OutageTracker
 from app.hookspecs import hookimpl
-from app.storage import OVERFLOW, Entry, Namespace, StoreState
+from app.storage import OVERFLOW, Entry, Namespace, ReportsOutages, StoreState
 from plugins.postgres_server import EmbeddedPostgres
 
 log = logging.getLogger("ondemand.postgres")
@@ -183,8 +183,11 @@ def _is_statement_cancel(exc: asyncio.CancelledError) -> bool:
 
 
 @attrs.define(eq=False)
-class PostgresStorage:
+class PostgresStorage(ReportsOutages):
     """Storage on PostgreSQL: one table of (namespace, id) -> bytea value with an optional expiry."""
+
+    _label: ClassVar[str] = "PostgreSQL storage"
+    _log: ClassVar[logging.Logger] = log
 
     config: PostgresConfig
     health: OutageTracker = attrs.field(factory=lambda: OutageTracker.quiet("postgres"))
@@ -574,23 +577,6 @@ class PostgresStorage:
         self._record_success()
         return result
 
-    def _set_state(self, state: StoreState) -> None:
-        if self._state is not state:
-            self._state, self._since = state, time.time()
-
-    def _record_failure(self, message: str) -> None:
-        if not self.health.degraded:
-            log.warning("PostgreSQL storage degraded: %s", message)
-        self.health.down(message)
-        self._set_state(StoreState.DOWN)
-
-    def _record_success(self) -> None:
-        if self._state is StoreState.UP:
-            return
-        if self.health.degraded:
-            log.info("PostgreSQL storage recovered")
-        self.health.up()
-        self._set_state(StoreState.UP)
 
     # -- the embedded server's use and idleness ------------------------------------------------------
 

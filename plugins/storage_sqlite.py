@@ -57,7 +57,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import attrs
 
@@ -65,7 +65,7 @@ from app.config import FieldError, positive
 from app.errors import BackendUnavailable, first_line
 from app.health import OutageTracker
 from app.hookspecs import hookimpl
-from app.storage import OVERFLOW, Entry, Namespace, StoreState
+from app.storage import OVERFLOW, Entry, Namespace, ReportsOutages, StoreState
 
 log = logging.getLogger("ondemand.sqlite")
 
@@ -347,8 +347,11 @@ def _prepare_file(path: Path) -> None:
 
 
 @attrs.define(eq=False)
-class SqliteStorage:
+class SqliteStorage(ReportsOutages):
     """Storage in one SQLite file: (namespace, id) -> value blob with an optional expiry. See the module docstring."""
+
+    _label: ClassVar[str] = "SQLite storage"
+    _log: ClassVar[logging.Logger] = log
 
     config: SqliteConfig
     health: OutageTracker = attrs.field(factory=lambda: OutageTracker.quiet("sqlite"))
@@ -694,23 +697,6 @@ class SqliteStorage:
         self._record_success()
         return result
 
-    def _set_state(self, state: StoreState) -> None:
-        if self._state is not state:
-            self._state, self._since = state, time.time()
-
-    def _record_failure(self, message: str) -> None:
-        if not self.health.degraded:
-            log.warning("SQLite storage degraded: %s", message)
-        self.health.down(message)
-        self._set_state(StoreState.DOWN)
-
-    def _record_success(self) -> None:
-        if self._state is StoreState.UP:
-            return
-        if self.health.degraded:
-            log.info("SQLite storage recovered")
-        self.health.up()
-        self._set_state(StoreState.UP)
 
     async def _purge_loop(self) -> None:
         while True:
