@@ -464,6 +464,8 @@ class EmbeddedPostgres:
                          state.owner_pid, self.data_dir)
                 return seconds
             await self._wait_for_old_server(deadline, state)
+            if state is not None:
+                await asyncio.to_thread(self._remove_old_socket_dir, state, self._server_uid(user))
             if not await asyncio.to_thread(self._has_cluster):
                 await self._initdb(user, deadline)
             await self._spawn(user, deadline)
@@ -743,6 +745,21 @@ class EmbeddedPostgres:
                          self.data_dir)
                 waited = True
             await asyncio.sleep(_OLD_SERVER_POLL)
+
+    def _remove_old_socket_dir(self, state: ServerState, uid: int) -> None:
+        """The socket directory a dead owner's server left in /tmp (a clean stop removes its own): removed
+        only if it is one of ours (made by _make_socket_dir, the server user's, 0700, only sockets in it)."""
+        path = Path(state.socket_dir)
+        if path == self._socket_dir or not path.name.startswith("ondemand-pg-") or _pid_alive(state.pid):
+            return
+        try:
+            st = os.lstat(path)
+            if (stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077
+                    or any(not name.startswith(".s.PGSQL.") for name in os.listdir(path))):
+                return
+        except OSError:
+            return
+        shutil.rmtree(path, ignore_errors=True)  # (never follows a symlink)
 
     async def _spawn(self, user: str | None, deadline: float) -> None:
         loop = asyncio.get_running_loop()

@@ -89,6 +89,11 @@ async def servers() -> AsyncIterator[Callable[..., EmbeddedPostgres]]:
         assert await wait_gone(tree, timeout=5.0) == []
 
 
+def beside(data_dir: Path, suffix: str) -> Path:
+    """A file beside the data directory, named after it (`pgdata.state.json`)."""
+    return data_dir.parent / f"{data_dir.name}{suffix}"
+
+
 def storage_config(data_dir: Path, **overrides: Any) -> PostgresConfig:
     base: dict[str, Any] = {"data_dir": str(data_dir), "connect_timeout": 1.0, "statement_timeout": 1.0,
                             "startup_timeout": 20.0}
@@ -196,10 +201,13 @@ async def test_a_start_right_after_the_owner_was_killed_waits_for_its_server(dat
     lingering = [pid for pid in tree if pid_alive(pid)]
     assert lingering, "the killed owner's server should still hold the data directory for a moment"
 
+    old_state = ServerState.loads(beside(data_dir, ".state.json").read_bytes())
+    assert old_state is not None and old_state.pid == old and Path(old_state.socket_dir).is_dir()
     new = servers(data_dir)
     await new.start()  # waits for the old backends (PostgreSQL itself refuses while they live), then starts
     assert new.owner == "self" and new.pid not in tree
     assert [pid for pid in tree if pid_alive(pid)] == []
+    assert not Path(old_state.socket_dir).exists()  # the dead owner's socket directory does not pile up in /tmp
     assert await query(new.dsn, "SELECT count(*) FROM held") == [(4,)]
 
 
