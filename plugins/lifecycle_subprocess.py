@@ -44,7 +44,7 @@ import attrs
 import hiredis
 
 from app.config import Config, LifecycleConfig, between, memory_size
-from app.errors import SpawnError, first_line
+from app.errors import ConfigError, SpawnError, first_line
 from app.events import Events
 from app.hookspecs import hookimpl
 from app.lifecycle import LifecycleContext, RedisEndpoint, probe
@@ -1030,6 +1030,11 @@ def ondemand_host_services(config: Config) -> SharedRuntimeDir | None:
 
 def make_lifecycle(context: LifecycleContext) -> SubprocessLifecycle:
     config = context.config
+    if config.lifecycle.topology == "sentinel":
+        raise ConfigError("topology 'sentinel' follows a Sentinel group someone else runs: use the external "
+                          "lifecycle (lifecycle.plugin = \"external\") with lifecycle.sentinels; the subprocess "
+                          "lifecycle runs a standalone server or a local cluster", source=config.source,
+                          key="lifecycle.topology")
     return SubprocessLifecycle(config.lifecycle, config.section(SubprocessConfig), context.events)
 
 

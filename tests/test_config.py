@@ -130,3 +130,12 @@ def test_check_config_prints_a_plugin_section_with_its_secrets_redacted() -> Non
     printed = json.loads(proc.stdout.split("\n", 1)[1])
     assert printed["example"] == {"greeting": "bonjour", "level": 1, "api_key": "***",
                                   "upstream": "https://bot:***@hooks.example/in"}
+
+
+async def test_sentinel_topology_with_the_subprocess_lifecycle_is_a_config_error(make_config) -> None:
+    from app import Runtime
+
+    config = make_config({"lifecycle": {"plugin": "subprocess", "topology": "sentinel"}})
+    with pytest.raises(ConfigError, match=r"lifecycle\.topology.*external lifecycle"):
+        async with Runtime(config):
+            pass
