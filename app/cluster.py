@@ -9,7 +9,8 @@ batch is written in the same tick (each flushes with call_soon). Every command i
 - MOVED: the slot map learns the new owner and the command is sent there; many MOVED in a short time
   (a resharding) refresh the whole map, once for all waiting commands.
 - ASK: ASKING and the command are sent to the target together (adjacent on its connection), once.
-- TRYAGAIN / CLUSTERDOWN: retried after a short backoff while the budget lasts.
+- TRYAGAIN / CLUSTERDOWN: retried after a short backoff (5 ms doubling to 50 ms) while the budget lasts;
+  then that error is raised. Only MOVED and ASK count towards the redirect limit (5).
 - A node that fails: its commands fail (RedisUnavailable: the dispatcher falls back) and the map is
   refreshed from any node still answering, again and again (every 100 ms, backing off to 1 s) for as
   long as the map names a master we cannot reach, so that a promoted replica takes its slots over
@@ -36,7 +37,8 @@ from app.routing import Address, SlotMap, key_slot, parse_redirect
 
 log = logging.getLogger("ondemand.cluster")
 
-_MAX_REDIRECTS = 5
+_MAX_REDIRECTS = 5  # MOVED and ASK replies followed for one command
+_BACKOFF_MAX = 0.05  # seconds between two tries after TRYAGAIN or CLUSTERDOWN
 _REFRESH_MIN_INTERVAL = 0.1  # seconds between two full refreshes of the slot map
 _MOVED_STORM = 16  # MOVED replies within a refresh interval that make us refresh the whole map
 _FAILED_REFRESH_MAX = 1.0  # seconds: the longest wait between two refreshes while a master is unreachable
@@ -301,19 +303,25 @@ class ClusterConnection:
         deadline = self._loop.time() + self._op_timeout
         asking = False
         backoff = 0.005
+        redirects = 0
         pending_error = first_error
-        for _ in range(_MAX_REDIRECTS):
+        while True:  # bounded: by the redirect limit for MOVED and ASK, by the deadline for the others
             if pending_error is not None:
                 error, pending_error = pending_error, None
+                if error.kind in ("moved", "ask"):
+                    redirects += 1
+                    if redirects > _MAX_REDIRECTS:
+                        raise RedisUnavailable(f"more than {_MAX_REDIRECTS} redirects for one command")
                 redirect = self._redirect(error, args)
                 if redirect is None:
                     raise error
                 address, asking = redirect
                 if error.kind in ("tryagain", "clusterdown"):
+                    # (the slot is being migrated, or the cluster is failing over: it may clear within the budget)
                     if self._loop.time() + backoff >= deadline:
                         raise error
                     await asyncio.sleep(backoff)
-                    backoff *= 2
+                    backoff = min(backoff * 2, _BACKOFF_MAX)
             if address is None:
                 self.refresh_soon()
                 await self.wait_refreshed(max(0.001, deadline - self._loop.time()))
@@ -341,7 +349,6 @@ class ClusterConnection:
             except RedisUnavailable:
                 self.node_failed(address)  # a master may have failed: learn who took its slots
                 raise
-        raise RedisUnavailable(f"more than {_MAX_REDIRECTS} redirects for one command")
 
     def _redirect(self, error: RedisCommandError, args: Sequence[Any]) -> tuple[Address | None, bool] | None:
         """Where to send a command again after `error`, and whether with ASKING; None: give up."""

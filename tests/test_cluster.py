@@ -433,8 +433,10 @@ async def migrate_slot(cluster: LocalCluster, source: ClusterNode, target: Clust
     return moved
 
 
-async def test_resharding_under_load_fails_no_request_and_serves_no_stale_value(aiohttp_client, make_config) -> None:
-    client = await aiohttp_client(create_app(make_config(with_cluster())))
+async def test_resharding_under_load_fails_no_request_and_serves_no_stale_value(
+        aiohttp_client, durable_config) -> None:
+    # An op budget roomy enough to wait out the slow slot at the end (TRYAGAIN for 0.4 s).
+    client = await aiohttp_client(create_app(durable_config(with_cluster({"redis": {"op_timeout": 1.0}}))))
     rt = client.app[RUNTIME]
     ids = [f"r{i}" for i in range(48)]
     ledger: dict[str, int] = {}
@@ -442,6 +444,7 @@ async def test_resharding_under_load_fails_no_request_and_serves_no_stale_value(
     for item in ids:
         await body_of(await client.put(f"/api/users/{item}/profile", json={"n": 0}))
         await body_of(await client.post(f"/api/users/{item}/messages", json={"n": 0}))
+        await body_of(await client.put(f"/api/sessions/{item}", json={"n": 0}))
         ledger[item], lengths[item] = 0, 1
     cluster = the_cluster(client)
     source, target = cluster.master_nodes()[0], cluster.master_nodes()[2]
@@ -472,6 +475,13 @@ async def test_resharding_under_load_fails_no_request_and_serves_no_stale_value(
                 got = await resp.json()
                 if resp.status != 200 or (got["messages"], got["total"]) != ([{"n": n}], lengths[item]):
                     failures.append(f"GET messages {item}: {resp.status} {got}, {lengths[item]} items")
+                # a durable session: its delete writes a tombstone beside the key (two keys of one slot)
+                for method, status, body in (("DELETE", 204, None), ("GET", 404, None), ("PUT", 200, {"n": n}),
+                                             ("GET", 200, {"session_id": item, "value": {"n": n}, "source": "redis"})):
+                    resp = await client.request(method, f"/api/sessions/{item}", json=body if method == "PUT" else None)
+                    got = await resp.read()
+                    if resp.status != status or (method == "GET" and body is not None and json.loads(got) != body):
+                        failures.append(f"{method} session {item}: {resp.status} {got!r}")
 
     def redirected() -> Counter[str]:
         return redirects(rt.status())
@@ -495,10 +505,10 @@ async def test_resharding_under_load_fails_no_request_and_serves_no_stale_value(
     seconds = time.monotonic() - began
     counts = redirected()
     print(f"\n{len(slots)} slots ({moved} keys) resharded in {seconds:.1f} s under "
-          f"{sum(lengths.values()) * 4 / seconds:.0f} requests/s; redirects {dict(counts)}")
+          f"{sum(lengths.values()) * 8 / seconds:.0f} requests/s; redirects {dict(counts)}")
     assert failures == [], failures[:5]
     assert counts["ask"] > 0 and counts["moved"] > 0, counts
-    assert moved >= 2 * len(slots), "every id's profile and messages moved"
+    assert moved >= 2 * len(slots), "every id's keys moved (profile, messages; a session or its tombstone)"
     stats = rt.dispatcher.stats
     assert rt.dispatcher.breaker.opens == 0 and sum(s.cache_errors + s.dropped_writes for s in stats.values()) == 0
     # where the keys are now: on the target, each read back from there
@@ -507,9 +517,42 @@ async def test_resharding_under_load_fails_no_request_and_serves_no_stale_value(
         assert await on_node(target, cluster.password, "CLUSTER", "COUNTKEYSINSLOT", slot) >= 2
     for item in ids:
         assert (await body_of(await client.get(f"/api/users/{item}/profile")))["profile"] == {"n": ledger[item]}
+        assert (await body_of(await client.get(f"/api/sessions/{item}")))["value"] == {"n": ledger[item]}
     doc = await status(client)
     nodes = {n["address"]: n["slots"] for n in doc["redis"]["pools"]["default"]["pipeline"]["nodes"]}
     assert nodes[f"127.0.0.1:{target.port}"] == target.slots[1] - target.slots[0] + 1 + len(slots)
+
+    # A slot whose keys move slowly (big keys, a slow MIGRATE): a session's delete script (its key and its
+    # tombstone) meets TRYAGAIN while one of them has moved and the other not, and waits within the op budget.
+    item = next(i for i in (f"t{n}" for n in range(100)) if owner_of(cluster, i) is source)
+    slot, key = key_slot(item), f"ondemand:session:{{{item}}}"
+    for method in ("PUT", "DELETE", "PUT"):  # the key and a tombstone
+        assert (await client.request(method, f"/api/sessions/{item}", json={"n": 1})).status in (200, 204)
+    await on_node(target, cluster.password, "CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
+    await on_node(source, cluster.password, "CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
+    await on_node(source, cluster.password, "MIGRATE", "127.0.0.1", target.port, "", 0, 5000,
+                  "AUTH", cluster.password, "KEYS", key)
+
+    async def the_rest_later() -> None:
+        await asyncio.sleep(0.4)
+        await on_node(source, cluster.password, "MIGRATE", "127.0.0.1", target.port, "", 0, 5000,
+                      "AUTH", cluster.password, "KEYS", key + TOMBSTONE)
+
+    tryagain, later = redirected()["tryagain"], asyncio.ensure_future(the_rest_later())
+    try:
+        began = time.monotonic()
+        await body_of(await client.delete(f"/api/sessions/{item}"), 204)
+        waited = time.monotonic() - began
+    finally:
+        await later
+    for node in cluster.master_nodes():
+        await on_node(node, cluster.password, "CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
+    print(f"slow slot: the delete waited {waited:.3f} s, {redirected()['tryagain'] - tryagain} TRYAGAIN")
+    assert redirected()["tryagain"] > tryagain and 0.3 < waited < 1.0, waited
+    assert rt.dispatcher.breaker.opens == 0 and sum(s.cache_errors for s in stats.values()) == 0, (
+        dict(rt.dispatcher.error_replies), waited)
+    assert await on_node(target, cluster.password, "EXISTS", key, key + TOMBSTONE) == 1, "deleted, tombstone kept"
+    await body_of(await client.get(f"/api/sessions/{item}"), 404)
 
 
 # -- the on-demand cluster ---------------------------------------------------------------------------
