@@ -51,8 +51,11 @@ OURS, RC, GLIDE = "ondemand CacheService", "RedisCluster", "GlideClusterClient"
 Contender = tuple[Op, Callable[[], Awaitable[None]], str]
 
 
-def cluster_config(transport: str = "tcp") -> Any:
-    return bench_config(transport, lifecycle={"topology": "cluster", "cluster_masters": MASTERS,
+def cluster_config(transport: str = "tcp", masters: int = MASTERS) -> Any:
+    """A cluster of `masters` masters; 0: one standalone server (our path without routing, for comparison)."""
+    if not masters:
+        return bench_config(transport)
+    return bench_config(transport, lifecycle={"topology": "cluster", "cluster_masters": masters,
                                               "cluster_replicas": REPLICAS})
 
 
@@ -242,19 +245,26 @@ def _cprofile() -> Any:
     return cProfile
 
 
-async def ours_only(concurrency: int, seconds: float, profile: bool, top: int) -> None:
-    """Only our contender on a fresh cluster, optionally under cProfile (py-spy is not available here)."""
-    async with Runtime(cluster_config()) as rt:
+async def ours_only(concurrency: int, seconds: float, profile: bool, top: int, masters: int = MASTERS) -> None:
+    """Only our contender on a fresh cluster of `masters` masters (0: a standalone server), optionally under
+    cProfile (py-spy is not available here)."""
+    async with Runtime(cluster_config(masters=masters)) as rt:
         op, _close, _desc = await ondemand(rt, await rt.on_demand.ensure())
         await measure(op, concurrency, 0.5)
+        mux = cluster_mux(rt)
+        before = (mux.batches_written, mux.commands_written)
         profiler = _cprofile().Profile() if profile else None
         if profiler:
             profiler.enable()
-        measured = await measure(op, concurrency, seconds, rt.lifecycle.cluster.pids())
+        pids = rt.lifecycle.cluster.pids() if masters else [rt.lifecycle.pid()]
+        measured = await measure(op, concurrency, seconds, pids)
         if profiler:
             profiler.disable()
-        print(f"ondemand CacheService on the cluster, concurrency {concurrency}: {measured['ops_per_s']:,.0f} ops/s, "
-              f"client {measured['client_cpu_us/op']:.1f} us/op, nodes {measured['redis_cpu_us/op']:.1f} us/op"
+        batches, commands = mux.batches_written - before[0], mux.commands_written - before[1]
+        where = f"a {masters}-master cluster" if masters else "one standalone server"
+        print(f"ondemand CacheService on {where}, concurrency {concurrency}: {measured['ops_per_s']:,.0f} ops/s, "
+              f"client {measured['client_cpu_us/op']:.1f} us/op, server(s) {measured['redis_cpu_us/op']:.1f} us/op, "
+              f"{commands / max(1, batches):.1f} commands per batch, {batches / measured['ops']:.3f} batches per op"
               + (" (under cProfile: slower)" if profiler else ""), flush=True)
         if profiler:
             out = io.StringIO()
@@ -315,6 +325,7 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--masters", type=int, default=MASTERS, help="with --ours-only: masters (0: standalone)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.routing:
@@ -322,6 +333,6 @@ if __name__ == "__main__":
 
         print(md_table(["step", "us_per_command"], asyncio.run(routing_costs())))
     elif args.ours_only:
-        asyncio.run(ours_only(args.concurrency, args.seconds, args.profile, args.top))
+        asyncio.run(ours_only(args.concurrency, args.seconds, args.profile, args.top, args.masters))
     else:
         print(asyncio.run(run(quick=args.quick)).markdown())
