@@ -86,6 +86,7 @@ class ClusterConnection:
         self.slots = SlotMap()
         self.nodes: dict[Address, ClusterNode] = {}
         self.closed_reason: RedisUnavailable | None = None
+        self.server_id: str | None = None  # the masters' run_ids when connected
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed: asyncio.Future[None] | None = None  # what wait_refreshed awaits: the next map read
         self._refreshed_at = 0.0
@@ -106,7 +107,8 @@ class ClusterConnection:
             await conn._refresh_from([seed])
             if not conn.slots.covered():
                 raise RedisUnavailable(f"the cluster at {seed.describe()} does not serve every slot")
-            await asyncio.gather(*(conn._node_connection(node) for node in list(conn.nodes.values())))
+            connections = await asyncio.gather(*(conn._node_connection(node) for node in list(conn.nodes.values())))
+            conn.server_id = ",".join(sorted(str(c.server_id) for c in connections))
         except BaseException:
             conn.close("cluster connect failed")
             raise

@@ -29,6 +29,7 @@ import orjson
 from app.breaker import CircuitBreaker
 from app.errors import (
     BackendUnavailable,
+    CacheReplaced,
     InvalidInput,
     OndemandError,
     RedisCommandError,
@@ -110,6 +111,7 @@ class Dispatcher:
         self._outbox_task: asyncio.Task[None] | None = None
         self.dirty_limit = dirty_limit
         self._dirty: set[str] = set()
+        self._purge_durable = False  # set when the cache turned out to be another server (CacheReplaced)
         self._dirty_overflow = False
         self.breaker = CircuitBreaker(
             probe=cache.ping,
@@ -487,6 +489,8 @@ class Dispatcher:
 
     def _cache_failed(self, stats: NamespaceStats, exc: OndemandError, keys: Iterable[str]) -> OndemandError:
         """Redis could not be used: remember the keys as stale and open the breaker."""
+        if isinstance(exc, CacheReplaced):
+            self._purge_durable = True  # another server: its durable copies may be older than the store's
         self._count_cache_error(stats, exc)
         self._mark_dirty(keys)
         self.breaker.failure(first_line(exc))
@@ -508,6 +512,17 @@ class Dispatcher:
     async def _invalidate_stale(self) -> None:
         """Runs while the breaker is half-open, after a PING succeeded; the breaker closes after it.
         Our own stale keys first, then the outbox (what other processes could not deliver)."""
+        if self._purge_durable:
+            # The cache is another server than the one we wrote to (a failover to a replica that may lack
+            # the last acknowledged writes): none of its durable copies is trusted.
+            self._purge_durable = False
+            try:
+                for ns in self.namespaces.values():
+                    if ns.durable:
+                        await self.cache.delete_prefix(ns.key_prefix)
+            except BaseException:
+                self._purge_durable = True
+                raise
         while self._dirty or self._dirty_overflow:
             if self._dirty_overflow:
                 self._dirty_overflow = False

@@ -137,6 +137,14 @@ class PostgresUnavailable(BackendUnavailable):
     code = "postgres_unavailable"
 
 
+class CacheReplaced(RedisUnavailable):
+    """The cache answers from another server process than the one we last wrote to (a restart, or a
+    failover to a replica that may lack the last acknowledged writes): the dispatcher serves durable
+    namespaces from the durable store until it has cleared their cached copies."""
+
+    code = "redis_replaced"
+
+
 class WriteOutcomeUnknown(BackendUnavailable):
     """A durable write or delete failed in a way that lets it still take effect later. The cached copy
     was invalidated before this was raised, so the next read returns what the durable store holds."""

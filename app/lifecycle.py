@@ -95,6 +95,10 @@ class Lifecycle(Protocol):
     name: str
     provides_redis: bool  # False for `noop`: reads miss, writes are dropped
     manages_process: bool  # True when `stop` frees a server (idle shutdown applies)
+    # True when every server `start` gives is a fresh, empty one (ours, persistence off): another server
+    # behind the endpoint then never holds copies older than what we wrote. False for a server someone
+    # else runs (an external Redis, a Sentinel master after a failover): see errors.CacheReplaced.
+    starts_empty: bool
 
     async def start(self) -> RedisEndpoint:
         """Make Redis available and return where it listens; raise RedisUnavailable or SpawnError."""
@@ -131,6 +135,7 @@ class WithoutProcess:
     """Defaults for lifecycles that own no server process (external, noop, third-party ones)."""
 
     manages_process = False
+    starts_empty = False
 
     def set_exit_callback(self, callback: Callable[[str, bool], None]) -> None:
         """No process of ours can exit; a lost server shows up as lost connections."""

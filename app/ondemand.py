@@ -32,6 +32,7 @@ from app.cluster import ClusterConnection
 from app.config import Config
 from app.errors import (
     BackendUnavailable,
+    CacheReplaced,
     RedisCommandError,
     RedisDisabled,
     RedisTimeout,
@@ -112,6 +113,7 @@ class OnDemandRedis:
         self._janitor: asyncio.Task[None] | None = None
         self._closed = False
         self.last_used = time.monotonic()
+        self.server_id: str | None = None  # the run_id of the server process last connected to
         self._pid = os.getpid()
         # The optional Lifecycle.connection_lost (a lifecycle that can find the server elsewhere, Sentinel): told
         # about failed connections to the current endpoint, on failures only. `_current` holds the pipelined
@@ -130,6 +132,7 @@ class OnDemandRedis:
         own event loop, if it uses the cache.
         """
         self.pools = {}
+        self.server_id = None
         self._janitor = self._start_task = None
         self._endpoint = self._running_since = None
         self.state = STOPPED if self.lifecycle.provides_redis else DISABLED
@@ -238,6 +241,17 @@ class OnDemandRedis:
                 self._current.add(conn)
             pool.mux = conn
             pool.opens += 1
+            previous, self.server_id = self.server_id, conn.server_id or self.server_id
+            if (not self.lifecycle.starts_empty and previous is not None and conn.server_id is not None
+                    and conn.server_id != previous):
+                # Not the server we wrote to: it may lack acknowledged writes (async replication) or hold
+                # older copies. The commands waiting for this connection fail over; the next ones use it.
+                replaced = CacheReplaced(f"Redis answers from another server process (run_id {conn.server_id}, "
+                                         f"was {previous}): durable values are read from the durable store "
+                                         "until their cached copies are cleared")
+                waiting.set_exception(replaced)
+                waiting.exception()
+                raise replaced
             waiting.set_result(conn)
             return conn
         return await asyncio.shield(pool.mux_connecting)

@@ -17,6 +17,7 @@ auto-pipelining. The rules that make it safe to share one connection:
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from app.errors import RedisCommandError, RedisTimeout, RedisUnavailable
 from app.lifecycle import RedisEndpoint
 
 Command = Sequence[Any]
+_RUN_ID = re.compile(rb"run_id:([0-9a-f]+)")
 
 
 class _RedisProtocol(asyncio.Protocol):
@@ -92,6 +94,7 @@ class PipelinedConnection:
         self.closed_reason: RedisUnavailable | None = None
         self.batches_written = 0
         self.commands_written = 0
+        self.server_id: str | None = None  # INFO's run_id: one per server process
 
     @classmethod
     async def connect(cls, endpoint: RedisEndpoint, *, op_timeout: float, connect_timeout: float,
@@ -109,11 +112,20 @@ class PipelinedConnection:
             conn.close()
             raise RedisUnavailable(f"cannot connect to {endpoint.describe()}: {exc.strerror or exc}") from None
         try:
+            # One round trip: AUTH, SELECT, and INFO for the server's run_id (which process answers: a
+            # new one after a restart or a failover, see OnDemandRedis._connect_mux).
+            setup = []
             if endpoint.password is not None:
                 auth = (endpoint.username, endpoint.password) if endpoint.username else (endpoint.password,)
-                await conn.execute("AUTH", *auth)
+                setup.append(conn.execute("AUTH", *auth))
             if endpoint.db:
-                await conn.execute("SELECT", endpoint.db)
+                setup.append(conn.execute("SELECT", endpoint.db))
+            info = conn.execute("INFO", "server")
+            info.add_done_callback(lambda f: f.cancelled() or f.exception())
+            for step in setup:
+                await step
+            found = _RUN_ID.search(await info or b"")
+            conn.server_id = found.group(1).decode() if found else None
             conn.batches_written = conn.commands_written = 0  # the counters are of callers' traffic, not setup
         except RedisCommandError as exc:
             conn.close()

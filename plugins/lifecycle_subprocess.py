@@ -594,6 +594,7 @@ class SubprocessLifecycle:
     events: Events
     name: str = "subprocess"
     provides_redis: bool = True
+    starts_empty: bool = True  # persistence off: a new server of ours holds nothing older than our writes
     binary: RedisBinary | None = None
     child: ChildProcess | None = None
     endpoint: RedisEndpoint | None = None

@@ -16,6 +16,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+import redis.asyncio as aioredis
 
 from app import Runtime
 from app.errors import BackendUnavailable, InvalidInput, WriteOutcomeUnknown
@@ -210,3 +211,56 @@ def b_config_dsn(rt: Runtime) -> str:
     from plugins.storage_postgres import PostgresConfig
 
     return rt.config.section(PostgresConfig).dsn
+
+
+async def _plain_server(tmp_path, port: int, password: str):
+    """A server behind a fixed address, as a Sentinel's or a provider's would be: not ours to manage."""
+    from app.lifecycle import RedisEndpoint, probe
+    from app.process import ChildProcess
+    from plugins.lifecycle_subprocess import find_binary
+
+    binary = await find_binary(None)
+    child = await ChildProcess.spawn(
+        "redis-server", [binary.path, "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password,
+                         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        log_path=tmp_path / f"server-{port}-{os.urandom(2).hex()}.log")
+    endpoint = RedisEndpoint(host="127.0.0.1", port=port, password=password)
+    await child.wait_ready(lambda: probe(endpoint, child.pid), timeout=5)
+    return child
+
+
+async def test_a_server_replaced_behind_the_address_never_serves_an_older_durable_copy(tmp_path, durable_config) -> None:
+    # A failover to a replica that missed the last acknowledged write: the same address, another server
+    # process, an older copy of the session.
+    from app.net import free_port
+
+    port, password = free_port(), "replaced-test-pw"
+    first = await _plain_server(tmp_path, port, password)
+    url = f"redis://:{password}@127.0.0.1:{port}/0"
+    config = durable_config({"lifecycle": {"plugin": "external", "redis_url": url}})
+    async with Runtime(config) as rt:
+        try:
+            await rt.cache.cache_session("s", {"v": 2})  # acknowledged: in PostgreSQL and in the first server
+            assert (await rt.dispatcher.lookup("session", "s")).source == "redis"
+        finally:
+            await first.stop(grace=2)
+        second = await _plain_server(tmp_path, port, password)
+        try:
+            key = rt.dispatcher.namespace("session").key("s")
+            direct = aioredis.Redis(host="127.0.0.1", port=port, password=password)
+            await direct.set(key, b'{"v": 1}')  # the replica's older copy
+            await direct.aclose()
+            for _ in range(30):  # every read, from the first after the switch on, is the acknowledged value
+                assert await rt.cache.get_session("s") == {"v": 2}
+                await asyncio.sleep(0.02)
+            await wait_until(lambda: rt.dispatcher.breaker.closed)
+            assert await rt.cache.get_session("s") == {"v": 2}
+        finally:
+            await second.stop(grace=2)
+
+
+async def wait_until(predicate, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
