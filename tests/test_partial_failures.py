@@ -229,7 +229,7 @@ async def _plain_server(tmp_path, port: int, password: str):
     return child
 
 
-async def test_a_server_replaced_behind_the_address_never_serves_an_older_durable_copy(tmp_path, durable_config) -> None:
+async def test_a_server_replaced_behind_the_address_serves_no_older_durable_copy(tmp_path, durable_config) -> None:
     # A failover to a replica that missed the last acknowledged write: the same address, another server
     # process, an older copy of the session.
     from app.net import free_port
