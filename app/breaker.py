@@ -49,6 +49,7 @@ class CircuitBreaker:
         self._reset_after = reset_after
         self._reset_after_max = reset_after_max
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
         self.opened_at: float | None = None  # epoch seconds, for status
         self._opened_mono = 0.0
         self.opens = 0
@@ -68,10 +69,21 @@ class CircuitBreaker:
         self.health.down(reason, cause=_BREAKER_CAUSE)
         self._task = asyncio.ensure_future(self._probe_until_closed())
 
+    def probe_soon(self) -> None:
+        """Something changed on the far side (a failover is complete): try the next probe after the first
+        delay again instead of the backed-off one."""
+        self._wake.set()
+
     async def _probe_until_closed(self) -> None:
         delay = self._reset_after
         while True:
-            await asyncio.sleep(delay)
+            if not self._wake.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+            if self._wake.is_set():  # probe_soon: from the first delay again
+                self._wake.clear()
+                delay = self._reset_after
+                await asyncio.sleep(delay)
             self.state = HALF_OPEN
             try:
                 await self._probe()

@@ -30,10 +30,10 @@ from typing import Any
 
 import attrs
 
-from app.errors import RedisCommandError, RedisTimeout, RedisUnavailable, first_line
+from app.errors import CacheReplaced, RedisCommandError, RedisTimeout, RedisUnavailable, first_line
 from app.lifecycle import RedisEndpoint
 from app.pipeline import Command, PipelinedConnection
-from app.routing import Address, SlotMap, key_slot, parse_redirect
+from app.routing import SLOTS, Address, SlotMap, key_slot, parse_redirect
 
 log = logging.getLogger("ondemand.cluster")
 
@@ -87,6 +87,7 @@ class ClusterConnection:
         self.nodes: dict[Address, ClusterNode] = {}
         self.closed_reason: RedisUnavailable | None = None
         self.server_id: str | None = None  # the masters' run_ids when connected
+        self._promoted: set[Address] = set()  # masters that took a failed master's slots over
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed: asyncio.Future[None] | None = None  # what wait_refreshed awaits: the next map read
         self._refreshed_at = 0.0
@@ -163,6 +164,16 @@ class ClusterConnection:
                 errors.append(f"{endpoint.describe()}: {first_line(exc)}")
                 continue
             slots = SlotMap.from_cluster_slots(reply, default_host=endpoint.host or "127.0.0.1")
+            # A failover: slots whose owner is no master any more now belong to a promoted replica, which
+            # may lack the last writes its master acknowledged. The first command it gets says so
+            # (CacheReplaced), so the dispatcher clears durable copies before serving them. (A resharding
+            # moves slots between masters that stay masters: the keys moved with them.)
+            before, now = self.slots, set(slots.masters())
+            if before.covered():
+                lost = set(before.masters()) - now
+                for slot in range(SLOTS):
+                    if before.owner(slot) in lost and slots.owner(slot) is not None:
+                        self._promoted.add(slots.owner(slot))  # type: ignore[arg-type]
             self.slots = slots
             for address in slots.masters():
                 self._node(address)
@@ -257,7 +268,7 @@ class ClusterConnection:
         address = self.slots.owner(slots.pop())
         node = self.nodes.get(address) if address is not None else None
         conn = node.connection if node is not None else None
-        if conn is not None and conn.closed_reason is None:
+        if conn is not None and conn.closed_reason is None and address not in self._promoted:
             # Queued now, in this tick, whenever the caller awaits it: commands issued together share
             # their node's batch (execute_grouped awaits one reply after the other).
             return self._finish(conn.execute(*args), address, args)  # type: ignore[arg-type]
@@ -300,6 +311,11 @@ class ClusterConnection:
                 raise
             return await self._run(address, args, first_error=exc)
 
+    def _replaced(self, address: Address) -> CacheReplaced:
+        self._promoted.discard(address)
+        return CacheReplaced(f"Redis Cluster: {address[0]}:{address[1]} took a failed master's slots over; it may "
+                             "lack writes that master acknowledged")
+
     async def _run(self, address: Address | None, args: Sequence[Any], *,
                    first_error: RedisCommandError | None = None) -> Any:
         deadline = self._loop.time() + self._op_timeout
@@ -331,6 +347,8 @@ class ClusterConnection:
                 address = self.slots.owner(slot)
                 if address is None:
                     raise RedisUnavailable("no cluster node serves this key's slot")
+            if address in self._promoted:
+                raise self._replaced(address)
             node = self._node(address)
             try:
                 conn = await self._node_connection(node)

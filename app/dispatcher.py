@@ -114,7 +114,7 @@ class Dispatcher:
         self._purge_durable = False  # set when the cache turned out to be another server (CacheReplaced)
         self._dirty_overflow = False
         self.breaker = CircuitBreaker(
-            probe=cache.ping,
+            probe=self._probe,
             on_recover=self._invalidate_stale,
             health=cache_health,
         )
@@ -489,11 +489,12 @@ class Dispatcher:
 
     def _cache_failed(self, stats: NamespaceStats, exc: OndemandError, keys: Iterable[str]) -> OndemandError:
         """Redis could not be used: remember the keys as stale and open the breaker."""
-        if isinstance(exc, CacheReplaced):
-            self._purge_durable = True  # another server: its durable copies may be older than the store's
         self._count_cache_error(stats, exc)
         self._mark_dirty(keys)
         self.breaker.failure(first_line(exc))
+        if isinstance(exc, CacheReplaced):
+            self._purge_durable = True  # another server: its durable copies may be older than the store's
+            self.breaker.probe_soon()  # and it answers now: no reason to wait out a backed-off probe
         return exc
 
     def _mark_dirty(self, keys: Iterable[str]) -> None:
@@ -509,7 +510,24 @@ class Dispatcher:
         for ns in self.namespaces.values():
             await self.cache.delete_prefix(ns.key_prefix)
 
+    async def _probe(self) -> None:
+        """The breaker's half-open check. A server that turns out to be another one (CacheReplaced) is
+        reachable: the recovery that follows clears its durable copies first."""
+        try:
+            await self.cache.ping()
+        except CacheReplaced:
+            self._purge_durable = True
+            await self.cache.ping()
+
     async def _invalidate_stale(self) -> None:
+        try:
+            await self._invalidate_stale_keys()
+        except CacheReplaced:  # met another server on the way (a failover while we recovered): start over
+            self._purge_durable = True
+            self.breaker.probe_soon()
+            raise
+
+    async def _invalidate_stale_keys(self) -> None:
         """Runs while the breaker is half-open, after a PING succeeded; the breaker closes after it.
         Our own stale keys first, then the outbox (what other processes could not deliver)."""
         if self._purge_durable:

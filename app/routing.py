@@ -1,7 +1,7 @@
 """Redis Cluster routing: hash slots (CRC16 with hash tags) and the map of slots to nodes.
 
 A key's slot is CRC16-XMODEM of the key modulo 16384, where a key holding `{...}` with something
-between the braces hashes only that part (its hash tag). Our keys are `{prefix}:{namespace}:{<id>}`:
+between the braces hashes only that part (its hash tag). Our keys are `{prefix}:{namespace}:{=<id>}`:
 the id is the tag, so a key and its tombstone (`<key>\\0deleted`) always share a slot, and so do the
 keys of every script we run.
 """

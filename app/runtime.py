@@ -116,7 +116,8 @@ class Runtime:
             namespaces = {
                 name: Namespace(name=name, ttl=ns.ttl, durable=ns.durable and durable is not None,
                                 connection_id=ns.connection_id,
-                                key_prefix=f"{prefix}:{name}:" + ("{" if tagged else ""),
+                                # "{=" + id + "}": the tag is never empty, even for an id that starts with "}"
+                                key_prefix=f"{prefix}:{name}:" + ("{=" if tagged else ""),
                                 key_suffix="}" if tagged else "")
                 for name, ns in config.namespaces.items()
             }

@@ -72,8 +72,9 @@ class Namespace:
     durable: bool  # the durable store is its system of record (configured durable, and a durable store exists)
     connection_id: str
     key_prefix: str  # "ondemand:session:" -- the full Redis key is key_prefix + id + key_suffix
-    # On a cluster the id is the key's hash tag ("ondemand:session:{" + id + "}"), so that a key, its
-    # tombstone and every script's keys share a slot; on one server there is no suffix.
+    # On a cluster the id is the key's hash tag ("ondemand:session:{=" + id + "}": never an empty tag,
+    # whatever the id), so that a key, its tombstone and every script's keys share a slot; on one server
+    # there is no suffix.
     key_suffix: str = ""
 
     def key(self, item_id: str) -> str:
