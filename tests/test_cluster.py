@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 import psutil
 import pytest
+import redis
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
@@ -410,23 +411,38 @@ async def migrate_slot(cluster: LocalCluster, source: ClusterNode, target: Clust
                        pause: float, first_batch_moved: Callable[[], Awaitable[None]] | None = None) -> int:
     """Move `slot` from `source` to `target` the way redis-cli --cluster reshard does: IMPORTING on the target,
     MIGRATING on the source, the keys one MIGRATE (with AUTH) at a time with traffic in between, then the new
-    owner on every master (target first). Returns how many keys moved."""
-    password = cluster.password
-    moved = 0
-    await on_node(target, password, "CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
-    await on_node(source, password, "CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
-    while keys := await on_node(source, password, "CLUSTER", "GETKEYSINSLOT", slot, 1):
-        reply = await on_node(source, password, "MIGRATE", "127.0.0.1", target.port, "", 0, 5000,
-                              "AUTH", password, "KEYS", *keys)
-        assert reply in (b"OK", "OK"), reply
-        if moved == 0 and first_batch_moved is not None:
-            await first_batch_moved()
-        moved += len(keys)
-        await asyncio.sleep(pause)
-    others = [n for n in cluster.master_nodes() if n is not source and n is not target]
-    for node in (target, source, *others):
-        await on_node(node, password, "CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
-    return moved
+    owner on every master (target first). Returns how many keys moved.
+
+    Run in a thread of its own with blocking clients, like the separate tool it stands for: the test's event
+    loop is saturated by the load, and a migration starved by it would hold a slot half-moved (TRYAGAIN for
+    a key and its tombstone) for longer than any op budget."""
+    loop = asyncio.get_running_loop()
+
+    def migrate() -> int:
+        clients = {n.port: redis.Redis(host="127.0.0.1", port=n.port, password=cluster.password, socket_timeout=5.0)
+                   for n in cluster.master_nodes()}
+        try:
+            src, dst = clients[source.port], clients[target.port]
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
+            moved = 0
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1):
+                reply = src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000,
+                                            "AUTH", cluster.password, "KEYS", *keys)
+                assert reply in (b"OK", "OK"), reply
+                if moved == 0 and first_batch_moved is not None:
+                    asyncio.run_coroutine_threadsafe(first_batch_moved(), loop).result(timeout=10.0)
+                moved += len(keys)
+                time.sleep(pause)
+            others = [n for n in cluster.master_nodes() if n is not source and n is not target]
+            for node in (target, source, *others):
+                clients[node.port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
+            return moved
+        finally:
+            for client in clients.values():
+                client.close()
+
+    return await asyncio.to_thread(migrate)
 
 
 async def test_resharding_under_load_fails_no_request_and_serves_no_stale_value(
