@@ -1,9 +1,11 @@
 """What runs once per host for N workers: the HostService protocol (`ondemand_host_services`).
 
-A durable plugin whose server serves one data directory (the embedded PostgreSQL) cannot let every
-worker start its own. The supervisor of `run.py --workers N` asks every plugin for such services,
-starts them before the workers, hands the workers the config overrides each returns (where the
-server listens), and stops them after the last worker is gone.
+Something the workers of one run must share and cannot arrange among themselves (the subprocess
+lifecycle's private runtime directory, when `lifecycle.runtime_dir = "private"`: one directory for all
+the workers, so that they adopt one server). The supervisor of `run.py --workers N` asks every plugin
+for such services, starts them before the workers, hands the workers the config overrides each returns,
+and stops them after the last worker is gone. (The built-in servers are shared by adoption among any
+processes on the host, workers or not: they need no host service.)
 """
 
 from __future__ import annotations

@@ -10,10 +10,11 @@ Shared state between workers:
   every process started in the same directory does; with `lifecycle.runtime_dir = "private"` one its host
   service makes for this run), so its cross-process start (flock + state.json) gives the host exactly one
   redis-server; the others adopt it.
-- Host services: what must run once per host (the embedded PostgreSQL: one data directory serves
-  one postmaster) is asked of the plugins (`ondemand_host_services`); the supervisor starts each
-  before the workers, hands the workers the config overrides each returns (its DSN), and stops them
-  after the last worker is gone.
+- PostgreSQL: the embedded server is adopted by every process that uses its data directory, the
+  workers included (plugins/postgres_server.py).
+- Host services: what the workers of one run must share and cannot arrange themselves is asked of the
+  plugins (`ondemand_host_services`); the supervisor starts each before the workers, hands the workers
+  the config overrides each returns, and stops them after the last worker is gone.
 """
 
 from __future__ import annotations
