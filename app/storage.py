@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
@@ -61,6 +61,19 @@ class ReportsOutages:
             self._log.info("%s recovered", self._label)
         self.health.up()
         self._set_state(StoreState.UP)
+
+
+async def purge_in_batches(purge_one: Callable[[], Awaitable[int]], batch: int, max_batches: int) -> int:
+    """Run `purge_one` (one short statement deleting up to `batch` expired rows) until fewer than
+    `batch` go, at most `max_batches` times (a huge backlog is worked off over several runs, never one
+    long statement); returns how many rows went."""
+    total = 0
+    for _ in range(max_batches):
+        deleted = await purge_one()
+        total += deleted
+        if deleted < batch:
+            break
+    return total
 
 
 @attrs.frozen

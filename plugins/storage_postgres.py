@@ -30,7 +30,7 @@ from app.config import SECRET, between, positive, redact_url
 from app.errors import PostgresUnavailable, first_line
 from app.health import OutageTracker
 from app.hookspecs import hookimpl
-from app.storage import OVERFLOW, Entry, Namespace, ReportsOutages, StoreState
+from app.storage import OVERFLOW, Entry, Namespace, ReportsOutages, StoreState, purge_in_batches
 from plugins.postgres_server import EmbeddedPostgres
 
 log = logging.getLogger("ondemand.postgres")
@@ -413,13 +413,7 @@ class PostgresStorage(ReportsOutages):
             await cur.execute(_SQL_PURGE)
             return cur.rowcount
 
-        total = 0
-        for _ in range(_PURGE_MAX_BATCHES):
-            deleted = await self._run("purge", work)
-            total += deleted
-            if deleted < _PURGE_BATCH:
-                break
-        return total
+        return await purge_in_batches(lambda: self._run("purge", work), _PURGE_BATCH, _PURGE_MAX_BATCHES)
 
     def status(self) -> dict[str, Any]:
         pool = self._pool

@@ -65,7 +65,7 @@ from app.config import FieldError, positive
 from app.errors import BackendUnavailable, first_line
 from app.health import OutageTracker
 from app.hookspecs import hookimpl
-from app.storage import OVERFLOW, Entry, Namespace, ReportsOutages, StoreState
+from app.storage import OVERFLOW, Entry, Namespace, ReportsOutages, StoreState, purge_in_batches
 
 log = logging.getLogger("ondemand.sqlite")
 
@@ -579,13 +579,7 @@ class SqliteStorage(ReportsOutages):
         def work(w: _Worker, now: float) -> int:
             return w.conn.execute(_SQL_PURGE, (now,)).rowcount
 
-        total = 0
-        for _ in range(_PURGE_MAX_BATCHES):
-            deleted = await self._run("purge", work)
-            total += deleted
-            if deleted < _PURGE_BATCH:
-                break
-        return total
+        return await purge_in_batches(lambda: self._run("purge", work), _PURGE_BATCH, _PURGE_MAX_BATCHES)
 
     def status(self) -> dict[str, Any]:
         worker = self._worker
