@@ -12,7 +12,7 @@ batch is written in the same tick (each flushes with call_soon). Every command i
 - TRYAGAIN / CLUSTERDOWN: retried after a short backoff (5 ms doubling to 50 ms) while the budget lasts;
   then that error is raised. Only MOVED and ASK count towards the redirect limit (5).
 - A node that fails: its commands fail (RedisUnavailable: the dispatcher falls back) and the map is
-  refreshed from any node still answering, again and again (every 100 ms, backing off to 1 s) for as
+  refreshed from any node still answering, again and again (every 100 ms, backing off to 250 ms) for as
   long as the map names a master we cannot reach, so that a promoted replica takes its slots over
   within one interval of its promotion, with no command (the breaker is open) needed to notice it.
 
@@ -41,7 +41,7 @@ _MAX_REDIRECTS = 5  # MOVED and ASK replies followed for one command
 _BACKOFF_MAX = 0.05  # seconds between two tries after TRYAGAIN or CLUSTERDOWN
 _REFRESH_MIN_INTERVAL = 0.1  # seconds between two full refreshes of the slot map
 _MOVED_STORM = 16  # MOVED replies within a refresh interval that make us refresh the whole map
-_FAILED_REFRESH_MAX = 1.0  # seconds: the longest wait between two refreshes while a master is unreachable
+_FAILED_REFRESH_MAX = 0.25  # seconds: the longest wait between two refreshes while a master is unreachable
 _SUMMED = frozenset({b"DEL", b"UNLINK", b"EXISTS", b"TOUCH"})
 _KEYLESS = frozenset({b"PING", b"SCAN", b"INFO", b"DBSIZE", b"ROLE", b"CLUSTER", b"CONFIG", b"FLUSHALL"})
 # Commands whose only key is args[1], spelled as our storages send them: routed without command_keys or a
@@ -200,7 +200,7 @@ class ClusterConnection:
 
     def refresh_soon(self) -> None:
         """Refresh the slot map in the background (once, however many ask), at most every 100 ms; while a
-        master in the map is unreachable, keep refreshing (and trying it) with a backoff up to 1 s."""
+        master in the map is unreachable, keep refreshing (and trying it) with a backoff up to 250 ms."""
         if self._refreshing is not None or self.closed_reason is not None:
             return
         delay = max(0.0, self._refreshed_at + _REFRESH_MIN_INTERVAL - time.monotonic())
