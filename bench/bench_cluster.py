@@ -280,7 +280,7 @@ async def routing_costs(number: int = 200_000) -> list[dict[str, Any]]:
     from app.cluster import command_keys
     from app.routing import key_slot
 
-    key = "ondemand:profile:{k17-42}"
+    key = "ondemand:profile:{=k17-42}"  # our key scheme on a cluster: the id is the hash tag
     args = ("SET", key, b"x" * 244, "PX", 60000)
     rows = [
         {"step": "key_slot(key), a hash-tagged key", "us_per_command": timeit.timeit(lambda: key_slot(key),
