@@ -30,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from app.errors import CacheReplaced, RedisCommandError, RedisTimeout, RedisUnavailable, first_line
+from app.errors import CacheReplaced, NodeUnavailable, RedisCommandError, RedisUnavailable, first_line
 from app.lifecycle import RedisEndpoint
 from app.pipeline import Command, PipelinedConnection
 from app.routing import SLOTS, Address, SlotMap, key_slot, parse_redirect
@@ -97,6 +97,9 @@ class ClusterConnection:
         self._refreshed_at = 0.0
         self._moved_since_refresh = 0
         self._failed: set[Address] = set()  # masters whose connection failed, until they answer or leave the map
+        # Masters that answer again after a failure: their first command makes the dispatcher delete what
+        # went stale on them meanwhile (a breaker cycle) before they serve.
+        self._rejoined: set[Address] = set()
         self.redirects = {"moved": 0, "ask": 0, "tryagain": 0, "clusterdown": 0}
         self.refreshes = 0
 
@@ -148,7 +151,7 @@ class ClusterConnection:
             finally:
                 waiting, node.connecting = node.connecting, None
             node.connection = conn
-            self._failed.discard(node.address)
+            self._back(node.address)
             waiting.set_result(conn)
             return conn
         return await asyncio.shield(node.connecting)
@@ -191,6 +194,23 @@ class ClusterConnection:
             return
         raise RedisUnavailable("cannot read the cluster's slot map: " + "; ".join(errors))
 
+    def _back(self, address: Address) -> None:
+        if address in self._failed:
+            self._failed.discard(address)
+            self._rejoined.add(address)
+
+    def reachable_masters(self) -> list[Address]:
+        return [address for address in self.slots.masters() if address not in self._failed]
+
+    def _check(self, address: Address) -> None:
+        """Before a command to `address`: fail fast while it is unreachable; tell once when it is back."""
+        if address in self._failed:
+            raise NodeUnavailable(f"Redis Cluster master {address[0]}:{address[1]} is unreachable")
+        if address in self._rejoined:
+            self._rejoined.discard(address)
+            raise RedisUnavailable(f"Redis Cluster master {address[0]}:{address[1]} answers again: what went "
+                                   "stale on it is deleted before it serves")
+
     def node_failed(self, address: Address | None) -> None:
         """A master's connection failed (or could not be made): refresh the map until it answers again or
         the cluster replaced it (a failover)."""
@@ -224,7 +244,7 @@ class ClusterConnection:
                         with contextlib.suppress(RedisUnavailable, TimeoutError):
                             if node is not None:
                                 await self._node_connection(node)
-                            self._failed.discard(address)
+                            self._back(address)
                     if not self._failed:
                         return
                     wait, pause = pause, min(pause * 2, _FAILED_REFRESH_MAX)
@@ -268,14 +288,16 @@ class ClusterConnection:
         else:
             keys = command_keys(args)
             if not keys:
-                return self._run(next(iter(self.slots.masters()), None), args)
+                reachable = self.reachable_masters()
+                return self._run(reachable[0] if reachable else next(iter(self.slots.masters()), None), args)
             slots = {key_slot(key) for key in keys}
             if len(slots) != 1:
                 return self._split(args, keys)
             address = self.slots.owner(slots.pop())
         node = self.nodes.get(address) if address is not None else None
         conn = node.connection if node is not None else None
-        if conn is not None and conn.closed_reason is None and address not in self._promoted:
+        if (conn is not None and conn.closed_reason is None and address not in self._promoted
+                and address not in self._failed and address not in self._rejoined):
             # Queued now, in this tick, whenever the caller awaits it: commands issued together share
             # their node's batch (execute_grouped awaits one reply after the other).
             return self._finish(conn.execute(*args), address, args)  # type: ignore[arg-type]
@@ -313,7 +335,7 @@ class ClusterConnection:
         except (RedisCommandError, RedisUnavailable) as exc:
             if isinstance(exc, RedisUnavailable):
                 self.node_failed(address)
-                raise
+                raise _node_unavailable(exc) from exc
             if exc.kind not in ("moved", "ask", "tryagain", "clusterdown"):
                 raise
             return await self._run(address, args, first_error=exc)
@@ -356,6 +378,7 @@ class ClusterConnection:
                     raise RedisUnavailable("no cluster node serves this key's slot")
             if address in self._promoted:
                 raise self._replaced(address)
+            self._check(address)
             node = self._node(address)
             try:
                 conn = await self._node_connection(node)
@@ -367,15 +390,17 @@ class ClusterConnection:
                 async with asyncio.timeout(max(0.001, deadline - self._loop.time())):
                     return await future
             except TimeoutError:
-                raise RedisTimeout(f"Redis Cluster did not answer within {self._op_timeout:g} s") from None
+                self.node_failed(address)
+                raise NodeUnavailable(f"Redis Cluster master {address[0]}:{address[1]} did not answer within "
+                                      f"{self._op_timeout:g} s") from None
             except RedisCommandError as exc:
                 if exc.kind not in ("moved", "ask", "tryagain", "clusterdown"):
                     raise
                 pending_error = exc
                 continue
-            except RedisUnavailable:
+            except RedisUnavailable as exc:
                 self.node_failed(address)  # a master may have failed: learn who took its slots
-                raise
+                raise _node_unavailable(exc) from exc
 
     def _redirect(self, error: RedisCommandError, args: Sequence[Any]) -> tuple[Address | None, bool] | None:
         """Where to send a command again after `error`, and whether with ASKING; None: give up."""
@@ -423,3 +448,7 @@ class ClusterConnection:
             # masters in the map whose connection failed: the map is refreshed until this is empty again
             "unreachable": [f"{host}:{port}" for host, port in sorted(self._failed)],
         }
+
+
+def _node_unavailable(exc: RedisUnavailable) -> NodeUnavailable:
+    return exc if isinstance(exc, NodeUnavailable) else NodeUnavailable(str(exc))

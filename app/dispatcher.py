@@ -31,6 +31,7 @@ from app.errors import (
     BackendUnavailable,
     CacheReplaced,
     InvalidInput,
+    NodeUnavailable,
     OndemandError,
     RedisCommandError,
     StorageUnavailable,
@@ -439,7 +440,8 @@ class Dispatcher:
     def _read_failed(self, stats: NamespaceStats, exc: OndemandError, keys: Iterable[str] = ()) -> OndemandError:
         """A cache read (or put-back) failed: the read goes on as a miss. An error reply that concerns
         this command alone (out of memory, ...) leaves the breaker closed."""
-        if isinstance(exc, RedisCommandError) and not exc.server_unusable:
+        if (isinstance(exc, RedisCommandError) and not exc.server_unusable) or isinstance(exc, NodeUnavailable):
+            # (One cluster master out of reach: only its keys are affected; the breaker stays closed.)
             self._count_cache_error(stats, exc)
             return exc
         return self._cache_failed(stats, exc, keys)
@@ -452,6 +454,13 @@ class Dispatcher:
         remembered here and recorded in the outbox, so that whoever reaches Redis first deletes them."""
         targets = list(targets)
         keys = [ns.key(item_id) for ns, item_id in targets]
+        if isinstance(exc, NodeUnavailable):
+            # One cluster master out of reach: its keys are remembered (and deleted before it serves again,
+            # see ClusterConnection), the breaker stays closed for every other master's keys.
+            self._count_cache_error(stats, exc)
+            self._mark_dirty(keys)
+            await self._record(targets)
+            return
         if isinstance(exc, RedisCommandError) and not exc.server_unusable:
             self._count_cache_error(stats, exc)
             try:
@@ -541,6 +550,7 @@ class Dispatcher:
             except BaseException:
                 self._purge_durable = True
                 raise
+        unreachable: list[str] = []  # stale keys on a cluster master still out of reach: kept for later
         while self._dirty or self._dirty_overflow:
             if self._dirty_overflow:
                 self._dirty_overflow = False
@@ -554,9 +564,23 @@ class Dispatcher:
             batch = [self._dirty.pop() for _ in range(min(1000, len(self._dirty)))]
             try:
                 await self.cache.delete_keys(batch)
+            except NodeUnavailable:
+                # Some of them live on a cluster master still out of reach: delete the others one by one,
+                # keep those (its first command when back makes us try them again).
+                results = await asyncio.gather(*(self.cache.delete_keys([key]) for key in batch),
+                                               return_exceptions=True)
+                for key, result in zip(batch, results, strict=True):
+                    if isinstance(result, NodeUnavailable):
+                        unreachable.append(key)
+                    elif isinstance(result, BaseException):
+                        self._mark_dirty(batch)
+                        self._mark_dirty(unreachable)
+                        raise result from None
             except BaseException:
                 self._mark_dirty(batch)
+                self._mark_dirty(unreachable)
                 raise
+        self._mark_dirty(unreachable)
         await self._deliver_outbox()
 
     # -- the outbox: invalidations other processes could not deliver -------------------------

@@ -137,6 +137,15 @@ class PostgresUnavailable(BackendUnavailable):
     code = "postgres_unavailable"
 
 
+class NodeUnavailable(RedisUnavailable):
+    """One master of a Redis Cluster cannot be reached: only the keys of its slots are affected. The
+    dispatcher serves those from the durable store (or misses) and remembers their writes, without
+    opening the breaker for the other masters' keys; the first command after the master is back (or its
+    replica took over) clears what went stale first."""
+
+    code = "redis_node_unavailable"
+
+
 class CacheReplaced(RedisUnavailable):
     """The cache answers from another server process than the one we last wrote to (a restart, or a
     failover to a replica that may lack the last acknowledged writes): the dispatcher serves durable

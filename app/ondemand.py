@@ -319,7 +319,8 @@ class OnDemandRedis:
         if conn is None or conn.closed_reason is not None:
             conn = await self._connect_mux(pool)
         if isinstance(conn, ClusterConnection):
-            return [lambda *args, address=address: conn.execute_on(address, *args) for address in conn.slots.masters()]
+            return [lambda *args, address=address: conn.execute_on(address, *args)
+                    for address in conn.reachable_masters()]  # an unreachable one's keys are cleared when back
         return [conn.execute]
 
     def _new_pool(self, connection_id: str, keep_alive: float | None) -> NamedPool:

@@ -334,9 +334,6 @@ async def test_a_master_sigkilled_under_load_fails_no_durable_request_and_the_ca
     assert f"127.0.0.1:{replica.port}" in addresses and f"127.0.0.1:{victim.port}" not in addresses
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "one circuit breaker for the whole cache (app/breaker.py, in app/dispatcher.py): the first failure on the "
-    "lost master's slots opens it for the keys of every master; the issue asks for a breaker per node"))
 async def test_a_failed_master_affects_only_the_keys_of_its_slots(aiohttp_client, make_config) -> None:
     client = await aiohttp_client(create_app(make_config(with_cluster())))
     ids = [f"u{i}" for i in range(30)]
