@@ -437,6 +437,7 @@ class ClusterConnection:
         return {
             "nodes": [
                 {"address": f"{host}:{port}", "role": "master", "slots": self.slots.slots_of((host, port)),
+                 "state": "unreachable" if (host, port) in self._failed else "up",
                  "connected": node.connection is not None and node.connection.closed_reason is None,
                  "batches": node.connection.batches_written if node.connection else 0,
                  "commands": node.connection.commands_written if node.connection else 0,

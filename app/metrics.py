@@ -100,9 +100,46 @@ def _redis_metrics(redis: dict[str, Any]) -> Iterator[Metric]:
     yield GaugeMetricFamily("ondemand_redis_up", "1 while the Redis server is running",
                             value=1 if redis.get("state") == "running" else 0)
     pools = redis.get("pools", {})
+    topology = GaugeMetricFamily("ondemand_redis_topology", "1 for the configured Redis topology",
+                                 labels=["topology"])
+    topology.add_metric([str(redis.get("topology", "standalone"))], 1)
+    yield topology
+    yield from _cluster_metrics(pools)
     yield GaugeMetricFamily("ondemand_redis_pools", "Named connection pools known", value=len(pools))
     yield GaugeMetricFamily("ondemand_redis_pools_open", "Named connection pools currently open",
                             value=sum(1 for pool in pools.values() if pool.get("open")))
+
+
+def _cluster_metrics(pools: dict[str, Any]) -> Iterator[Metric]:
+    """Each master of a cluster, as the pools' ClusterConnections see it (summed over pools)."""
+    nodes: dict[str, dict[str, Any]] = {}
+    redirects: dict[str, int] = {}
+    for pool in pools.values():
+        pipeline = pool.get("pipeline") or {}
+        unreachable = set(pipeline.get("unreachable", ()))
+        for node in pipeline.get("nodes", ()):
+            seen = nodes.setdefault(node["address"], {"up": 1, "slots": 0, "commands": 0})
+            seen["slots"] = max(seen["slots"], node.get("slots", 0))
+            seen["commands"] += node.get("commands", 0)
+            if not node.get("connected") or node["address"] in unreachable:
+                seen["up"] = 0
+        for kind, count in (pipeline.get("redirects") or {}).items():
+            redirects[kind] = redirects.get(kind, 0) + count
+    if not nodes:
+        return
+    up = GaugeMetricFamily("ondemand_cluster_node_up", "1 while a cluster master answers", labels=["address"])
+    slots = GaugeMetricFamily("ondemand_cluster_node_slots", "Slots a cluster master serves", labels=["address"])
+    commands = CounterMetricFamily("ondemand_cluster_node_commands", "Commands sent to a cluster master",
+                                   labels=["address"])
+    for address, node in sorted(nodes.items()):
+        up.add_metric([address], node["up"])
+        slots.add_metric([address], node["slots"])
+        commands.add_metric([address], node["commands"])
+    redirected = CounterMetricFamily("ondemand_cluster_redirects", "Cluster redirects and retries, by kind",
+                                     labels=["kind"])
+    for kind, count in sorted(redirects.items()):
+        redirected.add_metric([kind], count)
+    yield from (up, slots, commands, redirected)
 
 
 def _breaker_metrics(dispatcher: dict[str, Any]) -> Iterator[Metric]:

@@ -23,7 +23,6 @@ from typing import Any
 
 import attrs
 import psutil
-import pytest
 import redis
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
@@ -170,7 +169,12 @@ async def test_every_api_operation_on_the_cluster_with_keys_on_every_master(aioh
     ready = await body_of(await client.get("/readyz"))
     assert ready["status"] == "ready" and ready["redis"]["breaker"] == "closed"
     metrics = await client.get("/metrics")
-    assert metrics.status == 200 and "ondemand_cache_hits" in await metrics.text()
+    text = await metrics.text()
+    assert metrics.status == 200 and "ondemand_cache_hits" in text
+    assert 'ondemand_redis_topology{topology="cluster"} 1.0' in text
+    node_lines = [line for line in text.splitlines() if line.startswith("ondemand_cluster_node_up{")]
+    assert len(node_lines) == 3 and all(line.endswith(" 1.0") for line in node_lines), node_lines
+    assert sum(1 for line in text.splitlines() if line.startswith("ondemand_cluster_node_slots{")) == 3
 
     # keys spread over every master, each on its slot's owner; nothing went the long way
     sizes = [await on_node(node, cluster.password, "DBSIZE") for node in cluster.master_nodes()]
