@@ -329,6 +329,7 @@
     $("redis-error").hidden = !problems.length;
     setText("redis-error", problems.join(" · "));
     renderSentinel(redis.sentinel);
+    renderCluster(redis);
 
     if (redis.idle_deadline_in !== null && redis.idle_deadline_in !== undefined) {
       idle = { deadline: now + redis.idle_deadline_in, timeout: redis.idle_timeout };
@@ -414,6 +415,37 @@
     setText("sentinel-failovers", last
       ? `${fmtNum(sentinel.failovers)} · last ${last.from} → ${last.to}, ${fmtDuration(Date.now() / 1000 - last.at)} ago`
       : fmtNum(sentinel.failovers));
+  }
+
+  // lifecycle.topology = "cluster": the masters, as the default pool's connection sees them.
+  function renderCluster(redis) {
+    const pipeline = ((redis.pools || {}).default || {}).pipeline || {};
+    let group = $("cluster-rows");
+    if (redis.topology !== "cluster" || !pipeline.nodes) {
+      if (group) group.hidden = true;
+      return;
+    }
+    if (!group) {
+      group = document.createElement("div");
+      group.id = "cluster-rows";
+      for (const [label, id] of [["topology", "cluster-topology"], ["masters", "cluster-nodes"],
+        ["redirects", "cluster-redirects"]]) {
+        const dt = document.createElement("dt");
+        dt.textContent = label;
+        const dd = document.createElement("dd");
+        dd.id = id;
+        dd.className = "mono wrap";
+        group.append(dt, dd);
+      }
+      $("endpoint").closest("dl").append(group);
+    }
+    group.hidden = false;
+    setText("cluster-topology", `cluster, ${pipeline.nodes.length} masters`);
+    setText("cluster-nodes", pipeline.nodes
+      .map((n) => `${n.address} ${n.state || (n.connected ? "up" : "down")} · ${fmtNum(n.slots)} slots · ${fmtNum(n.commands)} cmds`)
+      .join("  |  "));
+    setText("cluster-redirects", Object.entries(pipeline.redirects || {})
+      .map(([kind, count]) => `${kind} ${fmtNum(count)}`).join(" · "));
   }
 
   function renderPools(pools) {
