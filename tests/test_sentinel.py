@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import time
 from typing import Any
 
@@ -383,3 +384,36 @@ async def test_a_readonly_reply_ends_writes_to_that_server_and_a_replica_is_neve
                 assert time.monotonic() < deadline, str(refused_master.value)
                 await asyncio.sleep(0.05)
             assert await readonly_errors(group, first) == refused
+
+
+async def test_a_write_the_replica_never_received_is_not_served_after_the_failover(durable_config) -> None:
+    # Asynchronous replication: the master acknowledges a write, its replica never gets it, the master dies
+    # and the replica is promoted holding the older copy. The first connection to it sees another run_id
+    # (CacheReplaced): durable copies are cleared before anything is served from it.
+    async with sentinel_group() as group:
+        old, new = group.data
+        config = durable_config(merge(group.config(), FAST))
+        async with Runtime(config) as rt:
+            await rt.cache.cache_session("s", {"v": 1})
+            assert await group.call(old, "WAIT", 1, 2000) == 1, "the replica has v1"
+            assert new.child is not None
+            new.child.signal(signal.SIGSTOP)  # it cannot take the link up again before the master dies
+            try:
+                assert await group.call(old, "CLIENT", "KILL", "TYPE", "replica") == 1
+                await rt.cache.cache_session("s", {"v": 2})  # acknowledged: PostgreSQL and the old master
+                group.kill(old)
+            finally:
+                new.child.signal(signal.SIGCONT)
+            await group.wait_settled(master=new, timeout=30)
+            key = rt.dispatcher.namespace("session").key("s")
+            assert await group.call(new, "GET", key) == b'{"v":1}', "the promoted replica holds the older copy"
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 15
+            while True:  # every read, during and after the switch, is the acknowledged value
+                found = await rt.dispatcher.lookup("session", "s")
+                assert found.value == {"v": 2}, found
+                if found.source == "redis" and rt.on_demand.lifecycle.master == ("127.0.0.1", new.port):
+                    break
+                assert loop.time() < deadline, "the cache did not come back on the promoted replica"
+                await asyncio.sleep(0.05)
+            assert await group.call(new, "GET", key) == b'{"v":2}'
