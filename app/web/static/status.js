@@ -369,14 +369,14 @@
     if ($("raw").closest("details").open) $("raw").textContent = JSON.stringify(doc, null, 2);
   }
 
-  // lifecycle.topology = "sentinel": rows of the Redis card, made on the first status that has them.
-  function sentinelRows() {
-    let group = $("sentinel-rows");
+  // Rows a topology adds to the Redis card (sentinel, cluster), made on the first status that has them:
+  // `rows` are [label, id] pairs; the group's dt/dd stay in the card's grid (status.css).
+  function topologyRows(groupId, rows) {
+    let group = $(groupId);
     if (group) return group;
     group = document.createElement("div");
-    group.id = "sentinel-rows";
-    for (const [label, id] of [["master", "sentinel-master"], ["sentinels", "sentinel-list"],
-      ["failovers", "sentinel-failovers"]]) {
+    group.id = groupId;
+    for (const [label, id] of rows) {
       const dt = document.createElement("dt");
       dt.textContent = label;
       const dd = document.createElement("dd");
@@ -386,6 +386,11 @@
     }
     $("endpoint").closest("dl").append(group);
     return group;
+  }
+
+  function sentinelRows() {
+    return topologyRows("sentinel-rows", [["master", "sentinel-master"], ["sentinels", "sentinel-list"],
+      ["failovers", "sentinel-failovers"]]);
   }
 
   function renderSentinel(sentinel) {
@@ -420,26 +425,12 @@
   // lifecycle.topology = "cluster": the masters, as the default pool's connection sees them.
   function renderCluster(redis) {
     const pipeline = ((redis.pools || {}).default || {}).pipeline || {};
-    let group = $("cluster-rows");
     if (redis.topology !== "cluster" || !pipeline.nodes) {
-      if (group) group.hidden = true;
+      if ($("cluster-rows")) $("cluster-rows").hidden = true;
       return;
     }
-    if (!group) {
-      group = document.createElement("div");
-      group.id = "cluster-rows";
-      for (const [label, id] of [["topology", "cluster-topology"], ["masters", "cluster-nodes"],
-        ["redirects", "cluster-redirects"]]) {
-        const dt = document.createElement("dt");
-        dt.textContent = label;
-        const dd = document.createElement("dd");
-        dd.id = id;
-        dd.className = "mono wrap";
-        group.append(dt, dd);
-      }
-      $("endpoint").closest("dl").append(group);
-    }
-    group.hidden = false;
+    topologyRows("cluster-rows", [["topology", "cluster-topology"], ["masters", "cluster-nodes"],
+      ["redirects", "cluster-redirects"]]).hidden = false;
     setText("cluster-topology", `cluster, ${pipeline.nodes.length} masters`);
     setText("cluster-nodes", pipeline.nodes
       .map((n) => `${n.address} ${n.state || (n.connected ? "up" : "down")} · ${fmtNum(n.slots)} slots · ${fmtNum(n.commands)} cmds`)
