@@ -872,7 +872,10 @@ class SubprocessLifecycle:
             options |= {"bind": "127.0.0.1"}
         options |= self.settings.redis_options
         conf = rundir / "redis.conf"
-        replace_file(conf, "".join(f"{key} {_quote(value)}\n" for key, value in options.items()))
+        # We never send RESTORE: without it, a flaw in loading crafted payloads (CVE-2026-63639) stays out
+        # of reach even of a client that has the password. (DEBUG and MODULE are off by default already.)
+        disabled = 'rename-command RESTORE ""\n'
+        replace_file(conf, "".join(f"{key} {_quote(value)}\n" for key, value in options.items()) + disabled)
         return conf
 
     async def _spawn(self, rundir: Path) -> RedisEndpoint:

@@ -665,3 +665,13 @@ def test_a_read_only_or_unreadable_runtime_dir_is_a_typed_error_and_no_500(tmp_p
     assert status == 200 and ready["status"] == "degraded" and expected in ready["redis"]["last_error"]
     assert result["tracebacks"] == 0, result["warnings"]
     assert not (target / "run").exists() and os.listdir(target) == []
+
+
+async def test_the_spawned_server_has_no_restore_command(runtime: Runtime) -> None:
+    # RESTORE loads a serialized payload: a command we never send, disabled so that its flaws stay out of reach.
+    await runtime.cache.cache_profile("u", {"ok": True})
+    import redis.exceptions
+
+    with pytest.raises(redis.exceptions.ResponseError, match="unknown command"):
+        await runtime.on_demand.with_connection(lambda r: r.execute_command("RESTORE", "k", 0, b"x"))
+    assert await runtime.cache.get_profile("u") == {"ok": True}
