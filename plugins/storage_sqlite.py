@@ -292,6 +292,19 @@ def _refusal(st: os.stat_result, *, directory: bool) -> str | None:
     return None
 
 
+def _set_wal(conn: sqlite3.Connection, deadline: float) -> str:
+    """PRAGMA journal_mode=WAL, retried while another process holds the lock it needs. Two processes
+    opening a new file at once can meet in a lock upgrade that SQLite refuses at once instead of waiting
+    (its deadlock rule: the busy handler is not called), so the busy timeout alone does not cover it."""
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+
+
 def _prepare_file(path: Path) -> None:
     """Check, or create, the file and its directory: missing directories are created 0700 and a missing
     file 0600 (O_EXCL, never through a symlink); an existing one is used only if it is ours (_PATH_RULE).
@@ -606,7 +619,7 @@ class SqliteStorage(ReportsOutages):
                                cached_statements=64)
         try:
             conn.set_progress_handler(worker.past_deadline, _PROGRESS_STEPS)
-            journal_mode = str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()
+            journal_mode = _set_wal(conn, time.monotonic() + busy_timeout)
             if journal_mode != "wal":
                 log.warning("SQLite file %s is in journal mode %r, not WAL (a file system without shared "
                             "memory?): readers and the writer of several processes wait for one another",
