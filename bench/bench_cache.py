@@ -34,6 +34,7 @@ from common import (
     latency_ms,
     ratio,
     redis_client_kwargs,
+    set_get_op,
 )
 
 from app import Runtime
@@ -64,12 +65,7 @@ async def ondemand(rt: Runtime, endpoint: Any) -> tuple[Op, Callable[[], Awaitab
 
 async def raw(rt: Runtime, endpoint: Any) -> tuple[Op, Callable[[], Awaitable[None]], str]:
     client = aioredis.Redis(**redis_client_kwargs(endpoint), max_connections=POOL_SIZE)
-    packed = orjson.dumps(VALUE)
-
-    async def op(key: str) -> Any:
-        await client.set("raw:" + key, packed, px=TTL * 1000)
-        found = await client.get("raw:" + key)
-        return None if found is None else orjson.loads(found)
+    op = set_get_op(client, "raw:", px=TTL * 1000)
 
     return op, client.aclose, (f"redis.asyncio.Redis (hiredis parser, pool of {POOL_SIZE}), orjson, "
                                "one command per call")
@@ -138,12 +134,7 @@ async def coredis(rt: Runtime, endpoint: Any) -> tuple[Op, Callable[[], Awaitabl
     client = coredis.Redis(**where, password=endpoint.password, max_connections=POOL_SIZE)
     stack = contextlib.AsyncExitStack()
     await stack.enter_async_context(client)  # coredis 6 clients work only inside their context (a task group)
-    packed = orjson.dumps(VALUE)
-
-    async def op(key: str) -> Any:
-        await client.set("coredis:" + key, packed, px=TTL * 1000)
-        found = await client.get("coredis:" + key)
-        return None if found is None else orjson.loads(found)
+    op = set_get_op(client, "coredis:", px=TTL * 1000)
 
     return op, stack.aclose, (f"coredis.Redis {coredis.__version__} (RESP3, its blocking pool of at most {POOL_SIZE}, "
                               "which multiplexes commands of several tasks on a connection), orjson")
@@ -157,12 +148,7 @@ async def glide(rt: Runtime, endpoint: Any) -> tuple[Op, Callable[[], Awaitable[
     client = await GlideClient.create(GlideClientConfiguration(
         [NodeAddress(endpoint.host, endpoint.port)], credentials=ServerCredentials(endpoint.password),
         request_timeout=5000))
-    packed = orjson.dumps(VALUE)
-
-    async def op(key: str) -> Any:
-        await client.set("glide:" + key, packed, expiry=_glide_expiry())
-        found = await client.get("glide:" + key)
-        return None if found is None else orjson.loads(found)
+    op = set_get_op(client, "glide:", expiry=_glide_expiry())
 
     version = importlib.metadata.version("valkey-glide")
     return op, client.close, (f"valkey-glide {version} GlideClient (its Rust core, one multiplexed connection), "

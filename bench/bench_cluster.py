@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 from bench_cache import Op, measure
 from bench_cache import ondemand as ondemand_contender
-from common import TTL, VALUE, Result, Table, Target, bench_config, ratio
+from common import TTL, VALUE, Result, Table, Target, bench_config, ratio, set_get_op
 from redis.asyncio.cluster import RedisCluster
 
 from app import Runtime
@@ -64,12 +64,7 @@ def cluster_config(transport: str = "tcp", masters: int = MASTERS) -> Any:
 async def redis_cluster(rt: Runtime, seed: Any) -> Contender:
     client = RedisCluster(host=seed.host, port=seed.port, password=seed.password, max_connections=POOL_PER_NODE)
     await client.initialize()
-    packed = orjson.dumps(VALUE)
-
-    async def op(key: str) -> Any:
-        await client.set("rc:" + key, packed, px=TTL * 1000)
-        found = await client.get("rc:" + key)
-        return None if found is None else orjson.loads(found)
+    op = set_get_op(client, "rc:", px=TTL * 1000)
 
     return op, client.aclose, (f"redis.asyncio.cluster.RedisCluster (hiredis parser, max_connections={POOL_PER_NODE} "
                                "per node: one per task, as a task has one command in flight at a time, so it "
@@ -88,13 +83,7 @@ async def glide_cluster(rt: Runtime, seed: Any) -> Contender:
 
     client = await GlideClusterClient.create(GlideClusterClientConfiguration(
         [NodeAddress(seed.host, seed.port)], credentials=ServerCredentials(seed.password), request_timeout=5000))
-    packed = orjson.dumps(VALUE)
-    expiry = ExpirySet(ExpiryType.MILLSEC, TTL * 1000)
-
-    async def op(key: str) -> Any:
-        await client.set("glide:" + key, packed, expiry=expiry)
-        found = await client.get("glide:" + key)
-        return None if found is None else orjson.loads(found)
+    op = set_get_op(client, "glide:", expiry=ExpirySet(ExpiryType.MILLSEC, TTL * 1000))
 
     version = importlib.metadata.version("valkey-glide")
     return op, client.close, (f"valkey-glide {version} GlideClusterClient (its Rust core, one multiplexed "

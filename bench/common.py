@@ -11,10 +11,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +41,19 @@ VALUE: dict[str, Any] = {
     "score": 42.5,
 }
 REDIS_NAMES = ("redis-server", "valkey-server")
+
+
+def set_get_op(client: Any, prefix: str, **set_options: Any) -> Callable[[str], Awaitable[Any]]:
+    """A peer's benchmark op: SET the JSON value (with the ttl, in the client's own words: `set_options`,
+    made once) and GET it back, decoded with orjson."""
+    packed = orjson.dumps(VALUE)
+
+    async def op(key: str) -> Any:
+        await client.set(prefix + key, packed, **set_options)
+        found = await client.get(prefix + key)
+        return None if found is None else orjson.loads(found)
+
+    return op
 
 
 def bench_config(transport: str, **sections: dict[str, Any]) -> Config:
