@@ -115,10 +115,9 @@ class OnDemandRedis:
         self.last_used = time.monotonic()
         self.server_id: str | None = None  # the run_id of the server process last connected to
         self._pid = os.getpid()
-        # The optional Lifecycle.connection_lost (a lifecycle that can find the server elsewhere, Sentinel): told
-        # about failed connections to the current endpoint, on failures only. `_current` holds the pipelined
-        # connections opened since the last start, so that one closed by our own stop is not reported.
-        self._connection_lost: Callable[[str], None] | None = getattr(lifecycle, "connection_lost", None)
+        # Lifecycle.connection_lost (a lifecycle that can find the server elsewhere, Sentinel, acts on it) is
+        # told about failed connections to the current endpoint, on failures only. `_current` holds the
+        # pipelined connections opened since the last start, so that one closed by our own stop is not reported.
         self._current: weakref.WeakSet[Any] = weakref.WeakSet()
         lifecycle.set_exit_callback(self._on_server_exit)
         # A forked copy of this process must neither use our connections nor stop our server.
@@ -206,8 +205,8 @@ class OnDemandRedis:
 
     def _report_lost(self, exc: BaseException) -> None:
         """Tell the lifecycle (if it listens) that a connection to the running endpoint failed."""
-        if self._connection_lost is not None and self.state == RUNNING:
-            self._connection_lost(first_line(str(exc)))
+        if self.state == RUNNING:
+            self.lifecycle.connection_lost(first_line(str(exc)))
 
     async def _connect_mux(self, pool: NamedPool) -> PipelinedConnection:
         self._rebind_after_fork()
@@ -237,7 +236,7 @@ class OnDemandRedis:
                 waiting, pool.mux_connecting = pool.mux_connecting, None
             if self.state != RUNNING or self._endpoint != endpoint:  # stopped while we connected
                 conn.close("Redis stopped while connecting")
-            elif self._connection_lost is not None:
+            else:
                 self._current.add(conn)
             pool.mux = conn
             pool.opens += 1

@@ -658,6 +658,10 @@ class SubprocessLifecycle:
         """For `check-config`: the server this lifecycle would start and why (only `--version` runs)."""
         return await describe_discovery(self.settings.redis_binary, tcp=self.settings.tcp)
 
+    def connection_lost(self, reason: str) -> None:
+        """Our own server is watched through its process (and a sibling's through a pidfd): a lost
+        connection alone says nothing more."""
+
     def forget_after_fork(self) -> None:
         """In a forked child: the parent's server and files are not ours (see OnDemandRedis)."""
         self.child = self.endpoint = self.runtime_dir = self.cluster = None
