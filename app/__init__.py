@@ -1,9 +1,9 @@
 """ondemand: an aiohttp microframework whose plugins run Redis on demand, with a PostgreSQL fallback."""
 
-from app.cache import CacheService
-from app.config import Config
-from app.configure import load_config
-from app.errors import (
+from ondemand.cache import CacheService
+from ondemand.config import Config
+from ondemand.config.load import load_config
+from ondemand.errors import (
     BackendUnavailable,
     ConfigError,
     InvalidInput,
@@ -13,8 +13,8 @@ from app.errors import (
     RedisUnavailable,
     StorageUnavailable,
 )
-from app.hookspecs import hookimpl
-from app.runtime import Runtime
+from ondemand.hookspecs import hookimpl
+from ondemand.runtime import Runtime
 
 __all__ = [
     "BackendUnavailable",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.dispatcher import Dispatcher
+from ondemand.store.dispatcher import Dispatcher
 
 SESSION, MESSAGES, PROFILE = "session", "messages", "profile"
 

@@ -11,13 +11,13 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from app.config import Config, redact
-from app.configure import load_config
-from app.errors import ConfigError, PluginError
-from app.lifecycle import LifecycleContext, resolve_lifecycle_name
-from app.logs import configure_logging
-from app.plugins import Plugins
-from app.process import ProcessError
+from ondemand.config import Config, redact
+from ondemand.config.load import load_config
+from ondemand.errors import ConfigError, PluginError
+from ondemand.host.process import ProcessError
+from ondemand.logs import configure_logging
+from ondemand.plugin_manager import Plugins
+from ondemand.redis.lifecycle import LifecycleContext, resolve_lifecycle_name
 
 
 def _serve_options(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +71,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(args.log_level, config.server.log_format)
-    from app.workers import serve_workers
+    from ondemand.host.workers import serve_workers
 
     try:
         return serve_workers(config)

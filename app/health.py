@@ -14,8 +14,8 @@ from typing import Any
 
 import attrs
 
-from app.errors import first_line
-from app.events import Events
+from ondemand.errors import first_line
+from ondemand.events import Events
 
 
 @attrs.define(eq=False)

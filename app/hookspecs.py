@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from app.config import Config, SectionRegistry
-    from app.host import HostService
-    from app.registry import Registry
+    from ondemand.config import Config, SectionRegistry
+    from ondemand.host.services import HostService
+    from ondemand.registry import Registry
 
 PROJECT = "ondemand"
 hookspec = pluggy.HookspecMarker(PROJECT)

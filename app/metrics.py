@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.breaker import BreakerState
-from app.ondemand import RedisState
+from ondemand.redis.server import RedisState
+from ondemand.store.breaker import BreakerState
 
 # The gauge value of each breaker state, and every Redis state: from the enums beside their owners.
 BREAKER_STATES = {state.value: index for index, state in enumerate(BreakerState)}

@@ -13,7 +13,7 @@ from typing import Any, Generic, Self, TypeVar
 
 import pluggy
 
-from app.errors import PluginError
+from ondemand.errors import PluginError
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -19,18 +19,18 @@ from typing import Any
 
 import attrs
 
-from app.breaker import BreakerState
-from app.cache import CacheService
-from app.config import Config, with_sections
-from app.configure import load_config
-from app.dispatcher import Dispatcher
-from app.errors import PluginError
-from app.health import OutageTracker
-from app.lifecycle import Lifecycle, LifecycleContext, LifecycleFactory, resolve_lifecycle_name
-from app.ondemand import OnDemandRedis, RedisState
-from app.plugins import Plugins
-from app.registry import Registry
-from app.storage import CacheStorage, DurableStorage, Namespace, StorageContext, StorageFactory
+from ondemand.cache import CacheService
+from ondemand.config import Config, with_sections
+from ondemand.config.load import load_config
+from ondemand.errors import PluginError
+from ondemand.health import OutageTracker
+from ondemand.plugin_manager import Plugins
+from ondemand.redis.lifecycle import Lifecycle, LifecycleContext, LifecycleFactory, resolve_lifecycle_name
+from ondemand.redis.server import OnDemandRedis, RedisState
+from ondemand.registry import Registry
+from ondemand.store.breaker import BreakerState
+from ondemand.store.dispatcher import Dispatcher
+from ondemand.store.protocols import CacheStorage, DurableStorage, Namespace, StorageContext, StorageFactory
 
 
 class Readiness(StrEnum):

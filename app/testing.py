@@ -3,7 +3,7 @@
 A storage plugin's own test suite subclasses one of these classes and provides an opened, empty storage:
 
     import pytest
-    from app.testing import DurableStorageContract
+    from ondemand.testing import DurableStorageContract
 
     class TestMyStore(DurableStorageContract):
         @pytest.fixture
@@ -81,8 +81,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-from app.errors import BackendUnavailable, Conflict, InvalidInput
-from app.storage import CacheStorage, DurableStorage, Entry, InvalidationOutbox, Namespace, Storage
+from ondemand.errors import BackendUnavailable, Conflict, InvalidInput
+from ondemand.store.protocols import CacheStorage, DurableStorage, Entry, InvalidationOutbox, Namespace, Storage
 
 _asyncio = pytest.mark.asyncio
 

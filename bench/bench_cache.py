@@ -37,7 +37,7 @@ from common import (
     set_get_op,
 )
 
-from app import Runtime
+from ondemand import Runtime
 
 CONCURRENCY = (1, 10, 50, 200)
 # redis-py 8 pools refuse (MaxConnectionsError) past 100 connections by default; every pooled client

@@ -38,7 +38,7 @@ from bench_cache import ondemand as ondemand_contender
 from common import TTL, VALUE, Result, Table, Target, bench_config, ratio, set_get_op
 from redis.asyncio.cluster import RedisCluster
 
-from app import Runtime
+from ondemand import Runtime
 
 CONCURRENCY = (1, 50, 200)
 MASTERS, REPLICAS = 3, 0
@@ -266,8 +266,8 @@ async def ours_only(concurrency: int, seconds: float, profile: bool, top: int, m
 async def routing_costs(number: int = 200_000) -> list[dict[str, Any]]:
     """Per-command CPU of the routing steps, on our key shapes, and ClusterConnection.execute against
     PipelinedConnection.execute on a live cluster (the queued commands are flushed and answered)."""
-    from app.cluster import command_keys
-    from app.routing import key_slot
+    from ondemand.redis.cluster import command_keys
+    from ondemand.redis.routing import key_slot
 
     key = "ondemand:profile:{=k17-42}"  # our key scheme on a cluster: the id is the hash tag
     args = ("SET", key, b"x" * 244, "PX", 60000)

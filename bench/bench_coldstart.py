@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 from common import Result, Table, Target, bench_config, percentile, redis_children
 
-from app import Runtime, hookimpl
-from plugins.lifecycle_subprocess import bundled_binaries
+from ondemand import Runtime, hookimpl
+from ondemand.plugins.lifecycle_subprocess import bundled_binaries
 
 
 class Timeline:

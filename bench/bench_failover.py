@@ -17,9 +17,9 @@ import aiopg
 import orjson
 from common import TTL, VALUE, Result, Table, Target, bench_config, latency_ms, ratio
 
-from app import Runtime
-from app.errors import OndemandError
-from plugins.postgres_server import EmbeddedPostgres
+from ondemand import Runtime
+from ondemand.errors import OndemandError
+from ondemand.plugins.storage_postgres.server import EmbeddedPostgres
 
 CONCURRENCY = 20
 SESSIONS = 200

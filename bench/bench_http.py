@@ -43,9 +43,9 @@ from common import (
     stop_process,
 )
 
-from app import Runtime
-from app.web import RUNTIME, create_app
-from app.workers import freeze_startup_objects
+from ondemand import Runtime
+from ondemand.host.workers import freeze_startup_objects
+from ondemand.web import RUNTIME, create_app
 
 SESSION_ID = "bench-session-1"
 SESSION = VALUE

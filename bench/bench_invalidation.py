@@ -26,11 +26,11 @@ from typing import Any
 import aiohttp
 from common import REPO, Result, Table, Target, bench_config, percentile
 
-from app import Runtime
-from app.lifecycle import RedisEndpoint
-from app.net import free_port
-from app.process import ChildProcess, log_tail
-from plugins.postgres_server import EmbeddedPostgres
+from ondemand import Runtime
+from ondemand.host.net import free_port
+from ondemand.host.process import ChildProcess, log_tail
+from ondemand.plugins.storage_postgres.server import EmbeddedPostgres
+from ondemand.redis.lifecycle import RedisEndpoint
 from tests.tcp_proxy import ProxyProcess
 
 BOUND_MS = 100.0  # the target: p99 of the delay

@@ -15,7 +15,7 @@ import orjson
 import redis.asyncio as aioredis
 from common import TTL, VALUE, Result, Table, Target, bench_config, keep_best, ratio, redis_client_kwargs
 
-from app import Runtime
+from ondemand import Runtime
 
 CHUNK = 500
 ROUNDS = 5

@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from app import load_config  # noqa: E402
-from app.config import Config  # noqa: E402
+from ondemand import load_config  # noqa: E402
+from ondemand.config import Config  # noqa: E402
 
 TTL = 60  # seconds, for every SET of every contender
 # The issue's ~250-byte JSON object (a user profile).

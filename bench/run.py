@@ -40,7 +40,7 @@ BENCHMARKS = {
 
 
 def server_binary() -> str | None:
-    from plugins.lifecycle_subprocess import find_binary
+    from ondemand.plugins.lifecycle_subprocess import find_binary
 
     try:
         return asyncio.run(find_binary(None)).describe()

@@ -65,8 +65,8 @@ if str(REPO) not in sys.path:
 
 from bench_invalidation import Client, Host, TwoHosts  # noqa: E402
 
-from app.process import ChildProcess  # noqa: E402
-from plugins.postgres_server import EmbeddedPostgres  # noqa: E402
+from ondemand.host.process import ChildProcess  # noqa: E402
+from ondemand.plugins.storage_postgres.server import EmbeddedPostgres  # noqa: E402
 
 REDIS_NAMES = {"redis-server", "valkey-server"}
 PG_GRACE = 2.0  # seconds after PostgreSQL is back in which a 5xx still counts as "while it was down"
@@ -469,7 +469,7 @@ statement_timeout = 1.0
             for failure in self.failures:
                 print(f"  - {failure}")
             if self.app is not None:
-                from app.process import log_tail
+                from ondemand.host.process import log_tail
 
                 print(f"  app log tail ({self.app.log_path}):\n{log_tail(self.app.log_path, 20)}")
             return 1

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from plugins.lifecycle_subprocess import bundled_binaries
+from ondemand.plugins.lifecycle_subprocess import bundled_binaries
 
 
 def once(binary: str) -> float:

@@ -19,10 +19,10 @@ from typing import Any
 import attrs
 import hiredis
 
-from app.config import SECRET, Config, FieldError
-from app.errors import ConfigError, RedisTimeout, RedisUnavailable, SpawnError
-from app.hookspecs import hookimpl
-from app.lifecycle import RedisEndpoint, WithoutProcess, probe
+from ondemand.config import SECRET, Config, FieldError
+from ondemand.errors import ConfigError, RedisTimeout, RedisUnavailable, SpawnError
+from ondemand.hookspecs import hookimpl
+from ondemand.redis.lifecycle import RedisEndpoint, WithoutProcess, probe
 
 log = logging.getLogger("ondemand.redis")
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import attrs
 
-from app.errors import RedisDisabled
-from app.hookspecs import hookimpl
-from app.lifecycle import RedisEndpoint, WithoutProcess
+from ondemand.errors import RedisDisabled
+from ondemand.hookspecs import hookimpl
+from ondemand.redis.lifecycle import RedisEndpoint, WithoutProcess
 
 
 @attrs.define

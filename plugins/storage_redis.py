@@ -12,10 +12,10 @@ from typing import Any
 
 import attrs
 
-from app.errors import RedisCommandError
-from app.hookspecs import hookimpl
-from app.ondemand import OnDemandRedis
-from app.storage import Entry, Namespace
+from ondemand.errors import RedisCommandError
+from ondemand.hookspecs import hookimpl
+from ondemand.redis.server import OnDemandRedis
+from ondemand.store.protocols import Entry, Namespace
 
 
 async def _nothing() -> None:

@@ -61,11 +61,11 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import attrs
 
-from app.config import FieldError, positive
-from app.errors import BackendUnavailable, first_line
-from app.health import OutageTracker
-from app.hookspecs import hookimpl
-from app.storage import OVERFLOW, Entry, Namespace, ReportsOutages, StoreState, purge_in_batches
+from ondemand.config import FieldError, positive
+from ondemand.errors import BackendUnavailable, first_line
+from ondemand.health import OutageTracker
+from ondemand.hookspecs import hookimpl
+from ondemand.store.protocols import OVERFLOW, Entry, Namespace, ReportsOutages, StoreState, purge_in_batches
 
 log = logging.getLogger("ondemand.sqlite")
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from app import Runtime, load_config
-from app.config import Config
-from app.configure import merge as _merge
+from ondemand import Runtime, load_config
+from ondemand.config import Config
+from ondemand.config.load import merge as _merge
 from tests.support import embedded_postgres, make_template, redis_children, remove_temp_dir
 
 # Small, fast bounds for tests; no durable store unless a test asks for one. ONDEMAND_TEST_REDIS_BINARY

@@ -32,11 +32,11 @@ import attrs
 import hiredis
 import psutil
 
-from app.lifecycle import RedisEndpoint, probe
-from app.net import free_port
-from app.process import ChildProcess
-from plugins.postgres_server import EmbeddedPostgres
-from plugins.redis_cluster import ClusterNode, LocalCluster
+from ondemand.host.net import free_port
+from ondemand.host.process import ChildProcess
+from ondemand.plugins.lifecycle_subprocess.local_cluster import ClusterNode, LocalCluster
+from ondemand.plugins.storage_postgres.server import EmbeddedPostgres
+from ondemand.redis.lifecycle import RedisEndpoint, probe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -326,7 +326,7 @@ class SentinelGroup:
                               "redis_password": self.password}}
 
     async def start(self, timeout: float = 30.0) -> None:
-        from plugins.lifecycle_subprocess import find_binary
+        from ondemand.plugins.lifecycle_subprocess import find_binary
 
         self.binary = self.binary or (await find_binary(os.environ.get("ONDEMAND_TEST_REDIS_BINARY") or None,
                                                         tcp=True)).path

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from app.config import redact
-from app.configure import load_config
-from app.errors import ConfigError
-from app.web import RUNTIME, create_app
+from ondemand.config import redact
+from ondemand.config.load import load_config
+from ondemand.errors import ConfigError
+from ondemand.web import RUNTIME, create_app
 
 TOKEN = "s3cr3t-token"
 JSON_NULL = {"data": "null", "headers": {"Content-Type": "application/json"}}
@@ -418,7 +418,7 @@ async def test_ttl_and_last_are_plain_ascii_numbers(client, text) -> None:
 
 
 async def test_message_list_is_capped(aiohttp_client, make_config) -> None:
-    from app.web.api import MAX_MESSAGES
+    from ondemand.web.api import MAX_MESSAGES
 
     client = await aiohttp_client(create_app(make_config()))
     resp = await client.put("/api/users/cap/messages", json=[{"i": i} for i in range(MAX_MESSAGES)])

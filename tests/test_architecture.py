@@ -4,6 +4,9 @@ every hook tested.
 Imports are read with `ast`, not by importing: a rule broken inside a function body or under
 `if TYPE_CHECKING:` is found too. The core loads its built-in plugins by name (`app.plugins`'
 DEFAULT_PLUGINS, through importlib), like any third-party plugin; that string is not an import.
+
+One import name: app/ is the package `ondemand` (the core) and plugins/ is `ondemand.plugins` (the
+built-in plugins), as pyproject.toml's package-dir maps them.
 """
 
 from __future__ import annotations
@@ -14,23 +17,29 @@ from pathlib import Path
 
 import pytest
 
-from app import hookspecs
+from ondemand import hookspecs
 from tests.support import ROOT
 
-PACKAGES = ("app", "plugins")
+PACKAGE = "ondemand"
+PLUGINS = "ondemand.plugins"
+FOLDERS = {"app": PACKAGE, "plugins": PLUGINS}  # folder -> the package it is
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
 
 
 def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    folder, *parts = path.relative_to(ROOT).with_suffix("").parts
     if parts[-1] == "__init__":
         parts.pop()
-    return ".".join(parts)
+    return ".".join([FOLDERS[folder], *parts])
 
 
 def modules() -> dict[str, Path]:
-    """Every module of app/ and plugins/, by dotted name (a package by its own name: `app.web`)."""
-    return {module_name(path): path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))}
+    """Every module of app/ and plugins/, by dotted name (a package by its own name: `ondemand.web`)."""
+    return {module_name(path): path for folder in FOLDERS for path in sorted((ROOT / folder).rglob("*.py"))}
+
+
+def is_plugin(name: str) -> bool:
+    return name == PLUGINS or name.startswith(PLUGINS + ".")
 
 
 MODULES = modules()
@@ -84,7 +93,7 @@ def graph(*, into_functions: bool) -> dict[str, set[str]]:
                 # `import app.web.api` names a module; `from app.web import x` may name a package.
                 while target and target not in MODULES:
                     target = target.rpartition(".")[0]
-                if target and target.split(".")[0] in PACKAGES:
+                if target and target.split(".")[0] == PACKAGE:
                     targets.add(target)
         edges[name] = targets
     return edges
@@ -143,8 +152,21 @@ def shortest_cycle(start: str, component: set[str], edges: dict[str, set[str]]) 
 def test_the_core_never_imports_a_plugin() -> None:
     edges = graph(into_functions=True)
     offenders = sorted(f"{importer} imports {target}" for importer, targets in edges.items()
-                       if importer.split(".")[0] == "app" for target in targets if target.split(".")[0] == "plugins")
-    assert not offenders, "app/ must not depend on plugins/ (a plugin can be disabled): " + "; ".join(offenders)
+                       if not is_plugin(importer) for target in targets if is_plugin(target))
+    assert not offenders, "the core must not depend on a built-in plugin (one can be disabled): " + "; ".join(offenders)
+
+
+def test_nothing_imports_the_folders_by_their_own_names() -> None:
+    """`app` and `plugins` are the user's names: with the checkout on sys.path they would import a second
+    copy of our modules, so no module, test or benchmark imports them."""
+    offenders = []
+    for path in sorted([*ROOT.glob("*.py"), *(p for d in ("app", "plugins", "tests", "bench")
+                                              for p in (ROOT / d).rglob("*.py") if "build" not in p.parts)]):
+        for node in import_nodes(ast.parse(path.read_text(encoding="utf-8")), into_functions=True):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if not getattr(node, "level", 0) and any(n.split(".")[0] in FOLDERS for n in names):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, offenders
 
 
 def test_no_import_cycle_among_app_and_plugins() -> None:
@@ -177,12 +199,12 @@ def test_cycle_finder_reports_the_cycle_as_a_path() -> None:
 @pytest.mark.parametrize(
     ("importer", "source", "expected"),
     [
-        ("app.runtime", "from app import config", ["app.config"]),  # a submodule
-        ("app.runtime", "from app import hookimpl", ["app"]),  # a name of app/__init__
-        ("app.web.api", "from . import auth", ["app.web.auth"]),
-        ("app.web.api", "from .. import errors", ["app.errors"]),
-        ("app.web", "from .routes import x", ["app.web.routes"]),  # relative to the package itself
-        ("app.runtime", "import plugins.storage_redis", ["plugins.storage_redis"]),
+        ("ondemand.runtime", "from ondemand import config", ["ondemand.config"]),  # a submodule
+        ("ondemand.runtime", "from ondemand import hookimpl", ["ondemand"]),  # a name of its __init__
+        ("ondemand.web.api", "from . import auth", ["ondemand.web.auth"]),
+        ("ondemand.web.api", "from .. import errors", ["ondemand.errors"]),
+        ("ondemand.web", "from .routes import x", ["ondemand.web.routes"]),  # relative to the package itself
+        ("ondemand.runtime", "import ondemand.plugins.storage_redis", ["ondemand.plugins.storage_redis"]),
     ],
 )
 def test_imports_resolve_as_python_would(importer: str, source: str, expected: list[str]) -> None:

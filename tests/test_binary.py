@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from app import Runtime
-from app.cli import format_status
-from app.errors import SpawnError
-from plugins.lifecycle_subprocess import (
+from ondemand import Runtime
+from ondemand.cli import format_status
+from ondemand.errors import SpawnError
+from ondemand.plugins.lifecycle_subprocess import (
     ADVISORIES,
     RedisBinary,
     bundled_binaries,

@@ -27,11 +27,11 @@ import redis
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from app import Runtime
-from app.routing import key_slot
-from app.web import RUNTIME, create_app
-from plugins.redis_cluster import ClusterNode, LocalCluster
-from plugins.storage_redis import _TOMBSTONE as TOMBSTONE
+from ondemand import Runtime
+from ondemand.plugins.lifecycle_subprocess.local_cluster import ClusterNode, LocalCluster
+from ondemand.plugins.storage_redis import _TOMBSTONE as TOMBSTONE
+from ondemand.redis.routing import key_slot
+from ondemand.web import RUNTIME, create_app
 from tests.support import ROOT, kill_node, pid_gone, redis_children, wait_for, wait_gone
 
 # Roomy start bounds: a loaded CI runner, and Valkey holds a new master back 2 s before cluster_state:ok.

@@ -12,10 +12,10 @@ import attrs
 import pytest
 from ondemand_example import ExampleConfig
 
-from app.config import CORE_SECTIONS, SECRET, Config, redact
-from app.configure import load_config
-from app.errors import ConfigError
-from plugins.lifecycle_external import ExternalConfig
+from ondemand.config import CORE_SECTIONS, SECRET, Config, redact
+from ondemand.config.load import load_config
+from ondemand.errors import ConfigError
+from ondemand.plugins.lifecycle_external import ExternalConfig
 from tests.support import ROOT
 
 
@@ -133,7 +133,7 @@ def test_check_config_prints_a_plugin_section_with_its_secrets_redacted() -> Non
 
 
 async def test_sentinel_topology_with_the_subprocess_lifecycle_is_a_config_error(make_config) -> None:
-    from app import Runtime
+    from ondemand import Runtime
 
     config = make_config({"lifecycle": {"plugin": "subprocess", "topology": "sentinel"}})
     with pytest.raises(ConfigError, match=r"lifecycle\.topology.*external lifecycle"):

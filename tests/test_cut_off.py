@@ -26,9 +26,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from app import Runtime
-from app.net import free_port
-from app.process import ChildProcess, log_tail
+from ondemand import Runtime
+from ondemand.host.net import free_port
+from ondemand.host.process import ChildProcess, log_tail
 from tests.support import ROOT, redis_servers_under
 from tests.tcp_proxy import TcpProxy
 

@@ -18,11 +18,11 @@ import attrs
 import pytest
 import yaml
 
-from app import Runtime, load_config
-from app.config import Config
-from app.net import free_port
-from plugins.lifecycle_external import ExternalConfig, SentinelLifecycle
-from plugins.storage_postgres import PostgresConfig
+from ondemand import Runtime, load_config
+from ondemand.config import Config
+from ondemand.host.net import free_port
+from ondemand.plugins.lifecycle_external import ExternalConfig, SentinelLifecycle
+from ondemand.plugins.storage_postgres import PostgresConfig
 from tests.support import ROOT, redis_children, redis_servers_under, wait_until_serving
 
 COMPOSE = ROOT / "compose/compose.yaml"
@@ -113,10 +113,12 @@ def test_dockerfile_is_slim_non_root_cached_and_health_checked() -> None:
     text = DOCKERFILE.read_text()
     assert re.search(r"^FROM python:3\.1\d-slim", text, re.M)
     assert re.search(r"^USER (?!root)\w+", text, re.M)
-    # requirements.txt is installed before the code is copied: a cached dependency layer.
-    assert text.index("COPY requirements.txt") < text.index("pip install") < text.index("COPY app")
+    # The dependencies (pyproject.toml's, no `embedded` extra) are installed before the code is copied: a
+    # cached dependency layer.
+    assert text.index("COPY pyproject.toml") < text.index("pip install -r") < text.index("COPY app")
+    assert "embedded" not in text.split("COPY app")[0].replace("`embedded`", "")
     assert "HEALTHCHECK" in text and "/healthz" in text
-    assert 'CMD ["python", "run.py"]' in text
+    assert 'CMD ["ondemand", "serve"]' in text
 
 
 async def test_docker_scenario_with_stand_ins(tmp_path: Path, make_config, pg) -> None:
@@ -218,7 +220,7 @@ def _config_keys(cls: type, prefix: str) -> list[str]:
 def test_readme_documents_every_config_key() -> None:
     readme = (ROOT / "README.md").read_text()
     config = load_config(None, environ={})
-    built_in = [cls for cls in config.sections if cls.__module__.startswith("plugins.")]  # not the example's
+    built_in = [cls for cls in config.sections if cls.__module__.startswith("ondemand.plugins.")]  # not the example's
     keys = _config_keys(Config, "") + [f"{config.section_tables[cls]}.{field.name}"
                                        for cls in built_in for field in attrs.fields(cls)]
     assert len(keys) > 30

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app import Runtime
-from app.errors import InvalidInput
+from ondemand import Runtime
+from ondemand.errors import InvalidInput
 
 
 async def test_get_many_reads_through_and_puts_back(durable_config) -> None:

@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from app import Runtime
-from app.configure import merge
-from app.errors import Conflict, InvalidInput, PostgresUnavailable, StorageUnavailable
-from app.web import create_app
+from ondemand import Runtime
+from ondemand.config.load import merge
+from ondemand.errors import Conflict, InvalidInput, PostgresUnavailable, StorageUnavailable
+from ondemand.web import create_app
 from tests.support import wait_for
 
 

@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from app.config import (
+from ondemand.config import (
     Config,
     LifecycleConfig,
     NamespaceConfig,
@@ -37,10 +37,10 @@ from app.config import (
     StorageConfig,
     unstructure,
 )
-from app.configure import config_from_dict, load_config
-from app.errors import ConfigError, InvalidInput
-from app.values import MAX_ID_BYTES, MAX_TTL, check_id, check_ttl
-from app.web import RUNTIME, create_app
+from ondemand.config.load import config_from_dict, load_config
+from ondemand.errors import ConfigError, InvalidInput
+from ondemand.store.values import MAX_ID_BYTES, MAX_TTL, check_id, check_ttl
+from ondemand.web import RUNTIME, create_app
 
 
 def fast(max_examples: int) -> settings:

@@ -6,9 +6,9 @@ import os
 import signal
 from typing import Any
 
-from app import Runtime, hookimpl
-from app.events import Events
-from app.health import OutageTracker
+from ondemand import Runtime, hookimpl
+from ondemand.events import Events
+from ondemand.health import OutageTracker
 from tests.support import wait_for
 
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from app import Runtime
-from app.net import free_port
-from plugins.lifecycle_subprocess import MAX_SOCKET_PATH, RuntimeDirError, default_runtime_dir
+from ondemand import Runtime
+from ondemand.host.net import free_port
+from ondemand.plugins.lifecycle_subprocess import MAX_SOCKET_PATH, RuntimeDirError, default_runtime_dir
 from tests.support import ROOT, get_json, pid_alive, pid_gone, redis_children, redis_servers_under
 
 SCRIPTS = ROOT / "tests/scripts"

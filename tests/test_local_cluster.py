@@ -24,10 +24,16 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import MovedError
 
-from app import Runtime
-from app.errors import ConfigError, SpawnError
-from app.events import Events
-from plugins.redis_cluster import MAX_PORT, SLOTS, ClusterNode, LocalCluster, free_cluster_port
+from ondemand import Runtime
+from ondemand.errors import ConfigError, SpawnError
+from ondemand.events import Events
+from ondemand.plugins.lifecycle_subprocess.local_cluster import (
+    MAX_PORT,
+    SLOTS,
+    ClusterNode,
+    LocalCluster,
+    free_cluster_port,
+)
 from tests.support import ROOT, kill_node, local_cluster, pid_gone, redis_children, wait_for, wait_gone
 
 

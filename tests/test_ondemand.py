@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from app import Runtime
-from app.errors import RedisUnavailable, SpawnError
+from ondemand import Runtime
+from ondemand.errors import RedisUnavailable, SpawnError
 from tests.support import ROOT, pid_gone, redis_children, wait_for
 
 

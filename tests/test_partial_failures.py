@@ -18,10 +18,10 @@ from collections.abc import Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from app import Runtime
-from app.errors import BackendUnavailable, InvalidInput, WriteOutcomeUnknown
-from app.values import MAX_INT, MIN_INT
-from app.web import create_app
+from ondemand import Runtime
+from ondemand.errors import BackendUnavailable, InvalidInput, WriteOutcomeUnknown
+from ondemand.store.values import MAX_INT, MIN_INT
+from ondemand.web import create_app
 from tests.support import process_tree, query
 
 
@@ -208,16 +208,16 @@ async def test_a_process_that_cannot_reach_redis_invalidates_through_the_outbox(
 
 
 def b_config_dsn(rt: Runtime) -> str:
-    from plugins.storage_postgres import PostgresConfig
+    from ondemand.plugins.storage_postgres import PostgresConfig
 
     return rt.config.section(PostgresConfig).dsn
 
 
 async def _plain_server(tmp_path, port: int, password: str):
     """A server behind a fixed address, as a Sentinel's or a provider's would be: not ours to manage."""
-    from app.lifecycle import RedisEndpoint, probe
-    from app.process import ChildProcess
-    from plugins.lifecycle_subprocess import find_binary
+    from ondemand.host.process import ChildProcess
+    from ondemand.plugins.lifecycle_subprocess import find_binary
+    from ondemand.redis.lifecycle import RedisEndpoint, probe
 
     binary = await find_binary(None)
     child = await ChildProcess.spawn(
@@ -232,7 +232,7 @@ async def _plain_server(tmp_path, port: int, password: str):
 async def test_a_server_replaced_behind_the_address_serves_no_older_durable_copy(tmp_path, durable_config) -> None:
     # A failover to a replica that missed the last acknowledged write: the same address, another server
     # process, an older copy of the session.
-    from app.net import free_port
+    from ondemand.host.net import free_port
 
     port, password = free_port(), "replaced-test-pw"
     first = await _plain_server(tmp_path, port, password)

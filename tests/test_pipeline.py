@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from app import Runtime
-from app.errors import RedisCommandError, RedisTimeout
-from app.pipeline import PipelinedConnection
+from ondemand import Runtime
+from ondemand.errors import RedisCommandError, RedisTimeout
+from ondemand.redis.pipeline import PipelinedConnection
 
 
 async def connect(rt: Runtime, **kwargs) -> PipelinedConnection:

@@ -19,18 +19,18 @@ import ondemand_example
 import pytest
 from ondemand_example import ExampleConfig
 
-from app import Runtime, hookimpl, hookspecs
-from app import plugins as app_plugins
-from app.config import Config, SectionRegistry, between, unstructure
-from app.configure import load_config
-from app.errors import ConfigError, PluginError
-from app.events import Events
-from app.hookspecs import PROJECT
-from app.lifecycle import LifecycleContext
-from app.plugins import ENTRY_POINT_GROUP, Plugins
-from app.storage import StorageContext
-from plugins.lifecycle_noop import NoopLifecycle
-from plugins.storage_redis import RedisStorage
+from ondemand import Runtime, hookimpl, hookspecs
+from ondemand import plugin_manager as app_plugins
+from ondemand.config import Config, SectionRegistry, between, unstructure
+from ondemand.config.load import load_config
+from ondemand.errors import ConfigError, PluginError
+from ondemand.events import Events
+from ondemand.hookspecs import PROJECT
+from ondemand.plugin_manager import ENTRY_POINT_GROUP, Plugins
+from ondemand.plugins.lifecycle_noop import NoopLifecycle
+from ondemand.plugins.storage_redis import RedisStorage
+from ondemand.redis.lifecycle import LifecycleContext
+from ondemand.store.protocols import StorageContext
 from tests.support import pid_gone, redis_children, wait_for
 
 
@@ -107,7 +107,7 @@ async def test_configure_hook_is_historic(make_config) -> None:
 def test_every_hook_is_documented_in_the_readme() -> None:
     from pathlib import Path
 
-    from app import hookspecs
+    from ondemand import hookspecs
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     hooks = [name for name in dir(hookspecs) if name.startswith("ondemand_")]

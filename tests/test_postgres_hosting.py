@@ -32,13 +32,13 @@ import attrs
 import psutil
 import pytest
 
-from app.errors import PostgresUnavailable
-from app.net import free_port
-from app.plugins import Plugins
-from app.storage import Namespace
-from app.web import create_app
-from plugins.postgres_server import EmbeddedPostgres, ServerState
-from plugins.storage_postgres import PostgresConfig, PostgresStorage
+from ondemand.errors import PostgresUnavailable
+from ondemand.host.net import free_port
+from ondemand.plugin_manager import Plugins
+from ondemand.plugins.storage_postgres import PostgresConfig, PostgresStorage
+from ondemand.plugins.storage_postgres.server import EmbeddedPostgres, ServerState
+from ondemand.store.protocols import Namespace
+from ondemand.web import create_app
 from tests.support import (
     ROOT,
     TEST_SETTINGS,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from app.errors import PostgresUnavailable, SpawnError
-from app.process import ChildProcess, ProcessError
-from plugins.postgres_server import EmbeddedPostgres
+from ondemand.errors import PostgresUnavailable, SpawnError
+from ondemand.host.process import ChildProcess, ProcessError
+from ondemand.plugins.storage_postgres.server import EmbeddedPostgres
 
 
 async def test_a_missing_program_is_a_process_error_naming_it(tmp_path: Path) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from app.cluster import command_keys
-from app.routing import SLOTS, SlotMap, crc16, key_slot, parse_redirect
-from app.storage import Namespace
+from ondemand.redis.cluster import command_keys
+from ondemand.redis.routing import SLOTS, SlotMap, crc16, key_slot, parse_redirect
+from ondemand.store.protocols import Namespace
 
 
 def test_crc16_is_xmodem() -> None:

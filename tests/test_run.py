@@ -13,8 +13,8 @@ from pathlib import Path
 
 import psutil
 
-from app.net import free_port
-from plugins.lifecycle_subprocess import default_runtime_dir
+from ondemand.host.net import free_port
+from ondemand.plugins.lifecycle_subprocess import default_runtime_dir
 from tests.support import ROOT, get_json, pid_gone
 
 

@@ -47,10 +47,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from app.configure import load_config
-from app.net import free_port
-from app.web import create_app
-from app.web.openapi import document_for
+from ondemand.config.load import load_config
+from ondemand.host.net import free_port
+from ondemand.web import create_app
+from ondemand.web.openapi import document_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "schemathesis-t0ken"

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from app import Runtime, load_config
-from app.config import redact
-from app.configure import merge
-from app.errors import ConfigError, RedisUnavailable
-from app.web import RUNTIME, create_app
-from plugins.lifecycle_external import ExternalConfig, SentinelLifecycle
+from ondemand import Runtime, load_config
+from ondemand.config import redact
+from ondemand.config.load import merge
+from ondemand.errors import ConfigError, RedisUnavailable
+from ondemand.plugins.lifecycle_external import ExternalConfig, SentinelLifecycle
+from ondemand.web import RUNTIME, create_app
 from tests.support import PROBE_NAME, GroupNode, SentinelGroup, sentinel_group, wait_for
 
 # The sentinel group's own bounds: failures are noticed within the op budget, connects are quick on loopback.

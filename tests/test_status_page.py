@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from playwright.async_api import ConsoleMessage, Error, Page, async_playwright
 
-from app.web import create_app
+from ondemand.web import create_app
 
 TOKEN = "page-t0ken"
 CHROMIUM_NAMES = ("chromium", "chromium-browser")

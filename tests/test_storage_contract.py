@@ -25,14 +25,14 @@ from typing import Any
 
 import pytest
 
-from app import Runtime
-from app.config import Config
-from app.net import free_port
-from app.storage import Namespace
-from app.testing import CacheStorageContract, DurableStorageContract
-from plugins.storage_postgres import PostgresConfig, PostgresStorage
-from plugins.storage_redis import RedisStorage
-from plugins.storage_sqlite import SqliteConfig, SqliteStorage
+from ondemand import Runtime
+from ondemand.config import Config
+from ondemand.host.net import free_port
+from ondemand.plugins.storage_postgres import PostgresConfig, PostgresStorage
+from ondemand.plugins.storage_redis import RedisStorage
+from ondemand.plugins.storage_sqlite import SqliteConfig, SqliteStorage
+from ondemand.store.protocols import Namespace
+from ondemand.testing import CacheStorageContract, DurableStorageContract
 from tests.support import ROOT
 
 FAST = {"short_ttl": 0.2, "expiry_slack": 0.15}
@@ -248,8 +248,8 @@ async def test_the_kit_fails_a_status_that_shows_a_secret(tmp_path: Path) -> Non
 
 THIRD_PARTY = textwrap.dedent('''
     import pytest, pytest_asyncio
-    from app.testing import DurableStorageContract
-    from plugins.storage_sqlite import SqliteConfig, SqliteStorage
+    from ondemand.testing import DurableStorageContract
+    from ondemand.plugins.storage_sqlite import SqliteConfig, SqliteStorage
 
     class TestThirdPartyStore(DurableStorageContract):
         short_ttl = expiry_slack = 0.1

@@ -17,15 +17,15 @@ from typing import Any
 import aiopg
 import pytest
 
-from app.configure import load_config
-from app.errors import PostgresUnavailable
-from app.events import Events
-from app.health import OutageTracker
-from app.registry import Registry
-from app.storage import Entry, Namespace, Storage
-from plugins import storage_postgres
-from plugins.postgres_server import EmbeddedPostgres
-from plugins.storage_postgres import PostgresConfig, PostgresStorage
+from ondemand.config.load import load_config
+from ondemand.errors import PostgresUnavailable
+from ondemand.events import Events
+from ondemand.health import OutageTracker
+from ondemand.plugins import storage_postgres
+from ondemand.plugins.storage_postgres import PostgresConfig, PostgresStorage
+from ondemand.plugins.storage_postgres.server import EmbeddedPostgres
+from ondemand.registry import Registry
+from ondemand.store.protocols import Entry, Namespace, Storage
 from tests.support import (
     clone_data_dir,
     new_temp_dir,

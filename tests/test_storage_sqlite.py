@@ -22,18 +22,18 @@ from typing import Any
 
 import pytest
 
-from app import Runtime
-from app.config import Config
-from app.configure import load_config, merge
-from app.errors import ConfigError
-from app.events import Events
-from app.health import OutageTracker
-from app.net import free_port
-from app.registry import Registry
-from app.storage import DurableStorage, Entry, Namespace
-from app.web import create_app
-from plugins import storage_sqlite
-from plugins.storage_sqlite import SqliteConfig, SqliteStorage, SqliteUnavailable
+from ondemand import Runtime
+from ondemand.config import Config
+from ondemand.config.load import load_config, merge
+from ondemand.errors import ConfigError
+from ondemand.events import Events
+from ondemand.health import OutageTracker
+from ondemand.host.net import free_port
+from ondemand.plugins import storage_sqlite
+from ondemand.plugins.storage_sqlite import SqliteConfig, SqliteStorage, SqliteUnavailable
+from ondemand.registry import Registry
+from ondemand.store.protocols import DurableStorage, Entry, Namespace
+from ondemand.web import create_app
 from tests.support import ROOT, pid_alive, wait_for
 
 SESSION = Namespace("session", 86400.0, True, "session", "ondemand:session:")
@@ -292,8 +292,8 @@ async def test_an_operation_longer_than_op_timeout_is_aborted_and_rolled_back(tm
 
 WRITER = textwrap.dedent("""
     import asyncio, json, os, sys, time
-    from app.storage import Entry, Namespace
-    from plugins.storage_sqlite import SqliteConfig, SqliteStorage
+    from ondemand.store.protocols import Entry, Namespace
+    from ondemand.plugins.storage_sqlite import SqliteConfig, SqliteStorage
 
     NS = Namespace("session", None, True, "session", "ondemand:session:")
 

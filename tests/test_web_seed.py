@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.web import create_app
+from ondemand.web import create_app
 from tests.support import redis_children
 
 

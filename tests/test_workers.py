@@ -13,8 +13,8 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from app.net import free_port
-from plugins.lifecycle_subprocess import default_runtime_dir
+from ondemand.host.net import free_port
+from ondemand.plugins.lifecycle_subprocess import default_runtime_dir
 from tests.support import ROOT, pid_gone, redis_children, redis_servers_under, wait_until_serving
 
 
@@ -85,7 +85,7 @@ async def test_four_workers_share_one_redis_and_survive_the_owner_dying(tmp_path
 async def test_shared_runtime_dir_one_server_shared_idle_and_adoption(make_config, tmp_path: Path) -> None:
     """Two runtimes sharing a runtime dir behave like two workers: one server, adopted by the other;
     the owner does not stop it while the other is busy; when it stops, the other notices at once."""
-    from app import Runtime
+    from ondemand import Runtime
 
     config = make_config({"lifecycle": {"runtime_dir": str(tmp_path / "run"), "idle_timeout": 0.5}})
     async with Runtime(config) as owner, Runtime(config) as sibling:

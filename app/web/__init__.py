@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator, Iterable
 
 from aiohttp import web
 
-from app.config import Config
-from app.metrics import Metrics
-from app.runtime import Runtime
-from app.web.keys import CONFIG, METRICS, RUNTIME
-from app.web.routes import setup_routes
+from ondemand.config import Config
+from ondemand.metrics import Metrics
+from ondemand.runtime import Runtime
+from ondemand.web.keys import CONFIG, METRICS, RUNTIME
+from ondemand.web.routes import setup_routes
 
 
 def create_app(config: Config, *, plugins: Iterable[object] = ()) -> web.Application:

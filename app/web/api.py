@@ -23,12 +23,12 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.cache import MESSAGES, PROFILE, SESSION
-from app.dispatcher import Dispatcher, Lookup
-from app.errors import Conflict, InvalidInput, OndemandError
-from app.values import check_id, check_ttl
-from app.web.keys import METRICS, RUNTIME
-from app.web.responses import json_response, read_json
+from ondemand.cache import MESSAGES, PROFILE, SESSION
+from ondemand.errors import Conflict, InvalidInput, OndemandError
+from ondemand.store.dispatcher import Dispatcher, Lookup
+from ondemand.store.values import check_id, check_ttl
+from ondemand.web.keys import METRICS, RUNTIME
+from ondemand.web.responses import json_response, read_json
 
 MAX_JSON_DEPTH = 32
 # Each body is capped by server.max_body_bytes, but appends grow a stored list without end: cap it.

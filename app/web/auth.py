@@ -16,8 +16,8 @@ import hmac
 
 from aiohttp import web
 
-from app.web.page import PAGE_PATHS
-from app.web.responses import error_response
+from ondemand.web.page import PAGE_PATHS
+from ondemand.web.responses import error_response
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", *PAGE_PATHS})
 

@@ -21,10 +21,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
-from app.errors import OndemandError
-from app.web.auth import needs_token, refuse_without_token
-from app.web.keys import CONFIG, METRICS
-from app.web.responses import error_response
+from ondemand.errors import OndemandError
+from ondemand.web.auth import needs_token, refuse_without_token
+from ondemand.web.keys import CONFIG, METRICS
+from ondemand.web.responses import error_response
 
 log = logging.getLogger("ondemand.web")
 

@@ -2,9 +2,9 @@
 
 from aiohttp import web
 
-from app.config import Config
-from app.metrics import Metrics
-from app.runtime import Runtime
+from ondemand.config import Config
+from ondemand.metrics import Metrics
+from ondemand.runtime import Runtime
 
 CONFIG = web.AppKey("config", Config)
 RUNTIME = web.AppKey("runtime", Runtime)

@@ -12,11 +12,11 @@ from typing import Any
 
 from aiohttp import web
 
-from app.metrics import BREAKER_STATES, REDIS_STATES
-from app.values import MAX_ID_BYTES, MAX_TTL
-from app.web.auth import needs_token
-from app.web.keys import CONFIG
-from app.web.responses import json_response
+from ondemand.metrics import BREAKER_STATES, REDIS_STATES
+from ondemand.store.values import MAX_ID_BYTES, MAX_TTL
+from ondemand.web.auth import needs_token
+from ondemand.web.keys import CONFIG
+from ondemand.web.responses import json_response
 
 _JSON = "application/json"
 ANY_JSON: dict[str, Any] = {"not": {"type": "null"},

@@ -7,8 +7,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from app.errors import InvalidInput
-from app.values import parse_json
+from ondemand.errors import InvalidInput
+from ondemand.store.values import parse_json
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from app.config import Config
-from app.web import api, openapi, views
-from app.web.endpoint import add_route, add_unrouted
-from app.web.page import ASSETS, asset
+from ondemand.config import Config
+from ondemand.web import api, openapi, views
+from ondemand.web.endpoint import add_route, add_unrouted
+from ondemand.web.page import ASSETS, asset
 
 
 def _add_value_resource(app: web.Application, path: str, resource: api.ValueResource) -> None:

@@ -8,9 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
-from app.errors import InvalidInput
-from app.web.keys import RUNTIME
-from app.web.responses import json_response, read_json
+from ondemand.errors import InvalidInput
+from ondemand.web.keys import RUNTIME
+from ondemand.web.responses import json_response, read_json
 
 
 def _id_or_random(value: Any, prefix: str) -> Any:

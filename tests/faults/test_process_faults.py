@@ -17,10 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from app import Runtime
-from app.errors import OndemandError, PostgresUnavailable, SpawnError
-from app.net import free_port
-from plugins.lifecycle_subprocess import default_runtime_dir
+from ondemand import Runtime
+from ondemand.errors import OndemandError, PostgresUnavailable, SpawnError
+from ondemand.host.net import free_port
+from ondemand.plugins.lifecycle_subprocess import default_runtime_dir
 from tests.support import ROOT, get_json, pid_gone, redis_children, wait_for
 
 SCRIPTS = ROOT / "tests/scripts"

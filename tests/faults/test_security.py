@@ -32,12 +32,12 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import yarl
 
-from app import Runtime
-from app.config import redact_url
-from app.logs import JsonFormatter
-from app.web import RUNTIME, create_app
-from plugins.lifecycle_external import ExternalConfig
-from plugins.lifecycle_subprocess import RuntimeDirError, find_binary
+from ondemand import Runtime
+from ondemand.config import redact_url
+from ondemand.logs import JsonFormatter
+from ondemand.plugins.lifecycle_external import ExternalConfig
+from ondemand.plugins.lifecycle_subprocess import RuntimeDirError, find_binary
+from ondemand.web import RUNTIME, create_app
 from tests.support import ROOT, redis_children
 
 

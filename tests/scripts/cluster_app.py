@@ -7,8 +7,8 @@ import json
 import os
 import sys
 
-from app import Runtime, load_config
-from app.configure import merge
+from ondemand import Runtime, load_config
+from ondemand.config.load import merge
 
 
 async def main(overrides: dict) -> None:

@@ -9,8 +9,8 @@ import json
 import logging
 import sys
 
-from app import Runtime, load_config
-from app.errors import OndemandError
+from ondemand import Runtime, load_config
+from ondemand.errors import OndemandError
 
 
 async def main(config_path: str) -> None:

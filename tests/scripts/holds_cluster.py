@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from plugins.redis_cluster import LocalCluster
+from ondemand.plugins.lifecycle_subprocess.local_cluster import LocalCluster
 
 
 async def main() -> None:

@@ -4,7 +4,7 @@ import asyncio
 import os
 import sys
 
-from app import Runtime, load_config
+from ondemand import Runtime, load_config
 
 
 async def main() -> None:

@@ -9,7 +9,7 @@ import asyncio
 import json
 import sys
 
-from app import Runtime, load_config
+from ondemand import Runtime, load_config
 
 
 async def main(read_id: str, write_id: str, hold: bool) -> None:

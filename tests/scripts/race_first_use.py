@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from app import Runtime, load_config
+from ondemand import Runtime, load_config
 
 
 async def main(go: Path) -> None:

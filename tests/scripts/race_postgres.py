@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from plugins.postgres_server import EmbeddedPostgres
+from ondemand.plugins.storage_postgres.server import EmbeddedPostgres
 from tests.support import TEST_SETTINGS
 
 

@@ -12,8 +12,8 @@ import sys
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from app import load_config
-from app.web import RUNTIME, create_app
+from ondemand import load_config
+from ondemand.web import RUNTIME, create_app
 
 REQUESTS = [("PUT", "/api/users/u/profile", {"v": 1}), ("GET", "/api/users/u/profile", None),
             ("PUT", "/api/sessions/s", {"v": 1}), ("GET", "/api/sessions/s", None),

@@ -17,9 +17,9 @@ from typing import Any
 
 import attrs
 
-from app import hookimpl
-from app.config import SECRET, between, matches
-from plugins.lifecycle_subprocess import SubprocessConfig, SubprocessLifecycle
+from ondemand import hookimpl
+from ondemand.config import SECRET, between, matches
+from ondemand.plugins.lifecycle_subprocess import SubprocessConfig, SubprocessLifecycle
 
 SEEN_EVENTS: list[tuple[str, dict[str, Any]]] = []
 

@@ -33,17 +33,16 @@ import attrs
 import orjson
 from aiohttp import web
 
-from app.config import Config, unstructure
-from app.configure import config_from_dict, merge
-from app.host import HostService
-from app.net import free_port
-from app.plugins import Plugins
-from app.process import ChildProcess
+from ondemand.config import Config, unstructure
+from ondemand.config.load import config_from_dict, merge
+from ondemand.host.net import free_port
+from ondemand.host.process import ChildProcess
+from ondemand.host.services import HostService
+from ondemand.plugin_manager import Plugins
 
 log = logging.getLogger("ondemand.workers")
 
 WORKER_CONFIG_ENV = "ONDEMAND_WORKER_CONFIG"
-_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 # A worker that dies soon after starting is restarted after a doubling delay: never in a storm.
 _RESTART_DELAY, _RESTART_DELAY_MAX, _STABLE_SECONDS = 0.5, 30.0, 30.0
 
@@ -58,7 +57,7 @@ async def freeze_startup_objects(app: web.Application) -> None:
 
 
 def run_single(config: Config, *, reuse_port: bool = False) -> int:
-    from app.web import create_app
+    from ondemand.web import create_app
 
     app = create_app(config)
     app.on_startup.append(freeze_startup_objects)
@@ -135,10 +134,11 @@ class Supervisor:
         return attrs.evolve(config, server=server)
 
     async def _spawn(self, index: int, payload: str) -> ChildProcess:
-        python_path = os.pathsep.join(filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, WORKER_CONFIG_ENV: payload, "PYTHONPATH": python_path}
+        env = {**os.environ, WORKER_CONFIG_ENV: payload}
+        # -P: the working directory is not put on sys.path, so a project's own `ondemand` (or anything else
+        # there) never shadows the installed package in the worker.
         child = await ChildProcess.spawn(
-            f"worker {index}", [sys.executable, "-m", "app.workers"], env=env,
+            f"worker {index}", [sys.executable, "-P", "-m", "ondemand.host.workers"], env=env,
             log_path=Path(tempfile.gettempdir()) / f"ondemand-worker-{index}.log", inherit_output=True,
         )
         log.info("worker %d started (pid %d)", index, child.pid)
@@ -150,7 +150,7 @@ class Supervisor:
 
 def worker_main() -> int:
     """Entry of one worker process: the config comes from the supervisor, already resolved."""
-    from app.logs import configure_logging
+    from ondemand.logs import configure_logging
 
     config = config_from_dict(orjson.loads(os.environ.pop(WORKER_CONFIG_ENV)), source="supervisor")
     configure_logging("INFO", config.server.log_format)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import attrs
 
-from app.errors import OndemandError
+from ondemand.errors import OndemandError
 
 _PR_SET_PDEATHSIG = 1
 

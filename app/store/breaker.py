@@ -15,8 +15,8 @@ import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
-from app.errors import first_line
-from app.health import OutageTracker
+from ondemand.errors import first_line
+from ondemand.health import OutageTracker
 
 log = logging.getLogger("ondemand.breaker")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from app.errors import InvalidInput
+from ondemand.errors import InvalidInput
 
 MIN_INT, MAX_INT = -(2**63), 2**64 - 1
 INTEGER_RULE = (f"integers must be from {MIN_INT} to {MAX_INT} (64 bits); a larger one would not be stored "

@@ -27,8 +27,8 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import attrs
 import cattrs
 
-from app.errors import ConfigError, PluginError
-from app.registry import Collector
+from ondemand.errors import ConfigError, PluginError
+from ondemand.registry import Collector
 
 T = TypeVar("T")
 _MAX_SECONDS_OR_COUNT = 10 * 365 * 24 * 3600

@@ -26,12 +26,12 @@ import attrs
 import psycopg2
 import psycopg2.extensions
 
-from app.config import SECRET, between, positive, redact_url
-from app.errors import PostgresUnavailable, first_line
-from app.health import OutageTracker
-from app.hookspecs import hookimpl
-from app.storage import OVERFLOW, Entry, Namespace, ReportsOutages, StoreState, purge_in_batches
-from plugins.postgres_server import EmbeddedPostgres
+from ondemand.config import SECRET, between, positive, redact_url
+from ondemand.errors import PostgresUnavailable, first_line
+from ondemand.health import OutageTracker
+from ondemand.hookspecs import hookimpl
+from ondemand.plugins.storage_postgres.server import EmbeddedPostgres
+from ondemand.store.protocols import OVERFLOW, Entry, Namespace, ReportsOutages, StoreState, purge_in_batches
 
 log = logging.getLogger("ondemand.postgres")
 

@@ -58,8 +58,8 @@ import aiopg
 import attrs
 import psycopg2
 
-from app.errors import PostgresUnavailable
-from app.process import ChildProcess, ProcessError
+from ondemand.errors import PostgresUnavailable
+from ondemand.host.process import ChildProcess, ProcessError
 
 log = logging.getLogger("ondemand.postgres")
 

@@ -30,10 +30,10 @@ from typing import Any
 
 import attrs
 
-from app.errors import CacheReplaced, NodeUnavailable, RedisCommandError, RedisUnavailable, first_line
-from app.lifecycle import RedisEndpoint
-from app.pipeline import Command, PipelinedConnection
-from app.routing import SLOTS, Address, SlotMap, key_slot, parse_redirect
+from ondemand.errors import CacheReplaced, NodeUnavailable, RedisCommandError, RedisUnavailable, first_line
+from ondemand.redis.lifecycle import RedisEndpoint
+from ondemand.redis.pipeline import Command, PipelinedConnection
+from ondemand.redis.routing import SLOTS, Address, SlotMap, key_slot, parse_redirect
 
 log = logging.getLogger("ondemand.cluster")
 

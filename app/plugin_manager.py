@@ -14,28 +14,28 @@ from typing import TYPE_CHECKING
 
 import pluggy
 
-from app import hookspecs
-from app.config import Config, SectionRegistry
-from app.errors import PluginError
-from app.events import Events
-from app.registry import Registry
+from ondemand import hookspecs
+from ondemand.config import Config, SectionRegistry
+from ondemand.errors import PluginError
+from ondemand.events import Events
+from ondemand.registry import Registry
 
 if TYPE_CHECKING:
-    from app.host import HostService
-    from app.lifecycle import LifecycleFactory
-    from app.storage import StorageFactory
+    from ondemand.host.services import HostService
+    from ondemand.redis.lifecycle import LifecycleFactory
+    from ondemand.store.protocols import StorageFactory
 
 ENTRY_POINT_GROUP = "ondemand"
 
 # Built-in behaviour is written as ordinary plugins, registered under these names; any of them can
 # be blocked with `[plugins] disable = [...]` and replaced by a third-party plugin.
 DEFAULT_PLUGINS: tuple[str, ...] = (
-    "plugins.lifecycle_subprocess",
-    "plugins.lifecycle_external",
-    "plugins.lifecycle_noop",
-    "plugins.storage_redis",
-    "plugins.storage_postgres",
-    "plugins.storage_sqlite",
+    "ondemand.plugins.lifecycle_subprocess",
+    "ondemand.plugins.lifecycle_external",
+    "ondemand.plugins.lifecycle_noop",
+    "ondemand.plugins.storage_redis",
+    "ondemand.plugins.storage_postgres",
+    "ondemand.plugins.storage_sqlite",
 )
 
 

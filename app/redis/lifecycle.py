@@ -17,9 +17,9 @@ import attrs
 import hiredis
 import redis.asyncio as aioredis
 
-from app.config import Config
-from app.errors import ConfigError, SpawnError
-from app.events import Events
+from ondemand.config import Config
+from ondemand.errors import ConfigError, SpawnError
+from ondemand.events import Events
 
 
 @attrs.frozen

@@ -17,10 +17,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from app.cluster import ClusterConnection
-from app.config import RedisConfig
-from app.lifecycle import RedisEndpoint
-from app.pipeline import PipelinedConnection
+from ondemand.config import RedisConfig
+from ondemand.redis.cluster import ClusterConnection
+from ondemand.redis.lifecycle import RedisEndpoint
+from ondemand.redis.pipeline import PipelinedConnection
 
 
 def cluster_client(endpoint: RedisEndpoint, redis_config: RedisConfig, max_connections: int) -> RedisCluster:

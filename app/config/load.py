@@ -14,9 +14,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from app.config import Config, Origins, PluginsConfig, build_config, structure
-from app.errors import ConfigError
-from app.plugins import Plugins
+from ondemand.config import Config, Origins, PluginsConfig, build_config, structure
+from ondemand.errors import ConfigError
+from ondemand.plugin_manager import Plugins
 
 ENV_PREFIX = "ONDEMAND_"
 

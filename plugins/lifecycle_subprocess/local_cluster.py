@@ -44,10 +44,10 @@ from typing import Any, Literal, Protocol
 import attrs
 import hiredis
 
-from app.errors import SpawnError
-from app.events import Events
-from app.lifecycle import RedisEndpoint, probe
-from app.process import ChildProcess, ProcessError
+from ondemand.errors import SpawnError
+from ondemand.events import Events
+from ondemand.host.process import ChildProcess, ProcessError
+from ondemand.redis.lifecycle import RedisEndpoint, probe
 
 log = logging.getLogger("ondemand.redis")
 
@@ -343,7 +343,7 @@ class LocalCluster:
         if self.binary is not None and not isinstance(self.binary, str):
             self.server = self.binary
         else:
-            from plugins.lifecycle_subprocess import find_binary  # (a module-level import would be a cycle)
+            from ondemand.plugins.lifecycle_subprocess import find_binary  # (a module-level import would be a cycle)
 
             self.server = await find_binary(self.binary, tcp=True)  # TCP: the preauth flaws are reachable
         if self.server.flavour == "Redis" and self.server.version < (7, 0, 0):

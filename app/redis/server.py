@@ -28,9 +28,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
 
-from app.cluster import ClusterConnection
-from app.config import Config
-from app.errors import (
+from ondemand.config import Config
+from ondemand.errors import (
     BackendUnavailable,
     CacheReplaced,
     RedisCommandError,
@@ -39,11 +38,12 @@ from app.errors import (
     RedisUnavailable,
     first_line,
 )
-from app.events import Events
-from app.health import OutageTracker
-from app.lifecycle import Lifecycle, RedisEndpoint
-from app.pipeline import Command, PipelinedConnection
-from app.pools import NamedPool, client_pool, cluster_client
+from ondemand.events import Events
+from ondemand.health import OutageTracker
+from ondemand.redis.cluster import ClusterConnection
+from ondemand.redis.lifecycle import Lifecycle, RedisEndpoint
+from ondemand.redis.pipeline import Command, PipelinedConnection
+from ondemand.redis.pools import NamedPool, client_pool, cluster_client
 
 log = logging.getLogger("ondemand.redis")
 T = TypeVar("T")

@@ -24,8 +24,8 @@ from typing import Any
 
 import hiredis
 
-from app.errors import RedisCommandError, RedisTimeout, RedisUnavailable
-from app.lifecycle import RedisEndpoint
+from ondemand.errors import RedisCommandError, RedisTimeout, RedisUnavailable
+from ondemand.redis.lifecycle import RedisEndpoint
 
 Command = Sequence[Any]
 _RUN_ID = re.compile(rb"run_id:([0-9a-f]+)")

@@ -26,8 +26,7 @@ from typing import Any, NamedTuple
 import attrs
 import orjson
 
-from app.breaker import CircuitBreaker
-from app.errors import (
+from ondemand.errors import (
     BackendUnavailable,
     CacheReplaced,
     InvalidInput,
@@ -38,9 +37,10 @@ from app.errors import (
     WriteOutcomeUnknown,
     first_line,
 )
-from app.health import OutageTracker
-from app.storage import OVERFLOW, CacheStorage, DurableStorage, Entry, InvalidationOutbox, Namespace
-from app.values import CORRUPT, check_id, check_ttl, decode, encode
+from ondemand.health import OutageTracker
+from ondemand.store.breaker import CircuitBreaker
+from ondemand.store.protocols import OVERFLOW, CacheStorage, DurableStorage, Entry, InvalidationOutbox, Namespace
+from ondemand.store.values import CORRUPT, check_id, check_ttl, decode, encode
 
 log = logging.getLogger("ondemand.dispatcher")
 

@@ -43,14 +43,14 @@ from typing import Any, Literal
 import attrs
 import hiredis
 
-from app.config import Config, LifecycleConfig, between, memory_size
-from app.errors import ConfigError, SpawnError, first_line
-from app.events import Events
-from app.hookspecs import hookimpl
-from app.lifecycle import LifecycleContext, RedisEndpoint, probe
-from app.net import free_port
-from app.process import ChildProcess, ProcessError
-from plugins.redis_cluster import LocalCluster
+from ondemand.config import Config, LifecycleConfig, between, memory_size
+from ondemand.errors import ConfigError, SpawnError, first_line
+from ondemand.events import Events
+from ondemand.hookspecs import hookimpl
+from ondemand.host.net import free_port
+from ondemand.host.process import ChildProcess, ProcessError
+from ondemand.plugins.lifecycle_subprocess.local_cluster import LocalCluster
+from ondemand.redis.lifecycle import LifecycleContext, RedisEndpoint, probe
 
 log = logging.getLogger("ondemand.redis")
 

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, runtime_c
 
 import attrs
 
-from app.config import Config
-from app.errors import Conflict, InvalidInput
-from app.events import Events
-from app.health import OutageTracker
+from ondemand.config import Config
+from ondemand.errors import Conflict, InvalidInput
+from ondemand.events import Events
+from ondemand.health import OutageTracker
 
 if TYPE_CHECKING:
-    from app.ondemand import OnDemandRedis
+    from ondemand.redis.server import OnDemandRedis
 
 
 class StoreState(StrEnum):
