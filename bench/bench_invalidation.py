@@ -30,7 +30,7 @@ from ondemand import Runtime
 from ondemand.host.net import free_port
 from ondemand.host.process import ChildProcess, log_tail
 from ondemand.plugins.storage_postgres.server import EmbeddedPostgres
-from ondemand.redis.lifecycle import RedisEndpoint
+from ondemand.redis.endpoint import RedisEndpoint
 from tests.tcp_proxy import ProxyProcess
 
 BOUND_MS = 100.0  # the target: p99 of the delay

@@ -17,12 +17,13 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import hiredis
 
 from ondemand.config import SECRET, Config, FieldError
 from ondemand.errors import ConfigError, RedisTimeout, RedisUnavailable, SpawnError
 from ondemand.hookspecs import hookimpl
-from ondemand.redis.lifecycle import RedisEndpoint, WithoutProcess, probe
+from ondemand.redis.endpoint import RedisEndpoint
+from ondemand.redis.lifecycle import WithoutProcess
+from ondemand.redis.resp import RespConnection, probe
 
 log = logging.getLogger("ondemand.redis")
 
@@ -111,51 +112,6 @@ class ExternalLifecycle(WithoutProcess):
 
 
 # -- Redis Sentinel ----------------------------------------------------------------------------------------
-
-
-class _Resp:
-    """One RESP connection to a sentinel or a data node: commands one at a time, each wait bounded by the
-    caller. An error reply is raised as RedisUnavailable naming the command (never AUTH's argument)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, what: str) -> None:
-        self.reader, self.writer, self.what, self.parser = reader, writer, what, hiredis.Reader()
-
-    @classmethod
-    async def open(cls, host: str, port: int, password: str | None, what: str) -> _Resp:
-        try:
-            reader, writer = await asyncio.open_connection(host, port)
-        except OSError as exc:
-            raise RedisUnavailable(f"{what} is unreachable: {exc.strerror or exc}") from None
-        conn = cls(reader, writer, what)
-        try:
-            if password is not None:
-                await conn.call("AUTH", password)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def send(self, *command: str) -> None:
-        self.writer.write(hiredis.pack_command(command))
-
-    async def reply(self) -> Any:
-        while (reply := self.parser.gets()) is False:
-            data = await self.reader.read(65536)
-            if not data:
-                raise RedisUnavailable(f"{self.what} closed the connection")
-            self.parser.feed(data)
-        return reply
-
-    async def call(self, *command: str) -> Any:
-        self.send(*command)
-        reply = await self.reply()
-        if isinstance(reply, hiredis.ReplyError):
-            shown = "AUTH" if command[0] == "AUTH" else " ".join(command)
-            raise RedisUnavailable(f"{self.what} refused {shown}: {reply}")
-        return reply
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 @attrs.define
@@ -291,17 +247,18 @@ class SentinelLifecycle(WithoutProcess):
             await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
         raise RedisUnavailable(f"no master of {self.master_name!r} found: " + "; ".join(errors.values()))
 
+    async def _sentinel(self, sentinel: SentinelView) -> RespConnection:
+        """An authenticated connection to `sentinel`; RedisUnavailable naming it when it cannot be had."""
+        endpoint = RedisEndpoint(host=sentinel.host, port=sentinel.port, password=self._section.sentinel_password)
+        return await RespConnection.open(endpoint, what=sentinel.what())
+
     async def _ask(self, sentinel: SentinelView) -> tuple[str, int] | None:
         """The master's address as `sentinel` reports it (None when it knows no such master)."""
         timeout = self.config.redis.connect_timeout
         try:
             async with asyncio.timeout(timeout):
-                conn = await _Resp.open(sentinel.host, sentinel.port, self._section.sentinel_password,
-                                        sentinel.what())
-                try:
+                async with await self._sentinel(sentinel) as conn:
                     reply = await conn.call("SENTINEL", "get-master-addr-by-name", self.master_name)
-                finally:
-                    conn.close()
         except TimeoutError:
             error: RedisUnavailable = RedisTimeout(f"{sentinel.what()} did not answer within {timeout:g} s")
         except RedisUnavailable as exc:
@@ -320,11 +277,9 @@ class SentinelLifecycle(WithoutProcess):
         where = f"Redis at {self._show(address)}"
         try:
             async with asyncio.timeout(timeout):
-                conn = await _Resp.open(*address, self._section.redis_password, where)
-                try:
+                node = RedisEndpoint(host=address[0], port=address[1], password=self._section.redis_password)
+                async with await RespConnection.open(node, what=where) as conn:
                     role = await conn.call("ROLE")
-                finally:
-                    conn.close()
         except TimeoutError:
             return f"it did not answer ROLE within {timeout:g} s"
         except RedisUnavailable as exc:
@@ -390,7 +345,7 @@ class SentinelLifecycle(WithoutProcess):
     async def _listen(self, sentinel: SentinelView) -> None:
         """Subscribe to +switch-master on `sentinel` and follow it until the connection fails."""
         async with asyncio.timeout(self.config.redis.connect_timeout):
-            conn = await _Resp.open(sentinel.host, sentinel.port, self._section.sentinel_password, sentinel.what())
+            conn = await self._sentinel(sentinel)
             try:
                 conn.send("SUBSCRIBE", "+switch-master")
                 await conn.reply()

@@ -9,7 +9,8 @@ import attrs
 
 from ondemand.errors import RedisDisabled
 from ondemand.hookspecs import hookimpl
-from ondemand.redis.lifecycle import RedisEndpoint, WithoutProcess
+from ondemand.redis.endpoint import RedisEndpoint
+from ondemand.redis.lifecycle import WithoutProcess
 
 
 @attrs.define

@@ -36,7 +36,8 @@ from ondemand.host.net import free_port
 from ondemand.host.process import ChildProcess
 from ondemand.plugins.lifecycle_subprocess.local_cluster import ClusterNode, LocalCluster
 from ondemand.plugins.storage_postgres.server import EmbeddedPostgres
-from ondemand.redis.lifecycle import RedisEndpoint, probe
+from ondemand.redis.endpoint import RedisEndpoint
+from ondemand.redis.resp import probe
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -217,7 +217,8 @@ async def _plain_server(tmp_path, port: int, password: str):
     """A server behind a fixed address, as a Sentinel's or a provider's would be: not ours to manage."""
     from ondemand.host.process import ChildProcess
     from ondemand.plugins.lifecycle_subprocess import find_binary
-    from ondemand.redis.lifecycle import RedisEndpoint, probe
+    from ondemand.redis.endpoint import RedisEndpoint
+    from ondemand.redis.resp import probe
 
     binary = await find_binary(None)
     child = await ChildProcess.spawn(

@@ -31,7 +31,7 @@ from typing import Any
 import attrs
 
 from ondemand.errors import CacheReplaced, NodeUnavailable, RedisCommandError, RedisUnavailable, first_line
-from ondemand.redis.lifecycle import RedisEndpoint
+from ondemand.redis.endpoint import RedisEndpoint
 from ondemand.redis.pipeline import Command, PipelinedConnection
 from ondemand.redis.routing import SLOTS, Address, SlotMap, key_slot, parse_redirect
 

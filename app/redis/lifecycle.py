@@ -1,92 +1,22 @@
-"""What a lifecycle is: the protocol for plugins that provide a Redis endpoint.
+"""What a lifecycle is: the protocol of plugins that provide a Redis endpoint.
 
-A lifecycle only starts and stops the thing. The state machine around it (single start under
-concurrency, idle stop, restart backoff, events) is OnDemandRedis's, in app/ondemand.py.
+A lifecycle only starts and stops the thing. The state machine around it (one start under concurrency,
+idle stop, restart backoff, events) is OnDemandRedis's (ondemand.redis.server).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import re
 from collections.abc import Callable
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
 
 import attrs
-import hiredis
-import redis.asyncio as aioredis
 
 from ondemand.config import Config
-from ondemand.errors import ConfigError, SpawnError
 from ondemand.events import Events
+from ondemand.redis.endpoint import RedisEndpoint
 
-
-@attrs.frozen
-class RedisEndpoint:
-    """Where Redis listens: a unix socket, or host and port; password never shown."""
-
-    unix_socket: str | None = None
-    host: str | None = None
-    port: int | None = None
-    password: str | None = attrs.field(default=None, repr=False)
-    username: str | None = None
-    db: int = 0
-    cluster: bool = False  # a node of a Redis Cluster: commands are routed by slot (app/cluster.py)
-
-    def describe(self) -> str:
-        """A URL for status and logs, with the password redacted."""
-        auth = ""
-        if self.password is not None:
-            auth = f"{self.username or ''}:***@"
-        if self.unix_socket:
-            return f"unix://{auth}{self.unix_socket}?db={self.db}"
-        return f"redis://{auth}{self.host}:{self.port}/{self.db}"
-
-    async def open_connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A stream connection to the server (unbounded: callers wrap it in their own timeout)."""
-        if self.unix_socket:
-            return await asyncio.open_unix_connection(self.unix_socket)
-        return await asyncio.open_connection(self.host, self.port)
-
-    async def create_connection(self, protocol: asyncio.Protocol) -> None:
-        """Connect `protocol` to the server (callers bound the wait)."""
-        loop = asyncio.get_running_loop()
-        if self.unix_socket:
-            await loop.create_unix_connection(lambda: protocol, self.unix_socket)
-        else:
-            await loop.create_connection(lambda: protocol, self.host, self.port)
-
-    def client_options(self) -> dict[str, Any]:
-        """Where and how a redis.asyncio connection pool connects: address, credentials, database."""
-        where: dict[str, Any] = (
-            {"connection_class": aioredis.UnixDomainSocketConnection, "path": self.unix_socket}
-            if self.unix_socket else {"host": self.host, "port": self.port}
-        )
-        return {**where, "password": self.password, "username": self.username, "db": self.db}
-
-    @classmethod
-    def from_url(cls, url: str) -> RedisEndpoint:
-        """Parse redis://[user:pass@]host[:port][/db] or unix:///path[?db=N]; ConfigError when malformed."""
-        parts = urlsplit(url)
-        password = unquote(parts.password) if parts.password is not None else None
-        username = unquote(parts.username) if parts.username else None
-        try:
-            if parts.scheme == "unix":
-                query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
-                return cls(unix_socket=parts.path, password=password, username=username,
-                           db=int(query.get("db", 0)))
-            if parts.scheme == "redis":
-                db = int(parts.path.lstrip("/") or 0)
-                return cls(host=parts.hostname or "127.0.0.1", port=parts.port or 6379,
-                           password=password, username=username, db=db)
-        except ValueError as exc:
-            raise ConfigError(f"invalid Redis URL {cls(unix_socket='?').describe()!r}: {exc}",
-                              key="lifecycle.redis_url") from None
-        raise ConfigError(
-            f"unsupported Redis URL scheme {parts.scheme!r}; expected redis://host:port/db or unix:///path",
-            key="lifecycle.redis_url",
-        )
+__all__ = ["Lifecycle", "LifecycleContext", "LifecycleFactory", "RedisEndpoint", "WithoutProcess",
+           "resolve_lifecycle_name"]
 
 
 class Lifecycle(Protocol):
@@ -177,37 +107,3 @@ def resolve_lifecycle_name(plugin: str, *, docker: bool, skip_in_docker: bool) -
     if plugin != "auto":
         return plugin
     return "external" if docker and skip_in_docker else "subprocess"
-
-
-async def probe(endpoint: RedisEndpoint, expected_pid: int | None) -> bool:
-    """PING, and check INFO's process_id is our child's; SpawnError if a foreign server answers."""
-    reader, writer = await endpoint.open_connection()
-    try:
-        commands = [("PING",), ("INFO", "server")]
-        if endpoint.password is not None:
-            commands.insert(0, ("AUTH", endpoint.password))
-        writer.write(b"".join(hiredis.pack_command(c) for c in commands))
-        parser = hiredis.Reader()
-        replies: list[Any] = []
-        while len(replies) < len(commands):
-            data = await reader.read(65536)
-            if not data:
-                raise EOFError
-            parser.feed(data)
-            while (reply := parser.gets()) is not False:
-                replies.append(reply)
-        replies = replies[-2:]
-        if isinstance(replies[0], hiredis.ReplyError) or replies[0] != b"PONG":
-            return False  # LOADING, or not yet accepting commands
-        found = re.search(rb"process_id:(\d+)", replies[1] if isinstance(replies[1], bytes) else b"")
-        if expected_pid is not None and (found is None or int(found.group(1)) != expected_pid):
-            raise SpawnError(
-                f"a server we did not start answers at {endpoint.describe()} "
-                f"(process_id {found.group(1).decode() if found else '?'}, our child is {expected_pid}); "
-                "refusing to use it"
-            )
-        return True
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()

@@ -25,7 +25,7 @@ from typing import Any
 import hiredis
 
 from ondemand.errors import RedisCommandError, RedisTimeout, RedisUnavailable
-from ondemand.redis.lifecycle import RedisEndpoint
+from ondemand.redis.endpoint import RedisEndpoint
 
 Command = Sequence[Any]
 _RUN_ID = re.compile(rb"run_id:([0-9a-f]+)")
@@ -116,8 +116,7 @@ class PipelinedConnection:
             # new one after a restart or a failover, see OnDemandRedis._connect_mux).
             setup = []
             if endpoint.password is not None:
-                auth = (endpoint.username, endpoint.password) if endpoint.username else (endpoint.password,)
-                setup.append(conn.execute("AUTH", *auth))
+                setup.append(conn.execute("AUTH", *endpoint.credentials()))
             if endpoint.db:
                 setup.append(conn.execute("SELECT", endpoint.db))
             info = conn.execute("INFO", "server")

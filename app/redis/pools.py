@@ -19,7 +19,7 @@ from redis.backoff import NoBackoff
 
 from ondemand.config import RedisConfig
 from ondemand.redis.cluster import ClusterConnection
-from ondemand.redis.lifecycle import RedisEndpoint
+from ondemand.redis.endpoint import RedisEndpoint
 from ondemand.redis.pipeline import PipelinedConnection
 
 

@@ -41,7 +41,8 @@ from ondemand.errors import (
 from ondemand.events import Events
 from ondemand.health import OutageTracker
 from ondemand.redis.cluster import ClusterConnection
-from ondemand.redis.lifecycle import Lifecycle, RedisEndpoint
+from ondemand.redis.endpoint import RedisEndpoint
+from ondemand.redis.lifecycle import Lifecycle
 from ondemand.redis.pipeline import Command, PipelinedConnection
 from ondemand.redis.pools import NamedPool, client_pool, cluster_client
 

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import attrs
-import hiredis
 
 from ondemand.config import Config, LifecycleConfig, between, memory_size
 from ondemand.errors import ConfigError, SpawnError, first_line
@@ -50,7 +49,9 @@ from ondemand.hookspecs import hookimpl
 from ondemand.host.net import free_port
 from ondemand.host.process import ChildProcess, ProcessError
 from ondemand.plugins.lifecycle_subprocess.local_cluster import LocalCluster
-from ondemand.redis.lifecycle import LifecycleContext, RedisEndpoint, probe
+from ondemand.redis.endpoint import RedisEndpoint
+from ondemand.redis.lifecycle import LifecycleContext
+from ondemand.redis.resp import probe, proves_ours, shutdown
 
 log = logging.getLogger("ondemand.redis")
 
@@ -550,37 +551,6 @@ class SharedState:
                                        "endpoint": attrs.asdict(self.endpoint)}))
 
 
-async def proves_ours(endpoint: RedisEndpoint, pid: int) -> bool:
-    """Whether the server at `endpoint` knows the password we recorded with it and is process `pid`.
-
-    AUTH is sent alone, first: a server that does not accept it (no password, another one) gets no
-    other command, so a foreign server is never written to. Then INFO's process_id must be `pid`."""
-    if not endpoint.password:
-        return False  # every server we start has one
-    reader, writer = await endpoint.open_connection()
-    parser = hiredis.Reader()
-
-    async def call(*command: str) -> Any:
-        writer.write(hiredis.pack_command(command))
-        while (reply := parser.gets()) is False:
-            data = await reader.read(65536)
-            if not data:
-                raise EOFError
-            parser.feed(data)
-        return reply
-
-    try:
-        if await call("AUTH", endpoint.password) != b"OK":
-            return False
-        info = await call("INFO", "server")
-        found = re.search(rb"process_id:(\d+)", info if isinstance(info, bytes) else b"")
-        return found is not None and int(found.group(1)) == pid
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-
-
 @attrs.define
 class SubprocessLifecycle:
     """redis-server as our child. Processes sharing a runtime directory (by default every process started
@@ -980,7 +950,7 @@ class SubprocessLifecycle:
             if endpoint is not None:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(0.5):
-                        await _send_shutdown(endpoint)
+                        await shutdown(endpoint)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(child.process.wait(), self.config.shutdown_grace)
             await child.stop(grace=self.config.shutdown_grace)
@@ -990,20 +960,6 @@ class SubprocessLifecycle:
         if self._own_dir and self.runtime_dir is not None:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
             self.runtime_dir, self._own_dir = None, False
-
-async def _send_shutdown(endpoint: RedisEndpoint) -> None:
-    """SHUTDOWN NOSAVE: the server exits at once, without a reply."""
-    reader, writer = await endpoint.open_connection()
-    try:
-        commands = [("SHUTDOWN", "NOSAVE")]
-        if endpoint.password is not None:
-            commands.insert(0, ("AUTH", endpoint.password))
-        writer.write(b"".join(hiredis.pack_command(c) for c in commands))
-        await writer.drain()
-        await reader.read()  # until the server closes the connection
-    finally:
-        writer.close()
-
 
 @hookimpl
 def ondemand_config_sections(sections: Any) -> None:

@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import attrs
-import hiredis
 
 from ondemand.errors import SpawnError
 from ondemand.events import Events
 from ondemand.host.process import ChildProcess, ProcessError
-from ondemand.redis.lifecycle import RedisEndpoint, probe
+from ondemand.redis.endpoint import RedisEndpoint
+from ondemand.redis.resp import RespConnection, probe
 
 log = logging.getLogger("ondemand.redis")
 
@@ -124,38 +124,9 @@ async def _all(coroutines: Iterable[Coroutine[Any, Any, None]]) -> None:
             raise task.exception()  # type: ignore[misc]
 
 
-class _Conn:
-    """One authenticated RESP connection to a node: commands one at a time, each bounded by the caller."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer, self.parser = reader, writer, hiredis.Reader()
-
-    @classmethod
-    async def open(cls, endpoint: RedisEndpoint) -> _Conn:
-        conn = cls(*await endpoint.open_connection())
-        try:
-            if endpoint.password is not None:
-                await conn.call("AUTH", endpoint.password)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    async def call(self, *command: str | int) -> Any:
-        """The reply; a ReplyError is raised as SpawnError naming the command (never the AUTH argument)."""
-        self.writer.write(hiredis.pack_command(tuple(str(c) for c in command)))
-        while (reply := self.parser.gets()) is False:
-            data = await self.reader.read(65536)
-            if not data:
-                raise EOFError("connection closed by the node")
-            self.parser.feed(data)
-        if isinstance(reply, hiredis.ReplyError):
-            shown = "AUTH ***" if command[0] == "AUTH" else " ".join(map(str, command))
-            raise SpawnError(f"{shown}: {reply}")
-        return reply
-
-    def close(self) -> None:
-        self.writer.close()
+async def _open(node: ClusterNode) -> RespConnection:
+    """An authenticated connection to a node of ours; an error reply or an unreachable node is SpawnError."""
+    return await RespConnection.open(node.endpoint, what=node.name, error=SpawnError)
 
 
 def _fields(text: bytes) -> dict[str, str]:
@@ -463,8 +434,8 @@ class LocalCluster:
 
     async def _form(self) -> None:
         nodes = self.nodes
-        opened = await asyncio.gather(*(_Conn.open(n.endpoint) for n in nodes), return_exceptions=True)
-        conns = [c for c in opened if isinstance(c, _Conn)]
+        opened = await asyncio.gather(*(_open(n) for n in nodes), return_exceptions=True)
+        conns = [c for c in opened if isinstance(c, RespConnection)]
         try:
             for result in opened:
                 if isinstance(result, BaseException):
@@ -491,7 +462,8 @@ class LocalCluster:
             for conn in conns:
                 conn.close()
 
-    async def _until(self, conns: Sequence[_Conn], check: Callable[[list[_Conn]], Any], what: str) -> None:
+    async def _until(self, conns: Sequence[RespConnection], check: Callable[[list[RespConnection]], Any],
+                     what: str) -> None:
         """Poll `check` (which returns None when satisfied, else why not) until it is; bounded by the start's
         own timeout, whose error says what was awaited and what was missing. A node that exits meanwhile is
         reported at once, with its log."""
@@ -508,7 +480,7 @@ class LocalCluster:
             await asyncio.sleep(interval)
             interval = min(interval * 1.5, 0.05)
 
-    async def _everyone_met(self, conns: list[_Conn]) -> str | None:
+    async def _everyone_met(self, conns: list[RespConnection]) -> str | None:
         views = await asyncio.gather(*(c.call("CLUSTER", "NODES") for c in conns))
         ids = {n.node_id for n in self.nodes}
         for node, text in zip(self.nodes, views, strict=True):
@@ -518,8 +490,8 @@ class LocalCluster:
                 return f"{node.name} knows {len(known & ids)} of {len(ids)} nodes"
         return None
 
-    async def _formed(self, conns: list[_Conn]) -> str | None:
-        async def ask(conn: _Conn) -> tuple[bytes, bytes, bytes]:  # one command at a time on a connection
+    async def _formed(self, conns: list[RespConnection]) -> str | None:
+        async def ask(conn: RespConnection) -> tuple[bytes, bytes, bytes]:  # one command at a time on a connection
             return (await conn.call("CLUSTER", "INFO"), await conn.call("CLUSTER", "NODES"),
                     await conn.call("INFO", "replication"))
 
@@ -567,11 +539,8 @@ class LocalCluster:
         async def ask(node: ClusterNode) -> None:
             with contextlib.suppress(OSError, EOFError, TimeoutError, SpawnError):
                 async with asyncio.timeout(timeout):
-                    conn = await _Conn.open(node.endpoint)
-                    try:
+                    async with await _open(node) as conn:
                         role = _fields(await conn.call("INFO", "replication")).get("role")
-                    finally:
-                        conn.close()
                     node.role = "master" if role == "master" else "replica"
 
         await asyncio.gather(*(ask(n) for n in self.nodes if n.alive))
@@ -600,12 +569,9 @@ class LocalCluster:
             return
         with contextlib.suppress(Exception):
             async with asyncio.timeout(0.5):
-                conn = await _Conn.open(node.endpoint)
-                try:
-                    conn.writer.write(hiredis.pack_command(("SHUTDOWN", "NOSAVE", "NOW")))
-                    await conn.reader.read()  # until the node closes the connection
-                finally:
-                    conn.close()
+                async with await _open(node) as conn:
+                    conn.send("SHUTDOWN", "NOSAVE", "NOW")
+                    await conn.until_closed()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(child.process.wait(), self.shutdown_grace)
         await child.stop(grace=self.shutdown_grace)
