@@ -109,3 +109,18 @@ async def test_a_frozen_server_fails_every_waiter_with_a_timeout_in_time(runtime
         assert failures == [(RedisTimeout, 20), (RedisTimeout, 1)]  # every failed command is reported
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_both_cache_connections_implement_the_protocol() -> None:
+    """OnDemandRedis and the pools use a CacheConnection; each implementation has every member of it."""
+    from ondemand.redis.cluster import ClusterConnection
+    from ondemand.redis.connection import CacheConnection
+    from ondemand.redis.pipeline import PipelinedConnection
+
+    members = {name for name in dir(CacheConnection) if not name.startswith("_")}
+    assert {"execute", "execute_many", "close", "closed_reason", "server_id", "busy", "status"} <= members
+    for kind in (PipelinedConnection, ClusterConnection):
+        instance_attributes = {"closed_reason", "server_id", "batches_written", "commands_written"}
+        missing = {m for m in members - instance_attributes if not hasattr(kind, m)}
+        assert not missing, (kind.__name__, missing)
+        assert callable(kind.connect)

@@ -1,7 +1,7 @@
 """Cluster-aware automatic pipelining: one pipelined connection per master, commands routed by slot.
 
-`ClusterConnection` has the interface of one `PipelinedConnection` (execute, closed_reason, busy, close)
-so that OnDemandRedis uses either the same way. Each command goes to the master of its key's slot; the
+`ClusterConnection` is a CacheConnection (ondemand.redis.connection) like one `PipelinedConnection`, so
+that OnDemandRedis uses either the same way. Each command goes to the master of its key's slot; the
 commands of one loop tick are coalesced per node by that node's PipelinedConnection, and every node's
 batch is written in the same tick (each flushes with call_soon). Every command is bounded by
 `op_timeout`, redirects included:
@@ -25,14 +25,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
 
 from ondemand.errors import CacheReplaced, NodeUnavailable, RedisCommandError, RedisUnavailable, first_line
+from ondemand.redis.connection import Command, FailureCallback
 from ondemand.redis.endpoint import RedisEndpoint
-from ondemand.redis.pipeline import Command, PipelinedConnection
+from ondemand.redis.pipeline import PipelinedConnection
 from ondemand.redis.routing import SLOTS, Address, SlotMap, key_slot, parse_redirect
 
 log = logging.getLogger("ondemand.cluster")
@@ -80,7 +81,7 @@ class ClusterConnection:
     """See the module docstring."""
 
     def __init__(self, seed: RedisEndpoint, *, op_timeout: float, connect_timeout: float, max_batch: int,
-                 on_failure: Callable[[RedisUnavailable, int], None] | None = None) -> None:
+                 on_failure: FailureCallback | None = None) -> None:
         self._seed = seed
         self._op_timeout = op_timeout
         self._connect_timeout = connect_timeout
@@ -107,7 +108,7 @@ class ClusterConnection:
 
     @classmethod
     async def connect(cls, seed: RedisEndpoint, *, op_timeout: float, connect_timeout: float, max_batch: int,
-                      on_failure: Callable[[RedisUnavailable, int], None] | None = None) -> ClusterConnection:
+                      on_failure: FailureCallback | None = None) -> ClusterConnection:
         """Read the slot map from the seed and connect to every master (in parallel, bounded)."""
         conn = cls(seed, op_timeout=op_timeout, connect_timeout=connect_timeout, max_batch=max_batch,
                    on_failure=on_failure)
@@ -263,7 +264,7 @@ class ClusterConnection:
                 await asyncio.wait([self._refreshed, self._refreshing], timeout=timeout,
                                    return_when=asyncio.FIRST_COMPLETED)
 
-    # -- the PipelinedConnection interface -------------------------------------------------------
+    # -- the CacheConnection interface -------------------------------------------------------
 
     @property
     def closed(self) -> bool:

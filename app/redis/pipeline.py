@@ -19,15 +19,15 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import hiredis
 
 from ondemand.errors import RedisCommandError, RedisTimeout, RedisUnavailable
+from ondemand.redis.connection import Command, FailureCallback
 from ondemand.redis.endpoint import RedisEndpoint
 
-Command = Sequence[Any]
 _RUN_ID = re.compile(rb"run_id:([0-9a-f]+)")
 
 
@@ -74,10 +74,10 @@ class _RedisProtocol(asyncio.Protocol):
 
 
 class PipelinedConnection:
-    """One Redis connection shared by many concurrent callers; see the module docstring."""
+    """One Redis connection shared by many concurrent callers (a CacheConnection); see the module docstring."""
 
     def __init__(self, *, op_timeout: float, max_batch: int, loop: asyncio.AbstractEventLoop,
-                 on_failure: Callable[[RedisUnavailable, int], None] | None = None) -> None:
+                 on_failure: FailureCallback | None = None) -> None:
         self._loop = loop
         self._on_failure = on_failure  # told (error, number of commands) whenever commands fail with the connection
         self._op_timeout = op_timeout
@@ -98,7 +98,7 @@ class PipelinedConnection:
 
     @classmethod
     async def connect(cls, endpoint: RedisEndpoint, *, op_timeout: float, connect_timeout: float,
-                      max_batch: int, on_failure: Callable[[RedisUnavailable, int], None] | None = None,
+                      max_batch: int, on_failure: FailureCallback | None = None,
                       ) -> PipelinedConnection:
         loop = asyncio.get_running_loop()
         conn = cls(op_timeout=op_timeout, max_batch=max_batch, loop=loop, on_failure=on_failure)
@@ -234,3 +234,6 @@ class PipelinedConnection:
 
     def close(self, reason: str = "connection closed") -> None:
         self._fail(RedisUnavailable(reason))
+
+    def status(self) -> dict[str, Any]:
+        return {}

@@ -18,9 +18,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ondemand.config import RedisConfig
-from ondemand.redis.cluster import ClusterConnection
+from ondemand.redis.connection import CacheConnection
 from ondemand.redis.endpoint import RedisEndpoint
-from ondemand.redis.pipeline import PipelinedConnection
 
 
 def cluster_client(endpoint: RedisEndpoint, redis_config: RedisConfig, max_connections: int) -> RedisCluster:
@@ -53,8 +52,8 @@ class NamedPool:
     max_connections: int
     keep_alive: float
     last_used: float
-    mux: PipelinedConnection | ClusterConnection | None = None
-    mux_connecting: asyncio.Future[PipelinedConnection | ClusterConnection] | None = None
+    mux: CacheConnection | None = None
+    mux_connecting: asyncio.Future[CacheConnection] | None = None
     client_pool: aioredis.BlockingConnectionPool | RedisCluster | None = None
     leases: int = 0
     opens: int = 0
@@ -101,7 +100,7 @@ class NamedPool:
                 "connected": not self.mux.closed,
                 "batches": self.mux.batches_written,
                 "commands": self.mux.commands_written,
-                **(self.mux.status() if isinstance(self.mux, ClusterConnection) else {}),
+                **self.mux.status(),
             },
             "opens": self.opens,
             "idle_closes": self.idle_closes,

@@ -41,9 +41,10 @@ from ondemand.errors import (
 from ondemand.events import Events
 from ondemand.health import OutageTracker
 from ondemand.redis.cluster import ClusterConnection
+from ondemand.redis.connection import Command
 from ondemand.redis.endpoint import RedisEndpoint
 from ondemand.redis.lifecycle import Lifecycle
-from ondemand.redis.pipeline import Command, PipelinedConnection
+from ondemand.redis.pipeline import PipelinedConnection
 from ondemand.redis.pools import NamedPool, client_pool, cluster_client
 
 log = logging.getLogger("ondemand.redis")
