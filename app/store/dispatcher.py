@@ -1,23 +1,15 @@
-"""The cache dispatcher: validates keys and values and routes each operation by namespace policy.
+"""The cache dispatcher: checks ids, ttls and values, and routes each operation by its namespace's policy.
 
-- Cache-only namespaces (`durable = false`): Redis only. With Redis unavailable a read is a miss and
-  a write is dropped and counted.
-- Durable namespaces (`durable = true`, with a durable storage configured): the durable storage
-  (PostgreSQL) is the system of record. A write is acknowledged only after it committed there, and
-  is then written to Redis; a read tries Redis and on a miss reads the durable store and puts the
-  value back (SET NX, so a newer value written meanwhile is never overwritten).
-- A circuit breaker guards Redis: one timeout or connection error opens it and operations skip Redis
-  with no network time until a background PING succeeds.
-- No stale reads after recovery: every key whose Redis write or delete failed or was skipped while
-  the breaker was open is remembered, and deleted from Redis before the breaker closes. The set is
-  bounded (`dirty_limit`); past that we forget the keys and instead delete every key of every
-  namespace (SCAN + UNLINK) before closing: slower recovery, never a stale read.
+Cache-only namespaces live in the cache alone. Durable ones are written to the system of record first,
+then to the cache, and read from the cache with the durable store behind it (a miss is put back). The
+circuit breaker decides whether the cache is tried at all; when a cache write does not happen,
+`ondemand.store.invalidation` keeps the older copy from being served. The guarantees are the README's
+("Namespaces and fallback").
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -39,16 +31,13 @@ from ondemand.errors import (
 )
 from ondemand.health import OutageTracker
 from ondemand.store.breaker import CircuitBreaker
-from ondemand.store.protocols import OVERFLOW, CacheStorage, DurableStorage, Entry, InvalidationOutbox, Namespace
+from ondemand.store.invalidation import Invalidation, Target
+from ondemand.store.protocols import CacheStorage, DurableStorage, Entry, Namespace
 from ondemand.store.values import CORRUPT, check_id, check_ttl, decode, encode
 
 log = logging.getLogger("ondemand.dispatcher")
 
 _NOT_WRITTEN = object()  # a cache write skipped (breaker open) or failed
-_OUTBOX_BATCH = 1000
-
-
-Target = tuple[Namespace, str]  # a namespace and an id: what a write touches
 
 
 class _LazyTargets:
@@ -106,19 +95,12 @@ class Dispatcher:
         self.stats = {name: NamespaceStats() for name in self.namespaces}
         self.error_replies: Counter[str] = Counter()  # cache error replies by kind (oom, readonly, ...)
         self.durable_health = durable_health
-        self.outbox = durable if isinstance(durable, InvalidationOutbox) else None
-        self.outbox_poll = outbox_poll
-        self.outbox_recorded = self.outbox_delivered = 0
-        self._outbox_task: asyncio.Task[None] | None = None
-        self.dirty_limit = dirty_limit
-        self._dirty: set[str] = set()
-        self._purge_durable = False  # set when the cache turned out to be another server (CacheReplaced)
-        self._dirty_overflow = False
-        self.breaker = CircuitBreaker(
-            probe=self._probe,
-            on_recover=self._invalidate_stale,
-            health=cache_health,
-        )
+        self.invalidation = Invalidation(cache=cache, durable=durable, namespaces=self.namespaces,
+                                         durable_health=durable_health, stale_limit=dirty_limit,
+                                         outbox_poll=outbox_poll)
+        self.breaker = CircuitBreaker(probe=self.invalidation.probe, on_recover=self.invalidation.recover,
+                                      health=cache_health)
+        self.invalidation.probe_soon = self.breaker.probe_soon
 
     def namespace(self, name: str) -> Namespace:
         try:
@@ -250,7 +232,7 @@ class Dispatcher:
         stats.writes += 1
         recorded = False
         if ns.durable:
-            kw, recorded = self._recording()
+            kw, recorded = self.invalidation.recording(self.breaker.closed)
             await self._durable_write(stats, ((ns, [item_id]),), lambda: self.durable.set(ns, item_id, raw, ttl, **kw),  # type: ignore[union-attr]
                                       recorded=recorded)
         if self.breaker.closed:  # the common case, inline: no closure, no extra frame
@@ -320,7 +302,7 @@ class Dispatcher:
             by_namespace: dict[str, tuple[Namespace, list[str]]] = {}
             for entry in durable:
                 by_namespace.setdefault(entry.namespace.name, (entry.namespace, []))[1].append(entry.id)
-            kw, recorded = self._recording()
+            kw, recorded = self.invalidation.recording(self.breaker.closed)
             await self._durable_write(stats, by_namespace.values(), lambda: self.durable.set_many(durable, **kw),  # type: ignore[union-attr]
                                       recorded=recorded)
         first = self.stats[prepared[0].namespace.name]
@@ -341,7 +323,7 @@ class Dispatcher:
         stats.deletes += len(ids)
         removed, recorded = 0, False
         if ns.durable:
-            kw, recorded = self._recording()
+            kw, recorded = self.invalidation.recording(self.breaker.closed)
             removed = await self._durable_write(stats, ((ns, ids),), lambda: self.durable.delete(ns, ids, **kw),  # type: ignore[union-attr]
                                                 recorded=recorded)
         cached = await self._cache_write(stats, [(ns, i) for i in ids], lambda: self.cache.delete(ns, ids),
@@ -359,7 +341,7 @@ class Dispatcher:
         stats = self.stats[ns.name]
         found, recorded = False, False
         if ns.durable:
-            kw, recorded = self._recording()
+            kw, recorded = self.invalidation.recording(self.breaker.closed)
             found = await self._durable_write(stats, ((ns, [item_id]),),
                                               lambda: self.durable.expire(ns, item_id, checked, **kw),  # type: ignore[union-attr]
                                               recorded=recorded)
@@ -415,7 +397,7 @@ class Dispatcher:
                 ) from exc
             raise
         if recorded:
-            self.outbox_recorded += sum(len(ids) for _, ids in targets)
+            self.invalidation.recorded += sum(len(ids) for _, ids in targets)
         return result
 
     async def _durable_call(
@@ -458,8 +440,8 @@ class Dispatcher:
             # One cluster master out of reach: its keys are remembered (and deleted before it serves again,
             # see ClusterConnection), the breaker stays closed for every other master's keys.
             self._count_cache_error(stats, exc)
-            self._mark_dirty(keys)
-            await self._record(targets)
+            self.invalidation.mark_stale(keys)
+            await self.invalidation.record(targets)
             return
         if isinstance(exc, RedisCommandError) and not exc.server_unusable:
             self._count_cache_error(stats, exc)
@@ -469,194 +451,36 @@ class Dispatcher:
             except (BackendUnavailable, RedisCommandError) as again:
                 exc = again
         self._cache_failed(stats, exc, keys)
-        await self._record(targets)
+        await self.invalidation.record(targets)
 
     async def _skipped(self, targets: Iterable[Target], recorded: bool) -> None:
         """A write that skipped Redis (breaker open): its keys are stale there until deleted."""
         targets = list(targets)
-        self._mark_dirty(ns.key(item_id) for ns, item_id in targets)
+        self.invalidation.mark_stale(ns.key(item_id) for ns, item_id in targets)
         if not recorded:
-            await self._record(targets)
-
-    def _recording(self) -> tuple[dict[str, bool], bool]:
-        """For a durable write: ask it to record its keys in the outbox in the same transaction when
-        Redis is known to be out of reach already (the breaker is open)."""
-        if self.outbox is not None and not self.breaker.closed:
-            return {"invalidate": True}, True
-        return {}, False
-
-    async def _record(self, targets: list[Target]) -> None:
-        """Put keys in the durable store's outbox (a best effort: they stay in our own stale set too).
-        Skipped while the durable store is known down, so an outage of both never waits on it."""
-        if self.outbox is None or not targets or (self.durable_health is not None and self.durable_health.degraded):
-            return
-        try:
-            await self.outbox.record_invalidations(targets)
-            self.outbox_recorded += len(targets)
-        except BackendUnavailable as exc:
-            log.warning("could not record %d stale keys in the outbox: %s", len(targets), first_line(exc))
+            await self.invalidation.record(targets)
 
     def _cache_failed(self, stats: NamespaceStats, exc: OndemandError, keys: Iterable[str]) -> OndemandError:
         """Redis could not be used: remember the keys as stale and open the breaker."""
         self._count_cache_error(stats, exc)
-        self._mark_dirty(keys)
+        self.invalidation.mark_stale(keys)
         self.breaker.failure(first_line(exc))
-        if isinstance(exc, CacheReplaced):
-            self._purge_durable = True  # another server: its durable copies may be older than the store's
-            self.breaker.probe_soon()  # and it answers now: no reason to wait out a backed-off probe
+        if isinstance(exc, CacheReplaced):  # another server: its durable copies may be older than the store's
+            self.invalidation.cache_replaced()
         return exc
 
-    def _mark_dirty(self, keys: Iterable[str]) -> None:
-        if self._dirty_overflow:
-            return
-        self._dirty.update(keys)
-        if len(self._dirty) > self.dirty_limit:
-            log.warning("more than %d stale keys; recovery will clear every namespace instead", self.dirty_limit)
-            self._dirty.clear()
-            self._dirty_overflow = True
-
-    async def _clear_namespaces(self) -> None:
-        for ns in self.namespaces.values():
-            await self.cache.delete_prefix(ns.key_prefix)
-
-    async def _probe(self) -> None:
-        """The breaker's half-open check. A server that turns out to be another one (CacheReplaced) is
-        reachable: the recovery that follows clears its durable copies first."""
-        try:
-            await self.cache.ping()
-        except CacheReplaced:
-            self._purge_durable = True
-            await self.cache.ping()
-
-    async def _invalidate_stale(self) -> None:
-        try:
-            await self._invalidate_stale_keys()
-        except CacheReplaced:  # met another server on the way (a failover while we recovered): start over
-            self._purge_durable = True
-            self.breaker.probe_soon()
-            raise
-
-    async def _invalidate_stale_keys(self) -> None:
-        """Runs while the breaker is half-open, after a PING succeeded; the breaker closes after it.
-        Our own stale keys first, then the outbox (what other processes could not deliver)."""
-        if self._purge_durable:
-            # The cache is another server than the one we wrote to (a failover to a replica that may lack
-            # the last acknowledged writes): none of its durable copies is trusted.
-            self._purge_durable = False
-            try:
-                for ns in self.namespaces.values():
-                    if ns.durable:
-                        await self.cache.delete_prefix(ns.key_prefix)
-            except BaseException:
-                self._purge_durable = True
-                raise
-        unreachable: list[str] = []  # stale keys on a cluster master still out of reach: kept for later
-        while self._dirty or self._dirty_overflow:
-            if self._dirty_overflow:
-                self._dirty_overflow = False
-                self._dirty.clear()
-                try:
-                    await self._clear_namespaces()
-                except BaseException:
-                    self._dirty_overflow = True
-                    raise
-                continue
-            batch = [self._dirty.pop() for _ in range(min(1000, len(self._dirty)))]
-            try:
-                await self.cache.delete_keys(batch)
-            except NodeUnavailable:
-                # Some of them live on a cluster master still out of reach: delete the others one by one,
-                # keep those (its first command when back makes us try them again).
-                results = await asyncio.gather(*(self.cache.delete_keys([key]) for key in batch),
-                                               return_exceptions=True)
-                for key, result in zip(batch, results, strict=True):
-                    if isinstance(result, NodeUnavailable):
-                        unreachable.append(key)
-                    elif isinstance(result, BaseException):
-                        self._mark_dirty(batch)
-                        self._mark_dirty(unreachable)
-                        raise result from None
-            except BaseException:
-                self._mark_dirty(batch)
-                self._mark_dirty(unreachable)
-                raise
-        self._mark_dirty(unreachable)
-        await self._deliver_outbox()
-
-    # -- the outbox: invalidations other processes could not deliver -------------------------
-
-    async def _deliver_outbox(self) -> int:
-        """Delete from the cache every key the outbox holds, then acknowledge the rows; returns how many.
-
-        Cache failures propagate (the breaker stays open); a durable store that cannot be read is
-        logged and skipped: its rows wait for the next delivery, and our own reads do not."""
-        if self.outbox is None:
-            return 0
-        delivered = 0
-        while True:
-            try:
-                rows = await self.outbox.pending_invalidations(_OUTBOX_BATCH)
-            except BackendUnavailable as exc:
-                log.debug("outbox not readable: %s", first_line(exc))
-                return delivered
-            if not rows:
-                return delivered
-            if any(namespace == OVERFLOW for _, namespace, _ in rows):
-                await self._clear_namespaces()
-            else:
-                # Plain deletes, like our own stale keys': a tombstone would keep these keys out of the cache
-                # (served from the durable store) for its whole hold after every outage. The row was
-                # committed with the write, so a read that misses from now on finds the new value.
-                keys = [self.namespaces[namespace].key(item_id) for _, namespace, item_id in rows
-                        if namespace in self.namespaces]  # another namespace: nothing this process caches
-                await self.cache.delete_keys(keys)
-            try:
-                await self.outbox.ack_invalidations([seq for seq, _, _ in rows])
-            except BackendUnavailable as exc:
-                log.debug("outbox rows delivered but not acknowledged (delivered again later): %s", first_line(exc))
-                return delivered
-            delivered += len(rows)
-            self.outbox_delivered += len(rows)
-            if len(rows) < _OUTBOX_BATCH:
-                return delivered
-
-    async def _outbox_loop(self) -> None:
-        """Deliver the outbox whenever the durable store says rows may be there, and at least every
-        `outbox_poll` seconds, while Redis is reachable (the breaker's recovery delivers it otherwise)."""
-        assert self.outbox is not None
-        while True:
-            try:
-                if await self.outbox.wait_for_invalidations(self.outbox_poll) and self.breaker.closed:
-                    await self._deliver_outbox()
-            except asyncio.CancelledError:
-                raise
-            except (BackendUnavailable, RedisCommandError) as exc:
-                log.debug("outbox delivery failed: %s", first_line(exc))
-                await asyncio.sleep(min(self.outbox_poll, 0.2))
-            except Exception:
-                log.exception("outbox delivery failed; retrying")
-                await asyncio.sleep(self.outbox_poll)
-
     def start(self) -> None:
-        """Start delivering the outbox (when the durable store has one)."""
-        if self.outbox is not None and self._outbox_task is None:
-            self._outbox_task = asyncio.create_task(self._outbox_loop(), name="ondemand-outbox")
+        """Start delivering the outbox (when the durable store has one) while the breaker is closed."""
+        self.invalidation.start(lambda: self.breaker.closed)
 
     def status(self) -> dict[str, Any]:
         return {
             "breaker": self.breaker.status(),
-            "stale_keys_pending": len(self._dirty),
-            "stale_overflow": self._dirty_overflow,
+            **self.invalidation.status(),
             "error_replies": dict(self.error_replies),
-            "outbox": None if self.outbox is None else {"recorded": self.outbox_recorded,
-                                                        "delivered": self.outbox_delivered},
             "namespaces": {name: attrs.asdict(stats) for name, stats in self.stats.items()},
         }
 
     async def close(self) -> None:
-        task, self._outbox_task = self._outbox_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self.invalidation.close()
         await self.breaker.close()
