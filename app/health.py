@@ -1,4 +1,5 @@
-"""One outage tracker per component: down since when, why, up again; the degraded and recovered events.
+"""Health: one outage tracker per component (down since when, why, up again; the degraded and recovered
+events), and the helper a storage composes to report its state and outages (StoreHealth).
 
 Several parts of the service can see one component fail: for Redis, the lifecycle state machine (a
 server that will not start or died) and the cache's circuit breaker (commands that time out). They
@@ -9,7 +10,9 @@ one `ondemand_recovered` event.
 
 from __future__ import annotations
 
+import logging
 import time
+from enum import StrEnum
 from typing import Any
 
 import attrs
@@ -71,3 +74,56 @@ class OutageTracker:
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
         }
+
+
+class StoreState(StrEnum):
+    """What a storage reports as its `status()["state"]`."""
+
+    STOPPED = "stopped"  # not started yet (an embedded server starts on first use)
+    STARTING = "starting"
+    UP = "up"
+    DOWN = "down"
+
+
+@attrs.define(eq=False)
+class StoreHealth:
+    """What a storage reports about itself, in one place: its StoreState since when, and each failure or
+    success to the outage tracker of the component it serves as (readiness and the degraded/recovered
+    events come from there), with one log line per transition. A storage composes one:
+
+        self.store_health = StoreHealth(context.health, "PostgreSQL storage")
+    """
+
+    tracker: OutageTracker
+    label: str  # names the storage in log lines
+    state: StoreState = StoreState.STOPPED
+    since: float = attrs.field(factory=time.time)  # epoch seconds of the last state change
+    log: logging.Logger = attrs.field(factory=lambda: logging.getLogger("ondemand.storage"))
+
+    @property
+    def degraded(self) -> bool:
+        return self.tracker.degraded
+
+    def set_state(self, state: StoreState) -> None:
+        if self.state is not state:
+            self.state, self.since = state, time.time()
+
+    def failed(self, message: str) -> None:
+        """An operation failed because the store could not serve it (not for a caller's bad input)."""
+        if not self.tracker.degraded:
+            self.log.warning("%s degraded: %s", self.label, message)
+        self.tracker.down(message)
+        self.set_state(StoreState.DOWN)
+
+    def succeeded(self) -> None:
+        """An operation reached the store: it serves."""
+        if self.state is StoreState.UP:
+            return
+        if self.tracker.degraded:
+            self.log.info("%s recovered", self.label)
+        self.tracker.up()
+        self.set_state(StoreState.UP)
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state, "since": self.since, "last_error": self.tracker.last_error,
+                "last_error_at": self.tracker.last_error_at}

@@ -57,15 +57,15 @@ import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import attrs
 
 from ondemand.config import FieldError, positive
 from ondemand.errors import BackendUnavailable, first_line
-from ondemand.health import OutageTracker
+from ondemand.health import OutageTracker, StoreHealth, StoreState
 from ondemand.hookspecs import hookimpl
-from ondemand.store.protocols import OVERFLOW, Entry, Namespace, ReportsOutages, StoreState, purge_in_batches
+from ondemand.store.protocols import OVERFLOW, Entry, Namespace, purge_in_batches
 
 log = logging.getLogger("ondemand.sqlite")
 
@@ -360,11 +360,8 @@ def _prepare_file(path: Path) -> None:
 
 
 @attrs.define(eq=False)
-class SqliteStorage(ReportsOutages):
+class SqliteStorage:
     """Storage in one SQLite file: (namespace, id) -> value blob with an optional expiry. See the module docstring."""
-
-    _label: ClassVar[str] = "SQLite storage"
-    _log: ClassVar[logging.Logger] = log
 
     config: SqliteConfig
     health: OutageTracker = attrs.field(factory=lambda: OutageTracker.quiet("sqlite"))
@@ -375,12 +372,12 @@ class SqliteStorage(ReportsOutages):
     _connecting: asyncio.Task[None] | None = attrs.field(init=False, default=None)
     _purge_task: asyncio.Task[None] | None = attrs.field(init=False, default=None)
     _closed: bool = attrs.field(init=False, default=False)
-    _state: StoreState = attrs.field(init=False, default=StoreState.STOPPED)
-    _since: float = attrs.field(init=False, factory=time.time)
+    store_health: StoreHealth = attrs.field(init=False)
     _ops: int = attrs.field(init=False, default=0)
     _errors: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
+        self.store_health = StoreHealth(self.health, "SQLite storage", state=StoreState.STOPPED, log=log)
         self.path = Path(self.config.path).expanduser().absolute()
         # A forked copy of this process must not use the parent's connection (see _FORKED_AWAY).
         after_fork = weakref.WeakMethod(self._after_fork_in_child)
@@ -396,7 +393,7 @@ class SqliteStorage(ReportsOutages):
         """Never fails, never waits: starts the thread and queues the first connect (which creates the
         directory and the file); its outcome shows in status() and the health tracker."""
         self._closed = False
-        self._set_state(StoreState.STARTING)
+        self.store_health.set_state(StoreState.STARTING)
         if self._connecting is None or self._connecting.done():
             task = asyncio.create_task(self._run("open", lambda w, now: None), name="ondemand-sqlite-open")
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # recorded by _run already
@@ -423,7 +420,7 @@ class SqliteStorage(ReportsOutages):
             except TimeoutError:
                 log.warning("the SQLite thread did not finish within %g s; left to finish on its own",
                             self.config.op_timeout + 1.0)
-        self._set_state(StoreState.STOPPED)
+        self.store_health.set_state(StoreState.STOPPED)
 
     def _after_fork_in_child(self) -> None:
         if self._worker is not None:
@@ -598,15 +595,12 @@ class SqliteStorage(ReportsOutages):
         worker = self._worker
         return {
             "name": self.name,
-            "state": self._state,
-            "since": self._since,
+            **self.store_health.status(),
             "path": str(self.path),
             "journal_mode": None if worker is None else worker.journal_mode,
             "synchronous": self.config.synchronous,
             "busy_timeout": self._busy_timeout,
             "op_timeout": self.config.op_timeout,
-            "last_error": self.health.last_error,
-            "last_error_at": self.health.last_error_at,
             "ops": self._ops,
             "errors": self._errors,
         }
@@ -699,9 +693,9 @@ class SqliteStorage(ReportsOutages):
                 raise error from None
         except SqliteUnavailable as exc:
             self._errors += 1
-            self._record_failure(str(exc))
+            self.store_health.failed(str(exc))
             raise
-        self._record_success()
+        self.store_health.succeeded()
         return result
 
 

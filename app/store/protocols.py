@@ -8,11 +8,8 @@ of BackendUnavailable when the backend cannot answer.
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 import attrs
 
@@ -23,44 +20,6 @@ from ondemand.health import OutageTracker
 
 if TYPE_CHECKING:
     from ondemand.redis.server import OnDemandRedis
-
-
-class StoreState(StrEnum):
-    """What a storage reports as its `status()["state"]`."""
-
-    STOPPED = "stopped"  # not started yet (an embedded server starts on first use)
-    STARTING = "starting"
-    UP = "up"
-    DOWN = "down"
-
-
-class ReportsOutages:
-    """What a durable storage reports about itself, in one place: its StoreState since when, and each
-    failure or success to its outage tracker (`health`), with one log line per transition."""
-
-    _state: StoreState
-    _since: float
-    health: OutageTracker
-    _label: ClassVar[str]  # "PostgreSQL storage", for the log lines
-    _log: ClassVar[logging.Logger]
-
-    def _set_state(self, state: StoreState) -> None:
-        if self._state is not state:
-            self._state, self._since = state, time.time()
-
-    def _record_failure(self, message: str) -> None:
-        if not self.health.degraded:
-            self._log.warning("%s degraded: %s", self._label, message)
-        self.health.down(message)
-        self._set_state(StoreState.DOWN)
-
-    def _record_success(self) -> None:
-        if self._state is StoreState.UP:
-            return
-        if self.health.degraded:
-            self._log.info("%s recovered", self._label)
-        self.health.up()
-        self._set_state(StoreState.UP)
 
 
 async def purge_in_batches(purge_one: Callable[[], Awaitable[int]], batch: int, max_batches: int) -> int:

@@ -17,9 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import aiopg
 import attrs
@@ -28,10 +27,10 @@ import psycopg2.extensions
 
 from ondemand.config import SECRET, between, positive, redact_url
 from ondemand.errors import PostgresUnavailable, first_line
-from ondemand.health import OutageTracker
+from ondemand.health import OutageTracker, StoreHealth, StoreState
 from ondemand.hookspecs import hookimpl
 from ondemand.plugins.storage_postgres.server import EmbeddedPostgres
-from ondemand.store.protocols import OVERFLOW, Entry, Namespace, ReportsOutages, StoreState, purge_in_batches
+from ondemand.store.protocols import OVERFLOW, Entry, Namespace, purge_in_batches
 
 log = logging.getLogger("ondemand.postgres")
 
@@ -183,11 +182,8 @@ def _is_statement_cancel(exc: asyncio.CancelledError) -> bool:
 
 
 @attrs.define(eq=False)
-class PostgresStorage(ReportsOutages):
+class PostgresStorage:
     """Storage on PostgreSQL: one table of (namespace, id) -> bytea value with an optional expiry."""
-
-    _label: ClassVar[str] = "PostgreSQL storage"
-    _log: ClassVar[logging.Logger] = log
 
     config: PostgresConfig
     health: OutageTracker = attrs.field(factory=lambda: OutageTracker.quiet("postgres"))
@@ -201,12 +197,12 @@ class PostgresStorage(ReportsOutages):
     _idle_task: asyncio.Task[None] | None = attrs.field(init=False, default=None)
     _background: set[asyncio.Task[Any]] = attrs.field(init=False, factory=set)
     _closed: bool = attrs.field(init=False, default=False)
-    _state: StoreState = attrs.field(init=False, default=StoreState.STARTING)
-    _since: float = attrs.field(init=False, factory=time.time)
+    store_health: StoreHealth = attrs.field(init=False)
     _ops: int = attrs.field(init=False, default=0)
     _errors: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
+        self.store_health = StoreHealth(self.health, "PostgreSQL storage", state=StoreState.STARTING, log=log)
         if self.config.dsn == "embedded":
             self.embedded = EmbeddedPostgres(self.config.data_dir, startup_timeout=self.config.startup_timeout,
                                              activity_interval=min(1.0, self.config.idle_timeout / 10))
@@ -222,7 +218,7 @@ class PostgresStorage(ReportsOutages):
         if self.embedded is None:
             self._start_connecting()
         else:
-            self._state = StoreState.STOPPED
+            self.store_health.set_state(StoreState.STOPPED)
         if self._purge_task is None or self._purge_task.done():
             self._purge_task = asyncio.create_task(self._purge_loop(), name="ondemand-postgres-purge")
         if self.embedded is not None and (self._idle_task is None or self._idle_task.done()):
@@ -419,16 +415,13 @@ class PostgresStorage(ReportsOutages):
         pool = self._pool
         return {
             "name": self.name,
-            "state": self._state,
-            "since": self._since,
+            **self.store_health.status(),
             "embedded": self.embedded is not None,
             "dsn": self._where(),
             "pid": self.embedded.pid if self.embedded is not None else None,
             # "self": this process started the embedded server; "sibling": another process did, we use it
             "owner": self.embedded.owner if self.embedded is not None else None,
             "data_dir": str(self.embedded.data_dir) if self.embedded is not None else None,
-            "last_error": self.health.last_error,
-            "last_error_at": self.health.last_error_at,
             "ops": self._ops,
             "errors": self._errors,
             "pool": None if pool is None else {"size": pool.size, "free": pool.freesize,
@@ -502,15 +495,15 @@ class PostgresStorage(ReportsOutages):
                     self._drop_pool(pool)
                     raise
         except PostgresUnavailable as exc:
-            self._record_failure(str(exc))
+            self.store_health.failed(str(exc))
             raise
         except (psycopg2.Error, OSError, TimeoutError) as exc:
             what = "did not answer in time" if isinstance(exc, TimeoutError) else _first_line(exc)
             message = f"cannot connect to PostgreSQL at {self._where()}: {what}"
-            self._record_failure(message)
+            self.store_health.failed(message)
             raise PostgresUnavailable(message) from None
         self._pool, self._dsn = pool, dsn
-        self._record_success()
+        self.store_health.succeeded()
         return pool
 
     def _drop_pool(self, pool: aiopg.Pool) -> None:
@@ -566,9 +559,9 @@ class PostgresStorage(ReportsOutages):
                 raise PostgresUnavailable(f"PostgreSQL {what} failed: {_first_line(exc)}") from None
         except PostgresUnavailable as exc:
             self._errors += 1
-            self._record_failure(str(exc))
+            self.store_health.failed(str(exc))
             raise
-        self._record_success()
+        self.store_health.succeeded()
         return result
 
 
@@ -585,7 +578,7 @@ class PostgresStorage(ReportsOutages):
         self._close_listener()
         if self._pool is not None:
             self._drop_pool(self._pool)
-        self._set_state(StoreState.STOPPED)
+        self.store_health.set_state(StoreState.STOPPED)
 
     def _sibling_server_exited(self, reason: str) -> None:
         log.info("%s; the next operation starts it again", reason)
