@@ -47,10 +47,8 @@ import contextlib
 import logging
 import math
 import os
-import pwd
 import queue
 import sqlite3
-import stat
 import threading
 import time
 import weakref
@@ -65,6 +63,7 @@ from ondemand.config import FieldError, positive
 from ondemand.errors import BackendUnavailable, first_line
 from ondemand.health import OutageTracker, StoreHealth, StoreState
 from ondemand.hookspecs import hookimpl
+from ondemand.host import files
 from ondemand.store.protocols import OVERFLOW, Entry, Namespace, purge_in_batches
 
 log = logging.getLogger("ondemand.sqlite")
@@ -271,27 +270,6 @@ _PATH_RULE = ("The SQLite file must be ours: a regular file (not a symbolic link
               "or set sqlite.path to another path")
 
 
-def _refusal(st: os.stat_result, *, directory: bool) -> str | None:
-    """Why an entry with this lstat() is not ours to use (None: it is)."""
-    if stat.S_ISLNK(st.st_mode):
-        return "is a symbolic link"
-    if directory and not stat.S_ISDIR(st.st_mode):
-        return "is not a directory"
-    if not directory and stat.S_ISDIR(st.st_mode):
-        return "is a directory, not a file"
-    if not directory and not stat.S_ISREG(st.st_mode):
-        return "is not a regular file"
-    if st.st_uid != os.geteuid():
-        try:
-            owner = pwd.getpwuid(st.st_uid).pw_name
-        except KeyError:
-            owner = "another user"
-        return f"belongs to {owner} (uid {st.st_uid}), not to us (uid {os.geteuid()})"
-    if st.st_mode & 0o022:
-        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
-
-
 def _set_wal(conn: sqlite3.Connection, deadline: float) -> str:
     """PRAGMA journal_mode=WAL, retried while another process holds the lock it needs. Two processes
     opening a new file at once can meet in a lock upgrade that SQLite refuses at once instead of waiting
@@ -306,53 +284,35 @@ def _set_wal(conn: sqlite3.Connection, deadline: float) -> str:
 
 
 def _prepare_file(path: Path) -> None:
-    """Check, or create, the file and its directory: missing directories are created 0700 and a missing
-    file 0600 (O_EXCL, never through a symlink); an existing one is used only if it is ours (_PATH_RULE).
-    Any other case is one SqliteUnavailable naming the path and the rule."""
+    """Check, or create, the file and its directory (ondemand.host.files): missing directories are created
+    0700 and a missing file 0600 (O_EXCL, never through a symlink); an existing one is used only if it is
+    ours, its -wal, -shm and -journal files too (_PATH_RULE). Anything else is one SqliteUnavailable naming
+    the path and the rule."""
     parent = path.parent
-    missing = []
-    probe = parent
-    while True:
-        try:
-            os.lstat(probe)
-            break
-        except FileNotFoundError:
-            missing.append(probe)
-            probe = probe.parent
-        except OSError as exc:
-            raise SqliteUnavailable(f"cannot create the directory {parent} for the SQLite file: "
-                                    f"{exc.strerror or exc}") from None
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            pass  # made meanwhile by another process: checked below like any existing one
-        except OSError as exc:
-            raise SqliteUnavailable(f"cannot create the directory {directory} for the SQLite file: "
-                                    f"{exc.strerror or exc}") from None
     try:
-        reason = _refusal(os.lstat(parent), directory=True)
+        files.make_private_dirs(parent)
+    except OSError as exc:
+        raise SqliteUnavailable(f"cannot create the directory {exc.filename or parent} for the SQLite file: "
+                                f"{exc.strerror or exc}") from None
+    try:
+        files.check_dir(parent)
+    except files.Untrusted as exc:
+        raise SqliteUnavailable(f"refusing the directory {parent}: it {exc.reason}; it would hold the SQLite file "
+                                f"{path}. {_PATH_RULE}") from None
     except OSError as exc:
         raise SqliteUnavailable(f"cannot look at the directory {parent} of the SQLite file: "
                                 f"{exc.strerror or exc}") from None
-    if reason is not None:
-        raise SqliteUnavailable(f"refusing the directory {parent}: it {reason}; it would hold the SQLite file "
-                                f"{path}. {_PATH_RULE}")
     try:
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-    except FileExistsError:
-        pass  # an existing file (or anything else by that name): checked next
+        files.create_private(path)  # an existing file (or anything else by that name): checked next
     except OSError as exc:
         raise SqliteUnavailable(f"cannot create the SQLite file {path}: {exc.strerror or exc}") from None
     for entry in (path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", "-journal"))):
         try:
-            reason = _refusal(os.lstat(entry), directory=False)
-        except FileNotFoundError:
-            continue
+            files.lstat_private(entry)
+        except files.Untrusted as exc:
+            raise SqliteUnavailable(f"refusing the SQLite file {entry}: it {exc.reason}. {_PATH_RULE}") from None
         except OSError as exc:
             raise SqliteUnavailable(f"cannot look at the SQLite file {entry}: {exc.strerror or exc}") from None
-        if reason is not None:
-            raise SqliteUnavailable(f"refusing the SQLite file {entry}: it {reason}. {_PATH_RULE}")
     try:  # unreadable, or on a read-only file system: said here, with the path, not by sqlite3 later
         os.close(os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK))
     except OSError as exc:

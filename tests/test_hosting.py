@@ -209,7 +209,7 @@ async def test_a_per_user_parent_someone_else_made_is_refused(make_config, short
     planted.mkdir(mode=0o700)
     os.chown(planted, 65534, 65534)
     async with Runtime(make_config(DEFAULT)) as rt:
-        with pytest.raises(RuntimeDirError, match=f"{planted} .*owned by uid 65534"):
+        with pytest.raises(RuntimeDirError, match=rf"{planted} .*owned by nobody \(uid 65534\)"):
             await rt.on_demand.ensure()
         assert redis_children() == []
     assert list(planted.iterdir()) == [] and planted.stat().st_uid == 65534

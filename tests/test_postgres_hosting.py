@@ -512,12 +512,12 @@ def _plant(kind: str, base: Path, victim: Path, template: Path) -> tuple[Path, P
 _REFUSALS = {
     "symlinked data dir": "is a symbolic link",
     "symlinked parent": "is a symbolic link",
-    "data dir of another user": "belongs to nobody",
-    "parent of another user": "belongs to nobody",
+    "data dir of another user": "is owned by nobody",
+    "parent of another user": "is owned by nobody",
     "data dir 0777": r"writable by group or others \(mode 0777\)",
     "parent 0777": r"writable by group or others \(mode 0777\)",
-    "data dir is a file": "is not a directory",
-    "parent is a file": "is not a directory",
+    "data dir is a file": "is a regular file, not a directory",
+    "parent is a file": "is a regular file, not a directory",
     "symlinked log": "it is a symbolic link",
     "symlinked lock": "it is a symbolic link",
 }
@@ -621,7 +621,7 @@ async def test_requests_needing_a_refused_data_dir_answer_503_never_500(aiohttp_
             assert resp.status == 503, await resp.text()
             error = (await resp.json())["error"]
             assert error["code"] == "postgres_unavailable" and str(base / "pgdata") in error["message"]
-            assert "is not a directory" in error["message"]
+            assert "not a directory" in error["message"]
         resp = await client.get("/api/users/u/profile")  # what needs only the cache still works
         assert resp.status in (200, 404)
     finally:

@@ -540,11 +540,11 @@ def _hostile(kind: str, base: Path, victim: Path) -> tuple[Path, Path]:
 _SQLITE_REFUSALS = {
     "symlinked file": "it is a symbolic link",
     "symlinked -wal": "it is a symbolic link",
-    "file of another user": "it belongs to nobody",
+    "file of another user": "it is owned by nobody",
     "file 0666": r"it is writable by group or others \(mode 0666\)",
-    "a fifo": "it is not a regular file",
+    "a fifo": "it is a FIFO, not a regular file",
     "directory 0777": r"it is writable by group or others \(mode 0777\)",
-    "directory of another user": "it belongs to nobody",
+    "directory of another user": "it is owned by nobody",
     "symlinked directory": "it is a symbolic link",
 }
 

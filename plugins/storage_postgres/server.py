@@ -59,6 +59,7 @@ import attrs
 import psycopg2
 
 from ondemand.errors import PostgresUnavailable
+from ondemand.host import files
 from ondemand.host.process import ChildProcess, ProcessError
 
 log = logging.getLogger("ondemand.postgres")
@@ -96,10 +97,10 @@ def _open_for_others(install_dir: Path) -> None:
     """Let a non-root user run the bundled binaries (pip as root may leave them root-only)."""
     for parent in (install_dir, *install_dir.parents):
         _add_mode(parent, _TRAVERSE)
-    for root, dirs, files in os.walk(install_dir):
+    for root, dirs, names in os.walk(install_dir):
         for name in dirs:
             _add_mode(Path(root, name), _READ | _TRAVERSE)
-        for name in files:
+        for name in names:
             path = Path(root, name)
             _add_mode(path, _READ | (_TRAVERSE if os.access(path, os.X_OK) else 0))
 
@@ -194,26 +195,6 @@ def _works_in(pid: int, directory: os.stat_result) -> bool:
 # -- files we trust ----------------------------------------------------------------------------------
 
 
-def _user_name(uid: int) -> str:
-    try:
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"
-
-
-def _refusal(st: os.stat_result, owners: set[int]) -> str | None:
-    """Why a directory with this lstat() may not be used, or None when it is ours."""
-    if stat.S_ISLNK(st.st_mode):
-        return "is a symbolic link"
-    if not stat.S_ISDIR(st.st_mode):
-        return "is not a directory"
-    if st.st_uid not in owners:
-        return f"belongs to {_user_name(st.st_uid)}, not to {' or '.join(_user_name(u) for u in sorted(owners))}"
-    if st.st_mode & 0o022:
-        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
-
-
 _DIR_RULE = ("postgres.data_dir and its parent must be ours: real directories (not symbolic links), owned by "
              "our user (as root: the parent by root, the data directory by the user PostgreSQL runs as, "
              "pgserver), writable by no one else; one someone else prepared is never used. Fix or remove it, "
@@ -229,62 +210,24 @@ def _os_error(what: str, path: Path, exc: OSError) -> PostgresUnavailable:
 
 def _make_dirs(path: Path) -> None:
     """Create `path` and its missing parents, each 0700 from the start (never chmodded afterwards)."""
-    missing = []
-    probe = path
-    while True:
-        try:
-            os.lstat(probe)
-            break
-        except FileNotFoundError:
-            missing.append(probe)
-            if probe.parent == probe:
-                break
-            probe = probe.parent
-        except OSError as exc:
-            raise _os_error("look at", probe, exc) from None
-    for directory in reversed(missing):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            pass  # made by a concurrent process meanwhile: checked like any existing one
-        except OSError as exc:
-            raise _os_error("create the directory", directory, exc) from None
+    try:
+        files.make_private_dirs(path)
+    except OSError as exc:
+        raise _os_error("create the directory", Path(exc.filename or path), exc) from None
 
 
 def _open_private(path: Path, flags: int) -> int:
     """Open (creating it 0600 if missing) a file of ours, never through a symlink; refuses anything else."""
     try:
-        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+        return files.open_private(path, flags | os.O_CREAT)
+    except files.Untrusted as exc:
+        raise PostgresUnavailable(f"refusing {path}: it {exc.reason}; remove it (it must be a file of ours)") from None
     except OSError as exc:
         raise _os_error("open", path, exc) from None
-    st = os.fstat(fd)
-    reason = None
-    if not stat.S_ISREG(st.st_mode):
-        reason = "is not a regular file"
-    elif st.st_uid != os.geteuid():
-        reason = f"belongs to {_user_name(st.st_uid)}"
-    elif st.st_mode & 0o022:
-        reason = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
-    if reason is not None:
-        os.close(fd)
-        raise PostgresUnavailable(f"refusing {path}: it {reason}; remove it (it must be a file of ours)")
-    return fd
 
 
-def _read_pid_file(path: Path) -> int | None:
-    """The postmaster pid in a postmaster.pid, read without following a symlink; None if none."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return int(os.read(fd, 64).split(b"\n", 1)[0])
-    except (OSError, ValueError):
-        return None
-    finally:
-        os.close(fd)
+def _refusal(st: os.stat_result, owners: set[int]) -> str | None:
+    return files.refusal(st, directory=True, owners=owners)
 
 
 @attrs.frozen
@@ -561,17 +504,16 @@ class EmbeddedPostgres:
     def _read_state(self) -> ServerState | None:
         """The state file, if it is ours (a regular file owned by us, mode 0600, not a symlink)."""
         try:
-            fd = os.open(self.state_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = files.open_private(self.state_path, os.O_RDONLY)
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            log.warning("ignoring %s: %s", self.state_path, exc.strerror or exc)
+        except (OSError, files.Untrusted) as exc:
+            log.warning("ignoring %s: %s", self.state_path, getattr(exc, "strerror", None) or exc)
             return None
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-                log.warning("ignoring %s: not a private file of ours (owner %s, mode %04o)", self.state_path,
-                            _user_name(st.st_uid), stat.S_IMODE(st.st_mode))
+            if st.st_mode & 0o077:
+                log.warning("ignoring %s: others may read it (%s, ours are 0600)", self.state_path, files.mode(st))
                 return None
             return ServerState.loads(os.read(fd, 65536))
         finally:
@@ -579,17 +521,9 @@ class EmbeddedPostgres:
 
     def _write_state(self, state: ServerState) -> None:
         """Write the state file to a fresh name (O_EXCL, never through a symlink), then rename it."""
-        tmp = self._beside(f".state.{os.getpid()}.tmp")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(state.dumps())
-            os.replace(tmp, self.state_path)
+            files.replace_private(self.state_path, state.dumps(), refuse_planted=False)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise _os_error("write", self.state_path, exc) from None
 
     def _withdraw_state(self) -> None:
@@ -614,14 +548,14 @@ class EmbeddedPostgres:
             return "that pid is not a postgres working in our data directory"
         proc_uid = _proc_uid(state.pid)
         if proc_uid != uid or state.uid != uid:
-            return f"it runs as {_user_name(proc_uid) if proc_uid is not None else 'an unknown user'}, not as " \
-                   f"{_user_name(uid)}"
+            return f"it runs as {files.user_name(proc_uid) if proc_uid is not None else 'an unknown user'}, not as " \
+                   f"{files.user_name(uid)}"
         try:
             st = os.lstat(state.socket_dir)
         except OSError as exc:
             return f"its socket directory {state.socket_dir} cannot be inspected: {exc.strerror or exc}"
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
-            return f"its socket directory {state.socket_dir} is not a private directory of {_user_name(uid)}"
+            return f"its socket directory {state.socket_dir} is not a private directory of {files.user_name(uid)}"
         return None
 
     async def _verify_sibling(self, state: ServerState, user: str | None, deadline: float) -> bool:
@@ -706,7 +640,7 @@ class EmbeddedPostgres:
         still exists (a zombie its new parent has not reaped yet, or a reused pid): PostgreSQL itself
         would take that pid for a live postmaster and refuse to start."""
         pid_file = self.data_dir / "postmaster.pid"
-        recorded = _read_pid_file(pid_file)
+        recorded = files.read_pid_file(pid_file)
         if recorded is None:
             return []
         lingering = self._postgres_in_data_dir()

@@ -480,10 +480,11 @@ async def test_a_runtime_dir_someone_else_prepared_is_refused_and_left_as_it_was
         pytest.skip("making another user's directory needs root")
     rundir = tmp_path / "run"
     refused, reason = rundir, {
-        "another user's 0777 dir": f"owned by uid {NOBODY}", "another user's 0700 dir": f"owned by uid {NOBODY}",
-        "our own 0777 dir": "writable by other users (mode 0777)",
-        "a symlink to a dir of ours": "is a symbolic link, not a directory",
-        "under a parent others can write": "writable by other users (mode 0777, not sticky)",
+        "another user's 0777 dir": f"owned by nobody (uid {NOBODY})",
+        "another user's 0700 dir": f"owned by nobody (uid {NOBODY})",
+        "our own 0777 dir": "writable by group or others (mode 0777)",
+        "a symlink to a dir of ours": "is a symbolic link",
+        "under a parent others can write": "writable by group or others (mode 0777, not sticky)",
         "a regular file": "is a regular file, not a directory"}[case]
     if case == "a regular file":
         rundir.write_bytes(b"not a directory\n")
