@@ -1,0 +1,607 @@
+"""PostgresStorage: durable namespaced values in PostgreSQL, through aiopg.
+
+With `postgres.dsn = "embedded"` (the default) the plugin uses the PostgreSQL of `postgres.data_dir`,
+from the binaries bundled in the `pgserver` package (server.py): started on first use
+by the first process that needs it, adopted by every other process using the same data directory (the
+workers of `run.py --workers N`, a script beside `run.py`), stopped by its owner when all of them were
+idle for `postgres.idle_timeout`. Any other dsn is a libpq DSN or a postgresql:// URL of a server
+someone else runs. Its settings are the [postgres] table (`PostgresConfig`); `DATABASE_URL` sets
+`postgres.dsn`.
+
+PostgreSQL being down never stops the app: open() returns at once and connects in the background;
+operations wait a bounded time and raise PostgresUnavailable; the next operation tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import aiopg
+import attrs
+import psycopg2
+import psycopg2.extensions
+
+from ondemand.config import SECRET, between, positive, redact_url
+from ondemand.errors import PostgresUnavailable, first_line
+from ondemand.health import OutageTracker, StoreHealth, StoreState
+from ondemand.plugins.storage_postgres.server import EmbeddedPostgres
+from ondemand.store.protocols import OVERFLOW, Entry, Namespace, purge_in_batches
+
+log = logging.getLogger("ondemand.postgres")
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+# pg_advisory_xact_lock key serializing schema creation between apps sharing one database ("ondemand").
+_SCHEMA_LOCK_KEY = 0x6F6E64656D616E64
+_PURGE_BATCH = 1000
+_PURGE_MAX_BATCHES = 100  # per run: a huge backlog is worked off over several runs, never in one go
+
+_SCHEMA_SQL = f"""
+BEGIN;
+SELECT pg_advisory_xact_lock({_SCHEMA_LOCK_KEY});
+CREATE TABLE IF NOT EXISTS ondemand_values (
+    namespace text NOT NULL,
+    id text NOT NULL,
+    value bytea NOT NULL,
+    expires_at timestamptz NULL,
+    PRIMARY KEY (namespace, id)
+);
+CREATE INDEX IF NOT EXISTS ondemand_values_expires_at
+    ON ondemand_values (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS ondemand_invalidations (
+    seq bigserial PRIMARY KEY,
+    namespace text NOT NULL,
+    id text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS ondemand_schema_version (
+    version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO ondemand_schema_version (version) VALUES ({SCHEMA_VERSION}) ON CONFLICT DO NOTHING;
+COMMIT;
+"""
+
+# The outbox (app.storage.InvalidationOutbox): keys some process could not delete from the shared Redis.
+# Rows are recorded in the same transaction as a write (statements of one simple query are one
+# transaction), a NOTIFY wakes every listening process at commit, and past the bound one OVERFLOW row
+# stands for all (the deliverer then clears every namespace).
+_OUTBOX_CHANNEL = "ondemand_invalidations"
+OUTBOX_BOUND = 100_000
+_OUTBOX_FULL = f"EXISTS (SELECT 1 FROM ondemand_invalidations OFFSET {OUTBOX_BOUND} LIMIT 1)"
+_SQL_RECORD = f"""
+INSERT INTO ondemand_invalidations (namespace, id)
+SELECT ns, id FROM unnest(%s::text[], %s::text[]) AS t(ns, id) WHERE NOT {_OUTBOX_FULL};
+INSERT INTO ondemand_invalidations (namespace, id) SELECT '{OVERFLOW}', '' WHERE {_OUTBOX_FULL}
+    AND NOT EXISTS (SELECT 1 FROM ondemand_invalidations WHERE namespace = '{OVERFLOW}');
+SELECT pg_notify('{_OUTBOX_CHANNEL}', '');
+"""
+_SQL_PENDING = "SELECT seq, namespace, id FROM ondemand_invalidations ORDER BY seq LIMIT %s"
+_SQL_ACK = "DELETE FROM ondemand_invalidations WHERE seq = ANY(%s::bigint[])"
+
+_LIVE = "(expires_at IS NULL OR expires_at > now())"
+# NULL ttl -> NULL expires_at (no expiry), because NULL * interval is NULL.
+_EXPIRES = "now() + %s::float8 * interval '1 second'"
+
+_SQL_GET = f"SELECT value FROM ondemand_values WHERE namespace = %s AND id = %s AND {_LIVE}"
+_SQL_GET_ENTRY = (
+    "SELECT value, EXTRACT(EPOCH FROM expires_at - now())::float8 FROM ondemand_values"
+    f" WHERE namespace = %s AND id = %s AND {_LIVE}"
+)
+_SQL_GET_ENTRIES = (
+    "SELECT id, value, EXTRACT(EPOCH FROM expires_at - now())::float8 FROM ondemand_values"
+    f" WHERE namespace = %s AND id = ANY(%s::text[]) AND {_LIVE}"
+)
+_SQL_GET_MANY = f"SELECT id, value FROM ondemand_values WHERE namespace = %s AND id = ANY(%s::text[]) AND {_LIVE}"
+_SQL_SET = f"""
+INSERT INTO ondemand_values (namespace, id, value, expires_at) VALUES (%s, %s, %s, {_EXPIRES})
+ON CONFLICT (namespace, id) DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at
+"""
+_SQL_SET_MANY = """
+INSERT INTO ondemand_values (namespace, id, value, expires_at)
+SELECT ns, id, value, now() + ttl * interval '1 second'
+FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::float8[]) AS t(ns, id, value, ttl)
+ON CONFLICT (namespace, id) DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at
+"""
+# Expired rows are removed too, but only live ones count as "existed".
+_SQL_DELETE = f"""
+WITH gone AS (DELETE FROM ondemand_values WHERE namespace = %s AND id = ANY(%s::text[]) RETURNING expires_at)
+SELECT count(*) FILTER (WHERE {_LIVE}) FROM gone
+"""
+_SQL_EXPIRE = f"UPDATE ondemand_values SET expires_at = {_EXPIRES} WHERE namespace = %s AND id = %s AND {_LIVE}"
+# ctid batches keep each purge statement short, so it never holds many row locks for long.
+_SQL_PURGE = f"""
+DELETE FROM ondemand_values WHERE ctid IN (
+    SELECT ctid FROM ondemand_values WHERE expires_at <= now() LIMIT {_PURGE_BATCH}
+) AND expires_at <= now()
+"""
+
+
+@attrs.frozen
+class PostgresConfig:
+    """The [postgres] table."""
+
+    dsn: str = attrs.field(default="embedded", metadata={SECRET: "url"})
+    data_dir: str = ".ondemand/pgdata"
+    connect_timeout: float = attrs.field(default=2.0, validator=positive)
+    statement_timeout: float = attrs.field(default=2.0, validator=positive)
+    startup_timeout: float = attrs.field(default=30.0, validator=positive)
+    pool_min: int = attrs.field(default=1, validator=between(0, 1000))
+    pool_max: int = attrs.field(default=10, validator=between(1, 1000))
+    purge_interval: float = attrs.field(default=60.0, validator=positive)
+    # The embedded server: stopped when every process using it was idle this long (the next use starts it).
+    idle_timeout: float = attrs.field(default=300.0, validator=positive)
+
+
+def _first_line(exc: BaseException) -> str:
+    return redact_url(first_line(exc))
+
+
+def _outbox_columns(targets: Sequence[tuple[Namespace, str]]) -> tuple[list[str], list[str]]:
+    return [ns.name for ns, _ in targets], [item_id for _, item_id in targets]
+
+
+def _recording(invalidate: bool, targets: Sequence[tuple[Namespace, str]], sql: str, params: Any
+               ) -> tuple[str, Any]:
+    """A write statement, preceded by the outbox rows of its keys when `invalidate`: one query string,
+    so one transaction. The write comes last, so the cursor reads its result."""
+    if not invalidate:
+        return sql, params
+    return _SQL_RECORD + sql, (*_outbox_columns(targets), *params)
+
+
+def _unavailable(message: str, outcome_unknown: bool) -> PostgresUnavailable:
+    error = PostgresUnavailable(message)
+    error.outcome_unknown = outcome_unknown
+    return error
+
+
+def _is_statement_cancel(exc: asyncio.CancelledError) -> bool:
+    """aiopg turns a server-side cancel (statement_timeout) into CancelledError; tell it from a real one."""
+    task = asyncio.current_task()
+    return isinstance(exc.__context__, psycopg2.extensions.QueryCanceledError) and (
+        task is None or task.cancelling() == 0
+    )
+
+
+@attrs.define(eq=False)
+class PostgresStorage:
+    """Storage on PostgreSQL: one table of (namespace, id) -> bytea value with an optional expiry."""
+
+    config: PostgresConfig
+    health: OutageTracker = attrs.field(factory=lambda: OutageTracker.quiet("postgres"))
+    name: str = "postgres"
+    embedded: EmbeddedPostgres | None = attrs.field(init=False, default=None)
+    _pool: aiopg.Pool | None = attrs.field(init=False, default=None)
+    _connecting: asyncio.Task[aiopg.Pool] | None = attrs.field(init=False, default=None)
+    _dsn: str | None = attrs.field(init=False, default=None)  # where the pool connects (the outbox listens there)
+    _listener: aiopg.Connection | None = attrs.field(init=False, default=None)  # LISTENs for outbox rows
+    _purge_task: asyncio.Task[None] | None = attrs.field(init=False, default=None)
+    _idle_task: asyncio.Task[None] | None = attrs.field(init=False, default=None)
+    _background: set[asyncio.Task[Any]] = attrs.field(init=False, factory=set)
+    _closed: bool = attrs.field(init=False, default=False)
+    store_health: StoreHealth = attrs.field(init=False)
+    _ops: int = attrs.field(init=False, default=0)
+    _errors: int = attrs.field(init=False, default=0)
+
+    def __attrs_post_init__(self) -> None:
+        self.store_health = StoreHealth(self.health, "PostgreSQL storage", state=StoreState.STARTING, log=log)
+        if self.config.dsn == "embedded":
+            self.embedded = EmbeddedPostgres(self.config.data_dir, startup_timeout=self.config.startup_timeout,
+                                             activity_interval=min(1.0, self.config.idle_timeout / 10))
+            self.embedded.set_exit_callback(self._sibling_server_exited)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Never fails, never waits. An external server is connected to in the background at once
+        (so status shows early whether it is there); the embedded one starts on first use, like
+        Redis: starting the app spawns nothing."""
+        self._closed = False
+        if self.embedded is None:
+            self._start_connecting()
+        else:
+            self.store_health.set_state(StoreState.STOPPED)
+        if self._purge_task is None or self._purge_task.done():
+            self._purge_task = asyncio.create_task(self._purge_loop(), name="ondemand-postgres-purge")
+        if self.embedded is not None and (self._idle_task is None or self._idle_task.done()):
+            self._idle_task = asyncio.create_task(self._idle_loop(), name="ondemand-postgres-idle")
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [t for t in (self._purge_task, self._idle_task, self._connecting) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.config.startup_timeout)
+        self._purge_task = self._idle_task = self._connecting = None
+        self._close_listener()
+        if self._pool is not None:
+            self._drop_pool(self._pool)
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=self.config.statement_timeout + 2.0)
+        if self.embedded is not None:
+            await self.embedded.stop()
+
+    # -- the Storage operations --------------------------------------------------------------------
+
+    async def get(self, ns: Namespace, item_id: str) -> bytes | None:
+        self._note_use()
+
+        async def work(cur: aiopg.Cursor) -> bytes | None:
+            await cur.execute(_SQL_GET, (ns.name, item_id))
+            row = await cur.fetchone()
+            return bytes(row[0]) if row is not None else None
+
+        return await self._run("get", work)
+
+    async def get_entry(self, ns: Namespace, item_id: str) -> tuple[bytes, float | None] | None:
+        """The value and its remaining lifetime in seconds (None: no expiry), or None when absent."""
+        self._note_use()
+
+        async def work(cur: aiopg.Cursor) -> tuple[bytes, float | None] | None:
+            await cur.execute(_SQL_GET_ENTRY, (ns.name, item_id))
+            row = await cur.fetchone()
+            return (bytes(row[0]), row[1]) if row is not None else None
+
+        return await self._run("get", work)
+
+    async def get_entries(self, ns: Namespace, ids: Sequence[str]) -> list[tuple[bytes, float | None] | None]:
+        """get_entry for many ids, one statement."""
+        self._note_use()
+        if not ids:
+            return []
+
+        async def work(cur: aiopg.Cursor) -> list[tuple[bytes, float | None] | None]:
+            await cur.execute(_SQL_GET_ENTRIES, (ns.name, list(ids)))
+            found = {row[0]: (bytes(row[1]), row[2]) for row in await cur.fetchall()}
+            return [found.get(item_id) for item_id in ids]
+
+        return await self._run("get_many", work)
+
+    async def get_many(self, ns: Namespace, ids: Sequence[str]) -> list[bytes | None]:
+        self._note_use()
+        if not ids:
+            return []
+
+        async def work(cur: aiopg.Cursor) -> list[bytes | None]:
+            await cur.execute(_SQL_GET_MANY, (ns.name, list(ids)))
+            found = {row[0]: bytes(row[1]) for row in await cur.fetchall()}
+            return [found.get(item_id) for item_id in ids]
+
+        return await self._run("get_many", work)
+
+    async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, *,
+                  invalidate: bool = False) -> None:
+        self._note_use()
+
+        async def work(cur: aiopg.Cursor) -> None:
+            await cur.execute(*_recording(invalidate, [(ns, item_id)], _SQL_SET, (ns.name, item_id, value, ttl)))
+
+        await self._run("set", work)
+
+    async def set_many(self, entries: Sequence[Entry], *, invalidate: bool = False) -> None:
+        """One statement: atomic, one round trip. Later duplicates win (ON CONFLICT cannot touch a row twice)."""
+        self._note_use()
+        latest = {(e.namespace.name, e.id): e for e in entries}
+        if not latest:
+            return
+        columns = (
+            [ns for ns, _ in latest],
+            [item_id for _, item_id in latest],
+            [e.value for e in latest.values()],
+            [e.ttl for e in latest.values()],
+        )
+
+        targets = [(e.namespace, e.id) for e in latest.values()]
+
+        async def work(cur: aiopg.Cursor) -> None:
+            await cur.execute(*_recording(invalidate, targets, _SQL_SET_MANY, columns))
+
+        await self._run("set_many", work)
+
+    async def delete(self, ns: Namespace, ids: Sequence[str], *, invalidate: bool = False) -> int:
+        self._note_use()
+        if not ids:
+            return 0
+
+        async def work(cur: aiopg.Cursor) -> int:
+            await cur.execute(*_recording(invalidate, [(ns, i) for i in ids], _SQL_DELETE, (ns.name, list(ids))))
+            row = await cur.fetchone()
+            return int(row[0])
+
+        return await self._run("delete", work)
+
+    async def expire(self, ns: Namespace, item_id: str, ttl: float, *, invalidate: bool = False) -> bool:
+        self._note_use()
+
+        async def work(cur: aiopg.Cursor) -> bool:
+            await cur.execute(*_recording(invalidate, [(ns, item_id)], _SQL_EXPIRE, (ttl, ns.name, item_id)))
+            return cur.rowcount > 0
+
+        return await self._run("expire", work)
+
+    # -- the outbox (app.storage.InvalidationOutbox) -----------------------------------------------
+
+    async def record_invalidations(self, targets: Sequence[tuple[Namespace, str]]) -> None:
+        if not targets:
+            return
+
+        async def work(cur: aiopg.Cursor) -> None:
+            await cur.execute(_SQL_RECORD, _outbox_columns(targets))
+
+        await self._run("record_invalidations", work)
+
+    async def pending_invalidations(self, limit: int) -> list[tuple[int, str, str]]:
+        async def work(cur: aiopg.Cursor) -> list[tuple[int, str, str]]:
+            await cur.execute(_SQL_PENDING, (limit,))
+            return [(int(seq), str(namespace), str(item_id)) for seq, namespace, item_id in await cur.fetchall()]
+
+        return await self._run("pending_invalidations", work)
+
+    async def ack_invalidations(self, seqs: Sequence[int]) -> None:
+        if not seqs:
+            return
+
+        async def work(cur: aiopg.Cursor) -> None:
+            await cur.execute(_SQL_ACK, (list(seqs),))
+
+        await self._run("ack_invalidations", work)
+
+    async def wait_for_invalidations(self, timeout: float) -> bool:
+        """LISTEN on a connection of its own; a NOTIFY (sent at commit of every recording transaction)
+        wakes us at once, `timeout` is the poll that backs it up. False while the storage is not in use
+        (an embedded server is never started for this)."""
+        if self._pool is None or self._dsn is None or self._closed:
+            await asyncio.sleep(min(timeout, 0.1))  # no I/O: only notices soon that the storage came into use
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                listener = self._listener
+                if listener is None or listener.closed:
+                    self._listener = None
+                    listener = await aiopg.connect(self._dsn, timeout=self.config.connect_timeout, enable_json=False,
+                                                   enable_hstore=False, enable_uuid=False)
+                    try:
+                        async with listener.cursor() as cur:
+                            await cur.execute(f"LISTEN {_OUTBOX_CHANNEL}")
+                    except BaseException:
+                        listener.close()
+                        raise
+                    self._listener = listener
+                    return True  # rows recorded before we listened are found by the check that follows
+                await listener.notifies.get()
+                while not listener.notifies.empty():  # one check serves every notification so far
+                    listener.notifies.get_nowait()
+        except TimeoutError:
+            pass
+        except (psycopg2.Error, OSError) as exc:
+            log.debug("outbox listener failed (%s); polling until it reconnects", _first_line(exc))
+            self._close_listener()
+            await asyncio.sleep(min(timeout, 0.5))
+        return True
+
+    def _close_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None and not listener.closed:
+            listener.close()
+
+    async def purge_expired(self) -> int:
+        """Delete expired rows in short batches; returns how many went."""
+        async def work(cur: aiopg.Cursor) -> int:
+            await cur.execute(_SQL_PURGE)
+            return cur.rowcount
+
+        return await purge_in_batches(lambda: self._run("purge", work), _PURGE_BATCH, _PURGE_MAX_BATCHES)
+
+    def status(self) -> dict[str, Any]:
+        pool = self._pool
+        return {
+            "name": self.name,
+            **self.store_health.status(),
+            "embedded": self.embedded is not None,
+            "dsn": self._where(),
+            "pid": self.embedded.pid if self.embedded is not None else None,
+            # "self": this process started the embedded server; "sibling": another process did, we use it
+            "owner": self.embedded.owner if self.embedded is not None else None,
+            "data_dir": str(self.embedded.data_dir) if self.embedded is not None else None,
+            "ops": self._ops,
+            "errors": self._errors,
+            "pool": None if pool is None else {"size": pool.size, "free": pool.freesize,
+                                               "min": self.config.pool_min, "max": self.config.pool_max},
+        }
+
+    # -- connecting --------------------------------------------------------------------------------
+
+    def _where(self) -> str:
+        if self.embedded is None:
+            return redact_url(self.config.dsn)
+        return f"embedded ({self.embedded.data_dir})"
+
+    def _op_timeout(self) -> float:
+        # Acquiring may have to open a connection, then the statement runs.
+        return self.config.connect_timeout + self.config.statement_timeout
+
+    def _start_connecting(self) -> asyncio.Task[aiopg.Pool]:
+        if self._connecting is None or self._connecting.done():
+            task = asyncio.create_task(self._connect(), name="ondemand-postgres-connect")
+            # Mark the outcome as retrieved: an op that timed out may never look at it.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._connecting = task
+        return self._connecting
+
+    async def _ready_pool(self) -> aiopg.Pool:
+        pool = self._pool
+        if pool is not None:
+            if self.embedded is None or self.embedded.running:
+                return pool
+            self._drop_pool(pool)  # our server died: every pooled connection is dead
+        if self._closed:
+            raise PostgresUnavailable("the PostgreSQL storage is closed")
+        budget = self._op_timeout()
+        if self.embedded is not None and not self.embedded.running:
+            budget += self.config.startup_timeout
+        try:
+            async with asyncio.timeout(budget):
+                # Shielded: the attempt is shared by every waiting op, one op's timeout must not end it.
+                return await asyncio.shield(self._start_connecting())
+        except TimeoutError:
+            raise PostgresUnavailable(f"PostgreSQL at {self._where()} was not reachable within {budget:g} s") from None
+
+    async def _connect(self) -> aiopg.Pool:
+        try:
+            if self.embedded is not None:
+                try:
+                    await self.embedded.start()
+                except OSError as exc:  # e.g. permissions on data_dir
+                    raise PostgresUnavailable(f"cannot start the embedded PostgreSQL: {exc}") from None
+                dsn = self.embedded.dsn
+            else:
+                dsn = self.config.dsn
+            options = f"-c statement_timeout={round(self.config.statement_timeout * 1000)}"
+            with contextlib.suppress(psycopg2.Error):  # keep options the DSN itself sets
+                options = " ".join(filter(None, (psycopg2.extensions.parse_dsn(dsn).get("options"), options)))
+            async with asyncio.timeout(self._op_timeout()):
+                pool = await aiopg.create_pool(
+                    dsn,
+                    minsize=self.config.pool_min,
+                    maxsize=self.config.pool_max,
+                    timeout=self.config.connect_timeout,
+                    enable_json=False, enable_hstore=False, enable_uuid=False,  # hstore costs a query per connection
+                    options=options,
+                    application_name="ondemand",
+                )
+                try:
+                    async with pool.acquire() as conn, conn.cursor() as cur:
+                        await cur.execute(_SCHEMA_SQL)
+                except BaseException:
+                    self._drop_pool(pool)
+                    raise
+        except PostgresUnavailable as exc:
+            self.store_health.failed(str(exc))
+            raise
+        except (psycopg2.Error, OSError, TimeoutError) as exc:
+            what = "did not answer in time" if isinstance(exc, TimeoutError) else _first_line(exc)
+            message = f"cannot connect to PostgreSQL at {self._where()}: {what}"
+            self.store_health.failed(message)
+            raise PostgresUnavailable(message) from None
+        self._pool, self._dsn = pool, dsn
+        self.store_health.succeeded()
+        return pool
+
+    def _drop_pool(self, pool: aiopg.Pool) -> None:
+        """Forget a pool and close it in the background, bounded; in-use connections close on release."""
+        if self._pool is pool:
+            self._pool = None
+        pool.close()
+
+        async def finish() -> None:
+            try:
+                async with asyncio.timeout(self.config.statement_timeout + 1.0):
+                    await pool.wait_closed()
+            except TimeoutError:
+                pool.terminate()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await pool.wait_closed()
+
+        task = asyncio.create_task(finish(), name="ondemand-postgres-pool-close")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- running operations ------------------------------------------------------------------------
+
+    async def _run(self, what: str, work: Callable[[aiopg.Cursor], Awaitable[T]]) -> T:
+        self._ops += 1
+        sent = False  # once the statement may have reached the server, a failure leaves its outcome unknown
+
+        async def run(cur: aiopg.Cursor) -> T:
+            nonlocal sent
+            sent = True
+            return await work(cur)
+
+        try:
+            pool = await self._ready_pool()
+            timeout = self._op_timeout()
+            try:
+                async with asyncio.timeout(timeout), pool.acquire() as conn, conn.cursor(timeout=timeout) as cur:
+                    result = await run(cur)
+            except asyncio.CancelledError as exc:
+                if not _is_statement_cancel(exc):
+                    raise
+                # The server cancelled the statement itself: it was rolled back, the outcome is known.
+                raise PostgresUnavailable(
+                    f"PostgreSQL {what} exceeded statement_timeout ({self.config.statement_timeout:g} s)"
+                ) from None
+            except TimeoutError:
+                raise _unavailable(f"PostgreSQL {what} did not complete within {timeout:g} s", sent) from None
+            except (psycopg2.OperationalError, psycopg2.InterfaceError, OSError) as exc:
+                self._drop_pool(pool)  # the connection broke: a new pool is made by the next op
+                raise _unavailable(f"PostgreSQL {what} failed: {_first_line(exc)}", sent) from None
+            except psycopg2.Error as exc:
+                raise PostgresUnavailable(f"PostgreSQL {what} failed: {_first_line(exc)}") from None
+        except PostgresUnavailable as exc:
+            self._errors += 1
+            self.store_health.failed(str(exc))
+            raise
+        self.store_health.succeeded()
+        return result
+
+
+    # -- the embedded server's use and idleness ------------------------------------------------------
+
+    def _note_use(self) -> None:
+        """An operation for a caller (not the purge's, nor the outbox's polls): keeps the server from idling."""
+        if self.embedded is not None:
+            self.embedded.note_activity()
+
+    def _detach(self) -> None:
+        """The embedded server stops (idle) or stopped: forget every connection to it; the next
+        operation starts (or adopts) one. The outbox's polls do not: they never start a server."""
+        self._close_listener()
+        if self._pool is not None:
+            self._drop_pool(self._pool)
+        self.store_health.set_state(StoreState.STOPPED)
+
+    def _sibling_server_exited(self, reason: str) -> None:
+        log.info("%s; the next operation starts it again", reason)
+        self._detach()
+
+    async def _idle_loop(self) -> None:
+        period = min(max(self.config.idle_timeout / 4, 0.05), 5.0)
+        server = self.embedded
+        assert server is not None
+        while True:
+            await asyncio.sleep(period)
+            if server.owner != "self" or (self._connecting is not None and not self._connecting.done()):
+                continue
+            pid, idle_for = server.pid, server.idle_seconds()
+            try:
+                stopped = await server.stop_if_idle(self.config.idle_timeout, self._detach)
+            except Exception:
+                log.exception("the idle stop of the embedded PostgreSQL failed")
+                continue
+            if stopped:
+                log.info("embedded PostgreSQL pid %s stopped: unused by every process for %.1f s "
+                         "(postgres.idle_timeout); the next operation starts it again", pid, idle_for)
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.purge_interval)
+            if self._pool is None:
+                continue  # nothing in use yet (an embedded server is not started just to purge)
+            try:
+                deleted = await self.purge_expired()
+            except PostgresUnavailable as exc:
+                log.debug("purge of expired rows skipped: %s", exc)
+            except Exception:
+                log.exception("purge of expired rows failed")
+            else:
+                if deleted:
+                    log.debug("purged %d expired rows", deleted)
+
