@@ -18,12 +18,13 @@ from typing import Any
 
 import attrs
 
-from ondemand.config import SECRET, Config, FieldError
+from ondemand.config import SECRET, Config, FieldError, SectionRegistry
 from ondemand.errors import ConfigError, RedisTimeout, RedisUnavailable, SpawnError
 from ondemand.hookspecs import hookimpl
 from ondemand.redis.endpoint import RedisEndpoint
-from ondemand.redis.lifecycle import WithoutProcess
+from ondemand.redis.lifecycle import LifecycleContext, LifecycleFactory, WithoutProcess
 from ondemand.redis.resp import RespConnection, probe
+from ondemand.registry import Registry
 
 log = logging.getLogger("ondemand.redis")
 
@@ -82,6 +83,10 @@ class ExternalLifecycle(WithoutProcess):
 
     def status(self) -> dict[str, Any]:
         return {"url": self.endpoint.describe(), "seeds": [e.describe() for e in self.endpoints]}
+
+    async def describe_server(self) -> list[str]:
+        kind = "seed nodes of a Redis Cluster" if len(self.endpoints) > 1 else "a Redis someone else runs"
+        return [f"server: {kind}: {', '.join(e.describe() for e in self.endpoints)} (not contacted)"]
 
     async def start(self) -> RedisEndpoint:
         errors: list[RedisUnavailable] = []
@@ -189,6 +194,10 @@ class SentinelLifecycle(WithoutProcess):
     def forget_after_fork(self) -> None:
         self._watcher = None  # the parent's loop's task; a child subscribes on its own first start
         self.subscribed = None
+
+    async def describe_server(self) -> list[str]:
+        return [f"server: the master {self.master_name!r} that the sentinels "
+                f"{', '.join(s.address for s in self.sentinels)} name (not contacted)"]
 
     def status(self) -> dict[str, Any]:
         return {
@@ -383,16 +392,16 @@ class SentinelLifecycle(WithoutProcess):
 
 
 @hookimpl
-def ondemand_config_sections(sections: Any) -> None:
+def ondemand_config_sections(sections: SectionRegistry) -> None:
     sections.add("lifecycle", ExternalConfig, env={"REDIS_URL": "redis_url"})
 
 
-def _external(context: Any) -> ExternalLifecycle | SentinelLifecycle:
+def _external(context: LifecycleContext) -> ExternalLifecycle | SentinelLifecycle:
     if context.config.lifecycle.topology == "sentinel":
         return SentinelLifecycle(context.config)
     return ExternalLifecycle(context.config)
 
 
 @hookimpl
-def ondemand_register_lifecycles(registry: Any) -> None:
+def ondemand_register_lifecycles(registry: Registry[LifecycleFactory]) -> None:
     registry.add("external", _external)

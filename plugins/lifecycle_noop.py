@@ -10,7 +10,8 @@ import attrs
 from ondemand.errors import RedisDisabled
 from ondemand.hookspecs import hookimpl
 from ondemand.redis.endpoint import RedisEndpoint
-from ondemand.redis.lifecycle import WithoutProcess
+from ondemand.redis.lifecycle import LifecycleFactory, WithoutProcess
+from ondemand.registry import Registry
 
 
 @attrs.define
@@ -26,5 +27,5 @@ class NoopLifecycle(WithoutProcess):
 
 
 @hookimpl
-def ondemand_register_lifecycles(registry: Any) -> None:
+def ondemand_register_lifecycles(registry: Registry[LifecycleFactory]) -> None:
     registry.add("noop", lambda context: NoopLifecycle())

@@ -15,7 +15,8 @@ import attrs
 from ondemand.errors import RedisCommandError
 from ondemand.hookspecs import hookimpl
 from ondemand.redis.server import OnDemandRedis
-from ondemand.store.protocols import Entry, Namespace
+from ondemand.registry import Registry
+from ondemand.store.protocols import Entry, Namespace, StorageFactory
 
 
 async def _nothing() -> None:
@@ -208,5 +209,5 @@ class RedisStorage:
 
 
 @hookimpl
-def ondemand_register_storages(registry: Any) -> None:
+def ondemand_register_storages(registry: Registry[StorageFactory]) -> None:
     registry.add("redis", lambda context: RedisStorage(context.redis))

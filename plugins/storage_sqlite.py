@@ -59,12 +59,13 @@ from typing import Any, Literal, TypeVar
 
 import attrs
 
-from ondemand.config import FieldError, positive
+from ondemand.config import FieldError, SectionRegistry, positive
 from ondemand.errors import BackendUnavailable, first_line
 from ondemand.health import OutageTracker, StoreHealth, StoreState
 from ondemand.hookspecs import hookimpl
 from ondemand.host import files
-from ondemand.store.protocols import OVERFLOW, Entry, Namespace, purge_in_batches
+from ondemand.registry import Registry
+from ondemand.store.protocols import OVERFLOW, Entry, Namespace, StorageFactory, purge_in_batches
 
 log = logging.getLogger("ondemand.sqlite")
 
@@ -151,12 +152,12 @@ class SqliteConfig:
 
 
 @hookimpl
-def ondemand_config_sections(sections: Any) -> None:
+def ondemand_config_sections(sections: SectionRegistry) -> None:
     sections.add("sqlite", SqliteConfig)
 
 
 @hookimpl
-def ondemand_register_storages(registry: Any) -> None:
+def ondemand_register_storages(registry: Registry[StorageFactory]) -> None:
     registry.add("sqlite", lambda context: SqliteStorage(context.config.section(SqliteConfig),
                                                          health=context.health))
 

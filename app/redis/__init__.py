@@ -1,1 +1,16 @@
-"""TODO"""
+"""Redis: the client side of the cache and the on-demand server around it.
+
+A lifecycle author imports from here: `Lifecycle` (the protocol), `WithoutProcess` (its defaults for a
+lifecycle that owns no process), `LifecycleContext` (what a factory gets), `RedisEndpoint` and
+`RespConnection` (one-shot commands, for probes). The modules: `endpoint`, `lifecycle`, `resp`,
+`connection` (the protocol of the cache's connections), `pipeline` (automatic pipelining on one
+connection), `cluster` and `routing` (one pipelined connection per master, routed by slot), `pools`
+(named pools), `server` (OnDemandRedis: the start/stop state machine).
+"""
+
+from ondemand.redis.endpoint import RedisEndpoint
+from ondemand.redis.lifecycle import Lifecycle, LifecycleContext, LifecycleFactory, WithoutProcess
+from ondemand.redis.resp import RespConnection, probe
+
+__all__ = ["Lifecycle", "LifecycleContext", "LifecycleFactory", "RedisEndpoint", "RespConnection", "WithoutProcess",
+           "probe"]

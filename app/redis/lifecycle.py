@@ -60,9 +60,15 @@ class Lifecycle(Protocol):
     def status(self) -> dict[str, Any]:
         """Plugin-specific status fields, JSON-serializable, no secrets."""
 
+    async def describe_server(self) -> list[str]:
+        """For `check-config`: which server `start` would run or reach, in lines of text, found without
+        starting or connecting to anything (the subprocess lifecycle runs only `--version`)."""
+
 
 class WithoutProcess:
     """Defaults for lifecycles that own no server process (external, noop, third-party ones)."""
+
+    name: str
 
     manages_process = False
     starts_empty = False
@@ -87,6 +93,9 @@ class WithoutProcess:
 
     async def stop(self) -> None:
         """Nothing of ours to stop."""
+
+    async def describe_server(self) -> list[str]:
+        return [f"server: none of ours (lifecycle {self.name!r})"]
 
 
 @attrs.frozen

@@ -73,7 +73,7 @@ class Entry(NamedTuple):
 
 @runtime_checkable
 class Storage(Protocol):
-    """A key-value store for namespaced JSON values with expiry."""
+    """A key-value store for namespaced JSON values with expiry: what both a cache and a durable store do."""
 
     name: str
 
@@ -104,13 +104,30 @@ class Storage(Protocol):
 
 @runtime_checkable
 class DurableStorage(Storage, Protocol):
-    """A storage that can be the system of record behind the cache (the `postgres` plugin)."""
+    """A storage that can be the system of record behind the cache (the `postgres` and `sqlite` plugins).
+
+    When it is also an InvalidationOutbox, the dispatcher passes `invalidate=True` to its writes while the
+    cache is out of reach: the write records its own keys in the outbox in the same transaction. A store
+    without an outbox is never passed `invalidate`."""
 
     async def get_entry(self, ns: Namespace, item_id: str) -> tuple[bytes, float | None] | None:
         """The value and its remaining ttl in seconds (None: no expiry); the cache copy must not outlive it."""
 
     async def get_entries(self, ns: Namespace, ids: Sequence[str]) -> list[tuple[bytes, float | None] | None]:
         """get_entry for many ids in one round trip, in the order of `ids`."""
+
+    async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, *,
+                  invalidate: bool = False) -> None:
+        """Commit the value; acknowledged only once it is durable."""
+
+    async def set_many(self, entries: Sequence[Entry], *, invalidate: bool = False) -> None:
+        """Commit every entry in one transaction: a concurrent reader sees all of them or none."""
+
+    async def delete(self, ns: Namespace, ids: Sequence[str], *, invalidate: bool = False) -> int:
+        """Remove ids in one transaction; returns how many existed (live ones only)."""
+
+    async def expire(self, ns: Namespace, item_id: str, ttl: float, *, invalidate: bool = False) -> bool:
+        """Set a new ttl; returns False if the id does not exist."""
 
 
 @runtime_checkable
@@ -119,9 +136,8 @@ class InvalidationOutbox(Protocol):
 
     A process that cannot delete a key from the shared cache (its route to Redis is cut) records the
     key here, and any process that reaches the cache deletes it there and then acknowledges the row:
-    no other process goes on serving a copy older than what the durable store acknowledged. Writes take
-    `invalidate=True` to record their own keys in the same transaction (set, set_many, delete, expire).
-    An `OVERFLOW` row (namespace "*") means: too many keys to list, clear every namespace."""
+    no other process goes on serving a copy older than what the durable store acknowledged. An
+    `OVERFLOW` row (namespace "*") means: too many keys to list, clear every namespace."""
 
     async def record_invalidations(self, targets: Sequence[tuple[Namespace, str]]) -> None:
         """Record (namespace, id) pairs to invalidate; bounded (past the bound, one OVERFLOW row)."""
@@ -132,9 +148,12 @@ class InvalidationOutbox(Protocol):
     async def ack_invalidations(self, seqs: Sequence[int]) -> None:
         """Delete delivered rows."""
 
-    async def wait_for_invalidations(self, timeout: float) -> None:
-        """Return when rows may have been recorded (a notification), or after `timeout` seconds. Never
-        starts an embedded server: while the storage is not in use it just waits."""
+    async def wait_for_invalidations(self, timeout: float) -> bool:
+        """Wait until rows may have been recorded (a notification) or `timeout` seconds passed, then return
+        True when the outbox should be read now: after a notification, and after every timeout while the
+        store is in use (the poll that backs notifications up; a store without notifications returns True
+        after each timeout). False: nothing to read (the store is not in use, or is down). Never starts an
+        embedded server; while the store is not in use it just waits."""
 
 
 OVERFLOW = "*"  # the namespace of the outbox row that stands for "clear everything"

@@ -38,7 +38,7 @@ from ondemand.plugins.lifecycle_subprocess.rundir import (
     SharedState,
     default_runtime_dir,
 )
-from ondemand.redis.lifecycle import LifecycleContext
+from ondemand.redis.lifecycle import LifecycleContext, LifecycleFactory
 from ondemand.registry import Registry
 
 __all__ = [
@@ -92,5 +92,5 @@ def make_lifecycle(context: LifecycleContext) -> SubprocessLifecycle:
 
 
 @hookimpl
-def ondemand_register_lifecycles(registry: Registry) -> None:
+def ondemand_register_lifecycles(registry: Registry[LifecycleFactory]) -> None:
     registry.add("subprocess", make_lifecycle)

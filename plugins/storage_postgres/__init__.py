@@ -9,6 +9,7 @@ from ondemand.hookspecs import hookimpl
 from ondemand.plugins.storage_postgres.server import EmbeddedPostgres
 from ondemand.plugins.storage_postgres.storage import SCHEMA_VERSION, PostgresConfig, PostgresStorage
 from ondemand.registry import Registry
+from ondemand.store.protocols import StorageFactory
 
 __all__ = ["SCHEMA_VERSION", "EmbeddedPostgres", "PostgresConfig", "PostgresStorage"]
 
@@ -19,7 +20,7 @@ def ondemand_config_sections(sections: SectionRegistry) -> None:
 
 
 @hookimpl
-def ondemand_register_storages(registry: Registry) -> None:
+def ondemand_register_storages(registry: Registry[StorageFactory]) -> None:
     registry.add("postgres", lambda context: PostgresStorage(context.config.section(PostgresConfig),
                                                              health=context.health))
 
