@@ -1,43 +1,11 @@
-"""The built-in "sqlite" storage: durable namespaced values in one SQLite file, with no server process.
+"""The `sqlite` storage plugin: durable namespaced values in one SQLite file, with no server process.
 
-The single-host option: `storage.durable = "sqlite"` keeps durable namespaces (sessions) in the file
-at `sqlite.path` across restarts of the app. The N workers of `run.py --workers N` share one file
-safely: WAL mode lets readers run beside the one writer, `busy_timeout` makes a writer wait for
-another process's write lock instead of failing at once, and `set_many` and `delete` are
-transactions. There is nothing to start, so the store is ready in milliseconds.
-
-Why the standard library's sqlite3 on a dedicated thread, not aiosqlite: aiosqlite is the same
-design (one thread per connection, a queue of calls) packaged as a dependency, and what we need on
-top of it is the part it does not give: every operation bounded in time. Here each storage owns one
-daemon thread that owns its one connection (so a connection is only ever used by the thread that
-opened it), and each job carries a deadline that the thread enforces itself: a job whose deadline
-passed while it waited in the queue is skipped, and a statement still running at its deadline is
-aborted by SQLite's progress handler (the transaction rolled back). A lock held by another process
-is waited for at most `busy_timeout` (never longer than `op_timeout`). The event loop stops waiting
-at `op_timeout` whatever the thread does, so even a thread stuck in a system call (a hung disk)
-costs the caller no more than that; the thread is a daemon, so it cannot keep the process alive.
-asyncio.to_thread was not used because its default pool hands a connection to whichever thread is
-free and its jobs cannot be skipped once queued.
-
-Failures are SqliteUnavailable (HTTP 503), reported to the outage tracker like PostgreSQL's (one
-`degraded` event per outage, `recovered` when an operation succeeds again). A lock held too long or
-an operation past its deadline keeps the connection; any other error (a file that is not a database,
-a disk error, a path that cannot be opened) drops it, and the next operation opens the file again,
-so a repaired or replaced file is used again by itself.
-
-`open()` never fails and never waits: it starts the thread and queues the first connect, which
-creates the parent directory (0700) and the file (0600: it holds sessions) if they are missing, sets
-WAL mode and creates the schema. So status and readiness show at once whether the path works, and
-the first request does not pay for it. A failed connect is retried by the next operation.
-
-The schema is PostgreSQL's: one table of (namespace, id) -> value blob with an optional expiry, kept
-as Unix time in seconds (the wall clock every process on the host shares, unlike a monotonic one).
-Expired rows are invisible at once and purged every `purge_interval` seconds, in short batches.
-
-The storage carries the invalidation outbox (app.storage.InvalidationOutbox) like PostgreSQL's, in a
-table of the same file: keys a process could not delete from the shared Redis, recorded in the same
-transaction as the write when asked (`invalidate=True`), delivered by any process that reaches Redis.
-SQLite has no notifications, so other processes find the rows by their poll (`storage.outbox_poll`).
+The single-host durable store (README, "SQLite"). The standard library's sqlite3 on a thread of its own
+per storage, not aiosqlite (the same design as a package): we need what it lacks, every operation
+bounded in time. Each job carries a deadline the thread enforces itself (a job that waited past it is
+skipped, a statement still running at it is aborted by the progress handler and rolled back), and the
+event loop stops waiting at `op_timeout` whatever the thread does. The schema is PostgreSQL's, with the
+outbox in a table of the same file, found by other processes' polls (SQLite has no notifications).
 """
 
 from __future__ import annotations

@@ -1,20 +1,10 @@
-"""Serving: one process, or a supervisor with N worker processes sharing one port.
+"""Serving: one process, or a supervisor of N worker processes sharing one port (SO_REUSEPORT).
 
-Why SO_REUSEPORT and not gunicorn's GunicornWebWorker: no extra dependency, each worker is a plain
-`web.run_app(..., reuse_port=True)` and the kernel spreads connections across them; the supervision
-we need (restart a dead worker, stop all on SIGTERM, never orphan one) is a few dozen lines on top
-of our own ChildProcess, which already makes every child die with its parent.
-
-Shared state between workers:
-- Redis: the workers share the subprocess lifecycle's runtime directory (by default the project's, as
-  every process started in the same directory does; with `lifecycle.runtime_dir = "private"` one its host
-  service makes for this run), so its cross-process start (flock + state.json) gives the host exactly one
-  redis-server; the others adopt it.
-- PostgreSQL: the embedded server is adopted by every process that uses its data directory, the
-  workers included (plugins/postgres_server.py).
-- Host services: what the workers of one run must share and cannot arrange themselves is asked of the
-  plugins (`ondemand_host_services`); the supervisor starts each before the workers, hands the workers
-  the config overrides each returns, and stops them after the last worker is gone.
+Why not gunicorn's worker: no dependency, each worker is a plain `web.run_app(..., reuse_port=True)`
+and the kernel spreads connections; the supervision we need (restart a dead worker with a backoff, stop
+all on SIGTERM, never orphan one) is a few dozen lines over ChildProcess. The workers share the built-in
+servers by adopting them; what they must share and cannot arrange themselves is a host service, started
+here before them (`ondemand_host_services`).
 """
 
 from __future__ import annotations

@@ -1,22 +1,11 @@
 """Cluster-aware automatic pipelining: one pipelined connection per master, commands routed by slot.
 
-`ClusterConnection` is a CacheConnection (ondemand.redis.connection) like one `PipelinedConnection`, so
-that OnDemandRedis uses either the same way. Each command goes to the master of its key's slot; the
-commands of one loop tick are coalesced per node by that node's PipelinedConnection, and every node's
-batch is written in the same tick (each flushes with call_soon). Every command is bounded by
-`op_timeout`, redirects included:
-
-- MOVED: the slot map learns the new owner and the command is sent there; many MOVED in a short time
-  (a resharding) refresh the whole map, once for all waiting commands.
-- ASK: ASKING and the command are sent to the target together (adjacent on its connection), once.
-- TRYAGAIN / CLUSTERDOWN: retried after a short backoff (5 ms doubling to 50 ms) while the budget lasts;
-  then that error is raised. Only MOVED and ASK count towards the redirect limit (5).
-- A node that fails: its commands fail (RedisUnavailable: the dispatcher falls back) and the map is
-  refreshed from any node still answering, again and again (every 100 ms, backing off to 250 ms) for as
-  long as the map names a master we cannot reach, so that a promoted replica takes its slots over
-  within one interval of its promotion, with no command (the breaker is open) needed to notice it.
-
-Multi-key commands (DEL, UNLINK, EXISTS, MGET) are split by slot and their replies put back together.
+A CacheConnection (ondemand.redis.connection) like one PipelinedConnection, so OnDemandRedis uses either
+the same way. The commands of one loop tick are coalesced per node and every node's batch is written in
+the same tick. MOVED patches the slot map (a storm of them refreshes it), ASK sends ASKING beside the
+command, TRYAGAIN and CLUSTERDOWN are retried within the command's budget, multi-key commands are split
+by slot. A master that fails makes its commands fail (NodeUnavailable) and the map is refreshed until a
+promoted replica takes its slots, without waiting for a command to notice.
 """
 
 from __future__ import annotations

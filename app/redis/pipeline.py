@@ -1,17 +1,10 @@
 """Automatic pipelining: one multiplexed Redis connection that coalesces concurrent commands.
 
-Commands issued while the event loop runs one tick are packed into a single write; their replies
-come back in order and are routed to their callers' futures. This is what ioredis calls
-auto-pipelining. The rules that make it safe to share one connection:
-
-- A lone caller pays no extra latency: the flush runs on the next loop iteration (call_soon), before
-  any I/O wait, and a full batch (`max_batch`) is written at once, which bounds memory.
-- Errors are per command: an error reply goes to the caller whose command failed, not its neighbours.
-- Cancellation cannot desynchronise the stream: replies are read by the protocol, not by callers, so
-  a cancelled caller's reply is simply dropped when it arrives.
-- Every command is bounded: one timer watches the oldest unanswered batch; if it passes `op_timeout`
-  the connection is declared stalled, every waiter fails with RedisTimeout and the connection is
-  aborted (a later command opens a new one).
+Commands issued in one loop tick are written as one batch; replies are routed back in order to their
+callers' futures by the protocol (not by the callers, so a cancelled caller cannot desynchronise the
+stream). A lone caller pays no latency: the flush runs on the next loop iteration. An error reply goes to
+its own caller only. One timer watches the oldest unanswered batch: past `op_timeout` every waiter fails
+with RedisTimeout and the connection is aborted (the next command opens a new one).
 """
 
 from __future__ import annotations

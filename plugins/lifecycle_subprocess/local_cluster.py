@@ -1,25 +1,11 @@
-"""A local Redis (Valkey) Cluster of our own children: what the subprocess lifecycle runs for
-`lifecycle.topology = "cluster"`, what the cluster tests run against, and what a developer uses to try
-a cluster on one machine. A library, not a plugin: it has no hooks.
+"""A local Redis (Valkey) Cluster of our own children, for `lifecycle.topology = "cluster"` with the
+subprocess lifecycle, the cluster tests and a developer trying a cluster on one machine (README, "A local
+cluster on demand"). A library of the plugin, not a plugin: it has no hooks.
 
-- Nodes: `masters` masters with `replicas` replicas each; every node is a ChildProcess (PDEATHSIG, its
-  own process group, its log file) in its own 0700 subdirectory of a fresh 0700 directory we create,
-  listening on 127.0.0.1 only, with one random password for all (`requirepass` and `masterauth`, in
-  0600 config files, never on a command line), persistence off, `cluster-node-timeout` small.
-- Ports: the cluster bus listens on port + 10000, so a node's port is at most 55535; both are checked
-  free before a node is started, and a node that loses the race for them is started again on others.
-- Formation without valkey-cli: CLUSTER MYID and SET-CONFIG-EPOCH on every node, ADDSLOTSRANGE on each
-  master (an even split of the 16384 slots), MEET between every pair, REPLICATE on the replicas once
-  they know their master; ready when every node agrees on every node's role and master, reports
-  `cluster_state:ok` with all slots served, and every replica's link to its master is up. Every wait is
-  bounded by `startup_timeout`; a failure stops every node and removes the directory.
-- A node that exits unasked is reported (`set_exit_callback`) with whether its shard is lost: a master
-  with a live replica fails over by itself (about 2.5 s with the 1000 ms node timeout).
-- `exclusive`: one cluster at a time in `parent` (an flock the kernel drops when we die); a second
-  process's start is refused, and the next owner removes what a killed one left.
-- The cluster bus carries no authentication (Redis and Valkey have none for it short of TLS client
-  certificates): any local user can reach 127.0.0.1:port+10000. Fine on a developer's machine or a CI
-  runner; not for a host shared with users you do not trust.
+Formed without valkey-cli: MYID and SET-CONFIG-EPOCH on every node, ADDSLOTSRANGE on each master (an even
+split), MEET between every pair, REPLICATE on the replicas; ready when every node agrees on every role,
+reports `cluster_state:ok` and every replica is linked. Every wait is bounded by `startup_timeout`; a
+failure stops every node and removes the directory.
 """
 
 from __future__ import annotations

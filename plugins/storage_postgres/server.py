@@ -1,37 +1,11 @@
-"""The embedded PostgreSQL server: pgserver's bundled binaries on a unix socket only, one server per
-data directory, shared by every process of the host that uses that data directory.
+"""The embedded PostgreSQL: pgserver's bundled binaries on a unix socket only, one server per data
+directory, started by the first process that needs it and adopted by every other (README, "One host").
 
-Used by the `postgres` storage plugin when `postgres.dsn = "embedded"`: data in `postgres.data_dir`,
-listening only on a unix socket in a private directory under /tmp. As root (PostgreSQL refuses to run
-as root) it runs as the system user "pgserver", created on first use like pgserver does.
-
-Sharing. Beside the data directory, in its parent (`<name>` is the data directory's name):
-- `<name>.lock`: an exclusive flock taken for a start (initdb included) and for the withdrawal of a
-  server; the kernel frees it when its holder dies, so a crashed process never blocks the others.
-- `<name>.state.json` (0600): the server that serves the data directory: the postmaster's pid, the
-  pid of the process that started it (its owner, its parent), its socket directory and port, and its
-  start time (`pg_postmaster_start_time()`).
-- `<name>.activity`: its mtime is the last time any process used the server (touched at most once a
-  second); the owner stops the server when all were idle for `postgres.idle_timeout`.
-- `<name>.log`: the server's output (not inside the data directory, which as root belongs to the
-  user the server runs as: root never writes through a file that user could have replaced).
-
-The first process to need the server starts it as its child (PR_SET_PDEATHSIG: it dies with its owner,
-never orphaned) and records it; the others adopt it, after checking that it is the one recorded: the
-state file is ours (owner, mode 0600, not a symlink); its postmaster is alive, is `postgres`, runs as
-the server's user in our data directory (/proc: cwd and uid) and is still the child of the recorded
-owner; its socket directory belongs to the server's user with mode 0700 (so nothing else can listen
-there); and over a connection the server names our data directory, the recorded start time, and a
-backend whose parent is the recorded postmaster. An adopter never signals a server: when the owner
-stops or dies, the adopters learn it at once (pidfd) and their next operation takes the lock, finds
-no live server and starts one. A start right after a crash waits (at most `startup_timeout`) for the
-old server's processes to leave the data directory instead of failing.
-
-Paths. An existing data directory and its parent are used only if they are ours (owned by our uid, or
-as root: the parent by root, the data directory by the user the server runs as; not writable by group
-or others; not a symbolic link); anything else is one PostgresUnavailable naming the path and the
-rule. Directories we create are created 0700; files we create, write or remove are never reached
-through a symbolic link (O_NOFOLLOW, O_EXCL, a fresh name then rename, unlink).
+Beside the data directory, in its parent: `<name>.lock` (an flock for a start or a withdrawal, freed by
+the kernel when its holder dies), `<name>.state.json` (which server serves, and who owns it),
+`<name>.activity` (its mtime: the last use by any process, for the owner's idle stop) and `<name>.log`.
+An adopter checks that the server is the one recorded, through /proc and over a connection, and never
+signals it; an owner's server dies with it (PR_SET_PDEATHSIG). The paths follow ondemand.host.files.
 """
 
 from __future__ import annotations
