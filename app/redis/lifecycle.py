@@ -168,6 +168,26 @@ class LifecycleContext:
     events: Events
 
 
+@attrs.frozen
+class ServerReport:
+    """What a lifecycle that runs its own server says about it before any start (`check_server`, an optional
+    method: `async def check_server(self) -> ServerReport`, which raises ConfigError when the server it is
+    configured to run cannot serve, since every start would fail). Only `--version` may run to find it."""
+
+    lifecycle: str
+    binary: str | None = None  # the path of the server a start would run; None: none found
+    flavour: str | None = None  # "Redis" or "Valkey"
+    version: str | None = None
+    found_as: str | None = None  # how it was found: "lifecycle.redis_binary = ...", "valkey-server on PATH"
+    warnings: tuple[str, ...] = ()  # reasons to act: a known flaw our use reaches, no server found
+    notes: tuple[str, ...] = ()  # the rest: candidates passed over and why, flaws out of reach
+
+    def describe(self) -> str:
+        if self.binary is None:
+            return f"server: none usable (lifecycle {self.lifecycle!r})"
+        return f"server: {self.flavour} {self.version} at {self.binary} ({self.found_as})"
+
+
 class LifecycleFactory(Protocol):
     def __call__(self, context: LifecycleContext) -> Lifecycle: ...
 
