@@ -158,7 +158,7 @@ def _check_dsn(dsn: str) -> None:
     try:
         params = psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError as exc:
-        problem = re.sub(r'"[^"]*"', lambda m: m[0] if len(m[0]) <= 3 else '"..."', first_line(exc))
+        problem = re.sub(r'"([^"]*)"', lambda m: m[0] if re.fullmatch(r"[=\]]", m[1]) else '"..."', first_line(exc))
         raise ConfigError(f"not a libpq connection string or postgresql:// URL ({problem})",
                           key="postgres.dsn") from None
     for port in params.get("port", "").split(","):
