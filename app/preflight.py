@@ -82,7 +82,7 @@ async def check(
     config, warnings = loaded.config, list(loaded.warnings)
     try:
         parts = build_parts(config, plugins)
-    except (ConfigError, PluginError) as exc:
+    except OndemandError as exc:  # a factory's own refusal too (the embedded PostgreSQL's binaries missing)
         lifecycle = resolve_lifecycle_name(config.lifecycle.plugin, docker=config.environment.docker,
                                            skip_in_docker=config.lifecycle.skip_in_docker)
         return Report(source, config, lifecycle, errors=(_located(exc, loaded.origins),), warnings=tuple(warnings))
@@ -97,8 +97,9 @@ async def check(
             errors.append(_located(exc, loaded.origins))
         else:
             warnings += [ConfigWarning(warning) for warning in server.warnings]
-    # Checks of other layers (the web layer's: the namespaces its routes need) are added here, each
-    # appending its ConfigError to `errors`, so that serve and check-config meet them alike.
+    # The checks of other layers go here, one call each, adding what they find to `errors` (through
+    # `_located`, for the source), so that serve and check-config meet them alike: the web layer's check
+    # of the namespaces its routes need, on `parts.config`.
     return Report(source, parts.config, parts.lifecycle_name, errors=tuple(errors), warnings=tuple(warnings),
                   server=server)
 
