@@ -5,19 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import urllib.error
 import urllib.request
 from typing import Any
 
-from ondemand.config import Config, redact
-from ondemand.config.load import load_config
+from ondemand.config import redact
 from ondemand.errors import ConfigError, PluginError
 from ondemand.host.process import ProcessError
 from ondemand.logs import configure_logging
-from ondemand.plugin_manager import Plugins
-from ondemand.redis.lifecycle import LifecycleContext, resolve_lifecycle_name
+from ondemand.preflight import Report, check
+
+log = logging.getLogger("ondemand.config")
 
 
 def _serve_options(parser: argparse.ArgumentParser) -> None:
@@ -37,13 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="{serve,check-config,status}")
     _serve_options(commands.add_parser("serve", help="serve the HTTP API (the default)",
-                                       description="Serve the HTTP API."))
+                                       description="Serve the HTTP API. Refuses to start (exit 2, one line per "
+                                                   "problem on stderr) on what check-config calls invalid."))
     check = commands.add_parser(
-        "check-config", help="validate a config and print it resolved, secrets redacted",
-        description="Validate a config file (with the environment applied) and print the resolved "
-                    "configuration with secrets redacted. Exit 0 when valid, 2 when not.",
+        "check-config", help="check a config as serve would, and print it resolved, secrets redacted",
+        description="Check a config file (with the environment applied) as serve does before it listens, "
+                    "without opening anything: stdout is the resolved config as JSON, secrets redacted (or, with "
+                    "--json, one JSON object with everything); errors, warnings and the server that would run "
+                    "go to stderr. Exit 0 when serve would start, 2 when it would refuse (with the same lines).",
     )
     check.add_argument("--config", help="TOML config file (default: $ONDEMAND_CONFIG, else built-in defaults)")
+    check.add_argument("--json", action="store_true",
+                       help="print one JSON object: valid, source, config, lifecycle, warnings, errors, server")
     status = commands.add_parser(
         "status", help="print the status of a running server",
         description="Fetch GET /api/cache/status from a running server and print it readably.",
@@ -56,21 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace) -> Config:
-    server: dict[str, Any] = {}
-    for key in ("host", "port", "workers"):
-        if getattr(args, key, None) is not None:
-            server[key] = getattr(args, key)
-    return load_config(args.config, overrides={"server": server} if server else None)
+def _preflight(args: argparse.Namespace) -> Report:
+    """The checks serve makes before it listens (ondemand.preflight), with --host/--port/--workers applied."""
+    server = {key: getattr(args, key) for key in ("host", "port", "workers") if getattr(args, key, None) is not None}
+    return asyncio.run(check(args.config, overrides={"server": server} if server else None))
 
 
 def serve(args: argparse.Namespace) -> int:
-    try:
-        config = _load(args)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+    report = _preflight(args)
+    if not report.valid or report.config is None:
+        for line in report.error_lines():
+            print(line, file=sys.stderr)
         return 2
+    config = report.config
     configure_logging(args.log_level, config.server.log_format)
+    for warning in report.warnings:  # once, here: not again in each worker
+        log.warning("%s", warning)
     from ondemand.host.workers import serve_workers
 
     try:
@@ -81,29 +88,25 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    print(f"# {config.source or 'built-in defaults'}: valid")
-    print(json.dumps(redact(config), indent=2, sort_keys=True))
-    # Which server the lifecycle would start, found by the same discovery (a lifecycle with a
-    # `describe_server` method: subprocess; only `--version` runs). On stderr, as comments: stdout stays
-    # the header and the JSON document.
-    name = resolve_lifecycle_name(config.lifecycle.plugin, docker=config.environment.docker,
-                                  skip_in_docker=config.lifecycle.skip_in_docker)
-    try:
-        plugins = Plugins(config.plugins.disable)
-        lifecycle = plugins.lifecycles().get(name)(LifecycleContext(config=config, events=plugins.events))
-    except (ConfigError, PluginError) as exc:  # (the same error a start would meet)
-        print(f"# server: lifecycle {name!r}: {exc}", file=sys.stderr)
-        return 0
-    describe = getattr(lifecycle, "describe_server", None)
-    lines = asyncio.run(describe()) if describe else [f"server: none of ours (lifecycle {name!r})"]
-    for line in lines:
-        print(f"# {line}", file=sys.stderr)
-    return 0
+    """stdout: only JSON (the resolved config, or with --json the whole report); the rest on stderr."""
+    report = _preflight(args)
+    if report.valid:
+        print(f"{report.source or 'built-in defaults'}: valid", file=sys.stderr)
+    for line in report.error_lines():
+        print(line, file=sys.stderr)
+    if report.server is not None:
+        print(report.server.describe(), file=sys.stderr)
+        for note in report.server.notes:
+            print(f"  {note}", file=sys.stderr)
+    elif report.valid:
+        print(f"server: none of ours (lifecycle {report.lifecycle!r})", file=sys.stderr)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    elif report.valid and report.config is not None:
+        print(json.dumps(redact(report.config), indent=2, sort_keys=True))
+    return 0 if report.valid else 2
 
 
 def _seconds(value: Any) -> str:

@@ -12,20 +12,27 @@ class OndemandError(Exception):
     http_status = 500
 
 
-class ConfigError(OndemandError):
-    """The configuration is invalid: names the source, the key and what was expected."""
-
-    code = "config_error"
+class _Located(OndemandError):
+    """An error about a config value: `source` (a file, an environment variable) and `key` (dotted) say
+    where it was set; the message starts with them. `message` is the text without them."""
 
     def __init__(self, message: str, *, source: str | None = None, key: str | None = None) -> None:
+        self.message = message
         self.source = source
         self.key = key
         where = ": ".join(part for part in (source, key) if part)
         super().__init__(f"{where}: {message}" if where else message)
 
 
-class PluginError(OndemandError):
-    """A plugin problem found at startup: duplicate or unknown names, a broken plugin."""
+class ConfigError(_Located):
+    """The configuration is invalid: names the source, the key and what was expected."""
+
+    code = "config_error"
+
+
+class PluginError(_Located):
+    """A plugin problem found at startup: duplicate or unknown names, a broken plugin (with the key that
+    names it, when a configured name is unknown or unfit)."""
 
     code = "plugin_error"
 

@@ -80,3 +80,6 @@ class Registry(Collector, Generic[F]):
 
     def owner(self, name: str) -> str:
         return self._owners[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._factories)

@@ -3,9 +3,11 @@
     async with Runtime(config) as rt:
         await rt.cache.cache_session("s1", {"user": 1}, ttl=60)
 
-Starting a Runtime spawns nothing: Redis starts on the first operation that needs it. Every object is
-built into a local, its teardown registered on one exit stack as it is made, and assigned to the
-runtime only once the whole runtime stands; `close` unwinds the stack in reverse order.
+Starting a Runtime spawns nothing: Redis starts on the first operation that needs it. The objects the
+plugins' factories make are built first, opening nothing (`build_parts`, which serve and check-config
+also run before anything listens: `ondemand.preflight`); then each is opened, its teardown registered on
+one exit stack, and assigned to the runtime only once the whole runtime stands; `close` unwinds the
+stack in reverse order.
 """
 
 from __future__ import annotations
@@ -50,6 +52,68 @@ class ReadinessReport:
         return self.state != Readiness.UNAVAILABLE
 
 
+@attrs.frozen
+class Parts:
+    """What a Runtime is made of, as the plugins' factories made it: nothing opened, nothing started (so
+    nothing to close when it is dropped)."""
+
+    config: Config  # with every loaded plugin's section
+    plugins: Plugins
+    lifecycles: Registry[LifecycleFactory]
+    storages: Registry[StorageFactory]
+    lifecycle_name: str  # `lifecycle.plugin` resolved (`auto`)
+    lifecycle: Lifecycle
+    on_demand: OnDemandRedis
+    redis_health: OutageTracker
+    cache: CacheStorage
+    durable: DurableStorage | None
+    durable_health: OutageTracker | None
+
+
+def _factory(registry: Registry[Any], name: str, key: str) -> Any:
+    try:
+        return registry.get(name)
+    except PluginError as exc:
+        raise PluginError(exc.message, key=key) from None
+
+
+def build_parts(config: Config, extra_plugins: Iterable[object] = ()) -> Parts:
+    """Load the plugins, give them the config (`ondemand_configure`) and build the lifecycle and the storages
+    with their factories: every check a start makes before it opens anything. `Runtime.start` opens what this
+    returns; `ondemand.preflight` (serve and check-config) only looks at it. Call it in the event loop the
+    parts will run in (OnDemandRedis binds to it). Raises ConfigError or PluginError (with the key at fault)."""
+    plugins = Plugins(config.plugins.disable, extra_plugins)
+    config = with_sections(config, plugins.config_sections())
+    plugins.configure(config)
+    events = plugins.events
+    lifecycles, storages = plugins.lifecycles(), plugins.storages()
+
+    lifecycle_name = resolve_lifecycle_name(config.lifecycle.plugin, docker=config.environment.docker,
+                                            skip_in_docker=config.lifecycle.skip_in_docker)
+    lifecycle = _factory(lifecycles, lifecycle_name, "lifecycle.plugin")(LifecycleContext(config=config, events=events))
+    redis_health = OutageTracker("redis", events)
+    on_demand = OnDemandRedis(lifecycle, config, events, redis_health)
+
+    context = StorageContext(config, events, on_demand, redis_health)
+    cache = _factory(storages, config.storage.cache, "storage.cache")(context)
+    if not isinstance(cache, CacheStorage):
+        raise PluginError(f"storage {config.storage.cache!r} cannot serve as the cache: it lacks ping, "
+                          "set_if_absent, append_list, delete_keys or delete_prefix", key="storage.cache")
+    durable: DurableStorage | None = None
+    durable_health: OutageTracker | None = None
+    if config.storage.durable:
+        durable_health = OutageTracker(config.storage.durable, events)
+        made = _factory(storages, config.storage.durable, "storage.durable")(
+            StorageContext(config, events, on_demand, durable_health))
+        if not isinstance(made, DurableStorage):
+            raise PluginError(f"storage {config.storage.durable!r} cannot serve as the durable store: it lacks "
+                              "get_entry or get_entries", key="storage.durable")
+        durable = made
+    return Parts(config=config, plugins=plugins, lifecycles=lifecycles, storages=storages,
+                 lifecycle_name=lifecycle_name, lifecycle=lifecycle, on_demand=on_demand, redis_health=redis_health,
+                 cache=cache, durable=durable, durable_health=durable_health)
+
+
 class Runtime:
     """See the module docstring. Attributes exist once `start()` returned."""
 
@@ -78,34 +142,9 @@ class Runtime:
     async def start(self) -> Runtime:
         async with contextlib.AsyncExitStack() as stack:
             config = self._config if self._config is not None else load_config(plugins=self._extra_plugins)
-            plugins = Plugins(config.plugins.disable, self._extra_plugins)
-            config = with_sections(config, plugins.config_sections())
-            plugins.configure(config)
-            events = plugins.events
-            lifecycles, storages = plugins.lifecycles(), plugins.storages()
-
-            lifecycle_name = resolve_lifecycle_name(
-                config.lifecycle.plugin, docker=config.environment.docker,
-                skip_in_docker=config.lifecycle.skip_in_docker,
-            )
-            lifecycle = lifecycles.get(lifecycle_name)(LifecycleContext(config=config, events=events))
-            redis_health = OutageTracker("redis", events)
-            on_demand = OnDemandRedis(lifecycle, config, events, redis_health)
+            parts = build_parts(config, self._extra_plugins)
+            config, on_demand, cache, durable = parts.config, parts.on_demand, parts.cache, parts.durable
             stack.push_async_callback(on_demand.close)  # last out: after every storage
-
-            cache = storages.get(config.storage.cache)(StorageContext(config, events, on_demand, redis_health))
-            if not isinstance(cache, CacheStorage):
-                raise PluginError(f"storage {config.storage.cache!r} cannot serve as the cache: it lacks "
-                                  "ping, set_if_absent, append_list, delete_keys or delete_prefix")
-            durable: DurableStorage | None = None
-            durable_health: OutageTracker | None = None
-            if config.storage.durable:
-                durable_health = OutageTracker(config.storage.durable, events)
-                made = storages.get(config.storage.durable)(StorageContext(config, events, on_demand, durable_health))
-                if not isinstance(made, DurableStorage):
-                    raise PluginError(f"storage {config.storage.durable!r} cannot serve as the durable store: "
-                                      "it lacks get_entry or get_entries")
-                durable = made
             for storage in (cache, durable):
                 if storage is not None:
                     await storage.open()
@@ -121,14 +160,16 @@ class Runtime:
                                 key_suffix="}" if tagged else "")
                 for name, ns in config.namespaces.items()
             }
-            dispatcher = Dispatcher(cache=cache, durable=durable, namespaces=namespaces, cache_health=redis_health,
-                                    durable_health=durable_health, outbox_poll=config.storage.outbox_poll)
+            dispatcher = Dispatcher(cache=cache, durable=durable, namespaces=namespaces,
+                                    cache_health=parts.redis_health, durable_health=parts.durable_health,
+                                    outbox_poll=config.storage.outbox_poll)
             stack.push_async_callback(dispatcher.close)
             dispatcher.start()
 
-            self.config, self.plugins, self.lifecycles, self.storages = config, plugins, lifecycles, storages
-            self.lifecycle, self.on_demand, self.redis_health = lifecycle, on_demand, redis_health
-            self.cache_storage, self.durable_storage, self.durable_health = cache, durable, durable_health
+            self.config, self.plugins, self.lifecycles, self.storages = (config, parts.plugins, parts.lifecycles,
+                                                                         parts.storages)
+            self.lifecycle, self.on_demand, self.redis_health = parts.lifecycle, on_demand, parts.redis_health
+            self.cache_storage, self.durable_storage, self.durable_health = cache, durable, parts.durable_health
             self.dispatcher, self.cache = dispatcher, CacheService(dispatcher)
             self._stack = stack.pop_all()
         return self

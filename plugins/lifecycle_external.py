@@ -84,10 +84,6 @@ class ExternalLifecycle(WithoutProcess):
     def status(self) -> dict[str, Any]:
         return {"url": self.endpoint.describe(), "seeds": [e.describe() for e in self.endpoints]}
 
-    async def describe_server(self) -> list[str]:
-        kind = "seed nodes of a Redis Cluster" if len(self.endpoints) > 1 else "a Redis someone else runs"
-        return [f"server: {kind}: {', '.join(e.describe() for e in self.endpoints)} (not contacted)"]
-
     async def start(self) -> RedisEndpoint:
         errors: list[RedisUnavailable] = []
         for endpoint in self.endpoints:
@@ -194,10 +190,6 @@ class SentinelLifecycle(WithoutProcess):
     def forget_after_fork(self) -> None:
         self._watcher = None  # the parent's loop's task; a child subscribes on its own first start
         self.subscribed = None
-
-    async def describe_server(self) -> list[str]:
-        return [f"server: the master {self.master_name!r} that the sentinels "
-                f"{', '.join(s.address for s in self.sentinels)} name (not contacted)"]
 
     def status(self) -> dict[str, Any]:
         return {

@@ -12,6 +12,7 @@ built-in plugins), as pyproject.toml's package-dir maps them.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -166,6 +167,10 @@ def test_nothing_imports_the_folders_by_their_own_names() -> None:
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             if not getattr(node, "level", 0) and any(n.split(".")[0] in FOLDERS for n in names):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+        if path.name != "test_architecture.py":  # code run by `python -c` in a subprocess, inside a string
+            text = path.read_text(encoding="utf-8")
+            offenders += [f"{path.relative_to(ROOT)}: {m.group(0)!r} in a string"
+                          for m in re.finditer(r"(?m)(?:^|[\"'])\s*(?:from|import) (?:app|plugins)\b", text)]
     assert not offenders, offenders
 
 

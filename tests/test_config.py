@@ -127,7 +127,7 @@ def test_check_config_prints_a_plugin_section_with_its_secrets_redacted() -> Non
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert "ex-k3y-9f9f" not in proc.stdout + proc.stderr and "pa55w0rd" not in proc.stdout + proc.stderr
-    printed = json.loads(proc.stdout.split("\n", 1)[1])
+    printed = json.loads(proc.stdout)
     assert printed["example"] == {"greeting": "bonjour", "level": 1, "api_key": "***",
                                   "upstream": "https://bot:***@hooks.example/in"}
 

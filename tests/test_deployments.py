@@ -275,8 +275,8 @@ def test_status_command_prints_a_running_server(tmp_path: Path) -> None:
 def test_json_log_lines_carry_event_fields() -> None:
     code = (
         "import asyncio, logging\n"
-        "from app.logs import configure_logging\n"
-        "from app import Runtime, load_config\n"
+        "from ondemand.logs import configure_logging\n"
+        "from ondemand import Runtime, load_config\n"
         "configure_logging('INFO', 'json')\n"
         "async def main():\n"
         "    cfg = load_config(None, overrides={'storage': {'durable': ''}}, environ={})\n"

@@ -4,21 +4,64 @@ Precedence, lowest first: defaults, the file, `ONDEMAND_<TABLE>__<KEY>` variable
 section maps (`REDIS_URL`, `DATABASE_URL`), `overrides`. The plugins asked for their sections are the
 ones a Runtime would load: built-ins and entry points, less `plugins.disable`, plus `plugins=`.
 An error names where the bad value came from: the file, the environment variable, or the overrides.
+
+`load` is `load_config` that also says where each value came from (`Origins`), which variables a section
+maps are in force, and what in the environment is ignored (`ConfigWarning`s: an `ONDEMAND_` variable that
+names no key): what `ondemand.preflight` (serve and check-config) needs to report.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ondemand.config import Config, Origins, PluginsConfig, build_config, structure
+import attrs
+
+from ondemand.config import (
+    Config,
+    NamespaceConfig,
+    Origins,
+    PluginsConfig,
+    PoolConfig,
+    SectionRegistry,
+    build_config,
+    structure,
+)
 from ondemand.errors import ConfigError
 from ondemand.plugin_manager import Plugins
 
 ENV_PREFIX = "ONDEMAND_"
+CONFIG_VARIABLE = "ONDEMAND_CONFIG"
+# Variables with our prefix that are read, but are no config key: the config file's path, and the resolved
+# config a supervisor hands its workers (ondemand.host.workers).
+_NOT_KEYS = frozenset({CONFIG_VARIABLE, "ONDEMAND_WORKER_CONFIG"})
+
+
+@attrs.frozen
+class ConfigWarning:
+    """A setting that is ignored: not an error (the service runs), but surely not what was meant."""
+
+    message: str
+    source: str | None = None  # where it was set: "environment variable ONDEMAND_SERVER_PORT"
+    key: str | None = None  # the dotted key it sets, if any
+
+    def __str__(self) -> str:
+        return ": ".join(part for part in (self.source, self.key, self.message) if part)
+
+
+@attrs.frozen
+class Loaded:
+    """What `load` found: the config, where each of its values came from, the variables that a section maps
+    (`REDIS_URL`) and whose value is in force, as {variable: "table.key"}, and what is ignored."""
+
+    config: Config
+    origins: Origins
+    mapped_variables: Mapping[str, str]
+    warnings: tuple[ConfigWarning, ...] = ()
 
 
 def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -88,17 +131,17 @@ def _disabled(data: Mapping[str, Any], origins: Origins) -> tuple[str, ...]:
     return structure(dict(table), PluginsConfig, "plugins", origins).disable
 
 
-def load_config(
+def load(
     path: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     *,
     environ: Mapping[str, str] | None = None,
     plugins: Iterable[object] = (),
-) -> Config:
-    """Read `path` (or $ONDEMAND_CONFIG, or only defaults), apply the environment and `overrides`."""
+) -> Loaded:
+    """`load_config`, with where the values came from and what is ignored (see `Loaded`)."""
     environ = os.environ if environ is None else environ
-    if path is None and environ.get("ONDEMAND_CONFIG"):
-        path = environ["ONDEMAND_CONFIG"]
+    if path is None and environ.get(CONFIG_VARIABLE):
+        path = environ[CONFIG_VARIABLE]
     source = None if path is None else str(path)
     origins = Origins(source)
     data: dict[str, Any] = {}
@@ -109,14 +152,55 @@ def load_config(
     overrides = dict(overrides or {})
     disable = _disabled(merge(data, overrides), origins)
     sections = Plugins(disable, plugins).config_sections()
+    applied: dict[str, str] = {}
     for variable, (table, key) in sorted(sections.env_aliases().items()):
         if environ.get(variable):
             data = merge(data, {table: {key: environ[variable]}})
             origins.record({table: {key: environ[variable]}}, _variable(variable))
+            applied[variable] = f"{table}.{key}"
     data = merge(data, overrides)
     origins.record(overrides, "overrides")
     data["environment"] = {"docker": bool(environ.get("DOCKER_ENV"))}
-    return build_config(data, sections, source=source, origins=origins)
+    config = build_config(data, sections, source=source, origins=origins)
+    in_force = {variable: key for variable, key in applied.items() if origins.of(key) == _variable(variable)}
+    return Loaded(config, origins, in_force, tuple(unknown_variables(environ, sections, config)))
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    plugins: Iterable[object] = (),
+) -> Config:
+    """Read `path` (or $ONDEMAND_CONFIG, or only defaults), apply the environment and `overrides`."""
+    return load(path, overrides, environ=environ, plugins=plugins).config
+
+
+def variable_names(sections: SectionRegistry, config: Config) -> set[str]:
+    """Every variable that sets a key: `ONDEMAND_<TABLE>__<KEY>` for each key of each declared section, the
+    keyed tables with the ids `config` has (`ONDEMAND_NAMESPACES__SESSION__TTL`), and the mapped ones."""
+    names = {f"{ENV_PREFIX}{s.table}__{field.name}".upper() for s in sections.sections for field in attrs.fields(s.cls)}
+    for table, ids, cls in (("pools", {"default", *config.pools}, PoolConfig),
+                            ("namespaces", config.namespaces, NamespaceConfig)):
+        names |= {f"{ENV_PREFIX}{table}__{id_}__{field.name}".upper() for id_ in ids for field in attrs.fields(cls)}
+    return names | set(sections.env_aliases()) | {CONFIG_VARIABLE}
+
+
+def unknown_variables(environ: Mapping[str, str], sections: SectionRegistry, config: Config) -> list[ConfigWarning]:
+    """`ONDEMAND_` variables that set nothing (no `__` between table and key), with the nearest that would.
+    (One with `__` that names no key is an error of `load`: the unknown table or key.)"""
+    warnings: list[ConfigWarning] = []
+    known: dict[str, str] | None = None  # compared without the prefix all share: "SERVER__PORT" -> the name
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or "__" in name or name in _NOT_KEYS:
+            continue
+        if known is None:
+            known = {v.removeprefix(ENV_PREFIX): v for v in sorted(variable_names(sections, config))}
+        nearest = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), known, n=1, cutoff=0.6)
+        hint = f"; did you mean {known[nearest[0]]}?" if nearest else f" ({ENV_PREFIX}<TABLE>__<KEY> sets a key)"
+        warnings.append(ConfigWarning(f"matches no config key and is ignored{hint}", source=_variable(name)))
+    return warnings
 
 
 def config_from_dict(data: Mapping[str, Any], *, source: str | None = None, plugins: Iterable[object] = ()) -> Config:

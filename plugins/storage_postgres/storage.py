@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -26,7 +27,7 @@ import psycopg2
 import psycopg2.extensions
 
 from ondemand.config import SECRET, between, positive, redact_url
-from ondemand.errors import PostgresUnavailable, first_line
+from ondemand.errors import ConfigError, PostgresUnavailable, first_line
 from ondemand.health import OutageTracker, StoreHealth, StoreState
 from ondemand.plugins.storage_postgres.server import EmbeddedPostgres
 from ondemand.store.protocols import OVERFLOW, Entry, Namespace, purge_in_batches
@@ -138,6 +139,20 @@ class PostgresConfig:
     idle_timeout: float = attrs.field(default=300.0, validator=positive)
 
 
+def _check_dsn(dsn: str) -> None:
+    """A DSN libpq cannot parse, or a port that is not one, is a ConfigError at startup: every connection
+    would fail. libpq's complaint is shown with what it quotes hidden (it may be part of the password)."""
+    try:
+        params = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError as exc:
+        problem = re.sub(r'"([^"]*)"', lambda m: m[0] if re.fullmatch(r"[=\]]", m[1]) else '"..."', first_line(exc))
+        raise ConfigError(f"not a libpq connection string or postgresql:// URL ({problem})",
+                          key="postgres.dsn") from None
+    for port in params.get("port", "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) <= 65535):
+            raise ConfigError(f"port {port!r} is not a port number (1 to 65535)", key="postgres.dsn")
+
+
 def _first_line(exc: BaseException) -> str:
     return redact_url(first_line(exc))
 
@@ -191,7 +206,9 @@ class PostgresStorage:
 
     def __attrs_post_init__(self) -> None:
         self.store_health = StoreHealth(self.health, "PostgreSQL storage", state=StoreState.STARTING, log=log)
-        if self.config.dsn == "embedded":
+        if self.config.dsn != "embedded":
+            _check_dsn(self.config.dsn)
+        else:
             self.embedded = EmbeddedPostgres(self.config.data_dir, startup_timeout=self.config.startup_timeout,
                                              activity_interval=min(1.0, self.config.idle_timeout / 10))
             self.embedded.set_exit_callback(self._sibling_server_exited)

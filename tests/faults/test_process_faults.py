@@ -96,7 +96,7 @@ def test_app_sigkilled_child_gone_and_next_start_cleans_up(tmp_path: Path) -> No
     proc = subprocess.run(
         [sys.executable, "-c",
          "import asyncio\n"
-         "from app import Runtime, load_config\n"
+         "from ondemand import Runtime, load_config\n"
          "async def main():\n"
          f"    c = load_config(None, overrides={overrides!r}, environ={{}})\n"
          "    async with Runtime(c) as rt:\n"
