@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ondemand.config import Config, SectionRegistry
     from ondemand.host.services import HostService
     from ondemand.registry import Registry
+    from ondemand.web.route_registry import RouteRegistry
 
 PROJECT = "ondemand"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -41,6 +42,12 @@ def ondemand_register_lifecycles(registry: Registry) -> None:
 @hookspec
 def ondemand_register_storages(registry: Registry) -> None:
     """Add storage factories with `registry.add(name, factory)`; factory(StorageContext) -> Storage. Collects all."""
+
+
+@hookspec
+def ondemand_register_routes(routes: RouteRegistry) -> None:
+    """Add HTTP routes with `routes.add(method, path, handler, openapi=None)`, served with ours (under the
+    same prefix, wrapped the same way) when the app is set up; `routes.config` is the config. Collects all."""
 
 
 @hookspec

@@ -2,8 +2,8 @@
 
 Loading order (pluggy's eggsample host, tox's manager): hookspecs, blocked names, built-ins, the
 `ondemand` entry points, plugins passed in by the caller, then `check_pending`. Callers use the typed
-methods of `Plugins` (`config_sections()`, `lifecycles()`, `host_services(config)`, `events`), never
-`pm.hook.<name>` by string, so a mistyped hook is an AttributeError at our call site.
+methods of `Plugins` (`config_sections()`, `lifecycles()`, `routes(registry)`, `host_services(config)`,
+`events`), never `pm.hook.<name>` by string, so a mistyped hook is an AttributeError at our call site.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ondemand.host.services import HostService
     from ondemand.redis.lifecycle import LifecycleFactory
     from ondemand.store.protocols import StorageFactory
+    from ondemand.web.route_registry import RouteRegistry
 
 ENTRY_POINT_GROUP = "ondemand"
 
@@ -78,6 +79,10 @@ class Plugins:
 
     def storages(self) -> Registry[StorageFactory]:
         return Registry("storage").collect(self.pm.hook.ondemand_register_storages)
+
+    def routes(self, routes: RouteRegistry) -> RouteRegistry:
+        """`routes` (holding the core's routes) with every plugin's added, each attributed to its plugin."""
+        return routes.collect(self.pm.hook.ondemand_register_routes)
 
     def host_services(self, config: Config) -> list[HostService]:
         """What must run once per host for the workers of `run.py --workers N` (the embedded PostgreSQL)."""

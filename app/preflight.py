@@ -30,6 +30,7 @@ from ondemand.errors import ConfigError, OndemandError, PluginError
 from ondemand.redis.lifecycle import ServerReport, resolve_lifecycle_name
 from ondemand.registry import CORE
 from ondemand.runtime import Parts, build_parts
+from ondemand.web.routes import check_namespaces
 
 
 @attrs.frozen
@@ -95,9 +96,12 @@ async def check(
         errors.append(_located(exc, loaded.origins))
     else:
         warnings += [ConfigWarning(warning) for warning in server.warnings] if server else []
-    # The checks of other layers go here, one call each, adding what they find to `errors` (through
-    # `_located`, for the source), so that serve and check-config meet them alike: the web layer's check
-    # of the namespaces its routes need, on `parts.config`.
+    # The checks of other layers, one call each, so that serve and check-config meet them alike: the web
+    # layer's check of the namespaces its routes need.
+    try:
+        check_namespaces(parts.config)
+    except ConfigError as exc:
+        errors.append(_located(exc, loaded.origins))
     return Report(source, parts.config, parts.lifecycle_name, errors=tuple(errors), warnings=tuple(warnings),
                   server=server)
 

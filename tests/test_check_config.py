@@ -57,6 +57,12 @@ def toml_file(tmp_path: Path, text: str) -> Path:
 # Each: (files and environment for the case) -> (args, env), and the line serve and check-config print.
 Case = Callable[[Path], tuple[list[str], dict[str, str], str]]
 BAD: dict[str, Case] = {
+    "a namespace the routes need removed": lambda tmp: (
+        ["--config", str(toml_file(tmp, "[namespaces.profile]\nenabled = false\n"))], {},
+        f"configuration error: {tmp / 'x.toml'}: namespaces.profile.enabled: the HTTP API's routes "
+        "/api/users/{user_id}/profile, /api/users/{user_id}/warmup, /api/cache/test, /api/cache/batch/test need "
+        "namespace 'profile', which this config removes; drop `enabled = false` from [namespaces.profile], or "
+        "serve no routes"),
     "unknown storage": lambda tmp: (
         ["--config", str(toml_file(tmp, '[storage]\ndurable = "jsonfle"\n'))], {},
         f"startup error: {tmp / 'x.toml'}: storage.durable: unknown storage 'jsonfle'; available: postgres, redis, "

@@ -12,10 +12,12 @@ import attrs
 import pytest
 from ondemand_example import ExampleConfig
 
-from ondemand.config import CORE_SECTIONS, SECRET, Config, redact
-from ondemand.config.load import load_config
+from ondemand import Runtime
+from ondemand.config import CORE_SECTIONS, SECRET, Config, NamespaceConfig, redact, unstructure
+from ondemand.config.load import config_from_dict, load_config
 from ondemand.errors import ConfigError
 from ondemand.plugins.lifecycle_external import ExternalConfig
+from ondemand.web import check_namespaces
 from tests.support import ROOT
 
 
@@ -139,3 +141,72 @@ async def test_sentinel_topology_with_the_subprocess_lifecycle_is_a_config_error
     with pytest.raises(ConfigError, match=r"lifecycle\.topology.*external lifecycle"):
         async with Runtime(config):
             pass
+
+
+# -- namespaces: the config's are added to the built-in ones --------------------------------------
+
+
+def test_a_declared_namespace_is_added_to_the_built_in_ones(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[namespaces.weather]\nttl = 60.0\n")
+    config = load_config(path, environ={})
+    assert list(config.namespaces) == ["session", "messages", "profile", "weather"]
+    assert config.namespaces["weather"] == NamespaceConfig(ttl=60.0)
+    assert config.namespaces["session"] == Config().namespaces["session"]
+
+
+def test_a_declared_built_in_keeps_the_built_in_values_it_does_not_set() -> None:
+    config = load_config(None, overrides={"namespaces": {"session": {"ttl": 600.0}}}, environ={})
+    assert config.namespaces["session"] == NamespaceConfig(ttl=600.0, durable=True, connection_id="session")
+    config = load_config(None, environ={"ONDEMAND_NAMESPACES__PROFILE__DURABLE": "true"})
+    assert config.namespaces["profile"] == NamespaceConfig(ttl=3600.0, durable=True)
+
+
+def test_enabled_false_removes_a_namespace_and_round_trips() -> None:
+    config = load_config(None, overrides={"namespaces": {"profile": {"enabled": False},
+                                                         "weather": {"ttl": 5.0}}}, environ={})
+    assert list(config.namespaces) == ["session", "messages", "weather"]
+    assert unstructure(config)["namespaces"]["profile"] == {"enabled": False}
+    assert config_from_dict(unstructure(config)) == config
+    # A namespace of the config's own can be switched off the same way (by a later layer, say).
+    assert "weather" not in load_config(None, overrides={"namespaces": {"weather": {"enabled": False}}},
+                                        environ={}).namespaces
+
+
+@pytest.mark.parametrize("name", ["a:b", "a b", "a/b", "a.b", "", "x" * 65, "é"])
+def test_a_namespace_name_that_keys_or_urls_cannot_carry_is_refused(name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides={"namespaces": {name: {"ttl": 1.0}}}, environ={})
+    assert info.value.key == f"namespaces.{name}" and "letters, digits, '_' or '-'" in str(info.value)
+
+
+@pytest.mark.parametrize(("namespaces", "key", "words"), [
+    ({"session": 5}, "namespaces.session", "expected a table, got int"),
+    ({"weather": "x"}, "namespaces.weather", "expected a table, got str"),
+    ({"session": {"ttl": "x"}}, "namespaces.session.ttl", "expected float"),
+    ({"session": {"enabled": "no"}}, "namespaces.session.enabled", "expected bool"),
+    ({"session": {"colour": 1}}, "namespaces.session", "colour"),
+])
+def test_a_bad_namespace_table_names_its_key(namespaces: dict, key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides={"namespaces": namespaces}, environ={})
+    assert key in str(info.value) and words in str(info.value)
+
+
+async def test_the_seed_api_works_with_a_config_declaring_its_own_namespace(make_config) -> None:
+    """Declaring [namespaces.weather] used to replace the built-in ones: cache_session then failed."""
+    async with Runtime(make_config({"namespaces": {"weather": {"ttl": 60.0}}})) as rt:
+        await rt.cache.cache_session("s1", {"user": 1})
+        assert await rt.cache.get_session("s1") == {"user": 1}
+        await rt.dispatcher.set("weather", "paris", {"c": 21})
+        assert await rt.dispatcher.get("weather", "paris") == {"c": 21}
+
+
+def test_check_namespaces_names_the_key_of_a_removed_namespace_our_routes_need() -> None:
+    check_namespaces(load_config(None, overrides={"namespaces": {"weather": {"ttl": 1.0}}}, environ={}))
+    for name, route in (("session", "/api/sessions/{session_id}"), ("messages", "/api/users/{user_id}/messages"),
+                        ("profile", "/api/users/{user_id}/profile")):
+        config = load_config(None, overrides={"namespaces": {name: {"enabled": False}}}, environ={})
+        with pytest.raises(ConfigError) as info:
+            check_namespaces(config)
+        assert info.value.key == f"namespaces.{name}.enabled" and route in str(info.value)

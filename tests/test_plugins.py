@@ -17,9 +17,10 @@ from typing import Any
 import attrs
 import ondemand_example
 import pytest
+from aiohttp import web
 from ondemand_example import ExampleConfig
 
-from ondemand import Runtime, hookimpl, hookspecs
+from ondemand import InvalidInput, Runtime, hookimpl, hookspecs
 from ondemand import plugin_manager as app_plugins
 from ondemand.config import Config, SectionRegistry, between, unstructure
 from ondemand.config.load import load_config
@@ -31,6 +32,7 @@ from ondemand.plugins.lifecycle_noop import NoopLifecycle
 from ondemand.plugins.storage_redis import RedisStorage
 from ondemand.redis.lifecycle import LifecycleContext
 from ondemand.store.protocols import StorageContext
+from ondemand.web import RUNTIME, create_app, get_runtime, setup
 from tests.support import pid_gone, redis_children, wait_for
 
 
@@ -240,6 +242,135 @@ async def test_hook_ondemand_register_storages_serves_the_cache_through_the_regi
         await rt.cache.cache_profile("u", {"v": 1})
         assert await rt.cache.get_profile("u") == {"v": 1}
         assert await rt.on_demand.with_connection(lambda r: r.exists("ondemand:profile:u")) == 1
+
+
+def widget_routes(routes: Any) -> None:
+    """A plugin's routes: one documented (reading the runtime, refusing odd ids), one not, one that breaks."""
+    key_prefix = routes.config.redis.key_prefix  # the config the app is set up with
+
+    async def widget(request: web.Request) -> web.Response:
+        widget_id = request.match_info["widget_id"]
+        if int(widget_id) % 2:
+            raise InvalidInput(f"widget ids are even, got {widget_id}")
+        value = await get_runtime(request).dispatcher.get("profile", f"widget-{widget_id}")
+        return web.json_response({"widget_id": widget_id, "value": value, "prefix": key_prefix})
+
+    async def create(request: web.Request) -> web.Response:
+        return web.json_response({"created": True}, status=201)
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("a bug in the plugin")
+
+    routes.add("GET", r"/api/widgets/{widget_id:\d+}", widget, openapi={
+        "summary": "Read a widget", "responses": {"200": {"description": "the widget"}}})
+    routes.add("post", "/api/widgets", create)  # any case; served, not documented
+    routes.add("GET", "/api/widgets/broken", broken)
+
+
+async def test_hook_ondemand_register_routes_serves_a_plugins_routes_wrapped_like_ours(aiohttp_client,
+                                                                                       make_config) -> None:
+    widgets = plugin("widgets", ondemand_register_routes=widget_routes)
+    app = create_app(make_config({"server": {"api_token": "t0ken"}}), plugins=[widgets])
+    client = await aiohttp_client(app)
+    auth = {"Authorization": "Bearer t0ken"}
+    await app[RUNTIME].cache.cache_profile("widget-2", {"size": 3})
+    assert (await client.get("/api/widgets/2")).status == 401  # the token, as on every route but the probes
+    resp = await client.get("/api/widgets/2", headers=auth)
+    assert await resp.json() == {"widget_id": "2", "value": {"size": 3}, "prefix": "ondemand"}
+    resp = await client.get("/api/widgets/3", headers=auth)  # its OndemandError: our JSON error, its status
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_input"
+    resp = await client.get("/api/widgets/broken", headers=auth)  # anything else: a 500, no traceback
+    assert resp.status == 500 and (await resp.json())["error"]["code"] == "internal_error"
+    assert (await client.post("/api/widgets", headers=auth)).status == 201
+    resp = await client.delete("/api/widgets", headers=auth)
+    assert resp.status == 405 and resp.headers["Allow"] == "POST"
+    metrics = await (await client.get("/metrics")).text()
+    # Prometheus escapes the backslash of the template's regex.
+    assert r'ondemand_http_requests_total{method="GET",route="/api/widgets/{widget_id:\\d+}",status="200"} 1.0' \
+        in metrics
+    paths = (await (await client.get("/api/openapi.json", headers=auth)).json())["paths"]
+    operation = paths["/api/widgets/{widget_id}"]["get"]  # the regex is aiohttp's business, not OpenAPI's
+    assert operation["parameters"] == [{"name": "widget_id", "in": "path", "required": True,
+                                        "schema": {"type": "string"}}]
+    assert {"200", "401", "403"} <= set(operation["responses"])
+    assert "/api/widgets" not in paths and "/api/widgets/broken" not in paths  # no operation: not documented
+
+
+async def test_hook_ondemand_register_routes_under_the_prefix_of_a_users_app(aiohttp_client, make_config) -> None:
+    widgets = plugin("widgets", ondemand_register_routes=widget_routes)
+    app = web.Application()
+    setup(app, make_config(), routes="/ondemand", plugins=[widgets])
+    client = await aiohttp_client(app)
+    assert (await (await client.get("/ondemand/api/widgets/4")).json())["widget_id"] == "4"
+    assert (await client.get("/api/widgets/4")).status == 404  # only under the prefix
+    paths = (await (await client.get("/ondemand/api/openapi.json")).json())["paths"]
+    assert "/ondemand/api/widgets/{widget_id}" in paths
+
+
+async def test_the_example_plugins_route_through_its_entry_point(aiohttp_client, make_config) -> None:
+    client = await aiohttp_client(create_app(make_config({"example": {"greeting": "bonjour"}})))
+    assert await (await client.get("/api/example/greet/Ada")).json() == {"greeting": "bonjour, Ada"}
+    resp = await client.get("/api/example/greet/A1")
+    assert resp.status == 400 and "ASCII letters" in (await resp.json())["error"]["message"]
+    document = await (await client.get("/api/openapi.json")).json()
+    assert document["paths"]["/api/example/greet/{name}"]["get"] == ondemand_example.GREET_OPERATION
+    blocked = await aiohttp_client(create_app(make_config({"plugins": {"disable": ["example"]}})))
+    assert (await blocked.get("/api/example/greet/Ada")).status == 404
+
+
+@pytest.mark.parametrize(("first", "second", "words"), [
+    # a plugin against the core, the same path with another variable name: still the same route
+    (None, ("GET", "/api/sessions/{sid}"), "route GET /api/sessions/{sid} is registered twice: by plugin 'core' "
+                                           "(/api/sessions/{session_id}) and by plugin 'second'"),
+    # two plugins: pluggy calls the one registered last first
+    (("POST", "/api/things"), ("post", "/api/things"),
+     "route POST /api/things is registered twice: by plugin 'second' (/api/things) and by plugin 'first'"),
+])
+def test_a_route_registered_twice_is_a_startup_error_naming_both(make_config, first, second, words) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    plugins = [plugin(name, ondemand_register_routes=lambda routes, m=route[0], p=route[1]: routes.add(m, p, handler))
+               for name, route in (("first", first), ("second", second)) if route is not None]
+    with pytest.raises(PluginError) as info:
+        create_app(make_config(), plugins=plugins)
+    assert str(info.value).startswith(words)
+    # Another method on the same path is another route.
+    other = plugin("other", ondemand_register_routes=lambda routes: routes.add("PATCH", "/api/sessions/{x}", handler))
+    create_app(make_config(), plugins=[other])
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (("FETCH", "/api/x"), "method 'FETCH'; expected one of GET, POST, PUT, PATCH, DELETE"),
+    (("HEAD", "/api/x"), "(a GET route also answers HEAD)"),
+    (("GET", "api/x"), "a path starts with '/'"),
+    (("GET", "/api/{bad"), "which aiohttp refuses"),
+    (("GET", "/api/x", "not a handler"), "handler that is not callable (str)"),
+    (("GET", "/api/x", None, {"summary": "no responses"}), "without 'responses'"),
+    (("GET", "/api/x", None, {"responses": {}, "x": {1, 2}}), "that is not JSON"),
+    (("GET", "/api/x", None, {"responses": {}, "parameters": {}}), "'parameters' is not a list"),
+])
+def test_a_bad_route_is_a_startup_error_naming_the_plugin(make_config, args: tuple, words: str) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    method, path, *rest = args
+    target = rest[0] if rest and rest[0] is not None else handler
+    openapi = rest[1] if len(rest) > 1 else None
+    bad = plugin("bad", ondemand_register_routes=lambda routes: routes.add(method, path, target, openapi=openapi))
+    with pytest.raises(PluginError) as info:
+        create_app(make_config(), plugins=[bad])
+    assert str(info.value).startswith("plugin 'bad' ") and words in str(info.value)
+
+
+@pytest.mark.parametrize("style", ["wrapper", "hookwrapper"])
+def test_register_routes_as_a_hook_wrapper_is_refused_naming_the_plugin(make_config, style: str) -> None:
+    def routes_wrapper(routes: Any) -> Any:
+        yield
+
+    wrapper = plugin("wrapping", ondemand_register_routes=hookimpl(**{style: True})(routes_wrapper))
+    with pytest.raises(PluginError, match="plugin 'wrapping' implements ondemand_register_routes as a hook wrapper"):
+        create_app(make_config(), plugins=[wrapper])
 
 
 async def test_hook_ondemand_host_services_are_collected_and_none_is_dropped(make_config) -> None:

@@ -1,6 +1,7 @@
 """Property-based API tests: schemathesis generates requests from the OpenAPI document.
 
-The real server (`run.py`, Redis only: `storage.durable = ""`) runs on a free loopback port, once
+The real server (`run.py`, Redis only: `storage.durable = ""`, with a namespace `weather` of its own
+besides the built-in ones, and the example plugin's route) runs on a free loopback port, once
 without an API token (the default) and once with one, each for its own class of tests. Every operation
 of the document that server serves is exercised with a few generated inputs, valid and invalid
 (schemathesis' examples, coverage and fuzzing phases), and every response must be:
@@ -55,6 +56,7 @@ from ondemand.web.openapi import document_for
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "schemathesis-t0ken"
 MAX_EXAMPLES = 10
+WEATHER_TTL = 60
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance, negative_data_rejection,
           ignored_auth]
 
@@ -65,7 +67,9 @@ def start_server(workdir: Path, token: str | None) -> tuple[subprocess.Popen[byt
     while starting is retried on another port."""
     env = {k: v for k, v in os.environ.items()
            if k not in {"DOCKER_ENV", "REDIS_URL", "DATABASE_URL"} and not k.startswith("ONDEMAND_")}
-    env.update({"ONDEMAND_STORAGE__DURABLE": '""', "ONDEMAND_LIFECYCLE__IDLE_TIMEOUT": "60"})
+    env.update({"ONDEMAND_STORAGE__DURABLE": '""', "ONDEMAND_LIFECYCLE__IDLE_TIMEOUT": "60",
+                # a namespace of the config's own, besides the built-in ones: served at /api/ns/weather/{id}
+                "ONDEMAND_NAMESPACES__WEATHER__TTL": str(WEATHER_TTL)})
     if token is not None:
         env["ONDEMAND_SERVER__API_TOKEN"] = f'"{token}"'
     for attempt in range(3):
@@ -124,7 +128,7 @@ def no_leftover_servers() -> None:
 def served_document(token: str | None) -> dict[str, Any]:
     """What GET /api/openapi.json answers with the default config and `server.api_token = token`
     (built here: nothing starts)."""
-    overrides: dict[str, Any] = {"storage": {"durable": ""}}
+    overrides: dict[str, Any] = {"storage": {"durable": ""}, "namespaces": {"weather": {"ttl": WEATHER_TTL}}}
     if token is not None:
         overrides["server"] = {"api_token": token}
     return document_for(create_app(load_config(None, overrides=overrides, environ={})))
@@ -174,6 +178,9 @@ class TestWithoutToken:
         document = json.loads(body)
         assert document == served_document(None)
         assert "security" not in document and "securitySchemes" not in document["components"]
+        # Every namespace of the config, its own and the built-in ones, and the example plugin's route.
+        assert {"/api/ns/weather/{id}", "/api/ns/session/{id}", "/api/ns/messages/{id}", "/api/ns/profile/{id}",
+                "/api/example/greet/{name}"} <= set(document["paths"])
         for path, item in document["paths"].items():
             for method, op in item.items():
                 assert "security" not in op, (method, path)

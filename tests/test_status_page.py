@@ -15,9 +15,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from playwright.async_api import ConsoleMessage, Error, Page, async_playwright
 
-from ondemand.web import create_app
+from ondemand.web import create_app, setup
 
 TOKEN = "page-t0ken"
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
@@ -230,4 +231,26 @@ async def test_status_page_with_an_api_token(aiohttp_server, make_config, chromi
         assert TOKEN not in page.page.url
         assert await page.evaluate("sessionStorage.getItem('ondemand.apiToken')") == TOKEN
         await page.wait_for(f"Number({CHART}.dataset.points) >= 1")
+        assert page.problems() == []
+
+
+async def test_status_page_under_a_prefix_of_a_users_app(aiohttp_server, make_config, chromium) -> None:
+    """Mounted with `setup(app, config, routes="/ondemand")`: the page, its files and its polls all live
+    below the prefix (every URL of the page is relative); the bare prefix redirects to the page, with
+    ?token= kept and then removed from the address bar as usual."""
+    app = web.Application()
+    setup(app, make_config({"server": {"api_token": TOKEN}}), routes="/ondemand")
+    server = await aiohttp_server(app)
+    async with browser(chromium) as page, aiohttp.ClientSession() as http:
+        await page.open(str(server.make_url(f"/ondemand?token={TOKEN}")))
+        await page.wait_for("document.getElementById('conn').dataset.state === 'live'")
+        assert await page.evaluate("location.pathname") == "/ondemand/"
+        assert await page.evaluate("location.search") == ""
+        assert await page.text("state") == "stopped"
+        # A request through the prefixed API starts Redis; the page's poll (below the prefix) shows it.
+        resp = await http.put(server.make_url("/ondemand/api/sessions/s1"), json={"u": 1},
+                              headers={"Authorization": f"Bearer {TOKEN}"})
+        assert resp.status == 200
+        await page.wait_for(f"{text_of('state')} === 'running'")
+        assert await page.page.locator("footer a").get_attribute("href") == "api/openapi.json"
         assert page.problems() == []

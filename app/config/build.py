@@ -13,6 +13,8 @@ import cattrs
 
 from ondemand.config.sections import (
     CORE_SECTIONS,
+    NAMESPACE_NAME,
+    NAMESPACE_NAME_RULE,
     Config,
     ConfigSection,
     EnvironmentConfig,
@@ -24,6 +26,7 @@ from ondemand.config.sections import (
     SectionRegistry,
     ServerConfig,
     StorageConfig,
+    default_namespaces,
 )
 from ondemand.config.validators import FieldError
 from ondemand.errors import ConfigError
@@ -158,16 +161,31 @@ def build_config(
     core = {cls: structured.pop(cls) for _, cls in CORE_SECTIONS}
     for cls in core:
         section_tables.pop(cls)
-    keyed: dict[str, Any] = {}
-    for name, cls in (("pools", PoolConfig), ("namespaces", NamespaceConfig)):
-        if name in data:
-            keyed[name] = structure(data[name], dict[str, cls], name, origins)
+    keyed: dict[str, Any] = {"namespaces": namespaces_of(data.get("namespaces", {}), origins)}
+    if "pools" in data:
+        keyed["pools"] = structure(data["pools"], dict[str, PoolConfig], "pools", origins)
     environment = structure(data.get("environment", {}), EnvironmentConfig, "environment", origins)
     return Config(
         server=core[ServerConfig], lifecycle=core[LifecycleConfig], redis=core[RedisConfig],
         storage=core[StorageConfig], plugins=core[PluginsConfig], environment=environment, source=source,
         sections=structured, section_tables=section_tables, data=dict(data), **keyed,
     )
+
+
+def namespaces_of(declared: Any, origins: Origins) -> dict[str, NamespaceConfig]:
+    """The built-in namespaces plus the declared ones. A declared built-in keeps the built-in's values for
+    the keys it does not set; `enabled = false` removes a namespace (built-in or not)."""
+    if not isinstance(declared, Mapping):
+        raise _error(f"expected a table, got {type(declared).__name__}", "namespaces", origins)
+    tables: dict[str, Any] = {name: _CONVERTER.unstructure(ns) for name, ns in default_namespaces().items()}
+    for name, table in declared.items():
+        if not isinstance(name, str) or not NAMESPACE_NAME.fullmatch(name):
+            raise _error(f"a namespace name is {NAMESPACE_NAME_RULE}, got {name!r}", f"namespaces.{name}", origins)
+        if not isinstance(table, Mapping):
+            raise _error(f"expected a table, got {type(table).__name__}", f"namespaces.{name}", origins)
+        tables[name] = {**tables.get(name, {}), **table}
+    namespaces = structure(tables, dict[str, NamespaceConfig], "namespaces", origins)
+    return {name: ns for name, ns in namespaces.items() if ns.enabled}
 
 
 def with_sections(config: Config, registry: SectionRegistry) -> Config:
@@ -202,9 +220,10 @@ def sections_of(config: Config) -> Iterable[tuple[str, Any]]:
 def unstructure(config: Config) -> dict[str, Any]:
     """The config as plain data, every plugin section merged into its table; `load_config`'s
     `config_from_dict` turns it back into an equal Config."""
+    removed = {name: {"enabled": False} for name in default_namespaces() if name not in config.namespaces}
     data: dict[str, Any] = {
         "pools": _CONVERTER.unstructure(config.pools),
-        "namespaces": _CONVERTER.unstructure(config.namespaces),
+        "namespaces": {**_CONVERTER.unstructure(config.namespaces), **removed},
     }
     for table, value in sections_of(config):
         data.setdefault(table, {}).update(_CONVERTER.unstructure(value))

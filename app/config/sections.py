@@ -73,6 +73,9 @@ class NamespaceConfig:
     ttl: float | None = attrs.field(default=3600.0, validator=positive)
     durable: bool = False
     connection_id: str = "default"
+    # false removes the namespace: the only way to drop a built-in one (a config's namespaces are added
+    # to the built-ins, see build.namespaces_of). Config.namespaces never holds a disabled one.
+    enabled: bool = True
 
 
 @attrs.frozen
@@ -96,7 +99,14 @@ class EnvironmentConfig:
     docker: bool = False
 
 
-def _default_namespaces() -> dict[str, NamespaceConfig]:
+# A namespace's name is part of its Redis keys (`prefix:name:id`) and of its URL (`/api/ns/{name}/{id}`):
+# no ':' (two namespaces could share keys) and nothing a URL path would need escaped.
+NAMESPACE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+NAMESPACE_NAME_RULE = "1 to 64 letters, digits, '_' or '-'"
+
+
+def default_namespaces() -> dict[str, NamespaceConfig]:
+    """The built-in namespaces, the seed's: a config's [namespaces.<name>] tables are added to these."""
     return {
         "session": NamespaceConfig(ttl=86400.0, durable=True, connection_id="session"),
         "messages": NamespaceConfig(ttl=3600.0),
@@ -185,7 +195,7 @@ class Config:
     lifecycle: LifecycleConfig = LifecycleConfig()
     redis: RedisConfig = RedisConfig()
     pools: dict[str, PoolConfig] = attrs.field(factory=lambda: {"default": PoolConfig()})
-    namespaces: dict[str, NamespaceConfig] = attrs.field(factory=_default_namespaces)
+    namespaces: dict[str, NamespaceConfig] = attrs.field(factory=default_namespaces)
     storage: StorageConfig = StorageConfig()
     plugins: PluginsConfig = PluginsConfig()
     environment: EnvironmentConfig = EnvironmentConfig()

@@ -1,4 +1,4 @@
-"""The REST resources: sessions, a user's messages and profile, warm-up, health and readiness.
+"""The REST resources: sessions, a user's messages and profile, any namespace, warm-up, health, readiness.
 
 Design, the same for every resource:
 
@@ -16,6 +16,7 @@ Design, the same for every resource:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -29,6 +30,7 @@ from ondemand.store.dispatcher import Dispatcher, Lookup
 from ondemand.store.values import check_id, check_ttl
 from ondemand.web.keys import METRICS, RUNTIME
 from ondemand.web.responses import json_response, read_json
+from ondemand.web.route_registry import Handler
 
 MAX_JSON_DEPTH = 32
 # Each body is capped by server.max_body_bytes, but appends grow a stored list without end: cap it.
@@ -163,6 +165,25 @@ class ValueResource:
 
 SESSIONS = ValueResource(SESSION, "session_id", "value", "session")
 PROFILES = ValueResource(PROFILE, "user_id", "profile", "profile for user")
+
+
+# -- any configured namespace: /api/ns/{namespace}/{id} -----------------------------------------
+
+
+def namespace_resource(namespace: str) -> ValueResource:
+    """The resource of /api/ns/<namespace>/{id}: the same rules as sessions, `{"id", "value", "source"}`."""
+    return ValueResource(namespace, "id", "value", f"value in namespace {namespace!r} with id")
+
+
+def unknown_namespace(configured: Iterable[str]) -> Handler:
+    """The handler of /api/ns/{namespace}/{id} for a namespace the config does not have (the configured
+    ones have routes of their own, tried first): 404 naming the configured ones."""
+    names = ", ".join(sorted(configured)) or "none"
+
+    async def unknown(request: web.Request) -> web.Response:
+        raise NotFound(f"no namespace {request.match_info['namespace']!r}; configured: {names}")
+
+    return unknown
 
 
 # -- messages -----------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ When a token is configured, every request except GET (and HEAD) of the open prob
 a wrong one. That covers every `/api/` path; other paths and methods are not routed anyway and answer
 401 before 404 or 405 (`POST /healthz` too), so an unauthenticated client learns nothing about the URL
 table. Without a token every path is open and nothing is checked. The check runs in each route's
-wrapper (`app.web.endpoint`), so its answers have the usual JSON error shape.
+wrapper (`app.web.endpoint`), so its answers have the usual JSON error shape. The paths are the routes'
+own: mounted under a prefix (`ondemand.web.setup(app, config, routes="/ondemand")`), `/ondemand/healthz`
+is open and `/ondemand/api/...` is not. A plugin's routes (`ondemand_register_routes`) need the token.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from ondemand.web.responses import error_response
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", *PAGE_PATHS})
 
 
-def needs_token(path: str) -> bool:
-    """Whether a route registered for `path` checks the token when one is configured (the OpenAPI
-    document declares bearer security on exactly these). Only GET routes serve the open paths; any
-    other method there reaches the catch-all, which is not open."""
-    return path not in OPEN_PATHS
+def needs_token(method: str, path: str) -> bool:
+    """Whether a route registered for `method path` (the path without any prefix the app is mounted
+    under) checks the token when one is configured (the OpenAPI document declares bearer security on
+    exactly these). Only GET of the open paths is open: another method there (the catch-all, or a
+    plugin's route) is not."""
+    return not (method == "GET" and path in OPEN_PATHS)
 
 
 def refuse_without_token(request: web.Request, token: str) -> web.Response | None:

@@ -8,16 +8,18 @@ besides ours), measured at about 13% of the instructions of a cached `GET /api/s
 
 Requests no route serves reach the catch-all route `add_unrouted` registers last, wrapped the same way,
 which answers 405 with `Allow` when another route serves the path, else 404; both are recorded as the
-route `unmatched`. An application that adds routes of its own to `create_app`'s app should use
-`add_route` too: aiohttp's router tries the catch-all (indexed under `/`) only after every more specific
-prefix, so such routes are reached either way, but only `add_route` gives them the wrapper.
+route `unmatched`. Mounted under a prefix (`ondemand.web.setup(app, config, routes="/ondemand")`) our
+routes live on a sub-application of their own, so the catch-all there answers only below the prefix.
+An application that adds routes of its own to `create_app`'s app should use `add_route` too: aiohttp's
+router tries the catch-all (indexed under `/`) only after every more specific prefix, so such routes are
+reached either way, but only `add_route` gives them the wrapper. A user's own app gets a middleware
+instead (`app.web.mount`), which answers only our typed errors as JSON.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
@@ -25,10 +27,10 @@ from ondemand.errors import OndemandError
 from ondemand.web.auth import needs_token, refuse_without_token
 from ondemand.web.keys import CONFIG, METRICS
 from ondemand.web.responses import error_response
+from ondemand.web.route_registry import Handler
 
 log = logging.getLogger("ondemand.web")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UNMATCHED = "unmatched"  # the route label of requests no route serves
 
 _HTTP_CODES = {
@@ -42,10 +44,11 @@ _HTTP_CODES = {
 }
 
 
-def endpoint(app: web.Application, handler: Handler, *, route: str, path: str) -> Handler:
-    """`handler` wrapped for `app`: JSON errors, the bearer token unless `path` is open, metrics as `route`."""
+def endpoint(app: web.Application, handler: Handler, *, route: str, method: str, path: str) -> Handler:
+    """`handler` wrapped for `app`: JSON errors, the bearer token unless `method path` is open, metrics as
+    `route`."""
     observe = app[METRICS].observe
-    token = app[CONFIG].server.api_token if needs_token(path) else None
+    token = app[CONFIG].server.api_token if needs_token(method, path) else None
 
     async def handle(request: web.Request) -> web.StreamResponse:
         start = time.perf_counter()
@@ -78,7 +81,7 @@ def endpoint(app: web.Application, handler: Handler, *, route: str, path: str) -
 
 def add_route(app: web.Application, method: str, path: str, handler: Handler) -> None:
     """Register `handler` for `method path` (a GET also for HEAD, as aiohttp's add_get), wrapped by `endpoint`."""
-    wrapped = endpoint(app, handler, route=path, path=path)
+    wrapped = endpoint(app, handler, route=path, method=method, path=path)
     if method == hdrs.METH_GET:
         app.router.add_get(path, wrapped)
     else:
@@ -101,4 +104,4 @@ def add_unrouted(app: web.Application) -> None:
                                   headers={"Allow": ",".join(methods)})
         return error_response(404, "not_found", "no such route; see GET /api/openapi.json for the API")
 
-    resource.add_route(hdrs.METH_ANY, endpoint(app, unrouted, route=UNMATCHED, path=""))
+    resource.add_route(hdrs.METH_ANY, endpoint(app, unrouted, route=UNMATCHED, method=hdrs.METH_ANY, path=""))

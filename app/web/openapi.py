@@ -1,22 +1,31 @@
 """A hand-written OpenAPI 3.1 document for every route, served at GET /api/openapi.json.
 
-The document describes the server that serves it (`document_for`): only the operations its app
-serves (the test endpoints can be turned off), and bearer authentication only when `server.api_token`
-is set, then on exactly the operations `app.web.auth.needs_token` guards, each with its 401 and 403.
-Without a token it declares no security at all: every request is served without one.
+The document describes the server that serves it (`build_document`, when the app is set up): only the
+operations its app serves (the test endpoints can be turned off; one resource per configured namespace;
+plugins' routes that declare an operation), every path with the prefix the routes are mounted under, and
+bearer authentication only when `server.api_token` is set, then on exactly the operations
+`app.web.auth.needs_token` guards, each with its 401 and 403. Without a token it declares no security at
+all: every request is served without one. A plugin's operation may refer to our components
+(`#/components/schemas/Error`, `#/components/parameters/ttl`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
 
+from ondemand.config import Config
 from ondemand.metrics import BREAKER_STATES, REDIS_STATES
+from ondemand.registry import CORE
 from ondemand.store.values import MAX_ID_BYTES, MAX_TTL
 from ondemand.web.auth import needs_token
-from ondemand.web.keys import CONFIG
+from ondemand.web.keys import OPENAPI
 from ondemand.web.responses import json_response
+from ondemand.web.route_registry import Route, openapi_path
+
+OPENAPI_PATH = "/api/openapi.json"
 
 _JSON = "application/json"
 ANY_JSON: dict[str, Any] = {"not": {"type": "null"},
@@ -109,10 +118,13 @@ def _value_resource(id_param: str, value_key: str, noun: str) -> dict[str, Any]:
     }
 
 
-def _paths() -> dict[str, Any]:
+def _paths(namespaces: Iterable[str]) -> dict[str, Any]:
+    """Our operations by path and method; a route of ours without one here is left out of the document."""
     user = ("user_id",)
     return {
         "/api/sessions/{session_id}": _value_resource("session_id", "value", "a session"),
+        **{f"/api/ns/{name}/{{id}}": _value_resource("id", "value", f"a value of namespace {name}")
+           for name in namespaces},
         "/api/users/{user_id}/messages": {
             "put": _op("Replace a user's messages", _ok("stored", _obj(user_id=_STR, count={"type": "integer"},
                                                                          ttl=_TTL)),
@@ -202,30 +214,35 @@ def _obj_optional(**properties: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": properties}
 
 
-def _secured(paths: dict[str, Any]) -> dict[str, Any]:
-    """`paths` for a server with an API token: the document-wide bearer requirement is lifted (`security:
-    []`) from the open operations, and every other operation also answers 401 and 403."""
-    secured: dict[str, Any] = {}
-    for path, item in paths.items():
-        if needs_token(path):
-            secured[path] = {method: {**op, "responses": dict(sorted({**op["responses"], "401": _error("401"),
-                                                                       "403": _error("403")}.items()))}
-                             for method, op in item.items()}
-        else:
-            secured[path] = {method: {**op, "security": []} for method, op in item.items()}
-    return secured
+def _secured(op: dict[str, Any], method: str, path: str) -> dict[str, Any]:
+    """`op` of a server with an API token: the document-wide bearer requirement lifted (`security: []`)
+    from an open operation; any other also answers 401 and 403."""
+    if not needs_token(method, path):
+        return {**op, "security": []}
+    return {**op, "responses": dict(sorted({**op["responses"], "401": _error("401"), "403": _error("403")}.items()))}
 
 
-def build_document(*, api_token: bool) -> dict[str, Any]:
-    """The document for every route, for a server with (`api_token`) or without an API token."""
+def build_document(config: Config, routes: Iterable[Route]) -> dict[str, Any]:
+    """The document of an app serving `routes` (ours and plugins') with `config`, paths without a prefix."""
+    api_token = config.server.api_token is not None
+    ours = _paths(config.namespaces)
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        op = ours.get(route.path, {}).get(route.method.lower()) if route.plugin == CORE else route.openapi
+        if op is None:
+            continue
+        if api_token:
+            op = _secured(dict(op), route.method, route.path)
+        paths.setdefault(openapi_path(route.path), {})[route.method.lower()] = op
     store = {"type": ["object", "null"], "properties": {"ok": {"type": "boolean"}, "state": _STR,
                                                        "last_error": {"type": ["string", "null"]}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "ondemand", "version": "1.0.0",
-                 "description": "Sessions, messages and profiles cached in an on-demand Redis, with a PostgreSQL "
-                                "fallback. Values are JSON; `?ttl=` sets the expiry in seconds."},
-        "paths": _secured(_paths()) if api_token else _paths(),
+                 "description": "Sessions, messages, profiles and any configured namespace, cached in an on-demand "
+                                "Redis, with a PostgreSQL fallback. Values are JSON; `?ttl=` sets the expiry in "
+                                "seconds."},
+        "paths": paths,
         **({"security": [{"bearer": []}]} if api_token else {}),
         "components": {
             **({"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
@@ -234,6 +251,7 @@ def build_document(*, api_token: bool) -> dict[str, Any]:
             "parameters": {
                 "session_id": _path_param("session_id"),
                 "user_id": _path_param("user_id"),
+                "id": _path_param("id"),
                 "ttl": {"name": "ttl", "in": "query", "required": False,
                         "description": "seconds, > 0 and at most ten years; default: the namespace ttl",
                         "schema": _TTL_IN},
@@ -287,24 +305,20 @@ def _path_param(name: str) -> dict[str, Any]:
             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_BYTES, "pattern": _NO_CONTROL}}
 
 
-# Without and with an API token.
-DOCUMENTS = {False: build_document(api_token=False), True: build_document(api_token=True)}
+def with_prefix(document: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """`document` for routes mounted under `prefix` ("" for none): every path starts with it."""
+    if not prefix:
+        return document
+    return {**document, "paths": {prefix + path: item for path, item in document["paths"].items()}}
 
 
-def document_for(app: web.Application) -> dict[str, Any]:
-    """The document for `app`: with bearer security if its config sets `server.api_token`, restricted to
-    the operations it serves (the test endpoints can be turned off)."""
-    document = DOCUMENTS[app[CONFIG].server.api_token is not None]
-    served = {(route.method.lower(), route.resource.canonical)
-              for route in app.router.routes() if route.resource is not None}
-    paths = {}
-    for path, item in document["paths"].items():
-        operations = {method: op for method, op in item.items() if (method, path) in served}
-        if operations:
-            paths[path] = operations
-    return {**document, "paths": paths}
+def document_for(app: web.Application, prefix: str = "") -> dict[str, Any]:
+    """The document of the app our routes were registered on, mounted under `prefix`."""
+    return with_prefix(app[OPENAPI], prefix)
 
 
 async def openapi(request: web.Request) -> web.Response:
-    """GET /api/openapi.json."""
-    return json_response(document_for(request.app))
+    """GET /api/openapi.json; the prefix is what the app is mounted under, read from the route itself
+    (add_subapp prefixes every resource of a sub-application, however deep)."""
+    prefix = request.match_info.route.resource.canonical.removesuffix(OPENAPI_PATH)  # type: ignore[union-attr]
+    return json_response(document_for(request.app, prefix))

@@ -2,7 +2,8 @@
 
 The page and its assets hold no data, so they are served without a bearer token even when
 `server.api_token` is set (see `app.web.auth`); the page's script asks for the token and sends it as
-`Authorization: Bearer` when it polls `GET /api/cache/status`, which stays protected.
+`Authorization: Bearer` when it polls `GET /api/cache/status`, which stays protected. Every URL in the
+page and its script is relative to the page, so it works under any prefix (`/ondemand/`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from aiohttp import web
+
+from ondemand.web.route_registry import Handler
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -33,7 +36,15 @@ SECURITY_HEADERS = {
 }
 
 
-async def asset(request: web.Request) -> web.StreamResponse:
-    """GET / and GET /static/status.{css,js}: the files of the status page."""
-    name, content_type = ASSETS[request.match_info.route.resource.canonical]
-    return web.FileResponse(STATIC_DIR / name, headers={"Content-Type": content_type, **SECURITY_HEADERS})
+def asset(path: str) -> Handler:
+    """The handler of GET `path` (/ or /static/status.{css,js}), bound to its file when it is registered:
+    under a prefix the request's path is not the table's."""
+    name, content_type = ASSETS[path]
+    file = STATIC_DIR / name
+    headers = {"Content-Type": content_type, **SECURITY_HEADERS}
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(file, headers=headers)
+
+    serve.__name__ = serve.__qualname__ = f"asset_{name.replace('.', '_')}"
+    return serve

@@ -3,7 +3,9 @@
 "use strict";
 
 (() => {
-  const STATUS_URL = "/api/cache/status";
+  // Relative to this script (<base>/static/status.js), so the page works under any prefix the app is
+  // mounted at (/ondemand/), whatever the page's own URL looks like.
+  const STATUS_URL = new URL("../api/cache/status", document.currentScript.src).href;
   const POLL_MS = 1000;
   const UNAUTHORIZED_POLL_MS = 5000;
   const TIMEOUT_MS = 5000;

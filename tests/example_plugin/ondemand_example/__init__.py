@@ -1,10 +1,11 @@
 """An example third-party plugin: its own `[example]` config table, a lifecycle named
-`example-subprocess` and an event observer.
+`example-subprocess`, an HTTP route and an event observer.
 
 The lifecycle reuses the built-in subprocess lifecycle under its own name and shows its validated
-`[example]` section in its status; the observer records the events it sees. That is all the test
-suite needs to see a plugin discovered through the `ondemand` entry-point group and configured like
-the core:
+`[example]` section in its status; the route `GET /api/example/greet/{name}` answers the configured
+greeting, documented in the OpenAPI document (so schemathesis exercises it); the observer records the
+events it sees. That is all the test suite needs to see a plugin discovered through the `ondemand`
+entry-point group and configured like the core:
 
     [example]
     greeting = "bonjour"   # or EXAMPLE_GREETING=bonjour, or ONDEMAND_EXAMPLE__GREETING=bonjour
@@ -13,11 +14,13 @@ the core:
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import attrs
+from aiohttp import web
 
-from ondemand import hookimpl
+from ondemand import InvalidInput, hookimpl
 from ondemand.config import SECRET, between, matches
 from ondemand.plugins.lifecycle_subprocess import SubprocessConfig, SubprocessLifecycle
 
@@ -56,6 +59,35 @@ def ondemand_register_lifecycles(registry: Any) -> None:
     registry.add("example-subprocess", lambda context: ExampleLifecycle(
         context.config.lifecycle, context.config.section(SubprocessConfig), context.events,
         example=context.config.section(ExampleConfig)))
+
+
+GREET_PATH = "/api/example/greet/{name}"
+_NAME = "[A-Za-z]{1,40}"
+_ERROR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+GREET_OPERATION = {
+    "summary": "The [example] greeting for a name (a route of the example plugin)",
+    "parameters": [{"name": "name", "in": "path", "required": True,
+                    "schema": {"type": "string", "pattern": f"^{_NAME}$"}}],
+    "responses": {
+        "200": {"description": "the greeting", "content": {"application/json": {"schema": {
+            "type": "object", "required": ["greeting"], "properties": {"greeting": {"type": "string"}}}}}},
+        "400": {"description": "the name is not 1 to 40 ASCII letters", **_ERROR},
+        "404": {"description": "no name (an empty or dot segment is not this route)", **_ERROR},
+    },
+}
+
+
+@hookimpl
+def ondemand_register_routes(routes: Any) -> None:
+    greeting = routes.config.section(ExampleConfig).greeting
+
+    async def greet(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if not re.fullmatch(_NAME, name):
+            raise InvalidInput(f"name must be 1 to 40 ASCII letters, got {name!r}")  # the wrapper answers 400 JSON
+        return web.json_response({"greeting": f"{greeting}, {name}"})
+
+    routes.add("GET", GREET_PATH, greet, openapi=GREET_OPERATION)
 
 
 @hookimpl
