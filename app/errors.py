@@ -122,6 +122,7 @@ ERROR_REPLY_KINDS = {
     "ASK": "ask",
     "CROSSSLOT": "crossslot",
     "WRONGTYPE": "wrongtype",  # a value of another type under our key (written by someone else)
+    "NOPERM": "noperm",  # the ACL user lacks a permission a command of ours needs (README: ACL users)
 }
 _UNUSABLE = frozenset({"loading", "busy", "masterdown", "clusterdown"})
 
