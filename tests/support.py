@@ -262,6 +262,59 @@ def postmasters(data_dir: Path) -> list[int]:
     return found
 
 
+# -- a plain server, not ours to manage -------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class PlainServer:
+    """A server of the bundled binary on 127.0.0.1 behind a fixed address, as a provider's would be: the
+    default user's password, and ACL users if asked (`user <name> <rules>` lines of its config)."""
+
+    port: int
+    password: str
+    child: ChildProcess
+
+    @property
+    def endpoint(self) -> RedisEndpoint:
+        return RedisEndpoint(host="127.0.0.1", port=self.port, password=self.password)
+
+    async def call(self, *command: str | int, timeout: float = 2.0) -> Any:
+        """One command as the default user; an error reply is returned."""
+        from ondemand.redis.resp import RespConnection
+
+        async with asyncio.timeout(timeout), await RespConnection.open(self.endpoint) as conn:
+            conn.send(*command)
+            return await conn.reply()
+
+
+@contextlib.asynccontextmanager
+async def plain_server(directory: Path, *, users: Iterable[str] = (), port: int | None = None
+                       ) -> AsyncIterator[PlainServer]:
+    """A started PlainServer in `directory` (created 0700), SIGKILLed and reaped afterwards."""
+    from ondemand.plugins.lifecycle_subprocess import find_binary
+
+    binary = (await find_binary(os.environ.get("ONDEMAND_TEST_REDIS_BINARY") or None, tcp=True)).path
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(16)
+    port = port or free_port()
+    lines = [f"port {port}", "bind 127.0.0.1", f"dir {_resp_quote(str(directory))}", 'save ""', "appendonly no",
+             f"requirepass {_resp_quote(password)}", *(f"user {rule}" for rule in users)]
+    conf = directory / "server.conf"
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    child = await ChildProcess.spawn("redis-server", [binary, str(conf)], log_path=directory / "server.log")
+    server = PlainServer(port, password, child)
+    try:
+        await child.wait_ready(lambda: probe(server.endpoint, child.pid), timeout=10.0)
+        yield server
+    finally:
+        if child.returncode is None:
+            child.signal(signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(child.process.wait(), 5.0)
+
+
 # -- a Redis Sentinel group ---------------------------------------------------------------------------
 
 

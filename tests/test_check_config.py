@@ -68,7 +68,7 @@ BAD: dict[str, Case] = {
     "malformed REDIS_URL with DOCKER_ENV": lambda tmp: (
         [], {"DOCKER_ENV": "1", "REDIS_URL": "htp://nope"},
         "configuration error: environment variable REDIS_URL: lifecycle.redis_url: unsupported Redis URL scheme "
-        "'htp'; expected redis://host:port/db or unix:///path"),
+        "'htp'; expected redis://host:port/db, rediss://host:port/db (TLS) or unix:///path?db=N"),
     "missing configured redis_binary": lambda tmp: (
         ["--config", str(toml_file(tmp, f'[lifecycle]\nredis_binary = "{tmp / "nope"}"\n'))], {},
         f"configuration error: {tmp / 'x.toml'}: lifecycle.redis_binary: {tmp / 'nope'}: not found; name a Redis "

@@ -107,9 +107,9 @@ class RespConnection:
             await self.writer.wait_closed()
 
 
-def tls_hint(endpoint: RedisEndpoint) -> str:
+def tls_hint(endpoint: RedisEndpoint, does: str = "does that") -> str:
     """After "closed the connection": what a server that wants TLS does to a plain client at its first bytes."""
-    return "" if endpoint.tls or endpoint.unix_socket else " (a server that expects TLS does that: use rediss://)"
+    return "" if endpoint.tls or endpoint.unix_socket else f" (a server that expects TLS {does}: use rediss://)"
 
 
 def process_id(info: Any) -> int | None:
