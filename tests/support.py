@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -365,6 +365,14 @@ class SentinelGroup:
     path: Path | None = None
     data: list[GroupNode] = attrs.field(factory=list)
     watchers: list[GroupNode] = attrs.field(factory=list)
+    # Called once every node has its port, before any is spawned: it may set `announce` (a data node's name ->
+    # the port it announces, where a proxy in front of it listens), which sentinels and replicas then use.
+    before_spawn: Callable[[SentinelGroup], Awaitable[None]] | None = None
+    announce: dict[str, int] = attrs.field(factory=dict)
+
+    def announced(self, node: GroupNode) -> str:
+        """The address the group knows `node` by: its own, or the one it announces."""
+        return f"127.0.0.1:{self.announce.get(node.name, node.port)}"
 
     @property
     def nodes(self) -> list[GroupNode]:
@@ -396,9 +404,12 @@ class SentinelGroup:
                          for i in range(self.sentinels)]
         try:
             async with asyncio.timeout(timeout):
+                if self.before_spawn is not None:
+                    await self.before_spawn(self)
+                master_port = int(self.announced(self.data[0]).rsplit(":", 1)[1])
                 for node in self.data:
                     node.directory.mkdir(mode=0o700)
-                    await self.spawn(node, replica_of=None if node is self.data[0] else self.data[0].port)
+                    await self.spawn(node, replica_of=None if node is self.data[0] else master_port)
                 for node in self.watchers:
                     node.directory.mkdir(mode=0o700)
                     await self.spawn(node)
@@ -414,7 +425,7 @@ class SentinelGroup:
             lines = [f"{k} {_resp_quote(v)}" for k, v in common.items()]
             lines += [f"requirepass {_resp_quote(self.sentinel_password)}",
                       f"sentinel sentinel-pass {_resp_quote(self.sentinel_password)}",
-                      f"sentinel monitor {self.master_name} 127.0.0.1 {self.data[0].port} 2",
+                      f"sentinel monitor {self.master_name} {self.announced(self.data[0]).replace(':', ' ')} 2",
                       f"sentinel auth-pass {self.master_name} {_resp_quote(self.password)}",
                       f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
                       f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}",
@@ -423,6 +434,8 @@ class SentinelGroup:
             options = {**common, "requirepass": self.password, "masterauth": self.password, "save": "",
                        "appendonly": "no", "repl-diskless-sync-delay": "0", "repl-diskless-load": "on-empty-db",
                        "maxmemory": "64mb", "maxmemory-policy": "allkeys-lru"}
+            if node.name in self.announce:
+                options |= {"replica-announce-ip": "127.0.0.1", "replica-announce-port": str(self.announce[node.name])}
             lines = [f"{k} {_resp_quote(v)}" for k, v in options.items()]
             if replica_of is not None:
                 lines.append(f"replicaof 127.0.0.1 {replica_of}")
@@ -491,7 +504,7 @@ class SentinelGroup:
             named.add(f"{reply[0].decode()}:{int(reply[1])}")
         if len(named) != 1:
             return None
-        node = next(n for n in self.data if n.address in named)
+        node = next(n for n in self.data if self.announced(n) in named)
         return node if node.alive and await self.role(node) == "master" else None
 
     async def wait_settled(self, timeout: float = 30.0, *, master: GroupNode | None = None) -> GroupNode:
@@ -516,7 +529,7 @@ class SentinelGroup:
                     with contextlib.suppress(OSError, EOFError, TimeoutError):
                         fields = await self.info(node, "replication")
                         if fields.get("role") != "slave" or fields.get("master_link_status") != "up" \
-                                or fields.get("master_port") != str(found.port):
+                                or f"127.0.0.1:{fields.get('master_port')}" != self.announced(found):
                             ok = False
                 if ok:
                     return found
