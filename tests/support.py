@@ -369,6 +369,10 @@ class SentinelGroup:
     # the port it announces, where a proxy in front of it listens), which sentinels and replicas then use.
     before_spawn: Callable[[SentinelGroup], Awaitable[None]] | None = None
     announce: dict[str, int] = attrs.field(factory=dict)
+    # ACL users (`user <name> <rules>` lines) of the data nodes and of the sentinels, beside the default user
+    # the group itself (and the sentinels, among themselves and towards the data nodes) keeps using.
+    data_users: tuple[str, ...] = ()
+    sentinel_users: tuple[str, ...] = ()
 
     def announced(self, node: GroupNode) -> str:
         """The address the group knows `node` by: its own, or the one it announces."""
@@ -429,14 +433,14 @@ class SentinelGroup:
                       f"sentinel auth-pass {self.master_name} {_resp_quote(self.password)}",
                       f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
                       f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}",
-                      f"sentinel parallel-syncs {self.master_name} 1"]
+                      f"sentinel parallel-syncs {self.master_name} 1", *(f"user {u}" for u in self.sentinel_users)]
         else:
             options = {**common, "requirepass": self.password, "masterauth": self.password, "save": "",
                        "appendonly": "no", "repl-diskless-sync-delay": "0", "repl-diskless-load": "on-empty-db",
                        "maxmemory": "64mb", "maxmemory-policy": "allkeys-lru"}
             if node.name in self.announce:
                 options |= {"replica-announce-ip": "127.0.0.1", "replica-announce-port": str(self.announce[node.name])}
-            lines = [f"{k} {_resp_quote(v)}" for k, v in options.items()]
+            lines = [f"{k} {_resp_quote(v)}" for k, v in options.items()] + [f"user {u}" for u in self.data_users]
             if replica_of is not None:
                 lines.append(f"replicaof 127.0.0.1 {replica_of}")
         conf = node.directory / ("sentinel.conf" if node.sentinel else "server.conf")

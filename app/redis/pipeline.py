@@ -19,7 +19,7 @@ from typing import Any
 
 import hiredis
 
-from ondemand.errors import RedisCommandError, RedisTimeout, RedisUnavailable
+from ondemand.errors import RedisCommandError, RedisTimeout, RedisUnavailable, permission_refused
 from ondemand.redis.connection import Command, FailureCallback
 from ondemand.redis.endpoint import RedisEndpoint
 from ondemand.redis.tls import TlsFailure
@@ -53,7 +53,7 @@ class _RedisProtocol(asyncio.Protocol):
                 if isinstance(reply, hiredis.ReplyError):
                     text = str(reply)
                     readonly = readonly or text.startswith("READONLY")
-                    if text.startswith("NOPERM"):
+                    if permission_refused(text):
                         text = self._owner._refused(text)
                     if not fut.done():
                         fut.set_exception(RedisCommandError(text))
@@ -135,14 +135,15 @@ class PipelinedConnection:
             conn.batches_written = conn.commands_written = 0  # the counters are of callers' traffic, not setup
         except RedisCommandError as exc:
             conn.close()
-            raise RedisUnavailable(f"Redis at {endpoint.describe()} refused the connection: {exc}") from None
+            why = str(exc).replace(f"({conn.where}; ", "(")  # (a NOPERM names the endpoint: once is enough)
+            raise RedisUnavailable(f"{conn.where} refused the connection: {why}") from None
         except BaseException:
             conn.close()
             raise
         return conn
 
     def _refused(self, text: str) -> str:
-        """A NOPERM reply: the ACL user lacks a permission our commands need. Named with the endpoint (the
+        """An ACL refusal (NOPERM): the user lacks a permission our commands need. Named with the endpoint (the
         reply names the user and the command), logged once per connection and message: a configuration to fix,
         not a fault that passes."""
         text = f"{text} ({self.where}; README: ACL users lists the permissions ondemand needs)"
