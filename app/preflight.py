@@ -120,7 +120,7 @@ def unread_variables(loaded: Loaded, parts: Parts) -> list[ConfigWarning]:
                    for variable in section.env}
     warnings = []
     for variable, key in sorted(loaded.mapped_variables.items()):
-        plugin = declared_by.get(variable, CORE)
+        plugin = declared_by.get(variable) or declared_by.get(variable.removesuffix("_FILE"), CORE)  # (REDIS_URL_FILE)
         provided = [(kind, name) for kind, registry in (("lifecycle", parts.lifecycles), ("storage", parts.storages))
                     for name in registry.names() if registry.owner(name) == plugin]
         if plugin == CORE or not provided or any(name in in_use for _, name in provided):

@@ -27,7 +27,8 @@ ERROR_PREFIXES = ("configuration error: ", "startup error: ")
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("ONDEMAND_") and k not in ("DOCKER_ENV", "REDIS_URL", "DATABASE_URL")}
+           if not k.startswith("ONDEMAND_")
+           and k.removesuffix("_FILE") not in ("DOCKER_ENV", "REDIS_URL", "DATABASE_URL", "REDIS_PASSWORD")}
     return {**env, **(extra or {})}
 
 

@@ -1,8 +1,10 @@
 """load_config: a TOML file, the environment and overrides, validated against every plugin's sections.
 
 Precedence, lowest first: defaults, the file, `ONDEMAND_<TABLE>__<KEY>` variables, the variables a
-section maps (`REDIS_URL`, `DATABASE_URL`), `overrides`. The plugins asked for their sections are the
-ones a Runtime would load: built-ins and entry points, less `plugins.disable`, plus `plugins=`.
+section maps (`REDIS_URL`, `DATABASE_URL`), `overrides`. A secret key may name a file instead, in each of
+these places (`<key>_file`, `..._FILE`): read once, here (`ondemand.config.secret_files`). The plugins
+asked for their sections are the ones a Runtime would load: built-ins and entry points, less
+`plugins.disable`, plus `plugins=`.
 An error names where the bad value came from: the file, the environment variable, or the overrides.
 
 `load` is `load_config` that also says where each value came from (`Origins`), which variables a section
@@ -162,7 +164,7 @@ def load(
         value, origin = _mapped_variable(environ, variable, table, key, keys)
         if value is not None:
             data = merge(data, {table: {key: value}})
-            origins.record({table: {key: value}}, origin)
+            origins.record({key: value}, origin, (table,))  # (the key alone: not every key of its table)
             applied[variable if origin == _variable(variable) else f"{variable}_FILE"] = (f"{table}.{key}", origin)
     origins.record(overrides, "overrides")
     data = merge(data, secret_files.resolve(overrides, keys, origins))
