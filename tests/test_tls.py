@@ -128,8 +128,11 @@ async def test_verification_off_connects_and_is_a_warning(server, stranger, make
                     await rt.cache.cache_profile("p", "v")
                     assert await rt.cache.get_profile("p") == "v"
             warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-            assert warnings == [f"Redis at rediss://:***@127.0.0.1:{proxy.port}/0: TLS certificate verification is "
-                                "off: anyone on the path can pose as the server and read every value and password"]
+            expected = (f"Redis at rediss://:***@127.0.0.1:{proxy.port}/0: TLS certificate verification is off: "
+                        "anyone on the path can pose as the server and read every value and password")
+            assert warnings == [expected]
+            report = await check(overrides={"lifecycle": {"plugin": "external", **lifecycle}}, environ={})
+            assert report.valid and [str(w) for w in report.warnings] == [expected]  # check-config says it too
 
 
 # -- what is refused, and how it is said --------------------------------------------------------------------
