@@ -137,6 +137,8 @@ class TlsProxy:
     async def _serve(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):  # as asyncio's own transports: no Nagle delays
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         closing: list[Any] = [sock]
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -159,8 +161,9 @@ class TlsProxy:
                     self._failed(exc)
                     return
                 self.tls_connections += 1
-            else:
-                self.plaintext_connections += 1
+                await _TlsSplice.run(self, loop, sock, self.target)  # type: ignore[arg-type]
+                return
+            self.plaintext_connections += 1
             try:
                 if isinstance(self.target, str):
                     up_reader, upstream = await asyncio.open_unix_connection(self.target, limit=self.chunk)
@@ -169,14 +172,10 @@ class TlsProxy:
             except OSError:
                 return
             closing.append(upstream.transport)
-            if tls:
-                tasks = [asyncio.ensure_future(self._from_tls(loop, sock, upstream)),  # type: ignore[arg-type]
-                         asyncio.ensure_future(self._to_tls(loop, up_reader, sock))]  # type: ignore[arg-type]
-            else:
-                reader, writer = await asyncio.open_connection(sock=sock, limit=self.chunk)
-                closing.append(writer.transport)
-                tasks = [asyncio.ensure_future(self._pipe(reader, upstream)),
-                         asyncio.ensure_future(self._pipe(up_reader, writer))]
+            reader, writer = await asyncio.open_connection(sock=sock, limit=self.chunk)
+            closing.append(writer.transport)
+            tasks = [asyncio.ensure_future(self._pipe(reader, upstream)),
+                     asyncio.ensure_future(self._pipe(up_reader, writer))]
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)  # one side closed: so does the other
         except OSError:
             pass
@@ -210,27 +209,6 @@ class TlsProxy:
                 return True
             return False  # a plaintext startup: this proxy serves TLS only
 
-    async def _from_tls(self, loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket,
-                        upstream: asyncio.StreamWriter) -> None:
-        try:
-            while data := await _ssl_call(loop, tls, tls.recv, self.chunk):
-                upstream.write(data)
-                await upstream.drain()
-        except ssl.SSLError as exc:
-            self._failed(exc)  # an alert after the handshake (TLS 1.3: the client refused our certificate)
-        except OSError:
-            pass
-
-    async def _to_tls(self, loop: asyncio.AbstractEventLoop, reader: asyncio.StreamReader,
-                      tls: ssl.SSLSocket) -> None:
-        try:
-            while data := await reader.read(self.chunk):
-                view = memoryview(data)
-                while view:
-                    view = view[await _ssl_call(loop, tls, tls.send, view):]
-        except OSError:
-            pass
-
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(self.chunk):
@@ -238,6 +216,118 @@ class TlsProxy:
                 await writer.drain()
         except OSError:
             pass
+
+
+class _TlsSplice(asyncio.Protocol):
+    """One TLS client spliced to its upstream with callbacks, no task per direction: the TLS socket's reader
+    stays registered (no epoll change per read), what it decrypts is written to the upstream transport at once,
+    and what upstream sends is encrypted straight into the socket (buffered only when the socket is full).
+    Backpressure both ways: a full upstream pauses reading TLS, a full TLS socket pauses reading upstream."""
+
+    def __init__(self, proxy: TlsProxy, loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket) -> None:
+        self.proxy, self.loop, self.tls, self.fd = proxy, loop, tls, tls.fileno()
+        self.upstream: asyncio.Transport | None = None
+        self.pending = bytearray()  # encrypted-to-be, waiting for room in the socket
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.reading = self.writing = False
+
+    @classmethod
+    async def run(cls, proxy: TlsProxy, loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket,
+                  target: tuple[str, int] | str) -> None:
+        splice = cls(proxy, loop, tls)
+        try:
+            if isinstance(target, str):
+                await loop.create_unix_connection(lambda: splice, target)
+            else:
+                await loop.create_connection(lambda: splice, *target)
+        except OSError:
+            return
+        try:
+            splice._read_tls()  # what arrived with the handshake's last flight
+            if not splice.done.done():
+                splice._resume_tls()
+            await splice.done
+        finally:
+            splice._close()
+
+    # upstream -> TLS
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.upstream = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.pending += data
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish()
+
+    def pause_writing(self) -> None:  # upstream is full: stop reading TLS
+        self._pause_tls()
+
+    def resume_writing(self) -> None:
+        self._resume_tls()
+
+    def _flush(self) -> None:
+        try:
+            while self.pending:
+                sent = self.tls.send(self.pending[:262144])
+                del self.pending[:sent]
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            pass
+        except OSError:
+            self._finish()
+            return
+        if self.pending and not self.writing:
+            self.loop.add_writer(self.fd, self._flush)
+            self.writing = True
+            if self.upstream is not None:
+                self.upstream.pause_reading()
+        elif not self.pending and self.writing:
+            self.loop.remove_writer(self.fd)
+            self.writing = False
+            if self.upstream is not None:
+                self.upstream.resume_reading()
+
+    # TLS -> upstream
+    def _resume_tls(self) -> None:
+        if not self.reading and not self.done.done():
+            self.loop.add_reader(self.fd, self._read_tls)
+            self.reading = True
+
+    def _pause_tls(self) -> None:
+        if self.reading:
+            self.loop.remove_reader(self.fd)
+            self.reading = False
+
+    def _read_tls(self) -> None:
+        try:
+            while True:
+                data = self.tls.recv(262144)
+                if not data:
+                    self._finish()
+                    return
+                assert self.upstream is not None
+                self.upstream.write(data)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except ssl.SSLError as exc:
+            self.proxy._failed(exc)  # an alert after the handshake (TLS 1.3: the client refused our certificate)
+        except OSError:
+            pass
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _close(self) -> None:
+        self._pause_tls()
+        if self.writing:
+            self.loop.remove_writer(self.fd)
+            self.writing = False
+        if self.upstream is not None:
+            self.upstream.abort()
+        self._finish()
 
 
 async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, write: bool) -> None:
@@ -257,16 +347,12 @@ async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, write:
 
 
 async def _ssl_call(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, call: Any, *args: Any) -> Any:
-    """`call(*args)` on a non-blocking SSLSocket, waiting as OpenSSL asks. Reads and writes come from two
-    tasks: a write that must wait to read (a TLS 1.3 key update, rare) polls, so that the fd keeps one reader."""
+    """`call(*args)` on a non-blocking SSLSocket (the handshake), waiting as OpenSSL asks."""
     while True:
         try:
             return call(*args)
         except ssl.SSLWantReadError:
-            if call == sock.send:
-                await asyncio.sleep(0.001)
-            else:
-                await _ready(loop, sock, write=False)
+            await _ready(loop, sock, write=False)
         except ssl.SSLWantWriteError:
             await _ready(loop, sock, write=True)
 
