@@ -13,6 +13,7 @@ import urllib.request
 from typing import Any
 
 from ondemand.config import redact
+from ondemand.config.secret_files import read_secret
 from ondemand.errors import ConfigError, PluginError
 from ondemand.host.process import ProcessError
 from ondemand.logs import configure_logging
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL (default %(default)s)")
     status.add_argument("--token", default=os.environ.get("ONDEMAND_SERVER__API_TOKEN"),
                         help="API token (default: $ONDEMAND_SERVER__API_TOKEN)")
+    status.add_argument("--token-file", default=os.environ.get("ONDEMAND_SERVER__API_TOKEN_FILE"),
+                        help="a file holding the API token, when --token is not given "
+                             "(default: $ONDEMAND_SERVER__API_TOKEN_FILE)")
     status.add_argument("--json", action="store_true", help="print the raw JSON document")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server")
     return parser
@@ -161,8 +165,15 @@ def format_status(doc: dict[str, Any]) -> str:
 
 def status(args: argparse.Namespace) -> int:
     request = urllib.request.Request(args.url.rstrip("/") + "/api/cache/status")
-    if args.token:
-        request.add_header("Authorization", f"Bearer {args.token}")
+    token = args.token
+    if not token and args.token_file:
+        try:
+            token = read_secret(args.token_file, source="--token-file", key="server.api_token")
+        except ConfigError as exc:
+            print(f"configuration error: {exc}", file=sys.stderr)
+            return 2
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=args.timeout) as resp:
             doc = json.loads(resp.read())

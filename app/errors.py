@@ -122,6 +122,7 @@ ERROR_REPLY_KINDS = {
     "ASK": "ask",
     "CROSSSLOT": "crossslot",
     "WRONGTYPE": "wrongtype",  # a value of another type under our key (written by someone else)
+    "NOPERM": "noperm",  # the ACL user lacks a permission a command of ours needs (README: ACL users)
 }
 _UNUSABLE = frozenset({"loading", "busy", "masterdown", "clusterdown"})
 
@@ -129,7 +130,14 @@ _UNUSABLE = frozenset({"loading", "busy", "masterdown", "clusterdown"})
 _SCRIPT_ERROR = re.compile(r"^ERR Error running script .*?: -?([A-Z]+) ")
 
 
+def permission_refused(reply: str) -> bool:
+    """An ACL refusal: NOPERM, or (Valkey, Redis 7) a script's command the user may not run."""
+    return reply.startswith(("NOPERM", "ERR ACL failure"))
+
+
 def error_reply_kind(reply: str) -> str:
+    if reply.startswith("ERR ACL failure"):
+        return "noperm"
     kind = ERROR_REPLY_KINDS.get(reply.split(" ", 1)[0])
     if kind is None and (found := _SCRIPT_ERROR.match(reply)):
         # Redis 6 wraps an error raised inside a script: "ERR Error running script (...): @user_script:3:

@@ -7,8 +7,9 @@ started), and asks the lifecycle about the server it would run (`Lifecycle.check
 
 - errors: serve refuses to start with these lines (exit 2); check-config prints the same lines and exits 2;
 - warnings: settings that are ignored (an `ONDEMAND_` variable that names no key, a variable such as
-  `REDIS_URL` that only a lifecycle or storage not in use reads), a server with known flaws or none found;
-  serve logs them once, check-config prints them;
+  `REDIS_URL` that only a lifecycle or storage not in use reads), a server with known flaws or none found,
+  what a factory logs as a warning while it is built (TLS verification turned off); serve logs them once,
+  check-config prints them;
 - what the lifecycle's server discovery found.
 
 A Runtime built in code (create_app, `Runtime(config)`) runs `build_parts` too, but not this: a configured
@@ -17,8 +18,10 @@ server that cannot run is then met by the first operation that needs Redis.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -82,7 +85,8 @@ async def check(
         return Report(source, None, errors=(exc,))
     config, warnings = loaded.config, list(loaded.warnings)
     try:
-        parts = build_parts(config, plugins)
+        with _warnings_logged(warnings):
+            parts = build_parts(config, plugins)
     except OndemandError as exc:  # a factory's own refusal too (the embedded PostgreSQL's binaries missing)
         lifecycle = resolve_lifecycle_name(config.lifecycle.plugin, docker=config.environment.docker,
                                            skip_in_docker=config.lifecycle.skip_in_docker)
@@ -106,6 +110,31 @@ async def check(
                   server=server)
 
 
+@contextlib.contextmanager
+def _warnings_logged(into: list[ConfigWarning]) -> Iterator[None]:
+    """What the factories log as warnings while they are built (TLS verification turned off) becomes a
+    warning of the report: printed by check-config, logged once by serve, instead of a bare line on stderr
+    before logging is configured."""
+    logger = logging.getLogger("ondemand")
+    handler = _Collect(into)
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[ConfigWarning]) -> None:
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(ConfigWarning(record.getMessage()))
+
+
 def _located(exc: OndemandError, origins: Origins) -> OndemandError:
     """A factory's error names the key at fault but not where its value came from: add it (the file, the
     environment variable) as a load error would."""
@@ -124,7 +153,7 @@ def unread_variables(loaded: Loaded, parts: Parts) -> list[ConfigWarning]:
                    for variable in section.env}
     warnings = []
     for variable, key in sorted(loaded.mapped_variables.items()):
-        plugin = declared_by.get(variable, CORE)
+        plugin = declared_by.get(variable) or declared_by.get(variable.removesuffix("_FILE"), CORE)  # (REDIS_URL_FILE)
         provided = [(kind, name) for kind, registry in (("lifecycle", parts.lifecycles), ("storage", parts.storages))
                     for name in registry.names() if registry.owner(name) == plugin]
         if plugin == CORE or not provided or any(name in in_use for _, name in provided):

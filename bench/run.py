@@ -22,6 +22,7 @@ import bench_failover
 import bench_http
 import bench_invalidation
 import bench_memory
+import bench_tls
 import bench_warmup
 import orjson
 import psutil
@@ -36,6 +37,7 @@ BENCHMARKS = {
     "memory": bench_memory.run,
     "invalidation": bench_invalidation.run,
     "cluster": bench_cluster.run,
+    "tls": bench_tls.run,
 }
 
 

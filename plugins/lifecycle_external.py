@@ -17,13 +17,15 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import hiredis
 
 from ondemand.config import SECRET, Config, FieldError, SectionRegistry
 from ondemand.errors import ConfigError, RedisTimeout, RedisUnavailable, SpawnError
 from ondemand.hookspecs import hookimpl
 from ondemand.redis.endpoint import RedisEndpoint
 from ondemand.redis.lifecycle import LifecycleContext, LifecycleFactory, WithoutProcess
-from ondemand.redis.resp import RespConnection, probe
+from ondemand.redis.resp import RespConnection, probe, tls_hint
+from ondemand.redis.tls import TlsFailure, TlsOptions, warn_unverified
 from ondemand.registry import Registry
 
 log = logging.getLogger("ondemand.redis")
@@ -38,6 +40,16 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _optional_name(_inst: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and not (value and value.isprintable() and not value.isspace() and " " not in value):
+        raise FieldError(attribute.name, "expected a non-empty name without spaces or control characters")
+
+
+def _optional_path(_inst: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and (not value or "\x00" in value):
+        raise FieldError(attribute.name, "expected a file path")
+
+
 def _addresses(_inst: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
     for text in value:
         try:
@@ -48,7 +60,7 @@ def _addresses(_inst: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -
 
 @attrs.frozen
 class ExternalConfig:
-    """This plugin's keys of [lifecycle]; `REDIS_URL` sets `redis_url` too."""
+    """This plugin's keys of [lifecycle]; `REDIS_URL` sets `redis_url` and `REDIS_PASSWORD` `redis_password`."""
 
     redis_url: str | None = attrs.field(default=None, metadata={SECRET: "url"})
     # lifecycle.topology = "sentinel": where the sentinels listen, the master's name they monitor, and the
@@ -56,7 +68,68 @@ class ExternalConfig:
     sentinels: tuple[str, ...] = attrs.field(default=(), validator=_addresses)
     sentinel_master: str | None = None
     sentinel_password: str | None = attrs.field(default=None, metadata={SECRET: "token"})
+    # The data nodes' credentials when the URL has none (and with Sentinel, which has no URL); the ACL user.
     redis_password: str | None = attrs.field(default=None, metadata={SECRET: "token"})
+    redis_username: str | None = attrs.field(default=None, validator=_optional_name)
+    sentinel_username: str | None = attrs.field(default=None, validator=_optional_name)
+    # TLS to the data nodes (a rediss:// URL turns it on too; its ssl_* query parameters are the same settings).
+    redis_tls: bool = False
+    redis_tls_ca_file: str | None = attrs.field(default=None, validator=_optional_path)
+    redis_tls_cert_file: str | None = attrs.field(default=None, validator=_optional_path)
+    redis_tls_key_file: str | None = attrs.field(default=None, validator=_optional_path)
+    redis_tls_server_name: str | None = attrs.field(default=None, validator=_optional_name)
+    redis_tls_verify: bool = True
+    redis_tls_check_hostname: bool = True
+    # TLS to the sentinels: the same CA, client certificate and verification; None: as the data nodes.
+    sentinel_tls: bool | None = None
+    sentinel_tls_server_name: str | None = attrs.field(default=None, validator=_optional_name)
+
+    def tls_options(self) -> TlsOptions:
+        """The data nodes' TLS settings given as keys (each away from its default, with its key)."""
+        given = {name: (value, f"lifecycle.{key}") for name, key, value, default in (
+            ("ca_file", "redis_tls_ca_file", self.redis_tls_ca_file, None),
+            ("cert_file", "redis_tls_cert_file", self.redis_tls_cert_file, None),
+            ("key_file", "redis_tls_key_file", self.redis_tls_key_file, None),
+            ("server_name", "redis_tls_server_name", self.redis_tls_server_name, None),
+            ("verify", "redis_tls_verify", self.redis_tls_verify, True),
+            ("check_hostname", "redis_tls_check_hostname", self.redis_tls_check_hostname, True),
+        ) if value != default}
+        return TlsOptions(self.redis_tls, given)
+
+    def sentinel_tls_options(self) -> TlsOptions:
+        """The sentinels' TLS settings: on as `sentinel_tls` says (unset: as the data nodes), with the data
+        nodes' CA, client certificate and verification, and a server name of their own."""
+        enabled = self.redis_tls if self.sentinel_tls is None else self.sentinel_tls
+        given = {name: value for name, value in self.tls_options().given.items() if name != "server_name"} \
+            if enabled else {}
+        if self.sentinel_tls_server_name is not None:
+            given["server_name"] = (self.sentinel_tls_server_name, "lifecycle.sentinel_tls_server_name")
+        return TlsOptions(enabled, given)
+
+
+def _with_credentials(endpoint: RedisEndpoint, section: ExternalConfig) -> RedisEndpoint:
+    """`endpoint` (from a URL) with the user and password the keys give when the URL has none; given in
+    both places differently is a ConfigError (which would win is not obvious)."""
+    found = {"password": endpoint.password, "username": endpoint.username}
+    for name, key, value in (("password", "redis_password", section.redis_password),
+                             ("username", "redis_username", section.redis_username)):
+        if value is None:
+            continue
+        if found[name] is not None and found[name] != value:
+            raise ConfigError(f"the Redis {'user name' if name == 'username' else name} is given twice, differently: "
+                              f"in lifecycle.redis_url and in lifecycle.{key}; give it in one place",
+                              key=f"lifecycle.{key}")
+        found[name] = value
+    if found["username"] is not None and found["password"] is None:
+        raise ConfigError("an ACL user name without a password: AUTH needs both (give the password in the URL, "
+                          "lifecycle.redis_password or REDIS_PASSWORD(_FILE))", key="lifecycle.redis_username")
+    return attrs.evolve(endpoint, **found)
+
+
+def _warn_unverified(endpoint: RedisEndpoint, what: str = "Redis") -> None:
+    warning = warn_unverified(endpoint.tls)
+    if warning is not None:
+        log.warning("%s at %s: %s", what, endpoint.describe(), warning)
 
 
 @attrs.define
@@ -77,12 +150,16 @@ class ExternalLifecycle(WithoutProcess):
             raise ConfigError("the external lifecycle needs a Redis URL: set REDIS_URL or lifecycle.redis_url",
                               source=self.config.source, key="lifecycle.redis_url")
         cluster = self.config.lifecycle.topology == "cluster"
+        section = self.config.section(ExternalConfig)
         urls = [part.strip() for part in url.split(",") if part.strip()] if cluster else [url]
-        self.endpoints = [attrs.evolve(RedisEndpoint.from_url(u), cluster=cluster) for u in urls]
+        self.endpoints = [attrs.evolve(_with_credentials(RedisEndpoint.from_url(u, tls=section.tls_options()), section),
+                                       cluster=cluster) for u in urls]
         self.endpoint = self.endpoints[0]
+        _warn_unverified(self.endpoint)
 
     def status(self) -> dict[str, Any]:
-        return {"url": self.endpoint.describe(), "seeds": [e.describe() for e in self.endpoints]}
+        return {"url": self.endpoint.describe(), "seeds": [e.describe() for e in self.endpoints],
+                "tls": self.endpoint.tls.status() if self.endpoint.tls else None}
 
     async def start(self) -> RedisEndpoint:
         errors: list[RedisUnavailable] = []
@@ -104,9 +181,20 @@ class ExternalLifecycle(WithoutProcess):
             async with asyncio.timeout(timeout):
                 ready = await probe(endpoint, expected_pid=None)
         except TimeoutError:
+            # (A Redis without TLS takes a ClientHello for the start of an inline command and waits for more.)
+            hint = " (a server that speaks no TLS leaves the TLS handshake unanswered: is this its TLS port?)" \
+                if endpoint.tls else ""
             raise RedisTimeout(f"external Redis at {endpoint.describe()} did not answer within "
-                               f"{timeout:g} s") from None
-        except (OSError, EOFError, SpawnError) as exc:
+                               f"{timeout:g} s{hint}") from None
+        except TlsFailure as exc:
+            raise RedisUnavailable(f"external Redis at {endpoint.describe()}: {exc.reason}") from None
+        except (EOFError, ConnectionResetError) as exc:
+            raise RedisUnavailable(f"external Redis at {endpoint.describe()} closed the connection before it "
+                                   f"answered{tls_hint(endpoint)}") from exc
+        except hiredis.ProtocolError:
+            raise RedisUnavailable(f"external Redis at {endpoint.describe()} answered something that is not "
+                                   f"RESP{tls_hint(endpoint, 'answers so')}") from None
+        except (OSError, SpawnError) as exc:
             raise RedisUnavailable(f"external Redis at {endpoint.describe()} is unreachable: {exc}") from None
         if not ready:
             raise RedisUnavailable(f"external Redis at {endpoint.describe()} is not ready (PING failed)")
@@ -166,6 +254,9 @@ class SentinelLifecycle(WithoutProcess):
     _preferred: int = 0  # index of the sentinel that answered last
     _callback: Callable[[str, bool], None] | None = None
     _watcher: asyncio.Task[None] | None = None
+    # What every connection to a data node and to a sentinel starts from (credentials, TLS), built once.
+    _data_node: RedisEndpoint = attrs.field(init=False)
+    _sentinel_node: RedisEndpoint = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         section = self.config.section(ExternalConfig)
@@ -179,10 +270,14 @@ class SentinelLifecycle(WithoutProcess):
                               key="lifecycle.sentinel_master")
         self.sentinels = [SentinelView(*parse_address(a)) for a in section.sentinels]
         self.master_name = section.sentinel_master
-
-    @property
-    def _section(self) -> ExternalConfig:
-        return self.config.section(ExternalConfig)
+        if section.sentinel_username is not None and section.sentinel_password is None:
+            raise ConfigError("an ACL user name for the sentinels without a password: AUTH needs both",
+                              source=self.config.source, key="lifecycle.sentinel_username")
+        self._data_node = _with_credentials(RedisEndpoint(tls=section.tls_options().build()), section)
+        self._sentinel_node = RedisEndpoint(password=section.sentinel_password, username=section.sentinel_username,
+                                            tls=section.sentinel_tls_options().build())
+        _warn_unverified(self._data_node, "the Sentinel master")
+        _warn_unverified(self._sentinel_node, "the sentinels")
 
     def set_exit_callback(self, callback: Callable[[str, bool], None]) -> None:
         self._callback = callback
@@ -194,11 +289,13 @@ class SentinelLifecycle(WithoutProcess):
     def status(self) -> dict[str, Any]:
         return {
             "url": self._endpoint(self.master).describe() if self.master else None,
+            "tls": self._data_node.tls.status() if self._data_node.tls else None,
             "sentinel": {
                 "master_name": self.master_name,
                 "master": self._show(self.master),
                 "sentinels": [{"address": s.address, "state": s.state, "last_error": s.last_error,
                                "subscribed": s is self.subscribed} for s in self.sentinels],
+                "tls": self._sentinel_node.tls.status() if self._sentinel_node.tls else None,
                 "failovers": self.failovers,
                 "last_failover": self.last_failover,
                 "discoveries": self.discoveries,
@@ -211,7 +308,7 @@ class SentinelLifecycle(WithoutProcess):
         return None if address is None else SentinelView(*address).address
 
     def _endpoint(self, address: tuple[str, int]) -> RedisEndpoint:
-        return RedisEndpoint(host=address[0], port=address[1], password=self._section.redis_password)
+        return attrs.evolve(self._data_node, host=address[0], port=address[1])
 
     def _order(self) -> list[SentinelView]:
         first = self._preferred % len(self.sentinels)
@@ -250,7 +347,7 @@ class SentinelLifecycle(WithoutProcess):
 
     async def _sentinel(self, sentinel: SentinelView) -> RespConnection:
         """An authenticated connection to `sentinel`; RedisUnavailable naming it when it cannot be had."""
-        endpoint = RedisEndpoint(host=sentinel.host, port=sentinel.port, password=self._section.sentinel_password)
+        endpoint = attrs.evolve(self._sentinel_node, host=sentinel.host, port=sentinel.port)
         return await RespConnection.open(endpoint, what=sentinel.what())
 
     async def _ask(self, sentinel: SentinelView) -> tuple[str, int] | None:
@@ -264,6 +361,8 @@ class SentinelLifecycle(WithoutProcess):
             error: RedisUnavailable = RedisTimeout(f"{sentinel.what()} did not answer within {timeout:g} s")
         except RedisUnavailable as exc:
             error = exc
+        except (OSError, EOFError) as exc:  # the connection ended mid-command (a TLS alert, a close)
+            error = RedisUnavailable(f"{sentinel.what()}: {exc}")
         else:
             sentinel.state, sentinel.last_error = "up", None
             if not isinstance(reply, list) or len(reply) != 2:
@@ -278,12 +377,11 @@ class SentinelLifecycle(WithoutProcess):
         where = f"Redis at {self._show(address)}"
         try:
             async with asyncio.timeout(timeout):
-                node = RedisEndpoint(host=address[0], port=address[1], password=self._section.redis_password)
-                async with await RespConnection.open(node, what=where) as conn:
+                async with await RespConnection.open(self._endpoint(address), what=where) as conn:
                     role = await conn.call("ROLE")
         except TimeoutError:
             return f"it did not answer ROLE within {timeout:g} s"
-        except RedisUnavailable as exc:
+        except (RedisUnavailable, OSError, EOFError) as exc:
             return f"it cannot be used: {exc}"
         kind = role[0].decode() if isinstance(role, list) and role and isinstance(role[0], bytes) else "?"
         return None if kind == "master" else f"its ROLE is {kind!r}, not 'master'"
@@ -349,7 +447,9 @@ class SentinelLifecycle(WithoutProcess):
             conn = await self._sentinel(sentinel)
             try:
                 conn.send("SUBSCRIBE", "+switch-master")
-                await conn.reply()
+                if isinstance(reply := await conn.reply(), hiredis.ReplyError):
+                    # (a sentinel ACL user without the channel: following failovers would silently stop)
+                    raise RedisUnavailable(f"{sentinel.what()} refused SUBSCRIBE +switch-master: {reply}")
             except BaseException:
                 conn.close()
                 raise
@@ -385,7 +485,7 @@ class SentinelLifecycle(WithoutProcess):
 
 @hookimpl
 def ondemand_config_sections(sections: SectionRegistry) -> None:
-    sections.add("lifecycle", ExternalConfig, env={"REDIS_URL": "redis_url"})
+    sections.add("lifecycle", ExternalConfig, env={"REDIS_URL": "redis_url", "REDIS_PASSWORD": "redis_password"})
 
 
 def _external(context: LifecycleContext) -> ExternalLifecycle | SentinelLifecycle:

@@ -55,7 +55,8 @@ def no_leftover_servers() -> Any:
 @pytest.fixture(autouse=True)
 def _no_docker_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # The suite must behave the same inside a container that sets these.
-    for name in ("DOCKER_ENV", "REDIS_URL", "DATABASE_URL", "ONDEMAND_CONFIG"):
+    for name in ("DOCKER_ENV", "REDIS_URL", "DATABASE_URL", "REDIS_PASSWORD", "ONDEMAND_CONFIG", "REDIS_URL_FILE",
+                 "DATABASE_URL_FILE", "REDIS_PASSWORD_FILE"):
         monkeypatch.delenv(name, raising=False)
     os.environ.pop("ONDEMAND_LIFECYCLE__PLUGIN", None)
 

@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +262,59 @@ def postmasters(data_dir: Path) -> list[int]:
     return found
 
 
+# -- a plain server, not ours to manage -------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class PlainServer:
+    """A server of the bundled binary on 127.0.0.1 behind a fixed address, as a provider's would be: the
+    default user's password, and ACL users if asked (`user <name> <rules>` lines of its config)."""
+
+    port: int
+    password: str
+    child: ChildProcess
+
+    @property
+    def endpoint(self) -> RedisEndpoint:
+        return RedisEndpoint(host="127.0.0.1", port=self.port, password=self.password)
+
+    async def call(self, *command: str | int, timeout: float = 2.0) -> Any:
+        """One command as the default user; an error reply is returned."""
+        from ondemand.redis.resp import RespConnection
+
+        async with asyncio.timeout(timeout), await RespConnection.open(self.endpoint) as conn:
+            conn.send(*command)
+            return await conn.reply()
+
+
+@contextlib.asynccontextmanager
+async def plain_server(directory: Path, *, users: Iterable[str] = (), port: int | None = None
+                       ) -> AsyncIterator[PlainServer]:
+    """A started PlainServer in `directory` (created 0700), SIGKILLed and reaped afterwards."""
+    from ondemand.plugins.lifecycle_subprocess import find_binary
+
+    binary = (await find_binary(os.environ.get("ONDEMAND_TEST_REDIS_BINARY") or None, tcp=True)).path
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(16)
+    port = port or free_port()
+    lines = [f"port {port}", "bind 127.0.0.1", f"dir {_resp_quote(str(directory))}", 'save ""', "appendonly no",
+             f"requirepass {_resp_quote(password)}", *(f"user {rule}" for rule in users)]
+    conf = directory / "server.conf"
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    child = await ChildProcess.spawn("redis-server", [binary, str(conf)], log_path=directory / "server.log")
+    server = PlainServer(port, password, child)
+    try:
+        await child.wait_ready(lambda: probe(server.endpoint, child.pid), timeout=10.0)
+        yield server
+    finally:
+        if child.returncode is None:
+            child.signal(signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(child.process.wait(), 5.0)
+
+
 # -- a Redis Sentinel group ---------------------------------------------------------------------------
 
 
@@ -312,6 +365,18 @@ class SentinelGroup:
     path: Path | None = None
     data: list[GroupNode] = attrs.field(factory=list)
     watchers: list[GroupNode] = attrs.field(factory=list)
+    # Called once every node has its port, before any is spawned: it may set `announce` (a data node's name ->
+    # the port it announces, where a proxy in front of it listens), which sentinels and replicas then use.
+    before_spawn: Callable[[SentinelGroup], Awaitable[None]] | None = None
+    announce: dict[str, int] = attrs.field(factory=dict)
+    # ACL users (`user <name> <rules>` lines) of the data nodes and of the sentinels, beside the default user
+    # the group itself (and the sentinels, among themselves and towards the data nodes) keeps using.
+    data_users: tuple[str, ...] = ()
+    sentinel_users: tuple[str, ...] = ()
+
+    def announced(self, node: GroupNode) -> str:
+        """The address the group knows `node` by: its own, or the one it announces."""
+        return f"127.0.0.1:{self.announce.get(node.name, node.port)}"
 
     @property
     def nodes(self) -> list[GroupNode]:
@@ -343,9 +408,12 @@ class SentinelGroup:
                          for i in range(self.sentinels)]
         try:
             async with asyncio.timeout(timeout):
+                if self.before_spawn is not None:
+                    await self.before_spawn(self)
+                master_port = int(self.announced(self.data[0]).rsplit(":", 1)[1])
                 for node in self.data:
                     node.directory.mkdir(mode=0o700)
-                    await self.spawn(node, replica_of=None if node is self.data[0] else self.data[0].port)
+                    await self.spawn(node, replica_of=None if node is self.data[0] else master_port)
                 for node in self.watchers:
                     node.directory.mkdir(mode=0o700)
                     await self.spawn(node)
@@ -361,16 +429,18 @@ class SentinelGroup:
             lines = [f"{k} {_resp_quote(v)}" for k, v in common.items()]
             lines += [f"requirepass {_resp_quote(self.sentinel_password)}",
                       f"sentinel sentinel-pass {_resp_quote(self.sentinel_password)}",
-                      f"sentinel monitor {self.master_name} 127.0.0.1 {self.data[0].port} 2",
+                      f"sentinel monitor {self.master_name} {self.announced(self.data[0]).replace(':', ' ')} 2",
                       f"sentinel auth-pass {self.master_name} {_resp_quote(self.password)}",
                       f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
                       f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}",
-                      f"sentinel parallel-syncs {self.master_name} 1"]
+                      f"sentinel parallel-syncs {self.master_name} 1", *(f"user {u}" for u in self.sentinel_users)]
         else:
             options = {**common, "requirepass": self.password, "masterauth": self.password, "save": "",
                        "appendonly": "no", "repl-diskless-sync-delay": "0", "repl-diskless-load": "on-empty-db",
                        "maxmemory": "64mb", "maxmemory-policy": "allkeys-lru"}
-            lines = [f"{k} {_resp_quote(v)}" for k, v in options.items()]
+            if node.name in self.announce:
+                options |= {"replica-announce-ip": "127.0.0.1", "replica-announce-port": str(self.announce[node.name])}
+            lines = [f"{k} {_resp_quote(v)}" for k, v in options.items()] + [f"user {u}" for u in self.data_users]
             if replica_of is not None:
                 lines.append(f"replicaof 127.0.0.1 {replica_of}")
         conf = node.directory / ("sentinel.conf" if node.sentinel else "server.conf")
@@ -438,7 +508,7 @@ class SentinelGroup:
             named.add(f"{reply[0].decode()}:{int(reply[1])}")
         if len(named) != 1:
             return None
-        node = next(n for n in self.data if n.address in named)
+        node = next(n for n in self.data if self.announced(n) in named)
         return node if node.alive and await self.role(node) == "master" else None
 
     async def wait_settled(self, timeout: float = 30.0, *, master: GroupNode | None = None) -> GroupNode:
@@ -463,7 +533,7 @@ class SentinelGroup:
                     with contextlib.suppress(OSError, EOFError, TimeoutError):
                         fields = await self.info(node, "replication")
                         if fields.get("role") != "slave" or fields.get("master_link_status") != "up" \
-                                or fields.get("master_port") != str(found.port):
+                                or f"127.0.0.1:{fields.get('master_port')}" != self.announced(found):
                             ok = False
                 if ok:
                     return found

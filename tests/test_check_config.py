@@ -27,7 +27,8 @@ ERROR_PREFIXES = ("configuration error: ", "startup error: ")
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("ONDEMAND_") and k not in ("DOCKER_ENV", "REDIS_URL", "DATABASE_URL")}
+           if not k.startswith("ONDEMAND_")
+           and k.removesuffix("_FILE") not in ("DOCKER_ENV", "REDIS_URL", "DATABASE_URL", "REDIS_PASSWORD")}
     return {**env, **(extra or {})}
 
 
@@ -74,7 +75,7 @@ BAD: dict[str, Case] = {
     "malformed REDIS_URL with DOCKER_ENV": lambda tmp: (
         [], {"DOCKER_ENV": "1", "REDIS_URL": "htp://nope"},
         "configuration error: environment variable REDIS_URL: lifecycle.redis_url: unsupported Redis URL scheme "
-        "'htp'; expected redis://host:port/db or unix:///path"),
+        "'htp'; expected redis://host:port/db, rediss://host:port/db (TLS) or unix:///path?db=N"),
     "missing configured redis_binary": lambda tmp: (
         ["--config", str(toml_file(tmp, f'[lifecycle]\nredis_binary = "{tmp / "nope"}"\n'))], {},
         f"configuration error: {tmp / 'x.toml'}: lifecycle.redis_binary: {tmp / 'nope'}: not found; name a Redis "

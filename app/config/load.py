@@ -1,8 +1,10 @@
 """load_config: a TOML file, the environment and overrides, validated against every plugin's sections.
 
 Precedence, lowest first: defaults, the file, `ONDEMAND_<TABLE>__<KEY>` variables, the variables a
-section maps (`REDIS_URL`, `DATABASE_URL`), `overrides`. The plugins asked for their sections are the
-ones a Runtime would load: built-ins and entry points, less `plugins.disable`, plus `plugins=`.
+section maps (`REDIS_URL`, `DATABASE_URL`), `overrides`. A secret key may name a file instead, in each of
+these places (`<key>_file`, `..._FILE`): read once, here (`ondemand.config.secret_files`). The plugins
+asked for their sections are the ones a Runtime would load: built-ins and entry points, less
+`plugins.disable`, plus `plugins=`.
 An error names where the bad value came from: the file, the environment variable, or the overrides.
 
 `load` is `load_config` that also says where each value came from (`Origins`), which variables a section
@@ -29,8 +31,10 @@ from ondemand.config import (
     PoolConfig,
     SectionRegistry,
     build_config,
+    secret_files,
     structure,
 )
+from ondemand.config.secret_files import SecretKeys
 from ondemand.errors import ConfigError
 from ondemand.plugin_manager import Plugins
 
@@ -148,22 +152,40 @@ def load(
     if path is not None:
         data = _read_file(path)
         origins.record(data, source)  # type: ignore[arg-type]
-    data = merge(data, _prefixed_variables(environ, origins))
+    variables = _prefixed_variables(environ, origins)
     overrides = dict(overrides or {})
-    disable = _disabled(merge(data, overrides), origins)
+    disable = _disabled(merge(merge(data, variables), overrides), origins)
     sections = Plugins(disable, plugins).config_sections()
-    applied: dict[str, str] = {}
+    # Secret files are read layer by layer (see secret_files.resolve), once the sections say what is secret.
+    keys = SecretKeys.of(sections)
+    data = merge(secret_files.resolve(data, keys, origins), secret_files.resolve(variables, keys, origins))
+    applied: dict[str, tuple[str, str]] = {}  # variable -> (table.key, the origin it gave that key)
     for variable, (table, key) in sorted(sections.env_aliases().items()):
-        if environ.get(variable):
-            data = merge(data, {table: {key: environ[variable]}})
-            origins.record({table: {key: environ[variable]}}, _variable(variable))
-            applied[variable] = f"{table}.{key}"
-    data = merge(data, overrides)
+        value, origin = _mapped_variable(environ, variable, table, key, keys)
+        if value is not None:
+            data = merge(data, {table: {key: value}})
+            origins.record({key: value}, origin, (table,))  # (the key alone: not every key of its table)
+            applied[variable if origin == _variable(variable) else f"{variable}_FILE"] = (f"{table}.{key}", origin)
     origins.record(overrides, "overrides")
+    data = merge(data, secret_files.resolve(overrides, keys, origins))
     data["environment"] = {"docker": bool(environ.get("DOCKER_ENV"))}
     config = build_config(data, sections, source=source, origins=origins)
-    in_force = {variable: key for variable, key in applied.items() if origins.of(key) == _variable(variable)}
+    in_force = {variable: key for variable, (key, origin) in applied.items() if origins.of(key) == origin}
     return Loaded(config, origins, in_force, tuple(unknown_variables(environ, sections, config)))
+
+
+def _mapped_variable(environ: Mapping[str, str], variable: str, table: str, key: str,
+                     keys: SecretKeys) -> tuple[str | None, str]:
+    """The value a mapped variable (`REDIS_URL`) gives its key, or its `_FILE` twin for a secret key
+    (`DATABASE_URL_FILE`: the file's content), with the origin to record; (None, "") when neither is set."""
+    named = environ.get(f"{variable}_FILE") if key in keys.secret.get(table, ()) else None
+    if named:
+        if environ.get(variable):
+            raise ConfigError(f"{variable} is set too; set the value or its file, not both",
+                              source=_variable(f"{variable}_FILE"), key=f"{table}.{key}")
+        return (secret_files.read_secret(named, source=_variable(f"{variable}_FILE"), key=f"{table}.{key}"),
+                secret_files.label(named, _variable(f"{variable}_FILE")))
+    return (environ.get(variable) or None), _variable(variable)
 
 
 def load_config(
@@ -184,7 +206,8 @@ def variable_names(sections: SectionRegistry, config: Config) -> set[str]:
     for table, ids, cls in (("pools", {"default", *config.pools}, PoolConfig),
                             ("namespaces", config.namespaces, NamespaceConfig)):
         names |= {f"{ENV_PREFIX}{table}__{id_}__{field.name}".upper() for id_ in ids for field in attrs.fields(cls)}
-    return names | set(sections.env_aliases()) | {CONFIG_VARIABLE}
+    aliases = sections.env_aliases()
+    return names | set(aliases) | SecretKeys.of(sections).variables(ENV_PREFIX, aliases) | {CONFIG_VARIABLE}
 
 
 def unknown_variables(environ: Mapping[str, str], sections: SectionRegistry, config: Config) -> list[ConfigWarning]:
@@ -213,4 +236,5 @@ def config_from_dict(data: Mapping[str, Any], *, source: str | None = None, plug
         del data["source"]
     origins = Origins(source)
     sections = Plugins(_disabled(data, origins), plugins).config_sections()
+    data = secret_files.resolve(data, SecretKeys.of(sections), origins)
     return build_config(data, sections, source=source, origins=origins)

@@ -13,11 +13,12 @@ from ondemand.config.validators import SECRET
 
 
 def redact_url(url: str) -> str:
-    """`scheme://user:secret@host/db` -> `scheme://user:***@host/db`; also hides `password=` params."""
+    """`scheme://user:secret@host/db` -> `scheme://user:***@host/db`; also hides `password=` and
+    `sslpassword=` (a client key's passphrase) params."""
     # The last '@' before the path ends the credentials, as urlsplit reads it.
     url = re.sub(r"(://[^:/@?#]*:)[^/?#]*@", r"\1***@", url)
     # libpq key=value DSNs allow spaces around '=' and quoted values with spaces.
-    return re.sub(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)", r"\1***", url)
+    return re.sub(r"(?i)(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)", r"\1***", url)
 
 
 def redact(config: Config) -> dict[str, Any]:

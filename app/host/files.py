@@ -197,3 +197,79 @@ def read_pid_file(path: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+# -- files the operator names: secrets, certificates -----------------------------------------------------
+
+_MAX_LINKS = 40  # symbolic links followed while resolving one path (the kernel's own limit)
+
+
+def _provided_refusal(st: os.stat_result) -> str | None:
+    if not stat.S_ISREG(st.st_mode):
+        return f"is {kind(st)}, not a regular file"
+    if st.st_mode & 0o022:
+        return f"is writable by group or others ({mode(st)}): whoever can write it chooses what we read"
+    return None
+
+
+def resolve_provided(path: str | os.PathLike[str]) -> Path:
+    """Where a file the operator names (a secret, a certificate) really is, judged on the way.
+
+    Unlike our own files these are often made by an orchestrator: Kubernetes mounts secrets as symlinks
+    into a `..data` directory, Docker Compose bind-mounts them with the host's owner. So symlinks are
+    followed and any owner is accepted, but nothing on the way may be swapped by someone else: every
+    directory passed through must pass `parent_refusal` (root's or ours, writable by no one else unless
+    sticky), every symlink must be root's, ours or its directory owner's (what the kernel's
+    protected_symlinks allows), and the file must be a regular file writable by no one but its owner.
+    Untrusted names the entry at fault; OSError (FileNotFoundError...) when something cannot be read."""
+    pending = list(Path(os.path.abspath(path)).parts[1:])
+    current = Path("/")
+    checked: set[Path] = set()
+    links = 0
+    while pending:
+        name = pending.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = current.parent
+            continue
+        if current not in checked:
+            reason = parent_refusal(os.lstat(current))
+            if reason is not None:
+                raise Untrusted(current, reason)
+            checked.add(current)
+        entry = current / name
+        st = os.lstat(entry)
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > _MAX_LINKS:
+                raise Untrusted(path, f"leads through more than {_MAX_LINKS} symbolic links")
+            if st.st_uid not in (0, os.geteuid(), os.lstat(current).st_uid):
+                raise Untrusted(entry, f"is a symbolic link owned by {user_name(st.st_uid)}, neither root, us nor "
+                                       "its directory's owner")
+            target = Path(os.readlink(entry))
+            if target.is_absolute():
+                current = Path("/")
+            pending[:0] = [part for part in target.parts if part != "/"]
+            continue
+        current = entry
+    return current
+
+
+def read_provided(path: str | os.PathLike[str], *, limit: int = 1 << 20) -> bytes:
+    """The bytes of a file the operator names, after `resolve_provided`'s checks; opened without following
+    a symlink (what was checked is what is read) and without blocking on a FIFO; at most `limit` bytes
+    (Untrusted past that: not a file of the kind expected)."""
+    real = resolve_provided(path)
+    fd = os.open(real, os.O_RDONLY | _NEVER_FOLLOW)
+    try:
+        st = os.fstat(fd)
+        reason = _provided_refusal(st)
+        if reason is None and st.st_size > limit:
+            reason = f"is {st.st_size} bytes, more than the {limit} expected"
+        if reason is not None:
+            raise Untrusted(path if Path(path) == real else f"{path} (-> {real})", reason)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limit + 1)[:limit]
+    finally:
+        os.close(fd)

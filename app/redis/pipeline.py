@@ -10,17 +10,22 @@ with RedisTimeout and the connection is aborted (the next command opens a new on
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import ssl
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 import hiredis
 
-from ondemand.errors import RedisCommandError, RedisTimeout, RedisUnavailable
+from ondemand.errors import RedisCommandError, RedisTimeout, RedisUnavailable, permission_refused
 from ondemand.redis.connection import Command, FailureCallback
 from ondemand.redis.endpoint import RedisEndpoint
+from ondemand.redis.tls import TlsFailure
+from ondemand.redis.tls import reason as tls_reason
 
+log = logging.getLogger("ondemand.redis")
 _RUN_ID = re.compile(rb"run_id:([0-9a-f]+)")
 
 
@@ -48,6 +53,8 @@ class _RedisProtocol(asyncio.Protocol):
                 if isinstance(reply, hiredis.ReplyError):
                     text = str(reply)
                     readonly = readonly or text.startswith("READONLY")
+                    if permission_refused(text):
+                        text = self._owner._refused(text)
                     if not fut.done():
                         fut.set_exception(RedisCommandError(text))
                 elif not fut.done():  # a cancelled or timed-out caller no longer waits
@@ -63,7 +70,8 @@ class _RedisProtocol(asyncio.Protocol):
             self._owner._fail(RedisUnavailable("Redis answered READONLY: the server is a replica now; reconnecting"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._owner._fail(RedisUnavailable(f"connection to Redis lost{f': {exc}' if exc else ''}"))
+        why = f": {tls_reason(exc)}" if isinstance(exc, ssl.SSLError) else f": {exc}" if exc else ""
+        self._owner._fail(RedisUnavailable(f"connection to {self._owner.where} lost{why}"))
 
 
 class PipelinedConnection:
@@ -88,6 +96,8 @@ class PipelinedConnection:
         self.batches_written = 0
         self.commands_written = 0
         self.server_id: str | None = None  # INFO's run_id: one per server process
+        self.where = "Redis"  # the endpoint, as errors name it (set by connect)
+        self._refusals: set[str] = set()  # NOPERM replies logged on this connection
 
     @classmethod
     async def connect(cls, endpoint: RedisEndpoint, *, op_timeout: float, connect_timeout: float,
@@ -95,12 +105,16 @@ class PipelinedConnection:
                       ) -> PipelinedConnection:
         loop = asyncio.get_running_loop()
         conn = cls(op_timeout=op_timeout, max_batch=max_batch, loop=loop, on_failure=on_failure)
+        conn.where = f"Redis at {endpoint.describe()}"
         try:
             async with asyncio.timeout(connect_timeout):
                 await endpoint.create_connection(conn._protocol)
         except TimeoutError:
             conn.close()
             raise RedisTimeout(f"connecting to {endpoint.describe()} took over {connect_timeout:g} s") from None
+        except TlsFailure as exc:
+            conn.close()
+            raise RedisUnavailable(f"cannot connect to {endpoint.describe()}: {exc.reason}") from None
         except OSError as exc:
             conn.close()
             raise RedisUnavailable(f"cannot connect to {endpoint.describe()}: {exc.strerror or exc}") from None
@@ -121,11 +135,22 @@ class PipelinedConnection:
             conn.batches_written = conn.commands_written = 0  # the counters are of callers' traffic, not setup
         except RedisCommandError as exc:
             conn.close()
-            raise RedisUnavailable(f"Redis at {endpoint.describe()} refused the connection: {exc}") from None
+            why = str(exc).replace(f"({conn.where}; ", "(")  # (a NOPERM names the endpoint: once is enough)
+            raise RedisUnavailable(f"{conn.where} refused the connection: {why}") from None
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _refused(self, text: str) -> str:
+        """An ACL refusal (NOPERM): the user lacks a permission our commands need. Named with the endpoint (the
+        reply names the user and the command), logged once per connection and message: a configuration to fix,
+        not a fault that passes."""
+        text = f"{text} ({self.where}; README: ACL users lists the permissions ondemand needs)"
+        if text not in self._refusals and len(self._refusals) < 16:
+            self._refusals.add(text)
+            log.error("%s", text)
+        return text
 
     @property
     def closed(self) -> bool:

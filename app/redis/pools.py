@@ -20,15 +20,26 @@ from redis.backoff import NoBackoff
 from ondemand.config import RedisConfig
 from ondemand.redis.connection import CacheConnection
 from ondemand.redis.endpoint import RedisEndpoint
+from ondemand.redis.tls import TlsConnection
 
 
 def cluster_client(endpoint: RedisEndpoint, redis_config: RedisConfig, max_connections: int) -> RedisCluster:
     """What `with_connection` lends on a cluster: a redis.asyncio RedisCluster, bounded like the pool."""
-    return RedisCluster(
+    client = RedisCluster(
         host=endpoint.host, port=endpoint.port, password=endpoint.password, username=endpoint.username,
         max_connections=max_connections, socket_timeout=redis_config.op_timeout,
         socket_connect_timeout=redis_config.connect_timeout, retry=Retry(NoBackoff(), 0),
     )
+    if endpoint.tls is not None:
+        # RedisCluster takes no connection class or SSL context, only file names (a context per connection,
+        # no server name of our own): its nodes' connection arguments, shared with every node it learns
+        # later, get our TLS connection and settings instead (tests/test_tls.py checks it on a cluster).
+        tls = {"connection_class": TlsConnection, "tls": endpoint.tls}
+        client.connection_kwargs.update(tls)
+        for node in client.nodes_manager.startup_nodes.values():
+            node.connection_class = TlsConnection
+            node.connection_kwargs["tls"] = endpoint.tls
+    return client
 
 
 def client_pool(endpoint: RedisEndpoint, redis_config: RedisConfig, max_connections: int

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,8 @@ import hiredis
 
 from ondemand.errors import RedisUnavailable, SpawnError
 from ondemand.redis.endpoint import RedisEndpoint
+from ondemand.redis.tls import TlsFailure
+from ondemand.redis.tls import reason as tls_reason
 
 _PROCESS_ID = re.compile(rb"process_id:(\d+)")
 
@@ -45,11 +48,16 @@ class RespConnection:
         what = what or endpoint.describe()
         try:
             conn = await cls.connect(endpoint, what=what, error=error)
+        except TlsFailure as exc:
+            raise error(f"{what}: {exc.reason}") from None
         except OSError as exc:
             raise error(f"{what} is unreachable: {exc.strerror or exc}") from None
         try:
             if endpoint.password is not None:
                 await conn.call("AUTH", *endpoint.credentials())
+        except EOFError:
+            conn.close()
+            raise error(f"{what} closed the connection at AUTH{tls_hint(endpoint)}") from None
         except BaseException:
             conn.close()
             raise
@@ -61,7 +69,10 @@ class RespConnection:
     async def reply(self) -> Any:
         """The next reply, a hiredis.ReplyError included (not raised)."""
         while (reply := self.parser.gets()) is False:
-            data = await self.reader.read(65536)
+            try:
+                data = await self.reader.read(65536)
+            except ssl.SSLError as exc:  # an alert after the handshake: a client certificate it requires
+                raise TlsFailure(self.what, tls_reason(exc)) from None
             if not data:
                 raise EOFError(f"{self.what} closed the connection")
             self.parser.feed(data)
@@ -69,7 +80,10 @@ class RespConnection:
 
     async def call(self, *command: Any) -> Any:
         self.send(*command)
-        reply = await self.reply()
+        try:
+            reply = await self.reply()
+        except TlsFailure as exc:
+            raise self.error(f"{self.what}: {exc.reason}") from None
         if isinstance(reply, hiredis.ReplyError):
             shown = "AUTH" if command[0] == "AUTH" else " ".join(map(str, command))
             raise self.error(f"{self.what} refused {shown}: {reply}")
@@ -91,6 +105,11 @@ class RespConnection:
         self.close()
         with contextlib.suppress(Exception):
             await self.writer.wait_closed()
+
+
+def tls_hint(endpoint: RedisEndpoint, does: str = "does that") -> str:
+    """After "closed the connection": what a server that wants TLS does to a plain client at its first bytes."""
+    return "" if endpoint.tls or endpoint.unix_socket else f" (a server that expects TLS {does}: use rediss://)"
 
 
 def process_id(info: Any) -> int | None:

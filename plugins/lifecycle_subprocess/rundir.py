@@ -159,4 +159,5 @@ class SharedState:
 
     def write(self, path: Path) -> None:
         replace_file(path, json.dumps({"pid": self.pid, "owner_pid": self.owner_pid,
-                                       "endpoint": attrs.asdict(self.endpoint)}))
+                                       # (our servers speak no TLS: the file keeps its format without the field)
+                                       "endpoint": attrs.asdict(self.endpoint, filter=lambda a, _: a.name != "tls")}))

@@ -30,6 +30,7 @@ from ondemand.config import SECRET, between, positive, redact_url
 from ondemand.errors import ConfigError, PostgresUnavailable, first_line
 from ondemand.health import OutageTracker, StoreHealth, StoreState
 from ondemand.plugins.storage_postgres.server import EmbeddedPostgres
+from ondemand.plugins.storage_postgres.tls import check_tls
 from ondemand.store.protocols import OVERFLOW, Entry, Namespace, purge_in_batches
 
 log = logging.getLogger("ondemand.postgres")
@@ -151,6 +152,7 @@ def _check_dsn(dsn: str) -> None:
     for port in params.get("port", "").split(","):
         if port and not (port.isdigit() and 0 < int(port) <= 65535):
             raise ConfigError(f"port {port!r} is not a port number (1 to 65535)", key="postgres.dsn")
+    check_tls(params)
 
 
 def _first_line(exc: BaseException) -> str:
