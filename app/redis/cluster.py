@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -55,6 +55,22 @@ def command_keys(args: Sequence[Any]) -> list[Any]:
     if name in _SUMMED or name == b"MGET":
         return list(args[1:])
     return [args[1]]
+
+
+def scan_pattern(prefix: str) -> str:
+    """A SCAN MATCH pattern for the keys starting with `prefix`, taken literally."""
+    return prefix.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?").replace("[", "\\[") + "*"
+
+
+async def unlink(execute: Callable[..., Awaitable[Any]], keys: Sequence[Any], *, cluster: bool) -> int:
+    """UNLINK `keys` through `execute` (one server's, or one master's: then slot by slot, as a cluster node
+    refuses a multi-key command across slots)."""
+    if not cluster:
+        return await execute("UNLINK", *keys)
+    by_slot: dict[int, list[Any]] = {}
+    for key in keys:
+        by_slot.setdefault(key_slot(key), []).append(key)
+    return sum(await asyncio.gather(*(execute("UNLINK", *group) for group in by_slot.values())))
 
 
 @attrs.define(eq=False)

@@ -313,6 +313,11 @@ class OnDemandRedis:
             pool.leases -= 1
             self.last_used = pool.last_used = time.monotonic()
 
+    @property
+    def cluster(self) -> bool:
+        """The server in use is a Redis Cluster."""
+        return self._endpoint is not None and self._endpoint.cluster
+
     async def per_master(self, connection_id: str = "default") -> list[Callable[..., Awaitable[Any]]]:
         """One `execute` per server: the server's, or each master's of a cluster (for SCAN and the like)."""
         pool = self.pools.get(connection_id) or self._new_pool(connection_id, None)
