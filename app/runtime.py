@@ -165,6 +165,8 @@ class Runtime:
                                     outbox_poll=config.storage.outbox_poll)
             stack.push_async_callback(dispatcher.close)
             dispatcher.start()
+            # A cluster master held after a failure or a failover is brought up to date by the dispatcher.
+            on_demand.node_recovery = dispatcher.invalidation.recover_node
 
             self.config, self.plugins, self.lifecycles, self.storages = (config, parts.plugins, parts.lifecycles,
                                                                          parts.storages)
