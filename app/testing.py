@@ -426,19 +426,19 @@ class DurableStorageContract(StorageContract):
         """Whatever order they commit in, the value the store ends up holding is the one with the highest version:
         a cache that keeps the highest version it saw then holds what the store holds."""
         a = self.a
-        for round_ in range(5):
+        for round_ in range(100):  # a fresh id each round: first inserts race deletes too
             item_id = f"race{round_}"
-            writes = [storage.set(a, item_id, b"%d" % n, None) for n in range(8)]
-            writes += [storage.delete(a, [item_id]) for _ in range(2)]
+            writes = [storage.set(a, item_id, b"%d" % n, None) for n in range(6)]
+            writes[1:1] = [storage.delete(a, [item_id]) for _ in range(3)]
             results = await asyncio.gather(*writes)
-            last = max([r.version for r in results[:8]] + [r.committed[0].version for r in results[8:]])
+            sets, deletes = [results[0], *results[4:]], results[1:4]
+            last = max([r.version for r in sets] + [r.committed[0].version for r in deletes])
             entry = await storage.get_entry(a, item_id)
-            deleted_last = any(r.committed[0].version == last for r in results[8:])
-            if deleted_last:
+            if any(r.committed[0].version == last for r in deletes):
                 assert entry is None, "the delete had the highest version, yet a value remains"
             else:
-                assert entry is not None and entry.version == last
-                assert entry.value == b"%d" % next(n for n, r in enumerate(results[:8]) if r.version == last)
+                assert entry is not None and entry.version == last, "the value held is not the latest version's"
+                assert entry.value == b"%d" % next(n for n, r in enumerate(sets) if r.version == last)
 
     @_asyncio
     async def test_contract_set_many_is_all_or_nothing_to_a_concurrent_reader(self, storage: Any) -> None:
