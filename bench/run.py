@@ -18,6 +18,7 @@ from pathlib import Path
 import bench_cache
 import bench_cluster
 import bench_coldstart
+import bench_durable
 import bench_failover
 import bench_http
 import bench_invalidation
@@ -36,6 +37,7 @@ BENCHMARKS = {
     "memory": bench_memory.run,
     "invalidation": bench_invalidation.run,
     "cluster": bench_cluster.run,
+    "durable": bench_durable.run,
 }
 
 
