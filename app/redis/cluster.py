@@ -308,6 +308,8 @@ class ClusterConnection:
             released.set()
 
     async def _bring_up_to_date(self, address: Address) -> None:
+        """Run the recovery of a held master until it succeeds (bounded backoff between tries), then release it,
+        unless it was held again meanwhile (then once more, as held now)."""
         delay = _RECOVER_FIRST
         try:
             while address in self._held and self.closed_reason is None:
@@ -323,8 +325,11 @@ class ClusterConnection:
                 try:
                     if self._recover is not None:
                         await self._recover(NodeRecovery(address, replaced, self))
-                except (BackendUnavailable, RedisCommandError) as exc:
-                    log.debug("bringing %s:%s up to date failed (retrying): %s", *address, first_line(exc))
+                except Exception as exc:
+                    if isinstance(exc, BackendUnavailable | RedisCommandError):
+                        log.debug("bringing %s:%s up to date failed (retrying): %s", *address, first_line(exc))
+                    else:
+                        log.exception("bringing %s:%s up to date failed; retrying", *address)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, _RECOVER_MAX)
                     continue
@@ -337,8 +342,6 @@ class ClusterConnection:
                     self.recoveries += 1
                     log.info("Redis Cluster master %s:%s serves again (%s)", *address,
                              "replaced: its durable copies were cleared" if replaced else "stale keys invalidated")
-        except Exception:
-            log.exception("bringing %s:%s up to date failed; it stays held until it fails or is replaced", *address)
         finally:
             self._recovering.pop(address, None)
 
