@@ -159,6 +159,46 @@ async def test_put_backs_and_writes_that_arrive_late_never_replace_a_newer_versi
         assert await cached(one, "u") is None
 
 
+async def test_a_write_or_put_back_later_than_the_bound_installs_nothing_older(
+        backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host frozen (here: held) between its commit and its cache write, or between its durable read and its
+    put-back, for longer than the lateness bound, while the newer version's record left Redis (evicted, say):
+    there is nothing newer in Redis to refuse it, so the bound must: the late write becomes a tombstone of its
+    version, the late put-back is skipped."""
+    kind, durable = backend
+    async with two_hosts(kind, durable) as (one, two, _):
+        ns = one.dispatcher.namespace("session")
+        for host in (one, two):
+            host.dispatcher.late_after = 0.3
+        await one.cache.cache_session("w", V1)
+        # (held after the commit, before the dispatcher goes on: frozen there, the bound is checked after it)
+        hold = Hold(monkeypatch, one.durable_storage, "set", lambda ns, item_id, *a, **kw: item_id == "w", "after")
+        writer = asyncio.ensure_future(one.cache.cache_session("w", V2))
+        await asyncio.wait_for(hold.reached.wait(), 5)
+        await two.cache.cache_session("w", V3)  # newer: its record is in Redis...
+        await two.on_demand.execute("DEL", ns.key("w"), connection_id="session")  # ...and evicted
+        await asyncio.sleep(0.4)
+        hold.release()
+        await writer
+        assert await cached(one, "w") is None, "a late write-through installed an older value"
+        for host in (one, two):
+            assert await host.cache.get_session("w") == V3
+
+        await one.cache.cache_session("p", V1)
+        await one.on_demand.execute("DEL", ns.key("p"), connection_id="session")
+        hold = Hold(monkeypatch, one.durable_storage, "get_entry", lambda ns, item_id: item_id == "p", "after")
+        reader = asyncio.ensure_future(one.dispatcher.lookup("session", "p"))
+        await asyncio.wait_for(hold.reached.wait(), 5)
+        await two.cache.cache_session("p", V4)
+        await two.on_demand.execute("DEL", ns.key("p"), connection_id="session")  # evicted
+        await asyncio.sleep(0.4)
+        hold.release()
+        assert (await reader).value == V1
+        assert await cached(one, "p") is None, "a late put-back installed an older value"
+        for host in (one, two):
+            assert await host.cache.get_session("p") == V4
+
+
 async def test_concurrent_writes_and_deletes_on_two_hosts_leave_every_read_equal_to_the_store(
         backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Many writers on two hosts, the same ids, PUTs and DELETEs at once, each cache write a random moment after
