@@ -95,12 +95,12 @@ _SQL_SCHEMA_VERSION = "SELECT max(version) FROM ondemand_schema_version"
 
 # Versions: one sequence for every id of every namespace, so a version never comes back, not after a delete
 # either. Every write first takes a transaction-scoped advisory lock on each of its (namespace, id) in the
-# same round trip (a statement of its own, before the write's: the two run in one implicit transaction), in
-# a fixed order so that two writes of several ids cannot deadlock. `nextval` is evaluated under that lock, so
-# of two commits of one id the later has the higher version, the first insert of an id included (no row to
-# lock there, and its VALUES are evaluated before the insert: a delete racing it would otherwise win a
-# higher version and commit first). The two-int form of the lock never meets the schema lock's bigint one.
-_LOCK_ONE = "SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s));\n"
+# same round trip (one id: in the statement itself; several: a statement of its own before the write's, the
+# two run in one implicit transaction), in a fixed order so that two writes of several ids cannot deadlock.
+# `nextval` is evaluated under that lock, so of two commits of one id the later has the higher version, the
+# first insert of an id included (no row to lock there, and its VALUES are evaluated before the insert: a
+# delete racing it would otherwise win a higher version and commit first). The two-int form of the lock
+# never meets the schema lock's bigint one.
 _LOCK_MANY = """SELECT pg_advisory_xact_lock(a, b) FROM (
     SELECT DISTINCT hashtext(ns) AS a, hashtext(id) AS b FROM unnest(%s::text[], %s::text[]) AS t(ns, id) ORDER BY 1, 2
 ) AS locks;
@@ -126,14 +126,20 @@ WHERE urgent OR created_at <= now() - %s::float8 * interval '1 second' ORDER BY 
 _SQL_ACK = "DELETE FROM ondemand_invalidations WHERE seq = ANY(%s::bigint[])"
 
 
-def _with_outbox(written: str, urgent: bool) -> str:
+def _with_outbox(written: str, urgent: bool, *, more: str = "") -> str:
     """A write statement `written` (a CTE named `w` returning namespace, id, version) that records its rows in
-    the outbox and answers (namespace, id, version, outbox seq). Urgent: bounded, and NOTIFY first."""
-    bound = f"WHERE NOT {_OUTBOX_FULL}" if urgent else ""
+    the outbox and answers (namespace, id, version, outbox seq, then `more` of w's columns). Not urgent and
+    nothing more: the outbox INSERT answers them itself (no join: every durable write's path). Urgent: bounded
+    (so some rows may record nothing: w is joined with what was), and NOTIFY first."""
+    if not urgent and not more:
+        return f"""WITH {written}
+INSERT INTO ondemand_invalidations (namespace, id, version, urgent) SELECT namespace, id, version, false FROM w
+RETURNING namespace, id, version, seq"""
     sql = f"""WITH {written},
 ob AS (INSERT INTO ondemand_invalidations (namespace, id, version, urgent)
-       SELECT namespace, id, version, {'true' if urgent else 'false'} FROM w {bound} RETURNING seq, namespace, id)
-SELECT w.namespace, w.id, w.version, ob.seq FROM w LEFT JOIN ob USING (namespace, id)"""
+       SELECT namespace, id, version, {urgent} FROM w {f"WHERE NOT {_OUTBOX_FULL}" if urgent else ""}
+       RETURNING seq, namespace, id)
+SELECT w.namespace, w.id, w.version, ob.seq{more} FROM w LEFT JOIN ob USING (namespace, id)"""
     return _NOTIFY + _SQL_OVERFLOW + sql if urgent else sql
 
 
@@ -154,8 +160,11 @@ _SQL_GET_MANY = f"SELECT id, value FROM ondemand_values WHERE namespace = %s AND
 _UPSERT = """ON CONFLICT (namespace, id) DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at,
     version = nextval('ondemand_version')
 RETURNING namespace, id, version)"""
-_SET = f"""w AS (INSERT INTO ondemand_values (namespace, id, value, expires_at, version)
-VALUES (%s, %s, %s, {_EXPIRES}, nextval('ondemand_version'))
+# One id: the lock in the statement itself, a MATERIALIZED CTE the insert selects from, so that it is taken
+# before the row (and its VALUES' nextval) is produced.
+_LOCKED_ONE = "l AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s)) AS locked),\n"
+_SET = _LOCKED_ONE + f"""w AS (INSERT INTO ondemand_values (namespace, id, value, expires_at, version)
+SELECT %s, %s, %s, {_EXPIRES}, nextval('ondemand_version') FROM l
 {_UPSERT}"""
 _SET_MANY = f"""w AS (INSERT INTO ondemand_values (namespace, id, value, expires_at, version)
 SELECT ns, id, value, now() + ttl * interval '1 second', nextval('ondemand_version')
@@ -168,14 +177,13 @@ _DELETE = f"""gone AS (DELETE FROM ondemand_values WHERE namespace = %s AND id =
 w AS (SELECT %s::text AS namespace, u.id, COALESCE(g.version, nextval('ondemand_version')) AS version,
              COALESCE(g.live, false) AS live
       FROM unnest(%s::text[]) AS u(id) LEFT JOIN gone g USING (id))"""
-_EXPIRE = f"""w AS (UPDATE ondemand_values SET expires_at = {_EXPIRES}, version = nextval('ondemand_version')
-    WHERE namespace = %s AND id = %s AND {_LIVE} RETURNING namespace, id, version)"""
-_SQL_SET = {urgent: _LOCK_ONE + _with_outbox(_SET, urgent) for urgent in (False, True)}
+_EXPIRE = _LOCKED_ONE + f"""w AS (UPDATE ondemand_values
+    SET expires_at = {_EXPIRES}, version = nextval('ondemand_version')
+    WHERE namespace = %s AND id = %s AND {_LIVE} AND EXISTS (SELECT FROM l) RETURNING namespace, id, version)"""
+_SQL_SET = {urgent: _with_outbox(_SET, urgent) for urgent in (False, True)}
 _SQL_SET_MANY = {urgent: _LOCK_MANY + _with_outbox(_SET_MANY, urgent) for urgent in (False, True)}
-_SQL_EXPIRE = {urgent: _LOCK_ONE + _with_outbox(_EXPIRE, urgent) for urgent in (False, True)}
-_SQL_DELETE = {urgent: _LOCK_MANY + _with_outbox(_DELETE, urgent).replace(
-    "SELECT w.namespace, w.id, w.version, ob.seq", "SELECT w.namespace, w.id, w.version, ob.seq, w.live")
-    for urgent in (False, True)}
+_SQL_EXPIRE = {urgent: _with_outbox(_EXPIRE, urgent) for urgent in (False, True)}
+_SQL_DELETE = {urgent: _LOCK_MANY + _with_outbox(_DELETE, urgent, more=", w.live") for urgent in (False, True)}
 # ctid batches keep each purge statement short, so it never holds many row locks for long.
 _SQL_PURGE = f"""
 DELETE FROM ondemand_values WHERE ctid IN (
