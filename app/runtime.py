@@ -98,7 +98,7 @@ def build_parts(config: Config, extra_plugins: Iterable[object] = ()) -> Parts:
     cache = _factory(storages, config.storage.cache, "storage.cache")(context)
     if not isinstance(cache, CacheStorage):
         raise PluginError(f"storage {config.storage.cache!r} cannot serve as the cache: it lacks ping, "
-                          "set_if_absent, append_list, delete_keys or delete_prefix", key="storage.cache")
+                          "put_back, invalidate, append_list, delete_keys or delete_prefix", key="storage.cache")
     durable: DurableStorage | None = None
     durable_health: OutageTracker | None = None
     if config.storage.durable:
@@ -165,6 +165,8 @@ class Runtime:
                                     outbox_poll=config.storage.outbox_poll)
             stack.push_async_callback(dispatcher.close)
             dispatcher.start()
+            # A cluster master held after a failure or a failover is brought up to date by the dispatcher.
+            on_demand.node_recovery = dispatcher.invalidation.recover_node
 
             self.config, self.plugins, self.lifecycles, self.storages = (config, parts.plugins, parts.lifecycles,
                                                                          parts.storages)

@@ -18,6 +18,7 @@ from pathlib import Path
 import bench_cache
 import bench_cluster
 import bench_coldstart
+import bench_durable
 import bench_failover
 import bench_http
 import bench_invalidation
@@ -38,6 +39,7 @@ BENCHMARKS = {
     "invalidation": bench_invalidation.run,
     "cluster": bench_cluster.run,
     "tls": bench_tls.run,
+    "durable": bench_durable.run,
 }
 
 

@@ -33,13 +33,24 @@ from ondemand.health import OutageTracker, StoreHealth, StoreState
 from ondemand.hookspecs import hookimpl
 from ondemand.host import files
 from ondemand.registry import Registry
-from ondemand.store.protocols import OVERFLOW, Entry, Namespace, StorageFactory, purge_in_batches
+from ondemand.store.protocols import (
+    OVERFLOW,
+    Committed,
+    Deleted,
+    DurableEntry,
+    Entry,
+    Namespace,
+    OutboxRow,
+    StorageFactory,
+    Target,
+    purge_in_batches,
+)
 
 log = logging.getLogger("ondemand.sqlite")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _PURGE_BATCH = 1000
 _PURGE_MAX_BATCHES = 100  # per run: a huge backlog is worked off over several runs
 _CHUNK = 500  # ids per statement: older SQLite builds allow at most 999 bound parameters
@@ -55,6 +66,7 @@ _SCHEMA_SQL = (
         id TEXT NOT NULL,
         value BLOB NOT NULL,
         expires_at REAL,
+        version INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (namespace, id)
     )""",
     "CREATE INDEX IF NOT EXISTS ondemand_values_expires_at ON ondemand_values (expires_at)"
@@ -66,22 +78,39 @@ _SCHEMA_SQL = (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         namespace TEXT NOT NULL,
         id TEXT NOT NULL,
-        created_at REAL NOT NULL
+        created_at REAL NOT NULL,
+        version INTEGER,
+        urgent INTEGER NOT NULL DEFAULT 1
     )""",
+    # The version counter: one for the whole file, bumped in each write's transaction. Writes are serialized
+    # by SQLite's write lock (BEGIN IMMEDIATE), so versions follow commit order, and one counter never goes
+    # back (not after a delete either).
+    "CREATE TABLE IF NOT EXISTS ondemand_version (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)",
+    "INSERT OR IGNORE INTO ondemand_version (id, value) VALUES (1, 0)",
 )
-OUTBOX_BOUND = 100_000  # outbox rows; past it one OVERFLOW row stands for all (clear every namespace)
+# Version 1 (the first release) had no versions: its rows get version 0 (the oldest), its outbox rows are due
+# at once. SQLite's ALTER TABLE has no IF NOT EXISTS: the columns are looked up first.
+_MIGRATIONS = (
+    ("ondemand_values", "version", "ALTER TABLE ondemand_values ADD COLUMN version INTEGER NOT NULL DEFAULT 0"),
+    ("ondemand_invalidations", "version", "ALTER TABLE ondemand_invalidations ADD COLUMN version INTEGER"),
+    ("ondemand_invalidations", "urgent",
+     "ALTER TABLE ondemand_invalidations ADD COLUMN urgent INTEGER NOT NULL DEFAULT 1"),
+)
+OUTBOX_BOUND = 100_000  # urgent outbox rows; past it one OVERFLOW row stands for all (clear every namespace)
 _SQL_VERSION = "INSERT OR IGNORE INTO ondemand_schema_version (version, applied_at) VALUES (?, ?)"
 
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
 _SQL_GET = f"SELECT value FROM ondemand_values WHERE namespace = ? AND id = ? AND {_LIVE}"
-_SQL_GET_ENTRY = f"SELECT value, expires_at FROM ondemand_values WHERE namespace = ? AND id = ? AND {_LIVE}"
+_SQL_GET_ENTRY = f"SELECT value, expires_at, version FROM ondemand_values WHERE namespace = ? AND id = ? AND {_LIVE}"
 _SQL_SET = """
-INSERT INTO ondemand_values (namespace, id, value, expires_at) VALUES (?, ?, ?, ?)
-ON CONFLICT (namespace, id) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at
+INSERT INTO ondemand_values (namespace, id, value, expires_at, version) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (namespace, id) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at,
+    version = excluded.version
 """
-_SQL_EXPIRE = f"UPDATE ondemand_values SET expires_at = ? WHERE namespace = ? AND id = ? AND {_LIVE}"
-_SQL_RECORD = "INSERT INTO ondemand_invalidations (namespace, id, created_at) VALUES (?, ?, ?)"
-_SQL_PENDING = "SELECT seq, namespace, id FROM ondemand_invalidations ORDER BY seq LIMIT ?"
+_SQL_EXPIRE = f"UPDATE ondemand_values SET expires_at = ?, version = ? WHERE namespace = ? AND id = ? AND {_LIVE}"
+_SQL_RECORD = "INSERT INTO ondemand_invalidations (namespace, id, version, urgent, created_at) VALUES (?, ?, ?, ?, ?)"
+_SQL_PENDING = ("SELECT seq, namespace, id, version FROM ondemand_invalidations WHERE urgent OR created_at <= ?"
+                " ORDER BY seq LIMIT ?")
 _SQL_PURGE = f"""
 DELETE FROM ondemand_values WHERE rowid IN (
     SELECT rowid FROM ondemand_values WHERE expires_at <= ? LIMIT {_PURGE_BATCH}
@@ -221,16 +250,37 @@ def _select(w: _Worker, columns: str, ns: Namespace, ids: Sequence[str], now: fl
     return body() if len(chunks) == 1 else _transaction(w, body, write=False)
 
 
-def _record(w: _Worker, targets: Sequence[tuple[Namespace, str]], now: float, bound: int) -> None:
-    """Outbox rows for `targets`, in the caller's transaction; past `bound` rows, one OVERFLOW row instead."""
+def _versions(w: _Worker, count: int) -> range:
+    """`count` new versions, in the caller's (write) transaction."""
+    w.conn.execute("UPDATE ondemand_version SET value = value + ? WHERE id = 1", (count,))
+    last = w.conn.execute("SELECT value FROM ondemand_version WHERE id = 1").fetchone()[0]
+    return range(last - count + 1, last + 1)
+
+
+def _record(w: _Worker, targets: Sequence[Target], now: float, bound: int) -> None:
+    """Urgent outbox rows for `targets`, in the caller's transaction; past `bound` rows, one OVERFLOW row instead."""
     if not targets:
         return
     full = w.conn.execute(f"SELECT EXISTS (SELECT 1 FROM ondemand_invalidations LIMIT 1 OFFSET {int(bound)})"
                           ).fetchone()[0]
     if not full:
-        w.conn.executemany(_SQL_RECORD, [(ns.name, item_id, now) for ns, item_id in targets])
+        w.conn.executemany(_SQL_RECORD, [(t.namespace.name, t.id, t.version, 1, now) for t in targets])
     elif not w.conn.execute("SELECT 1 FROM ondemand_invalidations WHERE namespace = ? LIMIT 1", (OVERFLOW,)).fetchall():
-        w.conn.execute(_SQL_RECORD, (OVERFLOW, "", now))
+        w.conn.execute(_SQL_RECORD, (OVERFLOW, "", None, 1, now))
+
+
+def _commit_rows(w: _Worker, written: Sequence[tuple[Namespace, str, int]], now: float, urgent: bool,
+                 bound: int) -> list[Committed]:
+    """The outbox rows of a write, in its transaction: not urgent (the writer acknowledges them once its cache
+    write succeeded; any process delivers them after the grace), or urgent (bounded: see _record)."""
+    if urgent:
+        _record(w, [Target(ns, item_id, version) for ns, item_id, version in written], now, bound)
+        return [Committed(ns, item_id, version, None) for ns, item_id, version in written]
+    committed = []
+    for ns, item_id, version in written:
+        seq = w.conn.execute(_SQL_RECORD, (ns.name, item_id, version, 0, now)).lastrowid
+        committed.append(Committed(ns, item_id, version, seq))
+    return committed
 
 
 _PATH_RULE = ("The SQLite file must be ours: a regular file (not a symbolic link, not a directory) owned by our "
@@ -368,25 +418,25 @@ class SqliteStorage:
 
         return await self._run("get", work)
 
-    async def get_entry(self, ns: Namespace, item_id: str) -> tuple[bytes, float | None] | None:
-        """The value and its remaining lifetime in seconds (None: no expiry), or None when absent."""
+    async def get_entry(self, ns: Namespace, item_id: str) -> DurableEntry | None:
+        """The value, its remaining lifetime in seconds (None: no expiry) and its version, or None when absent."""
 
-        def work(w: _Worker, now: float) -> tuple[bytes, float | None] | None:
+        def work(w: _Worker, now: float) -> DurableEntry | None:
             row = w.conn.execute(_SQL_GET_ENTRY, (ns.name, item_id, now)).fetchone()
             if row is None:
                 return None
-            return row[0], None if row[1] is None else row[1] - now
+            return DurableEntry(row[0], None if row[1] is None else row[1] - now, row[2])
 
         return await self._run("get", work)
 
-    async def get_entries(self, ns: Namespace, ids: Sequence[str]) -> list[tuple[bytes, float | None] | None]:
+    async def get_entries(self, ns: Namespace, ids: Sequence[str]) -> list[DurableEntry | None]:
         """get_entry for many ids in one job (one read snapshot), in the order of `ids`."""
         if not ids:
             return []
 
-        def work(w: _Worker, now: float) -> list[tuple[bytes, float | None] | None]:
-            found = {row[0]: (row[1], None if row[2] is None else row[2] - now)
-                     for row in _select(w, "value, expires_at", ns, ids, now)}
+        def work(w: _Worker, now: float) -> list[DurableEntry | None]:
+            found = {row[0]: DurableEntry(row[1], None if row[2] is None else row[2] - now, row[3])
+                     for row in _select(w, "value, expires_at, version", ns, ids, now)}
             return [found.get(item_id) for item_id in ids]
 
         return await self._run("get_many", work)
@@ -402,76 +452,78 @@ class SqliteStorage:
         return await self._run("get_many", work)
 
     async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, *,
-                  invalidate: bool = False) -> None:
-        """`invalidate`: record the key in the outbox in the same transaction."""
-        def work(w: _Worker, now: float) -> None:
-            if not invalidate:
-                w.conn.execute(_SQL_SET, (ns.name, item_id, value, _expires_at(now, ttl)))
-                return
+                  invalidate: bool = False) -> Committed:
+        """One transaction: the version, the row, its outbox row (urgent when `invalidate`)."""
+        def work(w: _Worker, now: float) -> Committed:
+            def body() -> Committed:
+                version = _versions(w, 1)[0]
+                w.conn.execute(_SQL_SET, (ns.name, item_id, value, _expires_at(now, ttl), version))
+                return _commit_rows(w, [(ns, item_id, version)], now, invalidate, self.outbox_bound)[0]
 
-            def body() -> None:
-                _record(w, [(ns, item_id)], now, self.outbox_bound)
-                w.conn.execute(_SQL_SET, (ns.name, item_id, value, _expires_at(now, ttl)))
+            return _transaction(w, body)
 
-            _transaction(w, body)
+        return await self._run("set", work)
 
-        await self._run("set", work)
-
-    async def set_many(self, entries: Sequence[Entry], *, invalidate: bool = False) -> None:
+    async def set_many(self, entries: Sequence[Entry], *, invalidate: bool = False) -> list[Committed]:
         """One transaction: every entry or none, and a reader sees all of them or none. Later duplicates win."""
         latest = {(e.namespace.name, e.id): e for e in entries}
         if not latest:
-            return
+            return []
 
-        def work(w: _Worker, now: float) -> None:
-            rows = [(name, item_id, e.value, _expires_at(now, e.ttl)) for (name, item_id), e in latest.items()]
+        def work(w: _Worker, now: float) -> list[Committed]:
+            def body() -> list[Committed]:
+                versions = _versions(w, len(latest))
+                w.conn.executemany(_SQL_SET, [(name, item_id, e.value, _expires_at(now, e.ttl), version)
+                                              for ((name, item_id), e), version in zip(latest.items(), versions,
+                                                                                       strict=True)])
+                written = [(e.namespace, e.id, version) for e, version in zip(latest.values(), versions, strict=True)]
+                committed = {(c.namespace.name, c.id): c
+                             for c in _commit_rows(w, written, now, invalidate, self.outbox_bound)}
+                return [committed[(e.namespace.name, e.id)] for e in entries]
 
-            def body() -> None:
-                if invalidate:
-                    _record(w, [(e.namespace, e.id) for e in latest.values()], now, self.outbox_bound)
-                w.conn.executemany(_SQL_SET, rows)
+            return _transaction(w, body)
 
-            _transaction(w, body)
+        return await self._run("set_many", work)
 
-        await self._run("set_many", work)
+    async def delete(self, ns: Namespace, ids: Sequence[str], *, invalidate: bool = False) -> Deleted:
+        """Remove ids, expired rows too; counts the live ones that existed, versions every id. One transaction."""
+        unique = list(dict.fromkeys(ids))
+        if not unique:
+            return Deleted(0, [])
 
-    async def delete(self, ns: Namespace, ids: Sequence[str], *, invalidate: bool = False) -> int:
-        """Remove ids, expired rows too; returns how many live ones existed. One transaction."""
-        if not ids:
-            return 0
-
-        def work(w: _Worker, now: float) -> int:
-            def body() -> int:
-                if invalidate:
-                    _record(w, [(ns, item_id) for item_id in dict.fromkeys(ids)], now, self.outbox_bound)
+        def work(w: _Worker, now: float) -> Deleted:
+            def body() -> Deleted:
                 live = 0
-                for chunk in _chunks(ids):
+                for chunk in _chunks(unique):
                     marks = ",".join("?" * len(chunk))
                     live += w.conn.execute(
                         f"SELECT count(*) FROM ondemand_values WHERE namespace = ? AND id IN ({marks}) AND {_LIVE}",
                         (ns.name, *chunk, now)).fetchone()[0]
                     w.conn.execute(f"DELETE FROM ondemand_values WHERE namespace = ? AND id IN ({marks})",
                                    (ns.name, *chunk))
-                return live
+                written = [(ns, item_id, version) for item_id, version in zip(unique, _versions(w, len(unique)),
+                                                                              strict=True)]
+                return Deleted(live, _commit_rows(w, written, now, invalidate, self.outbox_bound))
 
             return _transaction(w, body)
 
         return await self._run("delete", work)
 
-    async def expire(self, ns: Namespace, item_id: str, ttl: float, *, invalidate: bool = False) -> bool:
-        def work(w: _Worker, now: float) -> bool:
-            def body() -> bool:
-                if invalidate:
-                    _record(w, [(ns, item_id)], now, self.outbox_bound)
-                return w.conn.execute(_SQL_EXPIRE, (now + ttl, ns.name, item_id, now)).rowcount > 0
+    async def expire(self, ns: Namespace, item_id: str, ttl: float, *, invalidate: bool = False) -> Committed | None:
+        def work(w: _Worker, now: float) -> Committed | None:
+            def body() -> Committed | None:
+                version = _versions(w, 1)[0]
+                if w.conn.execute(_SQL_EXPIRE, (now + ttl, version, ns.name, item_id, now)).rowcount == 0:
+                    return None
+                return _commit_rows(w, [(ns, item_id, version)], now, invalidate, self.outbox_bound)[0]
 
-            return _transaction(w, body) if invalidate else body()
+            return _transaction(w, body)
 
         return await self._run("expire", work)
 
-    # -- the outbox (app.storage.InvalidationOutbox) -----------------------------------------------
+    # -- the outbox (ondemand.store.InvalidationOutbox) --------------------------------------------
 
-    async def record_invalidations(self, targets: Sequence[tuple[Namespace, str]]) -> None:
+    async def record_invalidations(self, targets: Sequence[Target]) -> None:
         if not targets:
             return
 
@@ -480,10 +532,10 @@ class SqliteStorage:
 
         await self._run("record_invalidations", work)
 
-    async def pending_invalidations(self, limit: int) -> list[tuple[int, str, str]]:
-        def work(w: _Worker, now: float) -> list[tuple[int, str, str]]:
-            return [(int(seq), str(name), str(item_id))
-                    for seq, name, item_id in w.conn.execute(_SQL_PENDING, (limit,))]
+    async def pending_invalidations(self, limit: int, grace: float) -> list[OutboxRow]:
+        def work(w: _Worker, now: float) -> list[OutboxRow]:
+            return [OutboxRow(int(seq), str(name), str(item_id), None if version is None else int(version))
+                    for seq, name, item_id, version in w.conn.execute(_SQL_PENDING, (now - grace, limit))]
 
         return await self._run("pending_invalidations", work)
 
@@ -552,6 +604,9 @@ class SqliteStorage:
             def schema() -> int:
                 for statement in _SCHEMA_SQL:
                     conn.execute(statement)
+                for table, column, alter in _MIGRATIONS:
+                    if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+                        conn.execute(alter)
                 conn.execute(_SQL_VERSION, (SCHEMA_VERSION, time.time()))
                 return conn.execute("SELECT max(version) FROM ondemand_schema_version").fetchone()[0]
 

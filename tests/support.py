@@ -19,6 +19,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -33,7 +34,7 @@ import hiredis
 import psutil
 
 from ondemand.host.net import free_port
-from ondemand.host.process import ChildProcess
+from ondemand.host.process import ChildProcess, log_tail
 from ondemand.plugins.lifecycle_subprocess.local_cluster import ClusterNode, LocalCluster
 from ondemand.plugins.storage_postgres.server import EmbeddedPostgres
 from ondemand.redis.endpoint import RedisEndpoint
@@ -140,6 +141,65 @@ async def wait_until_serving(session: aiohttp.ClientSession, base: str, proc: su
         await asyncio.sleep(0.1)
 
 
+# -- app processes ("hosts") -------------------------------------------------------------------------
+
+
+class App:
+    """One app process (a "host") and its base URL."""
+
+    def __init__(self, name: str, child: ChildProcess, base: str) -> None:
+        self.name, self.child, self.base = name, child, base
+
+    def failure(self, what: str) -> str:
+        return f"{what}\n--- log of {self.name} ({self.child.log_path}):\n{log_tail(self.child.log_path, 30)}"
+
+
+async def start_app(name: str, workdir: Path, redis_url: str, dsn: str, env: dict[str, str] | None = None) -> App:
+    """`run.py --config config/docker.toml` as compose runs it (a "host"): Redis at `redis_url`, PostgreSQL at
+    `dsn`, `env` more settings (ONDEMAND_...); healthy before it returns."""
+    workdir.mkdir()
+    port = free_port()
+    overrides = env or {}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONDEMAND_")}
+    env |= {"DOCKER_ENV": "1", "REDIS_URL": redis_url, "DATABASE_URL": dsn,
+            "ONDEMAND_LIFECYCLE__RUNTIME_DIR": f'"{workdir / "runtime"}"', **overrides}
+    child = await ChildProcess.spawn(
+        name, [sys.executable, str(ROOT / "run.py"), "--config", str(ROOT / "config/docker.toml"),
+               "--host", "127.0.0.1", "--port", str(port)],
+        log_path=workdir / "app.log", env=env, cwd=workdir)
+    app = App(name, child, f"http://127.0.0.1:{port}")
+
+    async def healthy() -> bool:
+        async with aiohttp.ClientSession() as http, http.get(f"{app.base}/healthz") as resp:
+            return resp.status == 200
+
+    try:
+        await child.wait_ready(healthy, timeout=30, interval=0.05, max_interval=0.2)
+    except BaseException:
+        await child.stop(grace=5)
+        raise
+    return app
+
+
+async def call(http: aiohttp.ClientSession, app: App, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    async with http.request(method, app.base + path, json=body) as resp:
+        data = await resp.json() if resp.content_type == "application/json" else None
+        return resp.status, data
+
+
+async def session(http: aiohttp.ClientSession, app: App, sid: str) -> tuple[int, Any, str | None]:
+    """GET a session: (status, value, source)."""
+    status, data = await call(http, app, "GET", f"/api/sessions/{sid}")
+    assert status in (200, 404), app.failure(f"GET session {sid} on {app.name}: {status} {data}")
+    return (status, data["value"], data["source"]) if status == 200 else (status, None, None)
+
+
+async def put(http: aiohttp.ClientSession, app: App, sid: str, value: Any) -> None:
+    status, data = await call(http, app, "PUT", f"/api/sessions/{sid}", value)
+    assert status == 200, app.failure(f"PUT session {sid} on {app.name}: {status} {data}")
+
+
+
 # -- PostgreSQL --------------------------------------------------------------------------------------
 
 
@@ -191,17 +251,21 @@ async def embedded_postgres(
     *,
     template: Path | None = None,
     startup_timeout: float = 60.0,
+    tcp_port: int | None = None,
 ) -> AsyncIterator[EmbeddedPostgres]:
     """Start an embedded PostgreSQL and stop it afterwards, with whatever it left behind.
 
     Without `data_dir`, a temp one is used (a copy of `template` if given, else a new initdb) and
-    removed at the end.
+    removed at the end. With `tcp_port` it also listens on 127.0.0.1 at that port (`tcp_dsn`), for a test
+    that puts a TCP proxy between a client and it.
     """
     owned: Path | None = None
     if data_dir is None:
         data_dir = clone_data_dir(template) if template is not None else new_temp_dir() / "pgdata"
         owned = data_dir.parent
-    pg = EmbeddedPostgres(data_dir, startup_timeout=startup_timeout, stop_timeout=5.0, settings=TEST_SETTINGS)
+    settings = TEST_SETTINGS if tcp_port is None else {**TEST_SETTINGS, "listen_addresses": "127.0.0.1"}
+    pg = EmbeddedPostgres(data_dir, startup_timeout=startup_timeout, stop_timeout=5.0, settings=settings,
+                          **({} if tcp_port is None else {"port": tcp_port}))
     try:
         await pg.start()
         yield pg
@@ -212,6 +276,11 @@ async def embedded_postgres(
         await wait_gone(tree, timeout=5.0)
         if owned is not None:
             remove_temp_dir(owned)
+
+
+def tcp_dsn(port: int) -> str:
+    """The DSN of an embedded PostgreSQL started with `tcp_port` (or of a proxy in front of it)."""
+    return f"host=127.0.0.1 port={port} dbname=postgres user=postgres"
 
 
 async def query(dsn: str, sql: str, params: tuple[object, ...] | None = None) -> list[tuple[object, ...]]:

@@ -43,8 +43,10 @@ def readme_rules() -> dict[str, str]:
 
 
 def without(rule: str, permission: str) -> str:
-    assert f" +{permission}" in rule
-    return rule.replace(f" +{permission}", "")
+    """`rule` without the one token `+permission` (not `+evalsha` when asked for `+eval`)."""
+    tokens = rule.split(" ")
+    assert f"+{permission}" in tokens
+    return " ".join(token for token in tokens if token != f"+{permission}")
 
 
 class Walk:

@@ -14,9 +14,12 @@ async def test_get_many_reads_through_and_puts_back(durable_config) -> None:
         await d.set("session", "a", {"v": "a"}, ttl=60)
         await d.set("session", "b", {"v": "b"}, ttl=60)
         await d.set("session", "c", {"v": "c"})
-        # Only the durable store holds b and c now; c's cached copy is not even JSON.
+        # Only the durable store holds b and c now; c's cached copy is not even JSON (the version it says is
+        # the durable one's: only a repair replaces it).
+        version = (await rt.durable_storage.get_entry(d.namespace("session"), "c")).version
         await rt.on_demand.with_connection(lambda r: r.delete("ondemand:session:b"))
-        await rt.on_demand.with_connection(lambda r: r.set("ondemand:session:c", b"{not json"))
+        await rt.on_demand.with_connection(lambda r: r.hset("ondemand:session:c", mapping={"v": b"{not json",
+                                                                                         "n": version}))
 
         assert await d.get_many("session", ["c", "absent", "a", "b"]) == [{"v": "c"}, None, {"v": "a"}, {"v": "b"}]
         stats = rt.dispatcher.stats["session"]
@@ -43,14 +46,20 @@ async def test_get_many_in_a_cache_only_namespace(runtime: Runtime) -> None:
     assert await d.get_many("profile", []) == []
 
 
-async def test_get_many_does_not_put_back_an_id_deleted_moments_ago(durable_config) -> None:
+async def test_get_many_does_not_put_back_an_id_deleted_moments_ago(durable_config, monkeypatch) -> None:
     async with Runtime(durable_config()) as rt:
         d = rt.dispatcher
         ns = d.namespace("session")
         await d.set("session", "gone", {"v": 1})
+        before = await rt.durable_storage.get_entries(ns, ["gone"])  # a read just before the delete...
         await d.delete("session", "gone")
-        # As if a read had fetched the row just before the delete: the durable store still answers it.
-        await rt.durable_storage.set(ns, "gone", b'{"v": 1}', None)
-        assert await d.get_many("session", ["gone"]) == [{"v": 1}]
-        # ...but the tombstone kept the put-back from reviving it in the cache.
-        assert await rt.on_demand.with_connection(lambda r: r.exists("ondemand:session:gone")) == 0
+
+        async def read_before_the_delete(self, ns, ids):
+            return before
+
+        monkeypatch.setattr(type(rt.durable_storage), "get_entries", read_before_the_delete)
+        assert await d.get_many("session", ["gone"]) == [{"v": 1}]  # ...answered after it
+        # ...but the delete's tombstone kept the put-back from reviving it in the cache.
+        assert await rt.on_demand.with_connection(lambda r: r.hexists("ondemand:session:gone", "v")) == 0
+        monkeypatch.undo()
+        assert await d.get_many("session", ["gone"]) == [None]

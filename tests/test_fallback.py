@@ -291,7 +291,7 @@ async def test_a_read_racing_a_delete_does_not_bring_the_session_back(durable_ba
         deleted.set()
         assert (await lookup).value == {"v": 1}  # read before the delete: a fine answer for that read
         monkeypatch.undo()
-        assert await rt.on_demand.execute("GET", key) is None, "the put-back revived a deleted session"
+        assert await rt.on_demand.execute("HGET", key, "v") is None, "the put-back revived a deleted session"
         assert (await rt.dispatcher.lookup("session", "s")).source == "miss"
         # The tombstone only blocks put-backs: writing the id again works at once, from Redis.
         await rt.cache.cache_session("s", {"v": 2})

@@ -406,7 +406,7 @@ async def test_a_write_the_replica_never_received_is_not_served_after_the_failov
                 new.child.signal(signal.SIGCONT)
             await group.wait_settled(master=new, timeout=30)
             key = rt.dispatcher.namespace("session").key("s")
-            assert await group.call(new, "GET", key) == b'{"v":1}', "the promoted replica holds the older copy"
+            assert await group.call(new, "HGET", key, "v") == b'{"v":1}', "the promoted replica holds the older copy"
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 15
             while True:  # every read, during and after the switch, is the acknowledged value
@@ -416,4 +416,4 @@ async def test_a_write_the_replica_never_received_is_not_served_after_the_failov
                     break
                 assert loop.time() < deadline, "the cache did not come back on the promoted replica"
                 await asyncio.sleep(0.05)
-            assert await group.call(new, "GET", key) == b'{"v":2}'
+            assert await group.call(new, "HGET", key, "v") == b'{"v":2}'

@@ -107,8 +107,21 @@ class TestSqliteStorage(DurableStorageContract):
 
 
 class RedisWithoutTombstones(RedisStorage):
-    async def set_if_absent(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None) -> bool:
-        return bool(await self.on_demand.execute("SET", ns.key(item_id), value, "NX"))
+    """Puts back whatever is not a value (the previous release's rule, SET NX, on the new layout)."""
+
+    async def put_back(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, version: int, *,
+                       repair: bool = False) -> bool:
+        if await self.on_demand.execute("HEXISTS", ns.key(item_id), "v"):
+            return False
+        await self.on_demand.execute("DEL", ns.key(item_id))
+        return bool(await self.on_demand.execute("HSET", ns.key(item_id), "v", value, "n", version))
+
+
+class RedisLastWriteWins(RedisStorage):
+    """Ignores versions: every write lands (a write-through that arrives late replaces a newer value)."""
+
+    def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, version: int | None = None) -> Any:
+        return super().set(ns, item_id, value, ttl, None)
 
 
 class RedisReadThenWriteAppend(RedisStorage):
@@ -123,21 +136,28 @@ class RedisReadThenWriteAppend(RedisStorage):
         return len(merged)
 
 
+class SqliteVersionPerRow(SqliteStorage):
+    """Counts versions per row (1, 2, ...): a re-insert after a delete starts over, below the delete's version."""
+
+    async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, **kw: Any) -> Any:
+        entry = await self.get_entry(ns, item_id)
+        committed = await super().set(ns, item_id, value, ttl, **kw)
+        return committed._replace(version=1 if entry is None else entry.version + 1)
+
+
 class SqliteIgnoringTtls(SqliteStorage):
-    async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None) -> None:
-        await super().set(ns, item_id, value, None)
+    async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, **kw: Any) -> Any:
+        return await super().set(ns, item_id, value, None, **kw)
 
 
 class SqliteSetManyOneByOne(SqliteStorage):
-    async def set_many(self, entries: Any) -> None:
-        for entry in entries:
-            await self.set(entry.namespace, entry.id, entry.value, entry.ttl)
+    async def set_many(self, entries: Any, **kw: Any) -> Any:
+        return [await self.set(entry.namespace, entry.id, entry.value, entry.ttl, **kw) for entry in entries]
 
 
 class SqliteCountingEveryId(SqliteStorage):
-    async def delete(self, ns: Namespace, ids: Any) -> int:
-        await super().delete(ns, ids)
-        return len(ids)
+    async def delete(self, ns: Namespace, ids: Any, **kw: Any) -> Any:
+        return (await super().delete(ns, ids, **kw))._replace(removed=len(ids))
 
 
 class SqliteNamespaceBlind(SqliteStorage):
@@ -146,8 +166,8 @@ class SqliteNamespaceBlind(SqliteStorage):
     def _ns(self, ns: Namespace) -> Namespace:
         return Namespace("a", ns.ttl, ns.durable, ns.connection_id, ns.key_prefix)
 
-    async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None) -> None:
-        await super().set(self._ns(ns), item_id, value, ttl)
+    async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, **kw: Any) -> Any:
+        return await super().set(self._ns(ns), item_id, value, ttl, **kw)
 
     async def get(self, ns: Namespace, item_id: str) -> bytes | None:
         return await super().get(self._ns(ns), item_id)
@@ -156,9 +176,9 @@ class SqliteNamespaceBlind(SqliteStorage):
 class SqliteFullTtlEntries(SqliteStorage):
     """Answers the ttl first written instead of the remaining one (a copy put back would outlive it)."""
 
-    async def get_entry(self, ns: Namespace, item_id: str) -> tuple[bytes, float | None] | None:
+    async def get_entry(self, ns: Namespace, item_id: str) -> Any:
         entry = await super().get_entry(ns, item_id)
-        return None if entry is None or entry[1] is None else (entry[0], 60.0)
+        return entry if entry is None or entry.remaining is None else entry._replace(remaining=60.0)
 
 
 class SqliteHangingWhenDown(SqliteStorage):
@@ -176,7 +196,13 @@ class SqliteBytearray(SqliteStorage):
 REDIS, SQLITE = "redis", "sqlite"
 BROKEN = [
     (REDIS, RedisWithoutTombstones, CacheStorageContract,
-     "test_contract_set_if_absent_refuses_an_id_deleted_from_a_durable_namespace", "revived a deleted value"),
+     "test_contract_put_back_refuses_an_id_deleted_from_a_durable_namespace", "revived a deleted value"),
+    (REDIS, RedisWithoutTombstones, CacheStorageContract,
+     "test_contract_a_tombstone_refuses_older_versions_and_keeps_newer_values", ""),
+    (REDIS, RedisLastWriteWins, CacheStorageContract,
+     "test_contract_a_versioned_write_never_replaces_a_newer_version", "an older version replaced a newer one"),
+    (SQLITE, SqliteVersionPerRow, DurableStorageContract,
+     "test_contract_versions_grow_per_id_in_commit_order_and_never_come_back", "versions must grow"),
     (REDIS, RedisReadThenWriteAppend, CacheStorageContract,
      "test_contract_append_list_is_atomic_under_concurrent_appends", "each append must see"),
     (SQLITE, SqliteIgnoringTtls, DurableStorageContract,

@@ -109,13 +109,13 @@ async def test_round_trip(pg: EmbeddedPostgres) -> None:
         assert await s.get_many(PROFILE, ["a", "c"]) == [b'"other"', b"2"]
         assert await s.get_many(SESSION, []) == []
 
-        assert await s.expire(SESSION, "b", 60.0) is True
-        assert await s.expire(SESSION, "missing", 60.0) is False
+        assert (await s.expire(SESSION, "b", 60.0)).id == "b"
+        assert await s.expire(SESSION, "missing", 60.0) is None
         rows = await query(pg.dsn, "SELECT expires_at IS NOT NULL FROM ondemand_values WHERE id = 'b'")
         assert rows == [(True,)]
 
-        assert await s.delete(SESSION, ["a", "missing"]) == 1
-        assert await s.delete(SESSION, []) == 0
+        assert (await s.delete(SESSION, ["a", "missing"])).removed == 1
+        assert (await s.delete(SESSION, [])).removed == 0
         assert await s.get(SESSION, "a") is None
         assert await s.get(PROFILE, "a") == b'"other"'
 
@@ -152,8 +152,8 @@ async def test_ttl_is_honoured_and_purge_deletes_expired_rows(pg: EmbeddedPostgr
         assert await s.get_many(SESSION, ["short", "short2", "long", "forever", "cleared"]) == [
             None, None, b"3", b"4", b"5",
         ]
-        assert await s.expire(SESSION, "short", 10.0) is False
-        assert await s.delete(SESSION, ["short2"]) == 0  # an expired row did not "exist"
+        assert await s.expire(SESSION, "short", 10.0) is None
+        assert (await s.delete(SESSION, ["short2"])).removed == 0  # an expired row did not "exist"
         assert await count_rows(pg.dsn) == 4  # "short" is expired but still stored
 
         assert await s.purge_expired() == 1
@@ -190,7 +190,7 @@ async def test_schema_creation_is_idempotent(pg: EmbeddedPostgres) -> None:
         await b.close()
     async with opened(cfg) as c:
         assert await c.get_many(SESSION, ["x", "y"]) == [b"1", b"2"]
-    assert await query(pg.dsn, "SELECT version FROM ondemand_schema_version") == [(1,)]
+    assert await query(pg.dsn, "SELECT version FROM ondemand_schema_version") == [(2,)]
 
 
 async def test_embedded_first_use_survives_restart_and_close_leaves_nothing() -> None:

@@ -32,7 +32,7 @@ from ondemand.host.net import free_port
 from ondemand.plugins import storage_sqlite
 from ondemand.plugins.storage_sqlite import SqliteConfig, SqliteStorage, SqliteUnavailable
 from ondemand.registry import Registry
-from ondemand.store.protocols import DurableStorage, Entry, Namespace
+from ondemand.store.protocols import DurableStorage, Entry, Namespace, Target
 from ondemand.web import create_app
 from tests.support import ROOT, pid_alive, wait_for
 
@@ -116,7 +116,7 @@ async def test_open_is_instant_and_creates_a_private_directory_and_file(tmp_path
         assert status["errors"] == 0 and status["last_error"] is None
         json.dumps(status)
         assert rows(path, "PRAGMA journal_mode") == "wal"
-        assert rows(path, "SELECT version FROM ondemand_schema_version") == 1
+        assert rows(path, "SELECT max(version) FROM ondemand_schema_version") == 2
     finally:
         await storage.close()
     assert storage.status()["state"] == "stopped"
@@ -202,7 +202,7 @@ HOLD_LOCK = textwrap.dedent("""
     import sqlite3, sys
     conn = sqlite3.connect(sys.argv[1], isolation_level=None)
     conn.execute("BEGIN IMMEDIATE")
-    conn.execute("INSERT INTO ondemand_values VALUES ('session', 'held', x'00', NULL)")
+    conn.execute("INSERT INTO ondemand_values (namespace, id, value) VALUES ('session', 'held', x'00')")
     print("locked", flush=True)
     sys.stdin.read()  # holds the write lock until the test closes our stdin (or kills us)
 """)
@@ -360,7 +360,8 @@ async def test_expired_rows_are_invisible_and_purged(tmp_path: Path) -> None:
     try:
         await storage.set_many([Entry(SESSION, "keep", b"1", None), Entry(SESSION, "soon", b"2", 0.05)])
         with sqlite3.connect(path) as conn:  # a backlog larger than one purge batch
-            conn.executemany("INSERT INTO ondemand_values VALUES ('session', ?, x'00', ?)",
+            conn.executemany("INSERT INTO ondemand_values (namespace, id, value, expires_at)"
+                             " VALUES ('session', ?, x'00', ?)",
                              [(f"old{i}", time.time() - 1) for i in range(2500)])
         assert await storage.get_many(SESSION, ["keep", "old1"]) == [b"1", None]
         await wait_for(lambda: rows(path) == 1, timeout=3)  # the periodic purge, batch after batch
@@ -378,7 +379,7 @@ async def test_many_ids_span_several_statements_in_one_snapshot(opened: SqliteSt
     entries = await opened.get_entries(SESSION, ids)
     assert [e[0] for e in entries] == [i.encode() for i in ids]
     assert all((e[1] is None) if i % 2 == 0 else (0 < e[1] <= 60.0) for i, e in enumerate(entries))
-    assert await opened.delete(SESSION, [*ids, *ids[:10], "nope"]) == 1300
+    assert (await opened.delete(SESSION, [*ids, *ids[:10], "nope"])).removed == 1300
     assert await opened.get_many(SESSION, ids[:3]) == [None, None, None]
 
 
@@ -432,33 +433,35 @@ async def test_the_outbox_records_with_the_write_in_one_transaction(tmp_path: Pa
     try:
         await storage.set(SESSION, "s", b"1", None, invalidate=True)
         await storage.set_many([Entry(SESSION, "m", b"1", None), Entry(profile, "p", b"1", None)], invalidate=True)
-        assert await storage.delete(SESSION, ["s", "s", "gone"], invalidate=True) == 1
-        assert await storage.expire(SESSION, "m", 60.0, invalidate=True) is True
-        await storage.set(SESSION, "quiet", b"1", None)  # without invalidate: no row
-        pending = await storage.pending_invalidations(100)
-        assert [(ns, i) for _, ns, i in pending] == [("session", "s"), ("session", "m"), ("profile", "p"),
-                                                     ("session", "s"), ("session", "gone"), ("session", "m")]
-        seqs = [seq for seq, _, _ in pending]
+        assert (await storage.delete(SESSION, ["s", "s", "gone"], invalidate=True)).removed == 1
+        assert await storage.expire(SESSION, "m", 60.0, invalidate=True) is not None
+        quiet = await storage.set(SESSION, "quiet", b"1", None)  # without invalidate: due after the grace only
+        pending = await storage.pending_invalidations(100, 3600.0)
+        assert [(ns, i) for _, ns, i, _ in pending] == [("session", "s"), ("session", "m"), ("profile", "p"),
+                                                        ("session", "s"), ("session", "gone"), ("session", "m")]
+        seqs = [row.seq for row in pending]
         assert seqs == sorted(seqs) and len(set(seqs)) == 6  # oldest first
+        assert [row.seq for row in await storage.pending_invalidations(100, 0.0)] == sorted([*seqs, quiet.outbox])
+        await storage.ack_invalidations([quiet.outbox])
 
         # A write that fails records nothing: the rows are part of its transaction.
         release = lock_holder(path)
         with pytest.raises(SqliteUnavailable):
             await storage.set(SESSION, "locked", b"1", None, invalidate=True)
         release()
-        assert len(await storage.pending_invalidations(100)) == 6
+        assert len(await storage.pending_invalidations(100, 0.0)) == 6
 
         await storage.ack_invalidations(seqs[-1:])  # the newest: its number must never come back
-        await storage.record_invalidations([(SESSION, "after")])
-        after = await storage.pending_invalidations(100)
-        assert after[-1][1:] == ("session", "after") and after[-1][0] > seqs[-1]
+        await storage.record_invalidations([Target(SESSION, "after", 9)])
+        after = await storage.pending_invalidations(100, 3600.0)
+        assert after[-1][1:] == ("session", "after", 9) and after[-1][0] > seqs[-1]
         # Six rows now, past the bound of 5: one overflow row stands for whatever comes next.
-        await storage.record_invalidations([(SESSION, "x"), (SESSION, "y")])
-        await storage.record_invalidations([(SESSION, "z")])
-        names = [ns for _, ns, _ in await storage.pending_invalidations(100)]
+        await storage.record_invalidations([Target(SESSION, "x"), Target(SESSION, "y")])
+        await storage.record_invalidations([Target(SESSION, "z")])
+        names = [row.namespace for row in await storage.pending_invalidations(100, 3600.0)]
         assert names == ["session"] * 2 + ["profile"] + ["session"] * 3 + ["*"]
-        await storage.ack_invalidations([seq for seq, _, _ in await storage.pending_invalidations(100)])
-        assert await storage.pending_invalidations(100) == []
+        await storage.ack_invalidations([row.seq for row in await storage.pending_invalidations(100, 0.0)])
+        assert await storage.pending_invalidations(100, 0.0) == []
         assert await storage.ack_invalidations([]) is None and await storage.record_invalidations([]) is None
     finally:
         await storage.close()

@@ -6,20 +6,28 @@ the same tick. MOVED patches the slot map (a storm of them refreshes it), ASK se
 command, TRYAGAIN and CLUSTERDOWN are retried within the command's budget, multi-key commands are split
 by slot. A master that fails makes its commands fail (NodeUnavailable) and the map is refreshed until a
 promoted replica takes its slots, without waiting for a command to notice.
+
+Failures stay with their node. A master that answers again after a failure, one that replaced another (a
+promoted replica, or another server process at a known address), and one that answers CLUSTERDOWN or is
+otherwise unusable past a command's budget, is held while a recovery brings it up to date (`recover`, the
+dispatcher's: stale keys invalidated, a replaced node's durable copies cleared, on that node alone): its
+commands wait for that within their own budget (NodeUnavailable past it), so that a recovery under load
+does not make new stale keys of the writes it holds back. The other masters serve throughout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
 
-from ondemand.errors import CacheReplaced, NodeUnavailable, RedisCommandError, RedisUnavailable, first_line
+from ondemand.errors import BackendUnavailable, NodeUnavailable, RedisCommandError, RedisUnavailable, first_line
 from ondemand.redis.connection import Command, FailureCallback
 from ondemand.redis.endpoint import RedisEndpoint
 from ondemand.redis.pipeline import PipelinedConnection
@@ -32,11 +40,15 @@ _BACKOFF_MAX = 0.05  # seconds between two tries after TRYAGAIN or CLUSTERDOWN
 _REFRESH_MIN_INTERVAL = 0.1  # seconds between two full refreshes of the slot map
 _MOVED_STORM = 16  # MOVED replies within a refresh interval that make us refresh the whole map
 _FAILED_REFRESH_MAX = 0.25  # seconds: the longest wait between two refreshes while a master is unreachable
+_RECOVER_FIRST, _RECOVER_MAX = 0.05, 1.0  # seconds between two tries to bring a held master up to date, doubling
+_NODE_UNUSABLE = frozenset({"clusterdown", "loading", "busy", "masterdown"})  # error replies that hold a master
+# The master a task is bringing up to date: its commands go through although the master is held.
+_RECOVERING: contextvars.ContextVar[Address | None] = contextvars.ContextVar("ondemand_recovering", default=None)
 _SUMMED = frozenset({b"DEL", b"UNLINK", b"EXISTS", b"TOUCH"})
 _KEYLESS = frozenset({b"PING", b"SCAN", b"INFO", b"DBSIZE", b"ROLE", b"CLUSTER", b"CONFIG", b"FLUSHALL"})
 # Commands whose only key is args[1], spelled as our storages send them: routed without command_keys or a
-# set of slots (0.3-0.4 us less per command, on every GET and SET).
-_ONE_KEY = frozenset(name for base in ("GET", "SET", "PEXPIRE", "PTTL", "EXPIRE", "TTL")
+# set of slots (0.3-0.4 us less per command, on every GET, HGET and SET).
+_ONE_KEY = frozenset(name for base in ("GET", "HGET", "SET", "PEXPIRE", "PTTL", "EXPIRE", "TTL")
                      for name in (base, base.encode()))
 
 
@@ -57,6 +69,51 @@ def command_keys(args: Sequence[Any]) -> list[Any]:
     return [args[1]]
 
 
+def scan_pattern(prefix: str) -> str:
+    """A SCAN MATCH pattern for the keys starting with `prefix`, taken literally."""
+    return prefix.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?").replace("[", "\\[") + "*"
+
+
+async def unlink(execute: Callable[..., Awaitable[Any]], keys: Sequence[Any], *, cluster: bool) -> int:
+    """UNLINK `keys` through `execute` (one server's, or one master's: then slot by slot, as a cluster node
+    refuses a multi-key command across slots)."""
+    if not cluster:
+        return await execute("UNLINK", *keys)
+    by_slot: dict[int, list[Any]] = {}
+    for key in keys:
+        by_slot.setdefault(key_slot(key), []).append(key)
+    return sum(await asyncio.gather(*(execute("UNLINK", *group) for group in by_slot.values())))
+
+
+@attrs.frozen
+class NodeRecovery:
+    """A held master to bring up to date, as the recovery callback gets it: commands the callback sends reach
+    it although it is held (the callback runs in a task of its own that says so)."""
+
+    address: Address
+    replaced: bool  # another server than the one written to (a promoted replica, a restart): may lack writes
+    cluster: ClusterConnection
+
+    def owns(self, key: str | bytes) -> bool:
+        """Whether `key`'s slot is this master's."""
+        return self.cluster.slots.owner(key_slot(key)) == self.address
+
+    async def delete_prefix(self, prefix: str, *, batch: int = 1000) -> int:
+        """SCAN and UNLINK every key under `prefix` on this master alone; returns how many went."""
+        removed = 0
+        cursor: Any = b"0"
+        while True:
+            cursor, keys = await self.cluster.execute_on(self.address, "SCAN", cursor, "MATCH", scan_pattern(prefix),
+                                                         "COUNT", batch)
+            if keys:
+                removed += await unlink(lambda *args: self.cluster.execute_on(self.address, *args), keys, cluster=True)
+            if cursor in (b"0", 0):
+                return removed
+
+
+NodeRecoveryCallback = Callable[[NodeRecovery], Awaitable[None]]
+
+
 @attrs.define(eq=False)
 class ClusterNode:
     address: Address
@@ -70,8 +127,15 @@ class ClusterConnection:
     """See the module docstring."""
 
     def __init__(self, seed: RedisEndpoint, *, op_timeout: float, connect_timeout: float, max_batch: int,
-                 on_failure: FailureCallback | None = None) -> None:
+                 on_failure: FailureCallback | None = None, recover: NodeRecoveryCallback | None = None,
+                 known_ids: dict[Address, str] | None = None) -> None:
         self._seed = seed
+        self._recover = recover
+        # Each master's run_id as last seen (shared with the connections before and after this one): a master
+        # that answers with another one, or an address that was not a master, is held as replaced.
+        self.known_ids: dict[Address, str] = {} if known_ids is None else known_ids
+        self._had_known = bool(self.known_ids)
+        self._new_ids: dict[Address, str] = {}  # run_ids of replaced masters, known once they are recovered
         self._op_timeout = op_timeout
         self._connect_timeout = connect_timeout
         self._max_batch = max_batch
@@ -81,15 +145,18 @@ class ClusterConnection:
         self.nodes: dict[Address, ClusterNode] = {}
         self.closed_reason: RedisUnavailable | None = None
         self.server_id: str | None = None  # the masters' run_ids when connected
-        self._promoted: set[Address] = set()  # masters that took a failed master's slots over
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed: asyncio.Future[None] | None = None  # what wait_refreshed awaits: the next map read
         self._refreshed_at = 0.0
         self._moved_since_refresh = 0
         self._failed: set[Address] = set()  # masters whose connection failed, until they answer or leave the map
-        # Masters that answer again after a failure: their first command makes the dispatcher delete what
-        # went stale on them meanwhile (a breaker cycle) before they serve.
-        self._rejoined: set[Address] = set()
+        # Masters that answer but must be brought up to date before they serve: address -> replaced (see the
+        # module docstring); each has a recovery task, and a generation that tells a recovery it was overtaken.
+        self._held: dict[Address, bool] = {}
+        self._holds: dict[Address, int] = {}
+        self._releases: dict[Address, asyncio.Event] = {}  # set when a held master serves again
+        self._recovering: dict[Address, asyncio.Task[None]] = {}
+        self.recoveries = 0
         self.redirects = {"moved": 0, "ask": 0, "tryagain": 0, "clusterdown": 0}
         self.refreshes = 0
 
@@ -97,10 +164,12 @@ class ClusterConnection:
 
     @classmethod
     async def connect(cls, seed: RedisEndpoint, *, op_timeout: float, connect_timeout: float, max_batch: int,
-                      on_failure: FailureCallback | None = None) -> ClusterConnection:
-        """Read the slot map from the seed and connect to every master (in parallel, bounded)."""
+                      on_failure: FailureCallback | None = None, recover: NodeRecoveryCallback | None = None,
+                      known_ids: dict[Address, str] | None = None) -> ClusterConnection:
+        """Read the slot map from the seed and connect to every master (in parallel, bounded). A master whose
+        run_id is not the one `known_ids` holds for its address is held until recovered (see the docstring)."""
         conn = cls(seed, op_timeout=op_timeout, connect_timeout=connect_timeout, max_batch=max_batch,
-                   on_failure=on_failure)
+                   on_failure=on_failure, recover=recover, known_ids=known_ids)
         try:
             await conn._refresh_from([seed])
             if not conn.slots.covered():
@@ -141,6 +210,7 @@ class ClusterConnection:
             finally:
                 waiting, node.connecting = node.connecting, None
             node.connection = conn
+            self._seen(node.address, conn.server_id)
             self._back(node.address)
             waiting.set_result(conn)
             return conn
@@ -162,15 +232,16 @@ class ClusterConnection:
                 continue
             slots = SlotMap.from_cluster_slots(reply, default_host=endpoint.host or "127.0.0.1")
             # A failover: slots whose owner is no master any more now belong to a promoted replica, which
-            # may lack the last writes its master acknowledged. The first command it gets says so
-            # (CacheReplaced), so the dispatcher clears durable copies before serving them. (A resharding
-            # moves slots between masters that stay masters: the keys moved with them.)
+            # may lack the last writes its master acknowledged: it is held as replaced, and its durable
+            # copies are cleared before it serves. (A resharding moves slots between masters that stay
+            # masters: the keys moved with them.)
             before, now = self.slots, set(slots.masters())
             if before.covered():
                 lost = set(before.masters()) - now
-                for slot in range(SLOTS):
-                    if before.owner(slot) in lost and slots.owner(slot) is not None:
-                        self._promoted.add(slots.owner(slot))  # type: ignore[arg-type]
+                promoted = {slots.owner(slot) for slot in range(SLOTS)
+                            if before.owner(slot) in lost and slots.owner(slot) is not None}
+                for address in promoted:
+                    self._hold(address, replaced=True)  # type: ignore[arg-type]
             self.slots = slots
             for address in slots.masters():
                 self._node(address)
@@ -184,22 +255,95 @@ class ClusterConnection:
             return
         raise RedisUnavailable("cannot read the cluster's slot map: " + "; ".join(errors))
 
+    def _seen(self, address: Address, run_id: str | None) -> None:
+        """A connection to `address` answered with `run_id`. Another server than the one known there, or a
+        master this cluster's earlier connections did not know, is held as replaced; its run_id is known
+        from when its recovery succeeded (so that a connection made meanwhile holds it too)."""
+        if run_id is None or self.known_ids.get(address) == run_id:
+            return
+        if address not in self.known_ids and not self._had_known:
+            self.known_ids[address] = run_id  # the first connection to this cluster: nothing to distrust
+            return
+        self._new_ids[address] = run_id
+        self._hold(address, replaced=True)
+
     def _back(self, address: Address) -> None:
         if address in self._failed:
             self._failed.discard(address)
-            self._rejoined.add(address)
+            self._hold(address, replaced=False)
 
     def reachable_masters(self) -> list[Address]:
         return [address for address in self.slots.masters() if address not in self._failed]
 
-    def _check(self, address: Address) -> None:
-        """Before a command to `address`: fail fast while it is unreachable; tell once when it is back."""
-        if address in self._failed:
-            raise NodeUnavailable(f"Redis Cluster master {address[0]}:{address[1]} is unreachable")
-        if address in self._rejoined:
-            self._rejoined.discard(address)
-            raise RedisUnavailable(f"Redis Cluster master {address[0]}:{address[1]} answers again: what went "
-                                   "stale on it is deleted before it serves")
+    async def _ready(self, address: Address, deadline: float, *, bypass: bool = False) -> None:
+        """Before a command to `address`: fail fast while it is unreachable; while it is held, wait for its
+        release within the command's budget (unless this task is the one bringing it up to date)."""
+        while True:
+            if address in self._failed:
+                raise NodeUnavailable(f"Redis Cluster master {address[0]}:{address[1]} is unreachable")
+            released = self._releases.get(address)
+            if released is None or bypass or _RECOVERING.get() == address:
+                return
+            try:
+                async with asyncio.timeout(max(0.0, deadline - self._loop.time())):
+                    await released.wait()
+            except TimeoutError:
+                raise NodeUnavailable(f"Redis Cluster master {address[0]}:{address[1]} is being brought up to date "
+                                      "(what went stale on it is invalidated) before it serves") from None
+
+    def _hold(self, address: Address, *, replaced: bool) -> None:
+        """Keep `address` from serving until a recovery brought it up to date (see the module docstring)."""
+        if self.closed_reason is not None:
+            return
+        self._held[address] = self._held.get(address, False) or replaced
+        self._holds[address] = self._holds.get(address, 0) + 1
+        self._releases.setdefault(address, asyncio.Event())
+        if address not in self._recovering:
+            self._recovering[address] = asyncio.ensure_future(self._bring_up_to_date(address))
+
+    def _release(self, address: Address) -> None:
+        self._held.pop(address, None)
+        released = self._releases.pop(address, None)
+        if released is not None:
+            released.set()
+
+    async def _bring_up_to_date(self, address: Address) -> None:
+        """Run the recovery of a held master until it succeeds (bounded backoff between tries), then release it,
+        unless it was held again meanwhile (then once more, as held now)."""
+        delay = _RECOVER_FIRST
+        try:
+            while address in self._held and self.closed_reason is None:
+                if address not in self.slots.masters():  # no longer a master: nothing to serve
+                    self._release(address)  # (its waiting commands go where the map sends them now)
+                    return
+                if address in self._failed:  # unreachable again: the refresh tries it; we wait for that
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RECOVER_MAX)
+                    continue
+                replaced, generation = self._held[address], self._holds[address]
+                token = _RECOVERING.set(address)
+                try:
+                    if self._recover is not None:
+                        await self._recover(NodeRecovery(address, replaced, self))
+                except Exception as exc:
+                    if isinstance(exc, BackendUnavailable | RedisCommandError):
+                        log.debug("bringing %s:%s up to date failed (retrying): %s", *address, first_line(exc))
+                    else:
+                        log.exception("bringing %s:%s up to date failed; retrying", *address)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RECOVER_MAX)
+                    continue
+                finally:
+                    _RECOVERING.reset(token)
+                if self._holds.get(address) == generation:  # not held again meanwhile (replaced, failed...)
+                    self._release(address)
+                    if address in self._new_ids:
+                        self.known_ids[address] = self._new_ids.pop(address)
+                    self.recoveries += 1
+                    log.info("Redis Cluster master %s:%s serves again (%s)", *address,
+                             "replaced: its durable copies were cleared" if replaced else "stale keys invalidated")
+        finally:
+            self._recovering.pop(address, None)
 
     def node_failed(self, address: Address | None) -> None:
         """A master's connection failed (or could not be made): refresh the map until it answers again or
@@ -286,16 +430,16 @@ class ClusterConnection:
             address = self.slots.owner(slots.pop())
         node = self.nodes.get(address) if address is not None else None
         conn = node.connection if node is not None else None
-        if (conn is not None and conn.closed_reason is None and address not in self._promoted
-                and address not in self._failed and address not in self._rejoined):
+        if (conn is not None and conn.closed_reason is None and address not in self._held
+                and address not in self._failed):
             # Queued now, in this tick, whenever the caller awaits it: commands issued together share
             # their node's batch (execute_grouped awaits one reply after the other).
             return self._finish(conn.execute(*args), address, args)  # type: ignore[arg-type]
         return self._run(address, args)
 
     def execute_on(self, address: Address, *args: Any) -> Any:
-        """A keyless command on one master (SCAN on each, for example)."""
-        return self._run(address, args)
+        """A command for one master (SCAN on each, UNLINK of the keys it found), even while it is held."""
+        return self._run(address, args, bypass=True)
 
     def execute_many(self, commands: Sequence[Command]) -> list[Any]:
         return [self.execute(*command) for command in commands]
@@ -327,16 +471,21 @@ class ClusterConnection:
                 self.node_failed(address)
                 raise _node_unavailable(exc) from exc
             if exc.kind not in ("moved", "ask", "tryagain", "clusterdown"):
+                if exc.kind in _NODE_UNUSABLE:
+                    raise self._unusable(address, exc) from exc
                 raise
             return await self._run(address, args, first_error=exc)
 
-    def _replaced(self, address: Address) -> CacheReplaced:
-        self._promoted.discard(address)
-        return CacheReplaced(f"Redis Cluster: {address[0]}:{address[1]} took a failed master's slots over; it may "
-                             "lack writes that master acknowledged")
+    def _unusable(self, address: Address, exc: RedisCommandError) -> NodeUnavailable:
+        """A master that cannot serve now (CLUSTERDOWN past the budget, LOADING, BUSY...): its problem alone.
+        Held, so that what went stale on it meanwhile is invalidated before it serves again."""
+        self._hold(address, replaced=False)
+        if exc.kind == "clusterdown":
+            self.refresh_soon()
+        return NodeUnavailable(f"Redis Cluster master {address[0]}:{address[1]} cannot serve: {first_line(exc)}")
 
     async def _run(self, address: Address | None, args: Sequence[Any], *,
-                   first_error: RedisCommandError | None = None) -> Any:
+                   first_error: RedisCommandError | None = None, bypass: bool = False) -> Any:
         deadline = self._loop.time() + self._op_timeout
         asking = False
         backoff = 0.005
@@ -352,10 +501,13 @@ class ClusterConnection:
                 redirect = self._redirect(error, args)
                 if redirect is None:
                     raise error
+                previous = address
                 address, asking = redirect
                 if error.kind in ("tryagain", "clusterdown"):
                     # (the slot is being migrated, or the cluster is failing over: it may clear within the budget)
                     if self._loop.time() + backoff >= deadline:
+                        if error.kind == "clusterdown" and previous is not None:
+                            raise self._unusable(previous, error) from error
                         raise error
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, _BACKOFF_MAX)
@@ -366,9 +518,7 @@ class ClusterConnection:
                 address = self.slots.owner(slot)
                 if address is None:
                     raise RedisUnavailable("no cluster node serves this key's slot")
-            if address in self._promoted:
-                raise self._replaced(address)
-            self._check(address)
+            await self._ready(address, deadline, bypass=bypass)
             node = self._node(address)
             try:
                 conn = await self._node_connection(node)
@@ -385,6 +535,8 @@ class ClusterConnection:
                                       f"{self._op_timeout:g} s") from None
             except RedisCommandError as exc:
                 if exc.kind not in ("moved", "ask", "tryagain", "clusterdown"):
+                    if exc.kind in _NODE_UNUSABLE:
+                        raise self._unusable(address, exc) from exc
                     raise
                 pending_error = exc
                 continue
@@ -419,6 +571,10 @@ class ClusterConnection:
         if self._refreshing is not None:
             self._refreshing.cancel()
             self._refreshing = None
+        for task in self._recovering.values():
+            task.cancel()
+        for address in list(self._releases):  # commands waiting for a held master fail on the closed connection
+            self._release(address)
         for node in self.nodes.values():
             if node.connection is not None:
                 node.connection.close(reason)
@@ -427,7 +583,8 @@ class ClusterConnection:
         return {
             "nodes": [
                 {"address": f"{host}:{port}", "role": "master", "slots": self.slots.slots_of((host, port)),
-                 "state": "unreachable" if (host, port) in self._failed else "up",
+                 "state": ("unreachable" if (host, port) in self._failed
+                           else "recovering" if (host, port) in self._held else "up"),
                  "connected": node.connection is not None and node.connection.closed_reason is None,
                  "batches": node.connection.batches_written if node.connection else 0,
                  "commands": node.connection.commands_written if node.connection else 0,
@@ -438,6 +595,9 @@ class ClusterConnection:
             "slot_map_refreshes": self.refreshes,
             # masters in the map whose connection failed: the map is refreshed until this is empty again
             "unreachable": [f"{host}:{port}" for host, port in sorted(self._failed)],
+            # masters held until brought up to date (stale keys invalidated, a replaced one's durable copies cleared)
+            "recovering": [f"{host}:{port}" for host, port in sorted(self._held)],
+            "recoveries": self.recoveries,
         }
 
 

@@ -40,7 +40,7 @@ from ondemand.errors import (
 )
 from ondemand.events import Events
 from ondemand.health import OutageTracker
-from ondemand.redis.cluster import ClusterConnection
+from ondemand.redis.cluster import ClusterConnection, NodeRecovery, NodeRecoveryCallback
 from ondemand.redis.connection import Command
 from ondemand.redis.endpoint import RedisEndpoint
 from ondemand.redis.lifecycle import Lifecycle
@@ -116,6 +116,10 @@ class OnDemandRedis:
         self._closed = False
         self.last_used = time.monotonic()
         self.server_id: str | None = None  # the run_id of the server process last connected to
+        # A cluster's masters' run_ids as last seen, shared by every pool's ClusterConnection: a master that turns
+        # out to be another server is held until brought up to date, by `node_recovery` (the dispatcher's).
+        self.node_ids: dict[tuple[str, int], str] = {}
+        self.node_recovery: NodeRecoveryCallback | None = None
         self._pid = os.getpid()
         # Lifecycle.connection_lost (a lifecycle that can find the server elsewhere, Sentinel, acts on it) is
         # told about failed connections to the current endpoint, on failures only. `_current` holds the
@@ -134,6 +138,7 @@ class OnDemandRedis:
         """
         self.pools = {}
         self.server_id = None
+        self.node_ids = {}
         self._janitor = self._start_task = None
         self._endpoint = self._running_since = None
         self.state = STOPPED if self.lifecycle.provides_redis else DISABLED
@@ -222,14 +227,14 @@ class OnDemandRedis:
             try:
                 endpoint = await self.ensure()
                 redis_config = self.config.redis
-                kind = ClusterConnection if endpoint.cluster else PipelinedConnection
-                conn = await kind.connect(
-                    endpoint,
-                    op_timeout=redis_config.op_timeout,
-                    connect_timeout=redis_config.connect_timeout,
-                    max_batch=redis_config.max_batch,
-                    on_failure=self._count_failures,
-                )
+                options = {"op_timeout": redis_config.op_timeout, "connect_timeout": redis_config.connect_timeout,
+                           "max_batch": redis_config.max_batch, "on_failure": self._count_failures}
+                conn: PipelinedConnection | ClusterConnection
+                if endpoint.cluster:
+                    conn = await ClusterConnection.connect(endpoint, **options, recover=self._recover_node,
+                                                           known_ids=self.node_ids)
+                else:
+                    conn = await PipelinedConnection.connect(endpoint, **options)
             except BaseException as exc:
                 pool.mux_connecting.set_exception(exc)
                 pool.mux_connecting.exception()  # retrieved: waiters (if any) re-raise it
@@ -243,8 +248,9 @@ class OnDemandRedis:
             pool.mux = conn
             pool.opens += 1
             previous, self.server_id = self.server_id, conn.server_id or self.server_id
-            if (not self.lifecycle.starts_empty and previous is not None and conn.server_id is not None
-                    and conn.server_id != previous):
+            # (A cluster tells master by master, and holds only the replaced ones: see ClusterConnection.)
+            if (not self.lifecycle.starts_empty and not endpoint.cluster and previous is not None
+                    and conn.server_id is not None and conn.server_id != previous):
                 # Not the server we wrote to: it may lack acknowledged writes (async replication) or hold
                 # older copies. The commands waiting for this connection fail over; the next ones use it.
                 replaced = CacheReplaced(f"Redis answers from another server process (run_id {conn.server_id}, "
@@ -313,8 +319,18 @@ class OnDemandRedis:
             pool.leases -= 1
             self.last_used = pool.last_used = time.monotonic()
 
+    async def _recover_node(self, node: NodeRecovery) -> None:
+        if self.node_recovery is not None:
+            await self.node_recovery(node)
+
+    @property
+    def cluster(self) -> bool:
+        """The server in use is a Redis Cluster."""
+        return self._endpoint is not None and self._endpoint.cluster
+
     async def per_master(self, connection_id: str = "default") -> list[Callable[..., Awaitable[Any]]]:
-        """One `execute` per server: the server's, or each master's of a cluster (for SCAN and the like)."""
+        """One `execute` per server: the server's, or each reachable master's of a cluster (for SCAN and the
+        UNLINK of what it found: commands for that master, even while it is held)."""
         pool = self.pools.get(connection_id) or self._new_pool(connection_id, None)
         conn = pool.mux
         if conn is None or conn.closed_reason is not None:
@@ -378,6 +394,8 @@ class OnDemandRedis:
                     self.state = STOPPED
                     raise
                 self._endpoint = endpoint
+                if self.lifecycle.starts_empty:  # a new, empty server of ours: none of its masters is to distrust
+                    self.node_ids.clear()
                 self._current = weakref.WeakSet()
                 self._running_since = time.monotonic()
                 self.state = RUNNING

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import attrs
 import orjson
@@ -31,17 +31,27 @@ from ondemand.errors import (
 )
 from ondemand.health import OutageTracker
 from ondemand.store.breaker import CircuitBreaker
-from ondemand.store.invalidation import Invalidation, Target
-from ondemand.store.protocols import CacheStorage, DurableStorage, Entry, Namespace
+from ondemand.store.invalidation import Invalidation
+from ondemand.store.protocols import (
+    CacheStorage,
+    Committed,
+    Deleted,
+    DurableEntry,
+    DurableStorage,
+    Entry,
+    Namespace,
+    Target,
+)
 from ondemand.store.values import CORRUPT, check_id, check_ttl, decode, encode
 
 log = logging.getLogger("ondemand.dispatcher")
+T = TypeVar("T")
 
 _NOT_WRITTEN = object()  # a cache write skipped (breaker open) or failed
 
 
 class _LazyTargets:
-    """The (namespace, id) of some entries, computed only when iterated (on the failure path)."""
+    """The targets of some entries, computed only when iterated (on the failure path)."""
 
     __slots__ = ("_entries",)
 
@@ -49,7 +59,7 @@ class _LazyTargets:
         self._entries = entries
 
     def __iter__(self):
-        return ((e.namespace, e.id) for e in self._entries)
+        return (Target(e.namespace, e.id, e.version) for e in self._entries)
 
 
 @attrs.define
@@ -75,6 +85,11 @@ class Lookup(NamedTuple):
 
 
 class Dispatcher:
+    # Seconds after a durable call began past which its result is not written into the cache as a value: a
+    # put-back is skipped, a write-through becomes a tombstone of its version. The cache keeps tombstones far
+    # longer (the redis storage: 30 s), so a late write can only meet one that is still there, or nothing older.
+    late_after = 2.0
+
     def __init__(
         self,
         *,
@@ -85,6 +100,7 @@ class Dispatcher:
         durable_health: OutageTracker | None = None,
         dirty_limit: int = 100_000,
         outbox_poll: float = 1.0,
+        outbox_grace: float = 1.0,
     ) -> None:
         """`namespaces` say whether each is durable; one marked durable needs a `durable` store."""
         self.cache = cache
@@ -97,10 +113,14 @@ class Dispatcher:
         self.durable_health = durable_health
         self.invalidation = Invalidation(cache=cache, durable=durable, namespaces=self.namespaces,
                                          durable_health=durable_health, stale_limit=dirty_limit,
-                                         outbox_poll=outbox_poll)
+                                         outbox_poll=outbox_poll, outbox_grace=outbox_grace)
         self.breaker = CircuitBreaker(probe=self.invalidation.probe, on_recover=self.invalidation.recover,
                                       health=cache_health)
         self.invalidation.probe_soon = self.breaker.probe_soon
+        # Durable writes run in tasks of their own, which finish (commit, cache write, acknowledgement) even
+        # when their caller gives up: a write cancelled after its commit still reaches the cache.
+        self._writes: set[asyncio.Task[Any]] = set()
+        self._loop = asyncio.get_running_loop()
 
     def namespace(self, name: str) -> Namespace:
         try:
@@ -149,17 +169,17 @@ class Dispatcher:
         if not ns.durable:
             stats.misses += 1
             return Lookup(None, "miss")
+        began = self._loop.time()
         entry = await self._durable_call(stats, cache_error, lambda: self.durable.get_entry(ns, item_id))  # type: ignore[union-attr]
         if cache_error is not None:
             stats.fallback_reads += 1
         if entry is None:
             stats.misses += 1
             return Lookup(None, "miss")
-        raw, remaining = entry
         stats.durable_hits += 1
         if cache_error is None:
-            await self._backfill(stats, ns, item_id, raw, remaining, replace_corrupt=corrupt)
-        return Lookup(decode(raw), self.durable.name)  # type: ignore[union-attr]
+            await self._backfill(stats, ns, item_id, entry, began, replace_corrupt=corrupt)
+        return Lookup(decode(entry.value), self.durable.name)  # type: ignore[union-attr]
 
     async def get_many(self, namespace: str, ids: Sequence[str]) -> list[Any]:
         """Values for `ids` in order (None when absent): one cache round trip; in a durable namespace the
@@ -184,6 +204,7 @@ class Dispatcher:
         missing = [i for i, value in enumerate(values) if value is CORRUPT]
         stats.hits += len(ids) - len(missing)
         if missing and ns.durable:
+            began = self._loop.time()
             found = await self._durable_call(
                 stats, cache_error, lambda: self.durable.get_entries(ns, [ids[i] for i in missing])  # type: ignore[union-attr]
             )
@@ -193,33 +214,29 @@ class Dispatcher:
             for i, entry in zip(missing, found, strict=True):
                 if entry is None:
                     continue
-                raw, remaining = entry
-                values[i] = decode(raw)
+                values[i] = decode(entry.value)
                 stats.durable_hits += 1
                 if cache_error is None:
-                    backfills.append(self._backfill(stats, ns, ids[i], raw, remaining, replace_corrupt=i in corrupt))
+                    backfills.append(self._backfill(stats, ns, ids[i], entry, began, replace_corrupt=i in corrupt))
             await asyncio.gather(*backfills)  # issued in one loop tick: one pipelined round trip
         stats.misses += sum(1 for value in values if value is CORRUPT)
         return [None if value is CORRUPT else value for value in values]
 
     async def _backfill(
-        self, stats: NamespaceStats, ns: Namespace, item_id: str, raw: bytes, remaining: float | None,
+        self, stats: NamespaceStats, ns: Namespace, item_id: str, entry: DurableEntry, began: float,
         *, replace_corrupt: bool = False,
     ) -> None:
-        """Put a durable value back into Redis for no longer than it lives in the durable store.
-
-        SET NX never overwrites a newer value; a value that was not JSON is deleted first, or it
-        would block the repair forever.
-        """
+        """Put a durable value back into the cache, with its version (refused when the cache holds a newer one
+        or a newer tombstone), for no longer than it lives in the durable store. Skipped when its durable read
+        began more than `late_after` seconds ago: a newer version may have come and gone meanwhile."""
+        remaining = entry.remaining
         ttl = ns.ttl if remaining is None else min(remaining, ns.ttl or remaining)
-        if ttl is not None and ttl <= 0:
+        if (ttl is not None and ttl <= 0) or self._loop.time() - began > self.late_after:
             return
         try:
-            if replace_corrupt:
-                await self.cache.delete_keys([ns.key(item_id)])
-            await self.cache.set_if_absent(ns, item_id, raw, ttl)
+            await self.cache.put_back(ns, item_id, entry.value, ttl, entry.version, repair=replace_corrupt)
         except (BackendUnavailable, RedisCommandError) as exc:  # a put-back that failed never fails the read
-            self._read_failed(stats, exc, (ns.key(item_id),))
+            self._read_failed(stats, exc, (Target(ns, item_id, entry.version),))
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -230,20 +247,53 @@ class Dispatcher:
         raw = encode(value)
         stats = self.stats[ns.name]
         stats.writes += 1
-        recorded = False
         if ns.durable:
-            kw, recorded = self.invalidation.recording(self.breaker.closed)
-            await self._durable_write(stats, ((ns, [item_id]),), lambda: self.durable.set(ns, item_id, raw, ttl, **kw),  # type: ignore[union-attr]
-                                      recorded=recorded)
+            return await self._shielded(self._durable_set(stats, ns, item_id, raw, ttl))
         if self.breaker.closed:  # the common case, inline: no closure, no extra frame
             try:
                 await self.cache.set(ns, item_id, raw, ttl)
                 return
             except (BackendUnavailable, RedisCommandError) as exc:
-                await self._write_failed(stats, exc, ((ns, item_id),))
+                await self._write_failed(stats, exc, (Target(ns, item_id),))
         else:
-            await self._skipped(((ns, item_id),), recorded)
+            await self._skipped((Target(ns, item_id),), False)
         self._count_lost_write(stats, ns)
+
+    async def _durable_set(self, stats: NamespaceStats, ns: Namespace, item_id: str, raw: bytes,
+                           ttl: float | None) -> None:
+        began = self._loop.time()
+        kw, recorded = self.invalidation.recording(self.breaker.closed)
+        committed: Committed = await self._durable_write(
+            stats, ((ns, [item_id]),), lambda: self.durable.set(ns, item_id, raw, ttl, **kw), recorded=recorded)  # type: ignore[union-attr]
+        target = Target(ns, item_id, committed.version)
+        if self.breaker.closed:
+            try:
+                if self._loop.time() - began <= self.late_after:
+                    await self.cache.set(ns, item_id, raw, ttl, committed.version)
+                else:
+                    await self.cache.invalidate((target,))
+            except (BackendUnavailable, RedisCommandError) as exc:
+                if await self._write_failed(stats, exc, (target,)):
+                    self.invalidation.acknowledge(committed.outbox)  # (a row due at once stands for it now)
+            else:
+                self.invalidation.acknowledge(committed.outbox)
+                return
+        else:
+            await self._skipped((target,), recorded)
+        self._count_lost_write(stats, ns)
+
+    async def _shielded(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run a durable write in a task of its own that the caller's cancellation does not reach: once it may
+        have committed, its cache write and acknowledgement happen whatever the caller does."""
+        task = self._loop.create_task(work)
+        self._writes.add(task)
+        task.add_done_callback(self._write_done)
+        return await asyncio.shield(task)
+
+    def _write_done(self, task: asyncio.Task[Any]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that gave up no longer awaits it (and it was handled)
 
     async def append(self, namespace: str, item_id: str, items: list[Any], ttl: float | None = None, *,
                      max_items: int) -> int:
@@ -274,7 +324,7 @@ class Dispatcher:
         raw = encode(items)
         stats = self.stats[ns.name]
         stats.writes += 1
-        length = await self._cache_write(stats, ((ns, item_id),),
+        length = await self._cache_write(stats, (Target(ns, item_id),),
                                          lambda: self.cache.append_list(ns, item_id, raw, len(items), ttl, max_items))
         if length is _NOT_WRITTEN:
             self._count_lost_write(stats, ns)
@@ -283,34 +333,53 @@ class Dispatcher:
 
     async def set_many(self, entries: Iterable[tuple[str, str, Any, float | None]]) -> None:
         """Write (namespace, id, value, ttl) tuples: one durable transaction, one Redis round trip."""
-        prepared: list[Entry] = []
-        durable: list[Entry] = []
-        recorded = False
+        latest: dict[tuple[str, str], Entry] = {}
         for namespace, item_id, value, ttl in entries:
             ns = self.namespace(namespace)
             check_id(item_id)
-            entry = Entry(ns, item_id, encode(value), check_ttl(ttl, ns.ttl))
-            prepared.append(entry)
-            if ns.durable:
-                durable.append(entry)
+            latest.pop((ns.name, item_id), None)  # a later duplicate wins, in the place of its last occurrence
+            latest[(ns.name, item_id)] = Entry(ns, item_id, encode(value), check_ttl(ttl, ns.ttl))
+        prepared = list(latest.values())
         if not prepared:
             return
         for entry in prepared:  # counted once every entry passed validation: a bad one writes nothing
             self.stats[entry.namespace.name].writes += 1
+        if any(entry.namespace.durable for entry in prepared):
+            return await self._shielded(self._set_many(prepared))
+        await self._set_many(prepared)
+
+    async def _set_many(self, prepared: list[Entry]) -> None:
+        durable = [entry for entry in prepared if entry.namespace.durable]
+        recorded, late, acks = False, False, []
         if durable:
+            began = self._loop.time()
             stats = self.stats[durable[0].namespace.name]
             by_namespace: dict[str, tuple[Namespace, list[str]]] = {}
             for entry in durable:
                 by_namespace.setdefault(entry.namespace.name, (entry.namespace, []))[1].append(entry.id)
             kw, recorded = self.invalidation.recording(self.breaker.closed)
-            await self._durable_write(stats, by_namespace.values(), lambda: self.durable.set_many(durable, **kw),  # type: ignore[union-attr]
-                                      recorded=recorded)
+            committed: list[Committed] = await self._durable_write(
+                stats, by_namespace.values(), lambda: self.durable.set_many(durable, **kw), recorded=recorded)  # type: ignore[union-attr]
+            versions = {(c.namespace.name, c.id): c.version for c in committed}
+            prepared = [entry._replace(version=versions[(entry.namespace.name, entry.id)])
+                        if entry.namespace.durable else entry for entry in prepared]
+            acks = [c.outbox for c in committed]
+            late = self._loop.time() - began > self.late_after
         first = self.stats[prepared[0].namespace.name]
         targets = _LazyTargets(prepared)  # built only if the write fails
         # The durable write recorded its own keys; with cache-only entries too, all are recorded again.
         all_recorded = recorded and len(durable) == len(prepared)
-        if await self._cache_write(first, targets, lambda: self.cache.set_many(prepared),
-                                   recorded=all_recorded) is _NOT_WRITTEN:
+        if late:  # the durable values as tombstones of their versions, the cache-only ones as they are
+            written = [e for e in prepared if not e.namespace.durable]
+            tombstones = [Target(e.namespace, e.id, e.version) for e in prepared if e.namespace.durable]
+
+            async def write() -> None:
+                await self.cache.invalidate(tombstones)
+                await self.cache.set_many(written)
+        else:
+            def write() -> Awaitable[Any]:
+                return self.cache.set_many(prepared)
+        if await self._cache_write(first, targets, write, recorded=all_recorded, acks=acks) is _NOT_WRITTEN:
             for entry in prepared:
                 self._count_lost_write(self.stats[entry.namespace.name], entry.namespace)
 
@@ -321,16 +390,19 @@ class Dispatcher:
             check_id(item_id)
         stats = self.stats[ns.name]
         stats.deletes += len(ids)
-        removed, recorded = 0, False
         if ns.durable:
-            kw, recorded = self.invalidation.recording(self.breaker.closed)
-            removed = await self._durable_write(stats, ((ns, ids),), lambda: self.durable.delete(ns, ids, **kw),  # type: ignore[union-attr]
-                                                recorded=recorded)
-        cached = await self._cache_write(stats, [(ns, i) for i in ids], lambda: self.cache.delete(ns, ids),
-                                         recorded=recorded)
-        if ns.durable:
-            return removed
+            return await self._shielded(self._durable_delete(stats, ns, ids))
+        cached = await self._cache_write(stats, [Target(ns, i) for i in ids], lambda: self.cache.delete(ns, ids))
         return 0 if cached is _NOT_WRITTEN else cached
+
+    async def _durable_delete(self, stats: NamespaceStats, ns: Namespace, ids: list[str]) -> int:
+        kw, recorded = self.invalidation.recording(self.breaker.closed)
+        deleted: Deleted = await self._durable_write(stats, ((ns, ids),), lambda: self.durable.delete(ns, ids, **kw),  # type: ignore[union-attr]
+                                                     recorded=recorded)
+        targets = [Target(ns, c.id, c.version) for c in deleted.committed]
+        await self._cache_write(stats, targets, lambda: self.cache.invalidate(targets), recorded=recorded,
+                                acks=[c.outbox for c in deleted.committed])
+        return deleted.removed
 
     async def expire(self, namespace: str, item_id: str, ttl: float) -> bool:
         ns = self.namespace(namespace)
@@ -339,17 +411,23 @@ class Dispatcher:
         if checked is None:
             raise InvalidInput("ttl is required for expire")
         stats = self.stats[ns.name]
-        found, recorded = False, False
         if ns.durable:
-            kw, recorded = self.invalidation.recording(self.breaker.closed)
-            found = await self._durable_write(stats, ((ns, [item_id]),),
-                                              lambda: self.durable.expire(ns, item_id, checked, **kw),  # type: ignore[union-attr]
-                                              recorded=recorded)
-        cached = await self._cache_write(stats, ((ns, item_id),), lambda: self.cache.expire(ns, item_id, checked),
-                                         recorded=recorded)
-        if ns.durable:
-            return found
+            return await self._shielded(self._durable_expire(stats, ns, item_id, checked))
+        cached = await self._cache_write(stats, (Target(ns, item_id),), lambda: self.cache.expire(ns, item_id, checked))
         return cached is not _NOT_WRITTEN and bool(cached)
+
+    async def _durable_expire(self, stats: NamespaceStats, ns: Namespace, item_id: str, ttl: float) -> bool:
+        """A new ttl is a new version: the cached copy gives way to a tombstone of it, and the next read puts
+        the value back with the ttl it has now."""
+        kw, recorded = self.invalidation.recording(self.breaker.closed)
+        committed: Committed | None = await self._durable_write(
+            stats, ((ns, [item_id]),), lambda: self.durable.expire(ns, item_id, ttl, **kw), recorded=recorded)  # type: ignore[union-attr]
+        if committed is None:
+            return False
+        targets = (Target(ns, item_id, committed.version),)
+        await self._cache_write(stats, targets, lambda: self.cache.invalidate(targets), recorded=recorded,
+                                acks=(committed.outbox,))
+        return True
 
     # -- failure handling ---------------------------------------------------------------------
 
@@ -361,16 +439,24 @@ class Dispatcher:
 
     async def _cache_write(
         self, stats: NamespaceStats, targets: Iterable[Target], write: Callable[[], Awaitable[Any]], *,
-        recorded: bool = False,
+        recorded: bool = False, acks: Iterable[int | None] = (),
     ) -> Any:
-        """Run a Redis write unless the breaker is open and return its result; when it did not
-        happen, make sure no older copy is served (see _write_failed, _skipped) and return _NOT_WRITTEN.
-        `recorded`: the durable write already put these keys in the outbox."""
+        """Run a cache write unless the breaker is open and return its result (and acknowledge the outbox rows
+        `acks` it stood for); when it did not happen, make sure no older copy is served (see _write_failed,
+        _skipped) and return _NOT_WRITTEN. `recorded`: the durable write already put these keys in the outbox,
+        due at once."""
         if self.breaker.closed:
             try:
-                return await write()
+                result = await write()
             except (BackendUnavailable, RedisCommandError) as exc:
-                await self._write_failed(stats, exc, targets)
+                if not await self._write_failed(stats, exc, targets):
+                    return _NOT_WRITTEN
+            else:
+                for seq in acks:
+                    self.invalidation.acknowledge(seq)
+                return result
+            for seq in acks:  # the keys were recorded again, due at once: those rows stand for these now
+                self.invalidation.acknowledge(seq)
         else:
             await self._skipped(targets, recorded)
         return _NOT_WRITTEN
@@ -381,15 +467,16 @@ class Dispatcher:
     ) -> Any:
         """A write to the system of record. When it fails, it may still commit later (a statement
         sent to a server that froze), so the cached copies of `targets` are invalidated (with
-        tombstones, so no read puts an older value back) before the error is raised: whatever the
-        durable store ends up holding, the next read returns it."""
+        tombstones of no known version, so no read puts an older value back while they last; if it
+        commits, its outbox row carries its version to the cache) before the error is raised:
+        whatever the durable store ends up holding, the next read returns it."""
         try:
             result = await call()
         except BackendUnavailable as exc:
             stats.durable_errors += 1
             for ns, ids in targets:
-                await self._cache_write(stats, [(ns, i) for i in ids],
-                                        lambda ns=ns, ids=ids: self.cache.delete(ns, ids))
+                unknown = [Target(ns, i) for i in ids]
+                await self._cache_write(stats, unknown, lambda unknown=unknown: self.cache.invalidate(unknown))
             if exc.outcome_unknown:
                 raise WriteOutcomeUnknown(
                     f"{first_line(exc)}; the write may still take effect: the cached copy was invalidated, so "
@@ -419,51 +506,51 @@ class Dispatcher:
         if isinstance(exc, RedisCommandError):
             self.error_replies[exc.kind] += 1
 
-    def _read_failed(self, stats: NamespaceStats, exc: OndemandError, keys: Iterable[str] = ()) -> OndemandError:
+    def _read_failed(self, stats: NamespaceStats, exc: OndemandError, targets: Iterable[Target] = ()
+                     ) -> OndemandError:
         """A cache read (or put-back) failed: the read goes on as a miss. An error reply that concerns
         this command alone (out of memory, ...) leaves the breaker closed."""
         if (isinstance(exc, RedisCommandError) and not exc.server_unusable) or isinstance(exc, NodeUnavailable):
             # (One cluster master out of reach: only its keys are affected; the breaker stays closed.)
             self._count_cache_error(stats, exc)
             return exc
-        return self._cache_failed(stats, exc, keys)
+        return self._cache_failed(stats, exc, targets)
 
-    async def _write_failed(self, stats: NamespaceStats, exc: OndemandError, targets: Iterable[Target]) -> None:
+    async def _write_failed(self, stats: NamespaceStats, exc: OndemandError, targets: Iterable[Target]) -> bool:
         """A cache write did not happen, or may have half happened: no older copy may be served.
 
         A server that refused it but still serves (out of memory, read-only, ...) is asked to delete
         the keys now (DEL is served under maxmemory); otherwise, or if that fails too, the keys are
-        remembered here and recorded in the outbox, so that whoever reaches Redis first deletes them."""
+        remembered here and recorded in the outbox (due at once), so that whoever reaches Redis first
+        invalidates them. Returns whether they were recorded so."""
         targets = list(targets)
-        keys = [ns.key(item_id) for ns, item_id in targets]
         if isinstance(exc, NodeUnavailable):
-            # One cluster master out of reach: its keys are remembered (and deleted before it serves again,
+            # One cluster master out of reach: its keys are remembered (and invalidated before it serves again,
             # see ClusterConnection), the breaker stays closed for every other master's keys.
             self._count_cache_error(stats, exc)
-            self.invalidation.mark_stale(keys)
-            await self.invalidation.record(targets)
-            return
+            self.invalidation.mark_stale(targets)
+            return await self.invalidation.record(targets)
         if isinstance(exc, RedisCommandError) and not exc.server_unusable:
             self._count_cache_error(stats, exc)
             try:
-                await self.cache.delete_keys(keys)
-                return
+                await self.cache.delete_keys([t.namespace.key(t.id) for t in targets])
+                return False  # (the outbox rows of a durable write stay: delivered after the grace, versioned)
             except (BackendUnavailable, RedisCommandError) as again:
                 exc = again
-        self._cache_failed(stats, exc, keys)
-        await self.invalidation.record(targets)
+        self._cache_failed(stats, exc, targets)
+        return await self.invalidation.record(targets)
 
     async def _skipped(self, targets: Iterable[Target], recorded: bool) -> None:
-        """A write that skipped Redis (breaker open): its keys are stale there until deleted."""
+        """A write that skipped Redis (breaker open): its keys are stale there until invalidated."""
         targets = list(targets)
-        self.invalidation.mark_stale(ns.key(item_id) for ns, item_id in targets)
+        self.invalidation.mark_stale(targets)
         if not recorded:
             await self.invalidation.record(targets)
 
-    def _cache_failed(self, stats: NamespaceStats, exc: OndemandError, keys: Iterable[str]) -> OndemandError:
+    def _cache_failed(self, stats: NamespaceStats, exc: OndemandError, targets: Iterable[Target]) -> OndemandError:
         """Redis could not be used: remember the keys as stale and open the breaker."""
         self._count_cache_error(stats, exc)
-        self.invalidation.mark_stale(keys)
+        self.invalidation.mark_stale(targets)
         self.breaker.failure(first_line(exc))
         if isinstance(exc, CacheReplaced):  # another server: its durable copies may be older than the store's
             self.invalidation.cache_replaced()
@@ -477,10 +564,18 @@ class Dispatcher:
         return {
             "breaker": self.breaker.status(),
             **self.invalidation.status(),
+            "writes_in_flight": len(self._writes),
             "error_replies": dict(self.error_replies),
             "namespaces": {name: attrs.asdict(stats) for name, stats in self.stats.items()},
         }
 
+    async def settled(self, timeout: float) -> None:
+        """Wait (at most `timeout` seconds) until no durable write is in flight, those whose callers gave up
+        included."""
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=timeout)
+
     async def close(self) -> None:
+        await self.settled(10.0)  # each is bounded by the stores' own timeouts
         await self.invalidation.close()
         await self.breaker.close()

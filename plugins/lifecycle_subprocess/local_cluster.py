@@ -370,6 +370,8 @@ class LocalCluster:
             "cluster-enabled": "yes",
             "cluster-config-file": "nodes.conf",
             "cluster-node-timeout": str(self.node_timeout_ms),
+            # A master that fails takes only its own slots down: the others go on serving theirs meanwhile.
+            "cluster-require-full-coverage": "no",
             "save": "",
             "appendonly": "no",
             "repl-diskless-sync-delay": "0",  # a master sends its data to a new replica at once, not after 5 s

@@ -31,18 +31,31 @@ from ondemand.errors import ConfigError, PostgresUnavailable, first_line
 from ondemand.health import OutageTracker, StoreHealth, StoreState
 from ondemand.plugins.storage_postgres.server import EmbeddedPostgres
 from ondemand.plugins.storage_postgres.tls import check_tls
-from ondemand.store.protocols import OVERFLOW, Entry, Namespace, purge_in_batches
+from ondemand.store.protocols import (
+    OVERFLOW,
+    Committed,
+    Deleted,
+    DurableEntry,
+    Entry,
+    Namespace,
+    OutboxRow,
+    Target,
+    purge_in_batches,
+)
 
 log = logging.getLogger("ondemand.postgres")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # pg_advisory_xact_lock key serializing schema creation between apps sharing one database ("ondemand").
 _SCHEMA_LOCK_KEY = 0x6F6E64656D616E64
 _PURGE_BATCH = 1000
 _PURGE_MAX_BATCHES = 100  # per run: a huge backlog is worked off over several runs, never in one go
+_RECONNECT_FIRST, _RECONNECT_MAX = 0.1, 2.0  # seconds between background reconnects after a failure, doubling
 
+# Version 1 (the first release) had no versions: its tables get the columns here, its rows version 0 (the
+# oldest, so any write of the new release replaces their cached copies) and its outbox rows are due at once.
 _SCHEMA_SQL = f"""
 BEGIN;
 SELECT pg_advisory_xact_lock({_SCHEMA_LOCK_KEY});
@@ -51,6 +64,7 @@ CREATE TABLE IF NOT EXISTS ondemand_values (
     id text NOT NULL,
     value bytea NOT NULL,
     expires_at timestamptz NULL,
+    version bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (namespace, id)
 );
 CREATE INDEX IF NOT EXISTS ondemand_values_expires_at
@@ -59,32 +73,76 @@ CREATE TABLE IF NOT EXISTS ondemand_invalidations (
     seq bigserial PRIMARY KEY,
     namespace text NOT NULL,
     id text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    version bigint NULL,
+    urgent boolean NOT NULL DEFAULT true
 );
 CREATE TABLE IF NOT EXISTS ondemand_schema_version (
     version integer PRIMARY KEY,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE SEQUENCE IF NOT EXISTS ondemand_version AS bigint;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM ondemand_schema_version WHERE version >= 2) THEN
+        ALTER TABLE ondemand_values ADD COLUMN IF NOT EXISTS version bigint NOT NULL DEFAULT 0;
+        ALTER TABLE ondemand_invalidations ADD COLUMN IF NOT EXISTS version bigint NULL;
+        ALTER TABLE ondemand_invalidations ADD COLUMN IF NOT EXISTS urgent boolean NOT NULL DEFAULT true;
+    END IF;
+END $$;
 INSERT INTO ondemand_schema_version (version) VALUES ({SCHEMA_VERSION}) ON CONFLICT DO NOTHING;
 COMMIT;
 """
+_SQL_SCHEMA_VERSION = "SELECT max(version) FROM ondemand_schema_version"
 
-# The outbox (app.storage.InvalidationOutbox): keys some process could not delete from the shared Redis.
-# Rows are recorded in the same transaction as a write (statements of one simple query are one
-# transaction), a NOTIFY wakes every listening process at commit, and past the bound one OVERFLOW row
-# stands for all (the deliverer then clears every namespace).
+# Versions: one sequence for every id of every namespace, so a version never comes back, not after a delete
+# either. Every write first takes a transaction-scoped advisory lock on each of its (namespace, id) in the
+# same round trip (one id: in the statement itself; several: a statement of its own before the write's, the
+# two run in one implicit transaction), in a fixed order so that two writes of several ids cannot deadlock.
+# `nextval` is evaluated under that lock, so of two commits of one id the later has the higher version, the
+# first insert of an id included (no row to lock there, and its VALUES are evaluated before the insert: a
+# delete racing it would otherwise win a higher version and commit first). The two-int form of the lock
+# never meets the schema lock's bigint one.
+_LOCK_MANY = """SELECT pg_advisory_xact_lock(a, b) FROM (
+    SELECT DISTINCT hashtext(ns) AS a, hashtext(id) AS b FROM unnest(%s::text[], %s::text[]) AS t(ns, id) ORDER BY 1, 2
+) AS locks;
+"""
+
+# The outbox: every write records its keys and versions in the same statement (a CTE), not urgent; the writer
+# acknowledges (deletes) them once its cache write succeeded, and any process delivers those older than the
+# grace. `urgent` rows (a process that cannot reach the cache) are due at once and wake every listening
+# process with NOTIFY at commit. Past the bound, urgent recording inserts one OVERFLOW row instead (the
+# deliverer clears every namespace); a write's own rows are not bounded (they are acknowledged at once).
 _OUTBOX_CHANNEL = "ondemand_invalidations"
 OUTBOX_BOUND = 100_000
 _OUTBOX_FULL = f"EXISTS (SELECT 1 FROM ondemand_invalidations OFFSET {OUTBOX_BOUND} LIMIT 1)"
-_SQL_RECORD = f"""
-INSERT INTO ondemand_invalidations (namespace, id)
-SELECT ns, id FROM unnest(%s::text[], %s::text[]) AS t(ns, id) WHERE NOT {_OUTBOX_FULL};
-INSERT INTO ondemand_invalidations (namespace, id) SELECT '{OVERFLOW}', '' WHERE {_OUTBOX_FULL}
+_NOTIFY = f"SELECT pg_notify('{_OUTBOX_CHANNEL}', '');\n"
+_SQL_OVERFLOW = f"""INSERT INTO ondemand_invalidations (namespace, id) SELECT '{OVERFLOW}', '' WHERE {_OUTBOX_FULL}
     AND NOT EXISTS (SELECT 1 FROM ondemand_invalidations WHERE namespace = '{OVERFLOW}');
-SELECT pg_notify('{_OUTBOX_CHANNEL}', '');
 """
-_SQL_PENDING = "SELECT seq, namespace, id FROM ondemand_invalidations ORDER BY seq LIMIT %s"
+_SQL_RECORD = _SQL_OVERFLOW + f"""INSERT INTO ondemand_invalidations (namespace, id, version)
+SELECT ns, id, v FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS t(ns, id, v) WHERE NOT {_OUTBOX_FULL};
+""" + _NOTIFY
+_SQL_PENDING = """SELECT seq, namespace, id, version FROM ondemand_invalidations
+WHERE urgent OR created_at <= now() - %s::float8 * interval '1 second' ORDER BY seq LIMIT %s"""
 _SQL_ACK = "DELETE FROM ondemand_invalidations WHERE seq = ANY(%s::bigint[])"
+
+
+def _with_outbox(written: str, urgent: bool, *, more: str = "") -> str:
+    """A write statement `written` (a CTE named `w` returning namespace, id, version) that records its rows in
+    the outbox and answers (namespace, id, version, outbox seq, then `more` of w's columns). Not urgent and
+    nothing more: the outbox INSERT answers them itself (no join: every durable write's path). Urgent: bounded
+    (so some rows may record nothing: w is joined with what was), and NOTIFY first."""
+    if not urgent and not more:
+        return f"""WITH {written}
+INSERT INTO ondemand_invalidations (namespace, id, version, urgent) SELECT namespace, id, version, false FROM w
+RETURNING namespace, id, version, seq"""
+    sql = f"""WITH {written},
+ob AS (INSERT INTO ondemand_invalidations (namespace, id, version, urgent)
+       SELECT namespace, id, version, {urgent} FROM w {f"WHERE NOT {_OUTBOX_FULL}" if urgent else ""}
+       RETURNING seq, namespace, id)
+SELECT w.namespace, w.id, w.version, ob.seq{more} FROM w LEFT JOIN ob USING (namespace, id)"""
+    return _NOTIFY + _SQL_OVERFLOW + sql if urgent else sql
+
 
 _LIVE = "(expires_at IS NULL OR expires_at > now())"
 # NULL ttl -> NULL expires_at (no expiry), because NULL * interval is NULL.
@@ -92,30 +150,41 @@ _EXPIRES = "now() + %s::float8 * interval '1 second'"
 
 _SQL_GET = f"SELECT value FROM ondemand_values WHERE namespace = %s AND id = %s AND {_LIVE}"
 _SQL_GET_ENTRY = (
-    "SELECT value, EXTRACT(EPOCH FROM expires_at - now())::float8 FROM ondemand_values"
+    "SELECT value, EXTRACT(EPOCH FROM expires_at - now())::float8, version FROM ondemand_values"
     f" WHERE namespace = %s AND id = %s AND {_LIVE}"
 )
 _SQL_GET_ENTRIES = (
-    "SELECT id, value, EXTRACT(EPOCH FROM expires_at - now())::float8 FROM ondemand_values"
+    "SELECT id, value, EXTRACT(EPOCH FROM expires_at - now())::float8, version FROM ondemand_values"
     f" WHERE namespace = %s AND id = ANY(%s::text[]) AND {_LIVE}"
 )
 _SQL_GET_MANY = f"SELECT id, value FROM ondemand_values WHERE namespace = %s AND id = ANY(%s::text[]) AND {_LIVE}"
-_SQL_SET = f"""
-INSERT INTO ondemand_values (namespace, id, value, expires_at) VALUES (%s, %s, %s, {_EXPIRES})
-ON CONFLICT (namespace, id) DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at
-"""
-_SQL_SET_MANY = """
-INSERT INTO ondemand_values (namespace, id, value, expires_at)
-SELECT ns, id, value, now() + ttl * interval '1 second'
+_UPSERT = """ON CONFLICT (namespace, id) DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at,
+    version = nextval('ondemand_version')
+RETURNING namespace, id, version)"""
+# One id: the lock in the statement itself, a MATERIALIZED CTE the insert selects from, so that it is taken
+# before the row (and its VALUES' nextval) is produced.
+_LOCKED_ONE = "l AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s)) AS locked),\n"
+_SET = _LOCKED_ONE + f"""w AS (INSERT INTO ondemand_values (namespace, id, value, expires_at, version)
+SELECT %s, %s, %s, {_EXPIRES}, nextval('ondemand_version') FROM l
+{_UPSERT}"""
+_SET_MANY = f"""w AS (INSERT INTO ondemand_values (namespace, id, value, expires_at, version)
+SELECT ns, id, value, now() + ttl * interval '1 second', nextval('ondemand_version')
 FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::float8[]) AS t(ns, id, value, ttl)
-ON CONFLICT (namespace, id) DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at
-"""
-# Expired rows are removed too, but only live ones count as "existed".
-_SQL_DELETE = f"""
-WITH gone AS (DELETE FROM ondemand_values WHERE namespace = %s AND id = ANY(%s::text[]) RETURNING expires_at)
-SELECT count(*) FILTER (WHERE {_LIVE}) FROM gone
-"""
-_SQL_EXPIRE = f"UPDATE ondemand_values SET expires_at = {_EXPIRES} WHERE namespace = %s AND id = %s AND {_LIVE}"
+{_UPSERT}"""
+# Expired rows are removed too, but only live ones count as "existed". Every id gets a version: a deleted row
+# the one evaluated after it was deleted, an absent id a fresh one.
+_DELETE = f"""gone AS (DELETE FROM ondemand_values WHERE namespace = %s AND id = ANY(%s::text[])
+    RETURNING id, {_LIVE} AS live, nextval('ondemand_version') AS version),
+w AS (SELECT %s::text AS namespace, u.id, COALESCE(g.version, nextval('ondemand_version')) AS version,
+             COALESCE(g.live, false) AS live
+      FROM unnest(%s::text[]) AS u(id) LEFT JOIN gone g USING (id))"""
+_EXPIRE = _LOCKED_ONE + f"""w AS (UPDATE ondemand_values
+    SET expires_at = {_EXPIRES}, version = nextval('ondemand_version')
+    WHERE namespace = %s AND id = %s AND {_LIVE} AND EXISTS (SELECT FROM l) RETURNING namespace, id, version)"""
+_SQL_SET = {urgent: _with_outbox(_SET, urgent) for urgent in (False, True)}
+_SQL_SET_MANY = {urgent: _LOCK_MANY + _with_outbox(_SET_MANY, urgent) for urgent in (False, True)}
+_SQL_EXPIRE = {urgent: _with_outbox(_EXPIRE, urgent) for urgent in (False, True)}
+_SQL_DELETE = {urgent: _LOCK_MANY + _with_outbox(_DELETE, urgent, more=", w.live") for urgent in (False, True)}
 # ctid batches keep each purge statement short, so it never holds many row locks for long.
 _SQL_PURGE = f"""
 DELETE FROM ondemand_values WHERE ctid IN (
@@ -159,17 +228,10 @@ def _first_line(exc: BaseException) -> str:
     return redact_url(first_line(exc))
 
 
-def _outbox_columns(targets: Sequence[tuple[Namespace, str]]) -> tuple[list[str], list[str]]:
-    return [ns.name for ns, _ in targets], [item_id for _, item_id in targets]
-
-
-def _recording(invalidate: bool, targets: Sequence[tuple[Namespace, str]], sql: str, params: Any
-               ) -> tuple[str, Any]:
-    """A write statement, preceded by the outbox rows of its keys when `invalidate`: one query string,
-    so one transaction. The write comes last, so the cursor reads its result."""
-    if not invalidate:
-        return sql, params
-    return _SQL_RECORD + sql, (*_outbox_columns(targets), *params)
+def _committed(rows: Sequence[Sequence[Any]], namespaces: dict[str, Namespace]) -> dict[tuple[str, str], Committed]:
+    """(namespace, id, version, outbox seq) rows -> Committed by (namespace name, id)."""
+    return {(name, item_id): Committed(namespaces[name], item_id, int(version), None if seq is None else int(seq))
+            for name, item_id, version, seq, *_ in rows}
 
 
 def _unavailable(message: str, outcome_unknown: bool) -> PostgresUnavailable:
@@ -196,6 +258,7 @@ class PostgresStorage:
     embedded: EmbeddedPostgres | None = attrs.field(init=False, default=None)
     _pool: aiopg.Pool | None = attrs.field(init=False, default=None)
     _connecting: asyncio.Task[aiopg.Pool] | None = attrs.field(init=False, default=None)
+    _reconnecting: asyncio.Task[None] | None = attrs.field(init=False, default=None)
     _dsn: str | None = attrs.field(init=False, default=None)  # where the pool connects (the outbox listens there)
     _listener: aiopg.Connection | None = attrs.field(init=False, default=None)  # LISTENs for outbox rows
     _purge_task: asyncio.Task[None] | None = attrs.field(init=False, default=None)
@@ -233,12 +296,13 @@ class PostgresStorage:
 
     async def close(self) -> None:
         self._closed = True
-        tasks = [t for t in (self._purge_task, self._idle_task, self._connecting) if t is not None and not t.done()]
+        tasks = [t for t in (self._purge_task, self._idle_task, self._connecting, self._reconnecting)
+                 if t is not None and not t.done()]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=self.config.startup_timeout)
-        self._purge_task = self._idle_task = self._connecting = None
+        self._purge_task = self._idle_task = self._connecting = self._reconnecting = None
         self._close_listener()
         if self._pool is not None:
             self._drop_pool(self._pool)
@@ -259,26 +323,26 @@ class PostgresStorage:
 
         return await self._run("get", work)
 
-    async def get_entry(self, ns: Namespace, item_id: str) -> tuple[bytes, float | None] | None:
-        """The value and its remaining lifetime in seconds (None: no expiry), or None when absent."""
+    async def get_entry(self, ns: Namespace, item_id: str) -> DurableEntry | None:
+        """The value, its remaining lifetime in seconds (None: no expiry) and its version, or None when absent."""
         self._note_use()
 
-        async def work(cur: aiopg.Cursor) -> tuple[bytes, float | None] | None:
+        async def work(cur: aiopg.Cursor) -> DurableEntry | None:
             await cur.execute(_SQL_GET_ENTRY, (ns.name, item_id))
             row = await cur.fetchone()
-            return (bytes(row[0]), row[1]) if row is not None else None
+            return DurableEntry(bytes(row[0]), row[1], int(row[2])) if row is not None else None
 
         return await self._run("get", work)
 
-    async def get_entries(self, ns: Namespace, ids: Sequence[str]) -> list[tuple[bytes, float | None] | None]:
+    async def get_entries(self, ns: Namespace, ids: Sequence[str]) -> list[DurableEntry | None]:
         """get_entry for many ids, one statement."""
         self._note_use()
         if not ids:
             return []
 
-        async def work(cur: aiopg.Cursor) -> list[tuple[bytes, float | None] | None]:
+        async def work(cur: aiopg.Cursor) -> list[DurableEntry | None]:
             await cur.execute(_SQL_GET_ENTRIES, (ns.name, list(ids)))
-            found = {row[0]: (bytes(row[1]), row[2]) for row in await cur.fetchall()}
+            found = {row[0]: DurableEntry(bytes(row[1]), row[2], int(row[3])) for row in await cur.fetchall()}
             return [found.get(item_id) for item_id in ids]
 
         return await self._run("get_many", work)
@@ -296,70 +360,80 @@ class PostgresStorage:
         return await self._run("get_many", work)
 
     async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, *,
-                  invalidate: bool = False) -> None:
+                  invalidate: bool = False) -> Committed:
+        """One statement: the upsert, its version and its outbox row (see _with_outbox)."""
         self._note_use()
 
-        async def work(cur: aiopg.Cursor) -> None:
-            await cur.execute(*_recording(invalidate, [(ns, item_id)], _SQL_SET, (ns.name, item_id, value, ttl)))
+        async def work(cur: aiopg.Cursor) -> Committed:
+            await cur.execute(_SQL_SET[invalidate], (ns.name, item_id, ns.name, item_id, value, ttl))
+            _, _, version, seq = await cur.fetchone()
+            return Committed(ns, item_id, int(version), None if seq is None else int(seq))
 
-        await self._run("set", work)
+        return await self._run("set", work)
 
-    async def set_many(self, entries: Sequence[Entry], *, invalidate: bool = False) -> None:
+    async def set_many(self, entries: Sequence[Entry], *, invalidate: bool = False) -> list[Committed]:
         """One statement: atomic, one round trip. Later duplicates win (ON CONFLICT cannot touch a row twice)."""
         self._note_use()
         latest = {(e.namespace.name, e.id): e for e in entries}
         if not latest:
-            return
+            return []
         columns = (
             [ns for ns, _ in latest],
             [item_id for _, item_id in latest],
             [e.value for e in latest.values()],
             [e.ttl for e in latest.values()],
         )
+        namespaces = {e.namespace.name: e.namespace for e in entries}
 
-        targets = [(e.namespace, e.id) for e in latest.values()]
+        async def work(cur: aiopg.Cursor) -> list[Committed]:
+            await cur.execute(_SQL_SET_MANY[invalidate], (columns[0], columns[1], *columns))
+            committed = _committed(await cur.fetchall(), namespaces)
+            return [committed[(e.namespace.name, e.id)] for e in entries]
 
-        async def work(cur: aiopg.Cursor) -> None:
-            await cur.execute(*_recording(invalidate, targets, _SQL_SET_MANY, columns))
+        return await self._run("set_many", work)
 
-        await self._run("set_many", work)
-
-    async def delete(self, ns: Namespace, ids: Sequence[str], *, invalidate: bool = False) -> int:
+    async def delete(self, ns: Namespace, ids: Sequence[str], *, invalidate: bool = False) -> Deleted:
         self._note_use()
-        if not ids:
-            return 0
+        unique = list(dict.fromkeys(ids))
+        if not unique:
+            return Deleted(0, [])
 
-        async def work(cur: aiopg.Cursor) -> int:
-            await cur.execute(*_recording(invalidate, [(ns, i) for i in ids], _SQL_DELETE, (ns.name, list(ids))))
-            row = await cur.fetchone()
-            return int(row[0])
+        async def work(cur: aiopg.Cursor) -> Deleted:
+            await cur.execute(_SQL_DELETE[invalidate],
+                              ([ns.name] * len(unique), unique, ns.name, unique, ns.name, unique))
+            rows = await cur.fetchall()
+            committed = _committed(rows, {ns.name: ns})
+            return Deleted(sum(1 for row in rows if row[4]), [committed[(ns.name, i)] for i in unique])
 
         return await self._run("delete", work)
 
-    async def expire(self, ns: Namespace, item_id: str, ttl: float, *, invalidate: bool = False) -> bool:
+    async def expire(self, ns: Namespace, item_id: str, ttl: float, *, invalidate: bool = False) -> Committed | None:
         self._note_use()
 
-        async def work(cur: aiopg.Cursor) -> bool:
-            await cur.execute(*_recording(invalidate, [(ns, item_id)], _SQL_EXPIRE, (ttl, ns.name, item_id)))
-            return cur.rowcount > 0
+        async def work(cur: aiopg.Cursor) -> Committed | None:
+            await cur.execute(_SQL_EXPIRE[invalidate], (ns.name, item_id, ttl, ns.name, item_id))
+            row = await cur.fetchone()
+            return None if row is None else Committed(ns, item_id, int(row[2]), None if row[3] is None else int(row[3]))
 
         return await self._run("expire", work)
 
-    # -- the outbox (app.storage.InvalidationOutbox) -----------------------------------------------
+    # -- the outbox (ondemand.store.InvalidationOutbox) --------------------------------------------
 
-    async def record_invalidations(self, targets: Sequence[tuple[Namespace, str]]) -> None:
+    async def record_invalidations(self, targets: Sequence[Target]) -> None:
         if not targets:
             return
+        columns = ([t.namespace.name for t in targets], [t.id for t in targets], [t.version for t in targets])
 
         async def work(cur: aiopg.Cursor) -> None:
-            await cur.execute(_SQL_RECORD, _outbox_columns(targets))
+            await cur.execute(_SQL_RECORD, columns)
 
         await self._run("record_invalidations", work)
 
-    async def pending_invalidations(self, limit: int) -> list[tuple[int, str, str]]:
-        async def work(cur: aiopg.Cursor) -> list[tuple[int, str, str]]:
-            await cur.execute(_SQL_PENDING, (limit,))
-            return [(int(seq), str(namespace), str(item_id)) for seq, namespace, item_id in await cur.fetchall()]
+    async def pending_invalidations(self, limit: int, grace: float) -> list[OutboxRow]:
+        async def work(cur: aiopg.Cursor) -> list[OutboxRow]:
+            await cur.execute(_SQL_PENDING, (grace, limit))
+            return [OutboxRow(int(seq), str(namespace), str(item_id), None if version is None else int(version))
+                    for seq, namespace, item_id, version in await cur.fetchall()]
 
         return await self._run("pending_invalidations", work)
 
@@ -375,7 +449,7 @@ class PostgresStorage:
     async def wait_for_invalidations(self, timeout: float) -> bool:
         """LISTEN on a connection of its own; a NOTIFY (sent at commit of every recording transaction)
         wakes us at once, `timeout` is the poll that backs it up. False while the storage is not in use
-        (an embedded server is never started for this)."""
+        (an embedded server is never started for this) or down (it reconnects in the background)."""
         if self._pool is None or self._dsn is None or self._closed:
             await asyncio.sleep(min(timeout, 0.1))  # no I/O: only notices soon that the storage came into use
             return False
@@ -498,20 +572,45 @@ class PostgresStorage:
                 try:
                     async with pool.acquire() as conn, conn.cursor() as cur:
                         await cur.execute(_SCHEMA_SQL)
+                        await cur.execute(_SQL_SCHEMA_VERSION)
+                        (version,) = await cur.fetchone()
+                    if version > SCHEMA_VERSION:
+                        raise PostgresUnavailable(
+                            f"the database at {self._where()} has schema version {version}, written by a newer "
+                            f"ondemand; this one knows version {SCHEMA_VERSION}")
                 except BaseException:
                     self._drop_pool(pool)
                     raise
         except PostgresUnavailable as exc:
             self.store_health.failed(str(exc))
+            self._reconnect_in_background()
             raise
         except (psycopg2.Error, OSError, TimeoutError) as exc:
             what = "did not answer in time" if isinstance(exc, TimeoutError) else _first_line(exc)
             message = f"cannot connect to PostgreSQL at {self._where()}: {what}"
             self.store_health.failed(message)
+            self._reconnect_in_background()
             raise PostgresUnavailable(message) from None
         self._pool, self._dsn = pool, dsn
         self.store_health.succeeded()
         return pool
+
+    def _reconnect_in_background(self) -> None:
+        """After a failure: connect again in the background (bounded backoff), so that the outbox resumes and
+        readiness recovers without waiting for a request that needs the store."""
+        if self._closed or (self._reconnecting is not None and not self._reconnecting.done()):
+            return
+        self._reconnecting = asyncio.create_task(self._reconnect(), name="ondemand-postgres-reconnect")
+
+    async def _reconnect(self) -> None:
+        delay = _RECONNECT_FIRST
+        while not self._closed and self._pool is None:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RECONNECT_MAX)
+            if self.embedded is not None and not self.embedded.running:
+                return  # stopped or gone: an embedded server is started by an operation, never for this
+            with contextlib.suppress(PostgresUnavailable):
+                await asyncio.shield(self._start_connecting())
 
     def _drop_pool(self, pool: aiopg.Pool) -> None:
         """Forget a pool and close it in the background, bounded; in-use connections close on release."""
@@ -560,7 +659,8 @@ class PostgresStorage:
             except TimeoutError:
                 raise _unavailable(f"PostgreSQL {what} did not complete within {timeout:g} s", sent) from None
             except (psycopg2.OperationalError, psycopg2.InterfaceError, OSError) as exc:
-                self._drop_pool(pool)  # the connection broke: a new pool is made by the next op
+                self._drop_pool(pool)  # the connection broke: a new pool is made in the background or by the next op
+                self._reconnect_in_background()
                 raise _unavailable(f"PostgreSQL {what} failed: {_first_line(exc)}", sent) from None
             except psycopg2.Error as exc:
                 raise PostgresUnavailable(f"PostgreSQL {what} failed: {_first_line(exc)}") from None
