@@ -9,6 +9,7 @@ from urllib.parse import unquote, urlsplit
 import attrs
 import redis.asyncio as aioredis
 
+from ondemand.config.redact import redact_url
 from ondemand.errors import ConfigError
 
 
@@ -76,9 +77,8 @@ class RedisEndpoint:
                 db = int(parts.path.lstrip("/") or 0)
                 return cls(host=parts.hostname or "127.0.0.1", port=parts.port or 6379,
                            password=password, username=username, db=db)
-        except ValueError as exc:
-            raise ConfigError(f"invalid Redis URL {cls(unix_socket='?').describe()!r}: {exc}",
-                              key="lifecycle.redis_url") from None
+        except ValueError as exc:  # a port or database that is not a number: quote what was written
+            raise ConfigError(f"invalid Redis URL {redact_url(url)!r}: {exc}", key="lifecycle.redis_url") from None
         raise ConfigError(
             f"unsupported Redis URL scheme {parts.scheme!r}; expected redis://host:port/db or unix:///path",
             key="lifecycle.redis_url",
