@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from enum import StrEnum
 from typing import Any, NamedTuple
 
 import attrs
@@ -27,7 +28,7 @@ from ondemand.errors import (
     RedisCommandError,
     StorageUnavailable,
     WriteOutcomeUnknown,
-    first_line,
+    error_text,
 )
 from ondemand.health import OutageTracker
 from ondemand.store.breaker import CircuitBreaker
@@ -65,6 +66,24 @@ class NamespaceStats:
     cache_errors: int = 0
     durable_errors: int = 0
     corrupt_values: int = 0
+
+
+class WriteOutcome(StrEnum):
+    """What a write returns when it could not do all it was asked (it returns None when it did)."""
+
+    DROPPED = "dropped"  # a cache-only namespace and the cache did not take it: stored nowhere, a read misses
+    DURABLE_ONLY = "durable-only"  # committed to the durable store, not in the cache: reads come from there
+
+
+class Appended(int):
+    """`append`'s count when the list was not stored as asked, with `outcome` (a plain int when it was)."""
+
+    outcome: WriteOutcome
+
+    def __new__(cls, count: int, outcome: WriteOutcome) -> Appended:
+        made = super().__new__(cls, count)
+        made.outcome = outcome
+        return made
 
 
 class Lookup(NamedTuple):
@@ -223,7 +242,8 @@ class Dispatcher:
 
     # -- writes -------------------------------------------------------------------------------
 
-    async def set(self, namespace: str, item_id: str, value: Any, ttl: float | None = None) -> None:
+    async def set(self, namespace: str, item_id: str, value: Any, ttl: float | None = None) -> WriteOutcome | None:
+        """Store `value`; None when stored as asked, else what happened (the cache did not take it)."""
         ns = self.namespace(namespace)
         check_id(item_id)
         ttl = check_ttl(ttl, ns.ttl)
@@ -243,7 +263,7 @@ class Dispatcher:
                 await self._write_failed(stats, exc, ((ns, item_id),))
         else:
             await self._skipped(((ns, item_id),), recorded)
-        self._count_lost_write(stats, ns)
+        return self._count_lost_write(stats, ns)
 
     async def append(self, namespace: str, item_id: str, items: list[Any], ttl: float | None = None, *,
                      max_items: int) -> int:
@@ -255,7 +275,7 @@ class Dispatcher:
         The list gets `ttl` (or the namespace default). More than `max_items` is an InvalidInput, a
         stored value that is not a list a Conflict; neither writes anything. With Redis down a
         cache-only append is dropped and counted, like any cache-only write, and reports the length
-        of the items alone.
+        of the items alone; a list not stored as asked is counted by an `Appended`, which says so.
         """
         ns = self.namespace(namespace)
         check_id(item_id)
@@ -267,8 +287,8 @@ class Dispatcher:
             merged = [*(current or ()), *items]
             if len(merged) > max_items:
                 raise ns.list_too_long(item_id, len(merged), max_items)
-            await self.set(namespace, item_id, merged, ttl)
-            return len(merged)
+            outcome = await self.set(namespace, item_id, merged, ttl)
+            return len(merged) if outcome is None else Appended(len(merged), outcome)
         if len(items) > max_items:
             raise ns.list_too_long(item_id, len(items), max_items)
         raw = encode(items)
@@ -277,12 +297,12 @@ class Dispatcher:
         length = await self._cache_write(stats, ((ns, item_id),),
                                          lambda: self.cache.append_list(ns, item_id, raw, len(items), ttl, max_items))
         if length is _NOT_WRITTEN:
-            self._count_lost_write(stats, ns)
-            return len(items)
+            return Appended(len(items), self._count_lost_write(stats, ns))
         return length
 
-    async def set_many(self, entries: Iterable[tuple[str, str, Any, float | None]]) -> None:
-        """Write (namespace, id, value, ttl) tuples: one durable transaction, one Redis round trip."""
+    async def set_many(self, entries: Iterable[tuple[str, str, Any, float | None]]) -> WriteOutcome | None:
+        """Write (namespace, id, value, ttl) tuples: one durable transaction, one Redis round trip. None when
+        all were stored as asked; else DROPPED if a cache-only entry was stored nowhere, or DURABLE_ONLY."""
         prepared: list[Entry] = []
         durable: list[Entry] = []
         recorded = False
@@ -294,7 +314,7 @@ class Dispatcher:
             if ns.durable:
                 durable.append(entry)
         if not prepared:
-            return
+            return None
         for entry in prepared:  # counted once every entry passed validation: a bad one writes nothing
             self.stats[entry.namespace.name].writes += 1
         if durable:
@@ -310,9 +330,10 @@ class Dispatcher:
         # The durable write recorded its own keys; with cache-only entries too, all are recorded again.
         all_recorded = recorded and len(durable) == len(prepared)
         if await self._cache_write(first, targets, lambda: self.cache.set_many(prepared),
-                                   recorded=all_recorded) is _NOT_WRITTEN:
-            for entry in prepared:
-                self._count_lost_write(self.stats[entry.namespace.name], entry.namespace)
+                                   recorded=all_recorded) is not _NOT_WRITTEN:
+            return None
+        outcomes = {self._count_lost_write(self.stats[entry.namespace.name], entry.namespace) for entry in prepared}
+        return WriteOutcome.DROPPED if WriteOutcome.DROPPED in outcomes else WriteOutcome.DURABLE_ONLY
 
     async def delete(self, namespace: str, ids: str | Sequence[str]) -> int:
         ns = self.namespace(namespace)
@@ -353,11 +374,12 @@ class Dispatcher:
 
     # -- failure handling ---------------------------------------------------------------------
 
-    def _count_lost_write(self, stats: NamespaceStats, ns: Namespace) -> None:
+    def _count_lost_write(self, stats: NamespaceStats, ns: Namespace) -> WriteOutcome:
         if ns.durable:
             stats.fallback_writes += 1
-        else:
-            stats.dropped_writes += 1
+            return WriteOutcome.DURABLE_ONLY
+        stats.dropped_writes += 1
+        return WriteOutcome.DROPPED
 
     async def _cache_write(
         self, stats: NamespaceStats, targets: Iterable[Target], write: Callable[[], Awaitable[Any]], *,
@@ -392,7 +414,7 @@ class Dispatcher:
                                         lambda ns=ns, ids=ids: self.cache.delete(ns, ids))
             if exc.outcome_unknown:
                 raise WriteOutcomeUnknown(
-                    f"{first_line(exc)}; the write may still take effect: the cached copy was invalidated, so "
+                    f"{error_text(exc)}; the write may still take effect: the cached copy was invalidated, so "
                     f"the next read returns what {self.durable.name} holds"  # type: ignore[union-attr]
                 ) from exc
             raise
@@ -409,8 +431,8 @@ class Dispatcher:
             stats.durable_errors += 1
             if cache_error is not None:
                 raise StorageUnavailable(
-                    f"Redis and the durable store are both unavailable (Redis: {first_line(cache_error)}; "
-                    f"durable: {first_line(exc)})"
+                    f"Redis and the durable store are both unavailable (Redis: {error_text(cache_error)}; "
+                    f"durable: {error_text(exc)})"
                 ) from exc
             raise
 
@@ -464,7 +486,7 @@ class Dispatcher:
         """Redis could not be used: remember the keys as stale and open the breaker."""
         self._count_cache_error(stats, exc)
         self.invalidation.mark_stale(keys)
-        self.breaker.failure(first_line(exc))
+        self.breaker.failure(error_text(exc))
         if isinstance(exc, CacheReplaced):  # another server: its durable copies may be older than the store's
             self.invalidation.cache_replaced()
         return exc
