@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import re
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 
 from ondemand.config import Config
 from ondemand.errors import StartupError
+from ondemand.host.net import listening_sockets
 from ondemand.web.keys import CONFIG
 from ondemand.web.responses import HTTP_CODES, error_response
 
@@ -163,6 +163,8 @@ def run_app(app: web.Application, config: Config, *, reuse_port: bool = False,
 async def _serve(app: web.Application, config: Config, reuse_port: bool,
                  on_listening: Callable[[], None] | None) -> None:
     server = config.server
+    # Bound before the app starts: a busy port fails at once, with nothing started to stop and log about.
+    sockets = listening_sockets(server.host, server.port, reuse_port=reuse_port)
     runner = OndemandRunner(app, config, handle_signals=True, access_log=None,
                             shutdown_timeout=server.shutdown_timeout)
     try:
@@ -172,17 +174,15 @@ async def _serve(app: web.Application, config: Config, reuse_port: bool,
             raise
         except Exception as exc:
             raise StartupError(f"the app did not start: {exc}") from exc
-        site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port)
-        try:
-            await site.start()
-        except OSError as exc:
-            busy = " (another process holds the port)" if exc.errno == errno.EADDRINUSE else ""
-            raise StartupError(f"cannot listen on {server.host}:{server.port}: {exc.strerror or exc}{busy}") from exc
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
         if on_listening is not None:
             on_listening()
         await asyncio.Event().wait()  # until a signal raises GracefulExit here
     finally:
         await runner.cleanup()
+        for sock in sockets:
+            sock.close()
 
 
 def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
