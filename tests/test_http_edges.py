@@ -249,11 +249,22 @@ async def test_a_decimal_that_would_read_back_changed_is_refused(config, literal
 
 async def test_decimals_that_read_back_as_sent_are_kept(config) -> None:
     async with serving(config) as (port, _):
-        body = b'{"a": 0.1, "b": 1E2, "c": -0.0, "d": 0.10, "e": 1.7976931348623157e308, "f": 5e-324, "s": "1.5e999"}'
+        body = (b'{"a": 0.1, "b": 1E2, "c": -0.0, "d": 0.10, "e": 1.7976931348623157e-300, "f": 5e-324, '
+                b'"g": 18446744073709551615, "h": -9.223372036854776e18, "s": "1.5e999"}')
         assert (await exchange(port, request("PUT", "/api/sessions/d", body))).status == 200
         value = (await exchange(port, request("GET", "/api/sessions/d"))).json()["value"]
-    assert value == {"a": 0.1, "b": 100.0, "c": -0.0, "d": 0.1, "e": 1.7976931348623157e308, "f": 5e-324,
-                     "s": "1.5e999"}
+    assert value == {"a": 0.1, "b": 100.0, "c": -0.0, "d": 0.1, "e": 1.7976931348623157e-300, "f": 5e-324,
+                     "g": 2**64 - 1, "h": -9.223372036854776e18, "s": "1.5e999"}
+
+
+@pytest.mark.parametrize("literal", [b"18446744073709551616", b"-9223372036854775809", b"1e20", b"2.09e179",
+                                     b"-1.5e300"])
+async def test_a_whole_number_beyond_64_bits_is_refused_however_written(config, literal) -> None:
+    """JSON Schema (and so the OpenAPI document) knows numbers, not notations: 1e20 is the integer
+    100000000000000000000, which 64 bits cannot hold, whether it is written with an exponent or not."""
+    async with serving(config) as (port, _):
+        answer = await exchange(port, request("PUT", "/api/sessions/w", b"[%s]" % literal))
+    assert answer.status == 400 and "whole numbers must be from" in answer.error()["message"], answer.raw[:300]
 
 
 async def test_json_in_another_charset_is_415(config) -> None:

@@ -62,6 +62,8 @@ NOT_JSON: list[tuple[Any, str]] = [
     (orjson.Fragment(b"[1]"), "$ is a orjson.Fragment"),
     (2**64, "64 bits"),
     ({"big": -(2**63) - 1}, "64 bits"),
+    (1e20, "$ is 1e+20"),  # a whole number, as 100000000000000000000 is
+    ({"x": [1.5e300]}, "$.x[0] is 1.5e+300"),
 ]
 
 
@@ -74,7 +76,8 @@ def test_what_json_cannot_carry_is_refused_naming_it(value: Any, where: str) -> 
 
 @pytest.mark.parametrize("value", [
     {"user": 1, "roles": ["a"], "ok": True, "score": 0.1, "none": None},
-    [], {}, "text", 0, -0.0, 2**64 - 1, -(2**63), 5e-324, 1.7976931348623157e308, [[[{"deep": [1]}]]],
+    [], {}, "text", 0, -0.0, 2**64 - 1, -(2**63), 5e-324, 1.7976931348623157e-300, 1.844674407370955e19,
+    -9.223372036854776e18, [[[{"deep": [1]}]]],
 ])
 def test_plain_json_is_stored_and_reads_back_equal(value: Any) -> None:
     raw = encode(value)

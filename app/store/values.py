@@ -7,8 +7,9 @@
   it is built from dict (str keys), list, str, int, float, bool and None (or subclasses of these, which read
   back equal as their base type: an IntEnum, an OrderedDict). What the encoder would change (a tuple into a
   list, a datetime or a UUID into text, an Enum into its value, NaN into null) or cannot encode (bytes, a
-  set, a non-str key) is refused, naming the type and where it is. Integers must fit in 64 bits (from -2**63
-  to 2**64-1, what orjson carries exactly).
+  set, a non-str key) is refused, naming the type and where it is. A whole number must fit in 64 bits (from
+  -2**63 to 2**64-1, what orjson carries exactly as an integer), whether an int or a float (1e20 is one:
+  JSON and its schemas know numbers, not Python's types, so the rule is about the value).
 - A request body's numbers must read back as the decimals that were sent: an integer beyond 64 bits, or a
   decimal a 64-bit float cannot hold (more significant digits than it keeps, or out of its range) is
   refused with InvalidInput naming the rule, never rounded.
@@ -29,8 +30,8 @@ import orjson
 from ondemand.errors import InvalidInput
 
 MIN_INT, MAX_INT = -(2**63), 2**64 - 1
-INTEGER_RULE = (f"integers must be from {MIN_INT} to {MAX_INT} (64 bits); a larger one would not be stored "
-                "exactly (send it as a string)")
+INTEGER_RULE = (f"whole numbers must be from {MIN_INT} to {MAX_INT} (64 bits), however they are written (1, "
+                "1.0, 1e3): a larger integer would not be stored exactly; send it as a string")
 DECIMAL_RULE = ("a number with a fraction or an exponent must read back as the decimal that was sent: a 64-bit "
                 "float keeps 15 significant digits exactly, 16 or 17 only when they are its own shortest form (as "
                 "JavaScript and Python print it), from about 1e-308 to 1.8e308 in size; send other decimals as "
@@ -103,6 +104,9 @@ def encode(value: Any) -> bytes:
     if kind is not str and kind is not int and kind is not bool and value is not None \
             and orjson.loads(raw) != value:
         raise InvalidInput(_not_plain(value) or "value would not read back equal to what was given")
+    # orjson writes a float of 1e16 or more with "e+": only then can one be a whole number beyond 64 bits.
+    if b"e+" in raw and (problem := _not_plain(value)):
+        raise InvalidInput(problem)
     return raw
 
 
@@ -117,8 +121,11 @@ def _not_plain(value: Any) -> str | None:
         if not isinstance(node, _PLAIN) or (isinstance(node, enum.Enum) and not isinstance(node, int | str)):
             name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
             return f"value must be built from {PLAIN_TYPES}; {where} is a {name}"
-        if isinstance(node, float) and not math.isfinite(node):
-            return f"value must not contain NaN or infinity (JSON has no such numbers): {where} is {node!r}"
+        if isinstance(node, float):
+            if not math.isfinite(node):
+                return f"value must not contain NaN or infinity (JSON has no such numbers): {where} is {node!r}"
+            if node.is_integer() and not MIN_INT <= node <= MAX_INT:
+                return f"{INTEGER_RULE}; {where} is {node!r}"
         if isinstance(node, dict):
             for key, child in node.items():
                 if not isinstance(key, str):
@@ -145,6 +152,8 @@ def _checked_int(text: str) -> int:
 
 def _checked_float(text: str) -> float:
     value = float(text)
+    if value.is_integer() and not MIN_INT <= value <= MAX_INT:  # 1e20: a whole number, as 100000000000000000000
+        raise InvalidInput(INTEGER_RULE)
     # The usual case: the sender wrote the shortest form (JavaScript, Python, orjson all do), which is what
     # orjson writes back. Otherwise compare the decimal values exactly ("1E2" is 100.0, "0.10" is 0.1).
     if repr(value) != text and (not math.isfinite(value) or Decimal(text) != Decimal(repr(value))):

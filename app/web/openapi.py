@@ -25,19 +25,20 @@ from ondemand.web.cors import WRITE_HEADER
 from ondemand.web.keys import OPENAPI
 from ondemand.web.responses import json_response
 from ondemand.web.route_registry import Route, openapi_path
+from ondemand.web.views import TEST_MIN_TTL
 
 OPENAPI_PATH = "/api/openapi.json"
 
 _JSON = "application/json"
-# What a value may hold, in a form validators check: JSON whose integers fit in 64 bits and whose other
-# numbers are not integers (a number with a fraction; that it must read back as the decimal sent, at most
-# 17 significant digits, is stated in words: JSON Schema cannot count digits). Recursive, so every nested
-# number is checked; the nesting limit (32 levels) is stated in words too.
+# What a value may hold, in a form validators check: JSON whose whole numbers (JSON Schema's "integer", however
+# written: 1, 1.0, 1e3) fit in 64 bits, and whose other numbers have a fraction (that such a decimal must read
+# back as sent, at most 17 significant digits, is stated in words: JSON Schema cannot count digits).
+# Recursive, so every nested number is checked; the nesting limit (32 levels) is stated in words too.
 _JSON_VALUE: dict[str, Any] = {
-    "description": "any JSON value: integers from -9223372036854775808 to 18446744073709551615 (64 bits), other "
-                   "numbers only as decimals that read back exactly as a 64-bit float (at most 17 significant "
-                   "digits, the float's own shortest form); anything else is refused with 400 (send it as a "
-                   "string)",
+    "description": "any JSON value: whole numbers (1, 1.0, 1e3) from -9223372036854775808 to 18446744073709551615 "
+                   "(64 bits), other numbers only as decimals that read back as sent from a 64-bit float (15 "
+                   "significant digits, or 16 to 17 when they are the float's own shortest form); anything else "
+                   "is refused with 400 (send it as a string)",
     "anyOf": [
         {"type": ["string", "boolean", "null"]},
         {"type": "integer", "minimum": MIN_INT, "maximum": MAX_INT},
@@ -119,7 +120,7 @@ _ID_WRITE_ERRORS = (*_WRITE_ERRORS, "404")
 _READ_ERRORS = ("400", "404", "503")
 _MESSAGE_LIST = {"type": "array", "items": _ANY}
 _WRITTEN = {"type": "array", "items": {"enum": ["session", "messages", "profile"]}, "uniqueItems": True}
-_SKIPPABLE = {"description": "any JSON value; null: not written"}
+_SKIPPABLE = {"$ref": "#/components/schemas/Json", "description": "any JSON value (see Json); null: not written"}
 # An optional id in a test endpoint's body: empty or null picks a random one.
 _OPTIONAL_ID = {"type": ["string", "null"], "maxLength": MAX_ID_BYTES, "pattern": _NO_CONTROL,
                 "description": "an id (see the path ids); empty or null: a random one"}
@@ -154,7 +155,8 @@ def _paths(namespaces: Iterable[str]) -> dict[str, Any]:
                         _ok("appended", _obj(user_id=_STR, appended={"type": "integer"},
                                              count={"type": "integer"}, ttl=_TTL), write=True),
                         (*_ID_WRITE_ERRORS, "409"),
-                        body={"oneOf": [{"type": "object"}, {**_MESSAGE_LIST, "minItems": 1}]},
+                        body={"oneOf": [{"type": "object", "additionalProperties": _ANY},
+                                        {**_MESSAGE_LIST, "minItems": 1}]},
                         params=(*user, "ttl")),
             "get": _op("Read a user's messages, or the last N",
                        _ok("found", _obj(user_id=_STR, messages=_MESSAGE_LIST, total={"type": "integer"},
@@ -194,8 +196,10 @@ def _paths(namespaces: Iterable[str]) -> dict[str, Any]:
                                            get_ms=_MS)),
                         _WRITE_ERRORS, body_required=False,
                         body=_obj_optional(session_id=_OPTIONAL_ID, data=ANY_JSON,
-                                           ttl={**_TTL_IN, "type": ["number", "null"],
-                                                "description": "seconds (default 60; null: the namespace ttl)"})),
+                                           ttl={**_TTL_IN, "type": ["number", "null"], "minimum": TEST_MIN_TTL,
+                                                "description": f"seconds, from {TEST_MIN_TTL:g} (the session must "
+                                                               "live until it is read back) to ten years "
+                                                               "(default 60; null: the namespace ttl)"})),
         },
         "/api/cache/batch/test": {
             "post": _op("Warm up one user and read it back (server.test_endpoints); the body is optional; 503 when "
@@ -242,7 +246,8 @@ def _ready(description: str) -> dict[str, Any]:
 
 
 def _obj_optional(**properties: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "properties": properties}
+    """A test endpoint's optional body: other fields are ignored, but read, so their numbers follow Json's rules."""
+    return {"type": "object", "properties": properties, "additionalProperties": {"$ref": "#/components/schemas/Json"}}
 
 
 def _secured(op: dict[str, Any], method: str, path: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from ondemand.errors import InvalidInput
 from ondemand.store.dispatcher import WriteOutcome
+from ondemand.store.values import check_ttl
 from ondemand.web.keys import RUNTIME
 from ondemand.web.responses import json_response, read_json
 
@@ -19,6 +20,10 @@ def _id_or_random(value: Any, prefix: str) -> Any:
     """A test endpoint's optional id: absent, null or "" picks a random one; anything else is checked as an id
     (not `value or random`: a falsy non-string such as {} or 0 is a 400, not silently replaced)."""
     return f"{prefix}{secrets.token_hex(6)}" if value is None or value == "" else value
+
+
+# A test's value must live until it is read back: a shorter ttl would make the test fail by design.
+TEST_MIN_TTL = 1.0
 
 
 def _ms(seconds: float) -> float:
@@ -79,8 +84,12 @@ async def session_test(request: web.Request) -> web.Response:
     data = body.get("data", {"user": "test", "created": time.time()})
     if data is None:  # a stored null would read back as a miss, the same rule as PUT /api/sessions
         raise InvalidInput("data must not be null")
+    ttl = check_ttl(body.get("ttl", 60), None)
+    if ttl is not None and ttl < TEST_MIN_TTL:
+        raise InvalidInput(f"ttl must be at least {TEST_MIN_TTL:g} s here: the session is read back right after, "
+                           f"got {ttl!r}")
     t0 = time.perf_counter()
-    outcome = await cache.cache_session(session_id, data, ttl=body.get("ttl", 60))
+    outcome = await cache.cache_session(session_id, data, ttl=ttl)
     t1 = time.perf_counter()
     found = await cache.get_session(session_id)
     t2 = time.perf_counter()
