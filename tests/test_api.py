@@ -358,6 +358,18 @@ async def test_readyz_503_when_redis_fails_without_durable_store(aiohttp_client,
     assert body["durable"] is None
 
 
+async def test_readyz_and_status_carry_the_whole_error(aiohttp_client, make_config) -> None:
+    """Not only its first line ("... last lines of .../redis.log:"), but the log tail that says why."""
+    config = make_config({"lifecycle": {"redis_options": {"bogus-directive": "1"}}})
+    client = await aiohttp_client(create_app(config))
+    assert (await client.put("/api/users/u/profile", json=1)).headers["Ondemand-Write"] == "dropped"
+    ready = await (await client.get("/readyz")).json()
+    status = await (await client.get("/api/cache/status")).json()
+    for error in (ready["redis"]["last_error"], status["redis"]["last_error"]):
+        assert "last lines of" in error and "Bad directive or wrong number of arguments" in error, error
+        assert "bogus-directive" in error
+
+
 async def test_readyz_degraded_when_redis_fails_and_the_durable_store_serves(aiohttp_client, durable_config) -> None:
     client = await aiohttp_client(create_app(durable_config({"lifecycle": {"redis_binary": "/nonexistent/redis"}})))
     assert (await client.put("/api/sessions/s", json={"v": 1})).status == 200  # durable: PostgreSQL takes it
