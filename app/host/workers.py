@@ -1,7 +1,7 @@
 """Serving: one process, or a supervisor of N worker processes sharing one port (SO_REUSEPORT).
 
-Why not gunicorn's worker: no dependency, each worker is a plain `web.run_app(..., reuse_port=True)`
-and the kernel spreads connections; the supervision we need (restart a dead worker with a backoff, stop
+Why not gunicorn's worker: no dependency, each worker is a plain aiohttp server (`ondemand.web.serving.run_app`
+with reuse_port) and the kernel spreads connections; the supervision we need (restart a dead worker with a backoff, stop
 all on SIGTERM, never orphan one) is a few dozen lines over ChildProcess. The workers share the built-in
 servers by adopting them; what they must share and cannot arrange themselves is a host service, started
 here before them (`ondemand_host_services`).

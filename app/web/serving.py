@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -130,18 +129,20 @@ class OndemandRunner(web.AppRunner):
         super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
-        made = await super()._make_server()  # the app started, frozen, and its aiohttp server
+        """The app's server as AppRunner makes it (the app started and frozen), as a `_JsonErrorsServer`: the
+        same handler, request factory and connection options (aiohttp keeps the latter in `_kwargs`, which
+        it passes to each RequestHandler; the one private name we read)."""
+        made = await super()._make_server()
         return _JsonErrorsServer(made.request_handler, request_factory=made.request_factory,
                                  handler_cancellation=made.handler_cancellation, **made._kwargs)
 
 
-def run_app(app: web.Application, config: Config, *, reuse_port: bool = False,
-            on_listening: Callable[[], None] | None = None) -> None:
+def run_app(app: web.Application, config: Config, *, reuse_port: bool = False) -> None:
     """Serve `app` on `config.server.host:port` until SIGINT or SIGTERM, as `web.run_app` would, with
     `OndemandRunner`. StartupError when it cannot start serving: the app's startup failed, or the
     address cannot be bound (busy, not ours). A second signal while it shuts down ends it at once."""
     loop = asyncio.new_event_loop()
-    main = loop.create_task(_serve(app, config, reuse_port, on_listening))
+    main = loop.create_task(_serve(app, config, reuse_port))
     try:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(main)
@@ -160,8 +161,7 @@ def run_app(app: web.Application, config: Config, *, reuse_port: bool = False,
             asyncio.set_event_loop(None)
 
 
-async def _serve(app: web.Application, config: Config, reuse_port: bool,
-                 on_listening: Callable[[], None] | None) -> None:
+async def _serve(app: web.Application, config: Config, reuse_port: bool) -> None:
     server = config.server
     # Bound before the app starts: a busy port fails at once, with nothing started to stop and log about.
     sockets = listening_sockets(server.host, server.port, reuse_port=reuse_port)
@@ -176,8 +176,6 @@ async def _serve(app: web.Application, config: Config, reuse_port: bool,
             raise StartupError(f"the app did not start: {exc}") from exc
         for sock in sockets:
             await web.SockSite(runner, sock).start()
-        if on_listening is not None:
-            on_listening()
         await asyncio.Event().wait()  # until a signal raises GracefulExit here
     finally:
         await runner.cleanup()
