@@ -54,10 +54,10 @@ def endpoint(app: web.Application, handler: Handler, *, route: str, method: str,
             try:
                 refused = None if token is None else refuse_without_token(request, token)
                 response = refused if refused is not None else await handler(request)
+            except RequestTimeout as exc:  # the rest of its body may still come: never wait for it
+                response = exc.answer(request)
             except OndemandError as exc:
                 response = error_response(exc.http_status, exc.code, str(exc))
-                if isinstance(exc, RequestTimeout):  # the rest of its body may still come: never read it
-                    response.force_close()
             except web.HTTPException as exc:
                 if exc.status < 400:
                     status = exc.status

@@ -39,6 +39,24 @@ class RequestTimeout(OndemandError):
     code = "request_timeout"
     http_status = 408
 
+    def answer(self, request: web.BaseRequest) -> web.Response:
+        """The 408, which closes the connection once written: what is left of a body that stopped coming is
+        not waited for (aiohttp would drain it for its lingering time first)."""
+        return _ClosingResponse(request.protocol, body=orjson.dumps({"error": {"code": self.code,
+                                                                              "message": str(self)}}),
+                                status=self.http_status, content_type="application/json")
+
+
+class _ClosingResponse(web.Response):
+    def __init__(self, protocol: web.RequestHandler, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.force_close()
+        self._protocol = protocol
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        await super().write_eof(data)
+        self._protocol.force_close()  # the answer is in the transport's buffer, which closing flushes first
+
 
 class ClientGone(OndemandError):
     """The client closed its connection before its body arrived: nobody will read the answer."""

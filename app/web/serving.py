@@ -6,18 +6,20 @@ place at all (`CONNECT host:443`, `OPTIONS *`: no path, so no route, not even ou
 `Expect` it refuses (an HTTPException it turns into the response). Both come as plain text and the
 first is logged at ERROR with a traceback. `OndemandRunner` serves an app with `JsonErrorsHandler`, a
 `web.RequestHandler` (the protocol of each connection) whose `handle_error` answers our JSON error and
-logs a client's garbage as one INFO line, and whose `finish_response` turns an HTTPException aiohttp
-made into our JSON error. Only apps served by this runner are concerned (`run.py`; any app whose owner
-opts in by running it with `OndemandRunner`): nothing of aiohttp is patched.
+logs a client's garbage as one INFO line, and with a request factory that gives the second kind of
+request (no path, or an `Expect`) a `web.Request` subclass which turns aiohttp's HTTPException into our
+JSON error just before it is sent. Only apps served by this runner are concerned (`run.py`; any app
+whose owner opts in by running it with `OndemandRunner`): nothing of aiohttp is patched.
 
-Why a subclass of the protocol and not a middleware: parser errors happen before any middleware or
-handler, and a middleware costs every request (`app.web.endpoint`). The `finish_response` override
-costs every request one Python frame (measured: `bench/instructions.py`, see BENCHMARKS.md).
+Why these hooks and not a middleware: parser errors happen before any middleware or handler, and a
+middleware costs every request (`app.web.endpoint`). Every request pays one plain call, the factory's;
+a hook on every answer instead (overriding `finish_response`) measured 1.8% of a cached GET's
+instructions (`bench/instructions.py`).
 
 Reads are bounded (`server.header_timeout`, `server.body_timeout`): aiohttp's keep-alive timer, which
 closes a connection that waits for a request head, also closes one whose head is still incomplete, so
 it is set to the header timeout; the body is read under the body timeout by `read_body`
-(`app.web.responses`, 408, after which the connection is closed at once), and a body nobody reads is
+(`app.web.responses`, a 408 that closes the connection once written), and a body nobody reads is
 drained for at most that long (aiohttp's lingering time) before the connection closes.
 """
 
@@ -30,7 +32,8 @@ import re
 from http import HTTPStatus
 from typing import Any
 
-from aiohttp import web
+import orjson
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 
 from ondemand.config import Config
@@ -88,18 +91,25 @@ class JsonErrorsHandler(web.RequestHandler):
         response.force_close()
         return response
 
-    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
-                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
-        if isinstance(resp, web.HTTPException) and resp.status >= 400:
-            # aiohttp's own: a request no route can place (CONNECT's authority, OPTIONS *: no path at all),
-            # a refused Expect. Every route of ours answers its errors as JSON before this.
-            headers = {"Allow": resp.headers["Allow"]} if "Allow" in resp.headers else None
-            resp = error_response(resp.status, HTTP_CODES.get(resp.status, f"http_{resp.status}"),
-                                  _message_of(request, resp), headers)
-        finished = await super().finish_response(request, resp, start_time)
-        if resp.status == 408:  # a body that stopped coming (RequestTimeout): close now, do not drain it
-            self.force_close()
-        return finished
+
+
+class _AnsweringJson(web.Request):
+    """The request of the few messages aiohttp may answer itself with an HTTPException after parsing them: one
+    whose target has no path (`CONNECT host:443`, `OPTIONS *`: no route can match it, not even our catch-all,
+    so the router's 404 is the answer) or that carries an `Expect` (a refused one is a 417). Just before such
+    an answer is sent, its plain text becomes our JSON error; every other answer goes out as it is."""
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        if isinstance(response, web.HTTPException) and response.status >= 400 and response.content_type != _JSON:
+            response.body = orjson.dumps({"error": {
+                "code": HTTP_CODES.get(response.status, f"http_{response.status}"),
+                "message": _message_of(self, response)}})
+            response.content_type = _JSON
+            response.headers.popall(hdrs.CONTENT_LENGTH, None)  # the text's; sending counts the new body
+        await super()._prepare_hook(response)
+
+
+_JSON = "application/json"
 
 
 def _message_of(request: web.BaseRequest, exc: web.HTTPException) -> str:
@@ -118,6 +128,19 @@ class _JsonErrorsServer(web.Server):
         return JsonErrorsHandler(self, loop=self._loop, **self._kwargs)
 
 
+def _request_factory(make: Any) -> Any:
+    """`make` (the app's request factory), with `_AnsweringJson` for the requests aiohttp may answer itself.
+    Every request passes here (one plain call and two checks: far cheaper than a hook on every answer, a
+    coroutine more per request, measured at 1.8% of a cached GET's instructions)."""
+
+    def factory(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
+        if message.path[:1] == "/" and hdrs.EXPECT not in message.headers:
+            return make(message, payload, protocol, writer, task)
+        return make(message, payload, protocol, writer, task, _cls=_AnsweringJson)
+
+    return factory
+
+
 class OndemandRunner(web.AppRunner):
     """`web.AppRunner` whose connections answer aiohttp's own errors as ours (see the module docstring),
     with the read timeouts of `config` (default: the app's, set by `ondemand.web.setup`)."""
@@ -133,7 +156,7 @@ class OndemandRunner(web.AppRunner):
         same handler, request factory and connection options (aiohttp keeps the latter in `_kwargs`, which
         it passes to each RequestHandler; the one private name we read)."""
         made = await super()._make_server()
-        return _JsonErrorsServer(made.request_handler, request_factory=made.request_factory,
+        return _JsonErrorsServer(made.request_handler, request_factory=_request_factory(made.request_factory),
                                  handler_cancellation=made.handler_cancellation, **made._kwargs)
 
 
