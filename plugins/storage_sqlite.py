@@ -578,6 +578,7 @@ class SqliteStorage:
             "name": self.name,
             **self.store_health.status(),
             "path": str(self.path),
+            "server_version": f"SQLite {sqlite3.sqlite_version}",
             "journal_mode": None if worker is None else worker.journal_mode,
             "synchronous": self.config.synchronous,
             "busy_timeout": self._busy_timeout,

@@ -76,6 +76,10 @@ BAD: dict[str, Case] = {
         [], {"DOCKER_ENV": "1", "REDIS_URL": "htp://nope"},
         "configuration error: environment variable REDIS_URL: lifecycle.redis_url: unsupported Redis URL scheme "
         "'htp'; expected redis://host:port/db, rediss://host:port/db (TLS) or unix:///path?db=N"),
+    "REDIS_URL with a port that is not a number": lambda tmp: (
+        [], {"DOCKER_ENV": "1", "REDIS_URL": "redis://:hunter2@redis-host:notaport/0"},
+        "configuration error: environment variable REDIS_URL: lifecycle.redis_url: invalid Redis URL "
+        "'redis://:***@redis-host:notaport/0': Port could not be cast to integer value as 'notaport'"),
     "missing configured redis_binary": lambda tmp: (
         ["--config", str(toml_file(tmp, f'[lifecycle]\nredis_binary = "{tmp / "nope"}"\n'))], {},
         f"configuration error: {tmp / 'x.toml'}: lifecycle.redis_binary: {tmp / 'nope'}: not found; name a Redis "

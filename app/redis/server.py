@@ -36,6 +36,7 @@ from ondemand.errors import (
     RedisDisabled,
     RedisTimeout,
     RedisUnavailable,
+    error_text,
     first_line,
 )
 from ondemand.events import Events
@@ -120,6 +121,7 @@ class OnDemandRedis:
         # out to be another server is held until brought up to date, by `node_recovery` (the dispatcher's).
         self.node_ids: dict[tuple[str, int], str] = {}
         self.node_recovery: NodeRecoveryCallback | None = None
+        self.server_version: str | None = None  # what that server said it is (INFO), for status
         self._pid = os.getpid()
         # Lifecycle.connection_lost (a lifecycle that can find the server elsewhere, Sentinel, acts on it) is
         # told about failed connections to the current endpoint, on failures only. `_current` holds the
@@ -248,6 +250,7 @@ class OnDemandRedis:
             pool.mux = conn
             pool.opens += 1
             previous, self.server_id = self.server_id, conn.server_id or self.server_id
+            self.server_version = getattr(conn, "server_version", None) or self.server_version
             # (A cluster tells master by master, and holds only the replaced ones: see ClusterConnection.)
             if (not self.lifecycle.starts_empty and not endpoint.cluster and previous is not None
                     and conn.server_id is not None and conn.server_id != previous):
@@ -445,7 +448,7 @@ class OnDemandRedis:
             self._backoff = self.config.lifecycle.restart_backoff
         self.counters.unexpected_exits += 1
         self._endpoint = None
-        self._close_connections(f"Redis server exited: {first_line(description)}")
+        self._close_connections(f"Redis server exited: {error_text(description)}")
         self._mark_failed(RedisUnavailable(description))
 
     def _close_connections(self, reason: str) -> None:
@@ -525,13 +528,14 @@ class OnDemandRedis:
             "state": self.state,
             "pid": self.lifecycle.pid(),
             "endpoint": self._endpoint.describe() if self._endpoint else None,
+            "server_version": self.server_version,
             "uptime_seconds": round(now - self._running_since, 3) if self._running_since else None,
             "idle_timeout": idle_timeout,
             "idle_deadline_in": (
                 round(max(0.0, idle_timeout - (now - self.last_used)), 3)
                 if running and self.lifecycle.manages_process else None
             ),
-            "last_error": str(self._last_error) if self._last_error else None,
+            "last_error": error_text(self._last_error) if self._last_error else None,
             "retry_in": round(retry_in, 3) if retry_in is not None else None,
             "degraded_since": self.health.down_since,
             "pools": {name: pool.stats(now) for name, pool in sorted(self.pools.items())},
