@@ -66,8 +66,8 @@ BAD: dict[str, Case] = {
         "serve no routes"),
     "unknown storage": lambda tmp: (
         ["--config", str(toml_file(tmp, '[storage]\ndurable = "jsonfle"\n'))], {},
-        f"startup error: {tmp / 'x.toml'}: storage.durable: unknown storage 'jsonfle'; available: postgres, redis, "
-        "sqlite"),
+        f"startup error: {tmp / 'x.toml'}: storage.durable: unknown storage 'jsonfle'; available: example-files, "
+        "postgres, redis, sqlite"),
     "misspelt lifecycle": lambda tmp: (
         [], {"ONDEMAND_LIFECYCLE__PLUGIN": '"subprocces"'},
         "startup error: environment variable ONDEMAND_LIFECYCLE__PLUGIN: lifecycle.plugin: unknown lifecycle "
@@ -131,7 +131,8 @@ def test_the_error_in_json_names_the_key_and_where_it_was_set(tmp_path: Path) ->
     result = json.loads(run("check-config", "--json", "--config", str(config)).stdout)
     assert result["errors"] == [{
         "kind": "startup", "key": "storage.durable", "source": str(config),
-        "message": f"{config}: storage.durable: unknown storage 'jsonfle'; available: postgres, redis, sqlite",
+        "message": f"{config}: storage.durable: unknown storage 'jsonfle'; available: example-files, postgres, redis, "
+                   "sqlite",
     }]
     assert result["source"] == str(config)
     assert result["config"]["storage"]["durable"] == "jsonfle", "the config as resolved, to see what was read"
