@@ -15,6 +15,7 @@ import attrs
 
 from ondemand.errors import RedisCommandError
 from ondemand.hookspecs import hookimpl
+from ondemand.plugins.redis_leases import RedisLeases, sidecars
 from ondemand.redis.cluster import scan_pattern, unlink
 from ondemand.redis.server import OnDemandRedis
 from ondemand.registry import Registry
@@ -39,6 +40,8 @@ async def _nothing() -> None:
 # Anything else under the key (a string, as the previous release wrote) counts as absent, version 0. Versions
 # are compared as decimal text (exact beyond Lua's 2^53), by length first. Ids never contain NUL or braces
 # that matter: on a cluster every key of one script shares the id's slot (see Namespace).
+# Every write and delete also deletes the key's lease and meta (ondemand.plugins.redis_leases: KEYS after the
+# records'), so that a get_or_compute load that began before it is not installed.
 DELETED_HOLD = 30.0  # seconds a tombstone is kept: far longer than a put-back may be late (the dispatcher's bound)
 _OLDER = """
 local function older(a, b)
@@ -48,6 +51,7 @@ end
 """
 _SET = _OLDER + """
 local key, version, mode = KEYS[1], ARGV[2], ARGV[4]
+if mode == 'w' or mode == 'f' then redis.call('DEL', KEYS[2], KEYS[3]) end
 local kind = redis.call('TYPE', key).ok
 if kind == 'hash' and mode ~= 'f' then
   local held = redis.call('HMGET', key, 'n', 'v', 'u')
@@ -66,9 +70,10 @@ if ARGV[3] ~= '0' then redis.call('PEXPIRE', key, ARGV[3]) elseif kind == 'hash'
 return 1
 """
 _TOMBSTONE = _OLDER + """
-local removed = 0
-for i, key in ipairs(KEYS) do
-  local version, n, had = ARGV[i + 1], '0', false
+local removed, count = 0, #ARGV - 1
+for i = 1, count do
+  local key, version, n, had = KEYS[i], ARGV[i + 1], '0', false
+  redis.call('DEL', KEYS[count + 2 * i - 1], KEYS[count + 2 * i])
   local kind = redis.call('TYPE', key).ok
   if kind == 'hash' then
     local held = redis.call('HMGET', key, 'n', 'v')
@@ -92,6 +97,7 @@ return removed
 # stored value and counts it. Stored text that is not JSON counts as an empty list (a corrupt value is
 # replaced, as a read would treat it as absent); JSON that is not an array is refused.
 _APPEND = """
+redis.call('DEL', KEYS[2], KEYS[3])
 local current = redis.call('GET', KEYS[1])
 local length = 0
 if current then
@@ -150,7 +156,8 @@ def _set_command(ns: Namespace, key: str, value: bytes, ttl: float | None, versi
                  mode: str = "w") -> tuple[Any, ...]:
     if ns.durable:
         px = 0 if ttl is None else _milliseconds(ttl)
-        return SET.command((key,), (value, 0, px, "f") if version is None else (value, version, px, mode))
+        args = (value, 0, px, "f") if version is None else (value, version, px, mode)
+        return SET.command((key, *sidecars(key)), args)
     if ttl is None:
         return ("SET", key, value)
     return ("SET", key, value, "PX", _milliseconds(ttl))
@@ -160,12 +167,18 @@ def _set_command(ns: Namespace, key: str, value: bytes, ttl: float | None, versi
 class RedisStorage:
     on_demand: OnDemandRedis
     name: str = "redis"
+    leases: RedisLeases = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.leases = RedisLeases(self.on_demand, self._eval, _Script)
+        _SCRIPTS.update((script.sha, script) for script in self.leases.scripts)
 
     async def open(self) -> None:
         """Nothing to prepare: the server starts on the first operation."""
 
     async def close(self) -> None:
-        """The runtime closes on_demand itself, after every storage."""
+        """The runtime closes on_demand itself, after every storage; the leases' subscription is ours."""
+        await self.leases.close()
 
     async def ping(self) -> None:
         if not self.on_demand.disabled:
@@ -223,15 +236,19 @@ class RedisStorage:
         key = ns.key_prefix + item_id + ns.key_suffix
         if ns.durable:
             return self._eval(_set_command(ns, key, value, ttl, version), ns.connection_id)
-        return self.on_demand.execute(*_set_command(ns, key, value, ttl, None), connection_id=ns.connection_id)
+        return self.on_demand.execute_grouped({ns.connection_id: [("DEL", *sidecars(key)),
+                                                                  _set_command(ns, key, value, ttl, None)]})
 
     async def set_many(self, entries: Sequence[Entry]) -> Any:
         if self.on_demand.disabled or not entries:
             return None
         by_pool: dict[str, list[tuple[Any, ...]]] = {}
         for e in entries:
-            command = _set_command(e.namespace, e.namespace.key(e.id), e.value, e.ttl, e.version)
-            by_pool.setdefault(e.namespace.connection_id, []).append(command)
+            key = e.namespace.key(e.id)
+            commands = by_pool.setdefault(e.namespace.connection_id, [])
+            if not e.namespace.durable:
+                commands.append(("DEL", *sidecars(key)))
+            commands.append(_set_command(e.namespace, key, e.value, e.ttl, e.version))
         return await self._grouped(by_pool)
 
     async def put_back(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, version: int, *,
@@ -257,15 +274,16 @@ class RedisStorage:
             key = ns.key(item_id)
             commands = by_pool.setdefault(ns.connection_id, [])
             if not ns.durable:
-                commands.append(("DEL", key))
+                commands.append(("DEL", *sidecars(key), key))
             elif ns.key_suffix:
-                commands.append(TOMBSTONE.command((key,), (hold, "" if version is None else version)))
+                commands.append(TOMBSTONE.command((key, *sidecars(key)), (hold, "" if version is None else version)))
             else:
                 keys, versions = batched.setdefault(ns.connection_id, ([], []))
                 keys.append(key)
                 versions.append("" if version is None else version)
         for pool, (keys, versions) in batched.items():
-            by_pool[pool].append(TOMBSTONE.command(keys, (hold, *versions)))
+            by_pool[pool].append(TOMBSTONE.command([*keys, *(k for key in keys for k in sidecars(key))],
+                                                   (hold, *versions)))
         return by_pool
 
     async def delete(self, ns: Namespace, ids: Sequence[str]) -> int:
@@ -275,7 +293,8 @@ class RedisStorage:
             return 0
         if not ns.durable:
             keys = [ns.key_prefix + i + ns.key_suffix for i in ids]
-            return await self.on_demand.execute("DEL", *keys, connection_id=ns.connection_id)
+            revoked = [k for key in keys for k in sidecars(key)]  # first: a load installs nothing after it
+            return (await self.on_demand.execute_grouped({ns.connection_id: [("DEL", *revoked), ("DEL", *keys)]}))[1]
         replies = await self._grouped(self._invalidations([Target(ns, i) for i in dict.fromkeys(ids)]))
         return sum(replies)
 
@@ -283,7 +302,8 @@ class RedisStorage:
         """DEL of full keys, unconditionally (a server out of memory still serves it)."""
         if self.on_demand.disabled or not keys:
             return 0
-        return await self.on_demand.execute("DEL", *keys)
+        revoked = [k for key in keys for k in sidecars(key)]
+        return (await self.on_demand.execute_grouped({"default": [("DEL", *revoked), ("DEL", *keys)]}))[1]
 
     async def delete_prefix(self, prefix: str, *, batch: int = 1000) -> int:
         """SCAN and UNLINK every key under `prefix`, master by master (on a cluster UNLINK goes slot by slot to
@@ -316,7 +336,8 @@ class RedisStorage:
             return count
         px = 0 if ttl is None else _milliseconds(ttl)
         try:
-            return await self._eval(APPEND.command((ns.key(item_id),), (items, count, px, max_items)),
+            key = ns.key(item_id)
+            return await self._eval(APPEND.command((key, *sidecars(key)), (items, count, px, max_items)),
                                     ns.connection_id)
         except RedisCommandError as exc:
             reason = str(exc).removeprefix("ERR ")  # Redis 7 and Valkey prefix a script's own error with ERR

@@ -1,0 +1,209 @@
+"""The redis storage's leases for `get_or_compute` (the `Leases` protocol of ondemand.store.aside).
+
+Beside a value's key live two keys in its slot (an id never holds a control character, so no id's key is
+one of them): the lease (`<key>\\0l`: a token, SET NX PX) and the meta (`<key>\\0m`: "<expiry ms> <load ms>",
+as long-lived as the value). Every write and delete of the storage deletes both (the lease is revoked, the
+meta of an older load no longer applies); an install is one script that checks the token, writes the value
+and its meta and PUBLISHes the key on the runtime's channel. Each process subscribes once, on a connection
+of its own, and wakes the callers waiting for that key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from ondemand.redis.resp import RespConnection
+from ondemand.redis.server import OnDemandRedis
+from ondemand.store.aside import ACQUIRED, PRESENT
+from ondemand.store.protocols import Namespace
+
+log = logging.getLogger("ondemand.aside")
+
+LEASE, META = "\0l", "\0m"
+
+
+def sidecars(key: str) -> tuple[str, str]:
+    """The lease and meta keys of a value's key (in its slot: they share its hash tag)."""
+    return key + LEASE, key + META
+
+
+# KEYS: value, lease, meta. ARGV: token, lease ms, seen meta ('' on a miss).
+_ACQUIRE = """
+if ARGV[3] == '' then
+  local kind = redis.call('TYPE', KEYS[1]).ok
+  if kind == 'string' or (kind == 'hash' and redis.call('HEXISTS', KEYS[1], 'v') == 1) then return -2 end
+elseif (redis.call('GET', KEYS[3]) or '') ~= ARGV[3] then
+  return -2
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return -1 end
+return redis.call('PTTL', KEYS[2])
+"""
+# KEYS: value, lease, meta. ARGV: token, value, px (0: none), meta, channel.
+_INSTALL = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+if ARGV[3] == '0' then
+  redis.call('SET', KEYS[1], ARGV[2])
+  redis.call('SET', KEYS[3], ARGV[4])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
+end
+redis.call('PUBLISH', ARGV[5], KEYS[1])
+return 1
+"""
+# KEYS: value, meta. ARGV: meta, px (0: none), channel. After a durable value's versioned write.
+_FINISH = """
+if redis.call('TYPE', KEYS[1]).ok == 'hash' and redis.call('HEXISTS', KEYS[1], 'v') == 1 then
+  if ARGV[2] == '0' then redis.call('SET', KEYS[2], ARGV[1]) else redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
+end
+redis.call('PUBLISH', ARGV[3], KEYS[1])
+return 1
+"""
+# KEYS: lease, value. ARGV: token, channel.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], KEYS[2])
+end
+return 1
+"""
+
+
+def _px(ttl: float | None) -> int:
+    return 0 if ttl is None else max(1, int(ttl * 1000))
+
+
+class RedisLeases:
+    """Leases, installs and notifications on the on-demand Redis (one per RedisStorage)."""
+
+    def __init__(self, on_demand: OnDemandRedis, run_script: Any, script: Any) -> None:
+        """`run_script(command, connection_id)` runs a `script(body)`'s command (the storage's, which also
+        sends the body when the server lacks the script)."""
+        self.on_demand = on_demand
+        self._run = run_script
+        self.acquire_script, self.install_script = script(_ACQUIRE), script(_INSTALL)
+        self.finish_script, self.release_script = script(_FINISH), script(_RELEASE)
+        self.channel = f"{on_demand.config.redis.key_prefix}:aside"
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._subscribed: asyncio.Future[bool] | None = None
+        self.notifications = 0
+
+    @property
+    def scripts(self) -> tuple[Any, ...]:
+        return self.acquire_script, self.install_script, self.finish_script, self.release_script
+
+    async def read(self, ns: Namespace, item_id: str) -> tuple[bytes | None, bytes | None]:
+        if self.on_demand.disabled:
+            return None, None
+        key = ns.key(item_id)
+        if not ns.durable:
+            value, meta = await self.on_demand.execute("MGET", key, key + META, connection_id=ns.connection_id)
+            return value, meta
+        value, meta = await self.on_demand.execute_grouped({ns.connection_id: [("HGET", key, "v"),
+                                                                               ("GET", key + META)]})
+        return value, meta
+
+    async def acquire(self, ns: Namespace, item_id: str, token: str, lease_ttl: float, seen: bytes | None) -> float:
+        if self.on_demand.disabled:
+            return ACQUIRED
+        key = ns.key(item_id)
+        reply = await self._run(self.acquire_script.command((key, *sidecars(key)), (token, _px(lease_ttl), seen or "")),
+                                ns.connection_id)
+        if reply == -1:
+            return ACQUIRED
+        if reply == -2:
+            return PRESENT
+        return max(0.0, reply / 1000)
+
+    async def install(self, ns: Namespace, item_id: str, token: str, value: bytes, ttl: float | None,
+                      meta: bytes) -> bool:
+        if self.on_demand.disabled:
+            return False
+        key = ns.key(item_id)
+        command = self.install_script.command((key, *sidecars(key)), (token, value, _px(ttl), meta, self.channel))
+        return bool(await self._run(command, ns.connection_id))
+
+    async def held(self, ns: Namespace, item_id: str, token: str) -> bool:
+        if self.on_demand.disabled:
+            return True
+        held = await self.on_demand.execute("GET", ns.key(item_id) + LEASE, connection_id=ns.connection_id)
+        return held == token.encode()
+
+    async def finish(self, ns: Namespace, item_id: str, meta: bytes, ttl: float | None) -> None:
+        if self.on_demand.disabled:
+            return
+        key = ns.key(item_id)
+        await self._run(self.finish_script.command((key, key + META), (meta, _px(ttl), self.channel)), ns.connection_id)
+
+    async def release(self, ns: Namespace, item_id: str, token: str) -> None:
+        if self.on_demand.disabled:
+            return
+        key = ns.key(item_id)
+        await self._run(self.release_script.command((key + LEASE, key), (token, self.channel)), ns.connection_id)
+
+    # -- notifications ----------------------------------------------------------------------------
+
+    def arrival(self, ns: Namespace, item_id: str) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(ns.key(item_id), set()).add(future)
+        return future
+
+    def forget(self, ns: Namespace, item_id: str, arrival: asyncio.Future[None]) -> None:
+        key = ns.key(item_id)
+        waiting = self._waiters.get(key)
+        if waiting is not None:
+            waiting.discard(arrival)
+            if not waiting:
+                del self._waiters[key]
+
+    async def listen(self, timeout: float) -> bool:
+        if self.on_demand.disabled:
+            return False
+        if self._listener is None or self._listener.done():
+            self._subscribed = asyncio.get_running_loop().create_future()
+            self._listener = asyncio.get_running_loop().create_task(self._listen(self._subscribed))
+        assert self._subscribed is not None
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._subscribed), timeout)
+        except TimeoutError:
+            return False
+
+    async def _listen(self, subscribed: asyncio.Future[bool]) -> None:
+        """One subscription per process; ends when its connection does (the next wait starts another)."""
+        conn: RespConnection | None = None
+        try:
+            config = self.on_demand.config.redis
+            async with asyncio.timeout(config.connect_timeout + config.op_timeout):
+                endpoint = await self.on_demand.ensure()
+                conn = await RespConnection.open(endpoint, what="the aside notifications' subscription")
+                conn.send("SUBSCRIBE", self.channel)
+                await conn.reply()
+            subscribed.set_result(True)
+            while True:
+                message = await conn.reply()
+                if isinstance(message, list) and len(message) == 3 and message[0] == b"message":
+                    self.notifications += 1
+                    for future in self._waiters.pop(message[2].decode(errors="replace"), ()):
+                        if not future.done():
+                            future.set_result(None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the waiters fall back to their bounds
+            log.info("the aside notifications' subscription ended: %s", exc)
+        finally:
+            if not subscribed.done():
+                subscribed.set_result(False)
+            if conn is not None:
+                conn.close()
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._listener, 2.0)
+            self._listener = None
