@@ -1,11 +1,11 @@
 """The redis storage's leases for `get_or_compute` (the `Leases` protocol of ondemand.store.aside).
 
-Beside a value's key live two keys in its slot (an id never holds a control character, so no id's key is
-one of them): the lease (`<key>\\0l`: a token, SET NX PX) and the meta (`<key>\\0m`: "<expiry ms> <load ms>",
-as long-lived as the value). Every write and delete of the storage deletes both (the lease is revoked, the
-meta of an older load no longer applies); an install is one script that checks the token, writes the value
-and its meta and PUBLISHes the key on the runtime's channel. Each process subscribes once, on a connection
-of its own, and wakes the callers waiting for that key.
+Beside a value's key, in its slot, lives its sidecar (`<key>\\0a`: an id never holds a control character, so
+no id's key is a sidecar), a hash: `l` the lease ("<token> <deadline ms>", server time) and `m` the meta
+("<expiry ms> <load ms>"), as long-lived as the value. The storage deletes the sidecar before every write and
+delete (the lease is revoked, an older load's meta no longer applies); an install is one script that checks the
+token, writes the value and its meta and PUBLISHes the key on the runtime's channel. Each process subscribes
+once, on a connection of its own, and wakes the callers waiting for that key.
 """
 
 from __future__ import annotations
@@ -22,52 +22,65 @@ from ondemand.store.protocols import Namespace
 
 log = logging.getLogger("ondemand.aside")
 
-LEASE, META = "\0l", "\0m"
+
+def sidecar(key: str) -> str:
+    """The lease and meta hash of a value's key (in its slot: it shares its hash tag)."""
+    return key + "\0a"
 
 
-def sidecars(key: str) -> tuple[str, str]:
-    """The lease and meta keys of a value's key (in its slot: they share its hash tag)."""
-    return key + LEASE, key + META
-
-
-# KEYS: value, lease, meta. ARGV: token, lease ms, seen meta ('' on a miss).
+_MINE = """
+local function mine(token)
+  local held = redis.call('HGET', KEYS[2], 'l')
+  return held and string.sub(held, 1, #token + 1) == token .. ' '
+end
+local function keep(px)
+  if px == '0' then redis.call('PERSIST', KEYS[2]) else redis.call('PEXPIRE', KEYS[2], px) end
+end
+"""
+# KEYS: value, sidecar. ARGV: token, lease ms, seen meta ('' on a miss).
 _ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[3] == '' then
   local kind = redis.call('TYPE', KEYS[1]).ok
   if kind == 'string' or (kind == 'hash' and redis.call('HEXISTS', KEYS[1], 'v') == 1) then return -2 end
-elseif (redis.call('GET', KEYS[3]) or '') ~= ARGV[3] then
+elseif (redis.call('HGET', KEYS[2], 'm') or '') ~= ARGV[3] then
   return -2
 end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return -1 end
-return redis.call('PTTL', KEYS[2])
-"""
-# KEYS: value, lease, meta. ARGV: token, value, px (0: none), meta, channel.
-_INSTALL = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[2])
-if ARGV[3] == '0' then
-  redis.call('SET', KEYS[1], ARGV[2])
-  redis.call('SET', KEYS[3], ARGV[4])
-else
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
+local held = redis.call('HGET', KEYS[2], 'l')
+if held then
+  local deadline = tonumber(string.match(held, ' (%d+)$'))
+  if deadline > now then return deadline - now end
 end
+local pttl = redis.call('PTTL', KEYS[2])
+redis.call('HSET', KEYS[2], 'l', ARGV[1] .. ' ' .. (now + tonumber(ARGV[2])))
+if pttl == -2 or (pttl >= 0 and pttl < tonumber(ARGV[2])) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+return -1
+"""
+# KEYS: value, sidecar. ARGV: token, value, px (0: none), meta, channel.
+_INSTALL = _MINE + """
+if not mine(ARGV[1]) then return 0 end
+if ARGV[3] == '0' then redis.call('SET', KEYS[1], ARGV[2]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+redis.call('HDEL', KEYS[2], 'l')
+redis.call('HSET', KEYS[2], 'm', ARGV[4])
+keep(ARGV[3])
 redis.call('PUBLISH', ARGV[5], KEYS[1])
 return 1
 """
-# KEYS: value, meta. ARGV: meta, px (0: none), channel. After a durable value's versioned write.
-_FINISH = """
+# KEYS: value, sidecar. ARGV: meta, px (0: none), channel. After a durable value's versioned write.
+_FINISH = _MINE + """
 if redis.call('TYPE', KEYS[1]).ok == 'hash' and redis.call('HEXISTS', KEYS[1], 'v') == 1 then
-  if ARGV[2] == '0' then redis.call('SET', KEYS[2], ARGV[1]) else redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
+  redis.call('HSET', KEYS[2], 'm', ARGV[1])
+  keep(ARGV[2])
 end
 redis.call('PUBLISH', ARGV[3], KEYS[1])
 return 1
 """
-# KEYS: lease, value. ARGV: token, channel.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], KEYS[2])
+# KEYS: value, sidecar. ARGV: token, channel.
+_RELEASE = _MINE + """
+if mine(ARGV[1]) then
+  redis.call('HDEL', KEYS[2], 'l')
+  redis.call('PUBLISH', ARGV[2], KEYS[1])
 end
 return 1
 """
@@ -101,19 +114,16 @@ class RedisLeases:
         if self.on_demand.disabled:
             return None, None
         key = ns.key(item_id)
-        if not ns.durable:
-            value, meta = await self.on_demand.execute("MGET", key, key + META, connection_id=ns.connection_id)
-            return value, meta
-        value, meta = await self.on_demand.execute_grouped({ns.connection_id: [("HGET", key, "v"),
-                                                                               ("GET", key + META)]})
+        read = ("HGET", key, "v") if ns.durable else ("GET", key)
+        value, meta = await self.on_demand.execute_grouped({ns.connection_id: [read, ("HGET", sidecar(key), "m")]})
         return value, meta
 
     async def acquire(self, ns: Namespace, item_id: str, token: str, lease_ttl: float, seen: bytes | None) -> float:
         if self.on_demand.disabled:
             return ACQUIRED
         key = ns.key(item_id)
-        reply = await self._run(self.acquire_script.command((key, *sidecars(key)), (token, _px(lease_ttl), seen or "")),
-                                ns.connection_id)
+        command = self.acquire_script.command((key, sidecar(key)), (token, _px(lease_ttl), seen or ""))
+        reply = await self._run(command, ns.connection_id)
         if reply == -1:
             return ACQUIRED
         if reply == -2:
@@ -125,26 +135,27 @@ class RedisLeases:
         if self.on_demand.disabled:
             return False
         key = ns.key(item_id)
-        command = self.install_script.command((key, *sidecars(key)), (token, value, _px(ttl), meta, self.channel))
+        command = self.install_script.command((key, sidecar(key)), (token, value, _px(ttl), meta, self.channel))
         return bool(await self._run(command, ns.connection_id))
 
     async def held(self, ns: Namespace, item_id: str, token: str) -> bool:
         if self.on_demand.disabled:
             return True
-        held = await self.on_demand.execute("GET", ns.key(item_id) + LEASE, connection_id=ns.connection_id)
-        return held == token.encode()
+        held = await self.on_demand.execute("HGET", sidecar(ns.key(item_id)), "l", connection_id=ns.connection_id)
+        return held is not None and held.startswith(token.encode() + b" ")
 
     async def finish(self, ns: Namespace, item_id: str, meta: bytes, ttl: float | None) -> None:
         if self.on_demand.disabled:
             return
         key = ns.key(item_id)
-        await self._run(self.finish_script.command((key, key + META), (meta, _px(ttl), self.channel)), ns.connection_id)
+        await self._run(self.finish_script.command((key, sidecar(key)), (meta, _px(ttl), self.channel)),
+                        ns.connection_id)
 
     async def release(self, ns: Namespace, item_id: str, token: str) -> None:
         if self.on_demand.disabled:
             return
         key = ns.key(item_id)
-        await self._run(self.release_script.command((key + LEASE, key), (token, self.channel)), ns.connection_id)
+        await self._run(self.release_script.command((key, sidecar(key)), (token, self.channel)), ns.connection_id)
 
     # -- notifications ----------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import attrs
 
 from ondemand.errors import RedisCommandError
 from ondemand.hookspecs import hookimpl
-from ondemand.plugins.redis_leases import RedisLeases, sidecars
+from ondemand.plugins.redis_leases import RedisLeases, sidecar
 from ondemand.redis.cluster import scan_pattern, unlink
 from ondemand.redis.server import OnDemandRedis
 from ondemand.registry import Registry
@@ -40,8 +40,9 @@ async def _nothing() -> None:
 # Anything else under the key (a string, as the previous release wrote) counts as absent, version 0. Versions
 # are compared as decimal text (exact beyond Lua's 2^53), by length first. Ids never contain NUL or braces
 # that matter: on a cluster every key of one script shares the id's slot (see Namespace).
-# Every write and delete also deletes the key's lease and meta (ondemand.plugins.redis_leases: KEYS after the
-# records'), so that a get_or_compute load that began before it is not installed.
+# Every write and delete is preceded, in the same batch, by a DEL of the key's sidecar (its get_or_compute lease
+# and meta: ondemand.plugins.redis_leases), so that a load that began before it is not installed. (A command of
+# its own: a multi-key command meets TRYAGAIN in a slot being migrated.)
 DELETED_HOLD = 30.0  # seconds a tombstone is kept: far longer than a put-back may be late (the dispatcher's bound)
 _OLDER = """
 local function older(a, b)
@@ -51,7 +52,6 @@ end
 """
 _SET = _OLDER + """
 local key, version, mode = KEYS[1], ARGV[2], ARGV[4]
-if mode == 'w' or mode == 'f' then redis.call('DEL', KEYS[2], KEYS[3]) end
 local kind = redis.call('TYPE', key).ok
 if kind == 'hash' and mode ~= 'f' then
   local held = redis.call('HMGET', key, 'n', 'v', 'u')
@@ -70,10 +70,9 @@ if ARGV[3] ~= '0' then redis.call('PEXPIRE', key, ARGV[3]) elseif kind == 'hash'
 return 1
 """
 _TOMBSTONE = _OLDER + """
-local removed, count = 0, #ARGV - 1
-for i = 1, count do
-  local key, version, n, had = KEYS[i], ARGV[i + 1], '0', false
-  redis.call('DEL', KEYS[count + 2 * i - 1], KEYS[count + 2 * i])
+local removed = 0
+for i, key in ipairs(KEYS) do
+  local version, n, had = ARGV[i + 1], '0', false
   local kind = redis.call('TYPE', key).ok
   if kind == 'hash' then
     local held = redis.call('HMGET', key, 'n', 'v')
@@ -97,7 +96,6 @@ return removed
 # stored value and counts it. Stored text that is not JSON counts as an empty list (a corrupt value is
 # replaced, as a read would treat it as absent); JSON that is not an array is refused.
 _APPEND = """
-redis.call('DEL', KEYS[2], KEYS[3])
 local current = redis.call('GET', KEYS[1])
 local length = 0
 if current then
@@ -156,8 +154,7 @@ def _set_command(ns: Namespace, key: str, value: bytes, ttl: float | None, versi
                  mode: str = "w") -> tuple[Any, ...]:
     if ns.durable:
         px = 0 if ttl is None else _milliseconds(ttl)
-        args = (value, 0, px, "f") if version is None else (value, version, px, mode)
-        return SET.command((key, *sidecars(key)), args)
+        return SET.command((key,), (value, 0, px, "f") if version is None else (value, version, px, mode))
     if ttl is None:
         return ("SET", key, value)
     return ("SET", key, value, "PX", _milliseconds(ttl))
@@ -234,10 +231,7 @@ class RedisStorage:
         if self.on_demand.disabled:
             return _nothing()
         key = ns.key_prefix + item_id + ns.key_suffix
-        if ns.durable:
-            return self._eval(_set_command(ns, key, value, ttl, version), ns.connection_id)
-        return self.on_demand.execute_grouped({ns.connection_id: [("DEL", *sidecars(key)),
-                                                                  _set_command(ns, key, value, ttl, None)]})
+        return self._grouped({ns.connection_id: [("DEL", sidecar(key)), _set_command(ns, key, value, ttl, version)]})
 
     async def set_many(self, entries: Sequence[Entry]) -> Any:
         if self.on_demand.disabled or not entries:
@@ -245,10 +239,8 @@ class RedisStorage:
         by_pool: dict[str, list[tuple[Any, ...]]] = {}
         for e in entries:
             key = e.namespace.key(e.id)
-            commands = by_pool.setdefault(e.namespace.connection_id, [])
-            if not e.namespace.durable:
-                commands.append(("DEL", *sidecars(key)))
-            commands.append(_set_command(e.namespace, key, e.value, e.ttl, e.version))
+            by_pool.setdefault(e.namespace.connection_id, []).extend(
+                (("DEL", sidecar(key)), _set_command(e.namespace, key, e.value, e.ttl, e.version)))
         return await self._grouped(by_pool)
 
     async def put_back(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, version: int, *,
@@ -273,17 +265,17 @@ class RedisStorage:
         for ns, item_id, version in targets:
             key = ns.key(item_id)
             commands = by_pool.setdefault(ns.connection_id, [])
+            commands.append(("DEL", sidecar(key)))
             if not ns.durable:
-                commands.append(("DEL", *sidecars(key), key))
+                commands.append(("DEL", key))
             elif ns.key_suffix:
-                commands.append(TOMBSTONE.command((key, *sidecars(key)), (hold, "" if version is None else version)))
+                commands.append(TOMBSTONE.command((key,), (hold, "" if version is None else version)))
             else:
                 keys, versions = batched.setdefault(ns.connection_id, ([], []))
                 keys.append(key)
                 versions.append("" if version is None else version)
         for pool, (keys, versions) in batched.items():
-            by_pool[pool].append(TOMBSTONE.command([*keys, *(k for key in keys for k in sidecars(key))],
-                                                   (hold, *versions)))
+            by_pool[pool].append(TOMBSTONE.command(keys, (hold, *versions)))
         return by_pool
 
     async def delete(self, ns: Namespace, ids: Sequence[str]) -> int:
@@ -293,7 +285,7 @@ class RedisStorage:
             return 0
         if not ns.durable:
             keys = [ns.key_prefix + i + ns.key_suffix for i in ids]
-            revoked = [k for key in keys for k in sidecars(key)]  # first: a load installs nothing after it
+            revoked = [sidecar(key) for key in keys]  # first: a load installs nothing after it
             return (await self.on_demand.execute_grouped({ns.connection_id: [("DEL", *revoked), ("DEL", *keys)]}))[1]
         replies = await self._grouped(self._invalidations([Target(ns, i) for i in dict.fromkeys(ids)]))
         return sum(replies)
@@ -302,7 +294,7 @@ class RedisStorage:
         """DEL of full keys, unconditionally (a server out of memory still serves it)."""
         if self.on_demand.disabled or not keys:
             return 0
-        revoked = [k for key in keys for k in sidecars(key)]
+        revoked = [sidecar(key) for key in keys]
         return (await self.on_demand.execute_grouped({"default": [("DEL", *revoked), ("DEL", *keys)]}))[1]
 
     async def delete_prefix(self, prefix: str, *, batch: int = 1000) -> int:
@@ -337,8 +329,9 @@ class RedisStorage:
         px = 0 if ttl is None else _milliseconds(ttl)
         try:
             key = ns.key(item_id)
-            return await self._eval(APPEND.command((key, *sidecars(key)), (items, count, px, max_items)),
-                                    ns.connection_id)
+            replies = await self._grouped({ns.connection_id: [("DEL", sidecar(key)),
+                                                               APPEND.command((key,), (items, count, px, max_items))]})
+            return replies[1]
         except RedisCommandError as exc:
             reason = str(exc).removeprefix("ERR ")  # Redis 7 and Valkey prefix a script's own error with ERR
             if reason.startswith("NOTLIST"):

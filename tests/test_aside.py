@@ -237,17 +237,16 @@ async def test_xfetch_refreshes_before_the_ttl(runtime: Runtime) -> None:
 
 
 async def test_with_redis_gone_loads_still_share_one_call_in_process(tmp_path: Path) -> None:
-    async with plain_server(tmp_path / "redis") as server:
-        async with Runtime(_config(server)) as rt:
-            await rt.dispatcher.get("profile", "warm")
-            server.child.signal(signal.SIGKILL)
-            await asyncio.wait_for(server.child.process.wait(), 5.0)
-            loader = Counting("computed", gated=True)
-            calls = [asyncio.ensure_future(rt.cache.get_or_compute("profile", "d", loader)) for _ in range(10)]
-            await asyncio.wait_for(loader.started.wait(), 5.0)
-            loader.release.set()
-            assert await asyncio.wait_for(asyncio.gather(*calls), 10.0) == ["computed"] * 10
-            assert loader.calls == 1
+    async with plain_server(tmp_path / "redis") as server, Runtime(_config(server)) as rt:
+        await rt.dispatcher.get("profile", "warm")
+        server.child.signal(signal.SIGKILL)
+        await asyncio.wait_for(server.child.process.wait(), 5.0)
+        loader = Counting("computed", gated=True)
+        calls = [asyncio.ensure_future(rt.cache.get_or_compute("profile", "d", loader)) for _ in range(10)]
+        await asyncio.wait_for(loader.started.wait(), 5.0)
+        loader.release.set()
+        assert await asyncio.wait_for(asyncio.gather(*calls), 10.0) == ["computed"] * 10
+        assert loader.calls == 1
 
 
 async def test_bad_options_are_typed_errors_naming_the_option(runtime: Runtime) -> None:
