@@ -59,7 +59,10 @@ return -1
 """
 # KEYS: value, sidecar. ARGV: token, value, px (0: none), meta, channel.
 _INSTALL = _MINE + """
-if not mine(ARGV[1]) then return 0 end
+if not mine(ARGV[1]) then
+  redis.call('PUBLISH', ARGV[5], KEYS[1])  -- revoked by a write: the waiters read what it wrote
+  return 0
+end
 if ARGV[3] == '0' then redis.call('SET', KEYS[1], ARGV[2]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
 redis.call('HDEL', KEYS[2], 'l')
 redis.call('HSET', KEYS[2], 'm', ARGV[4])
@@ -133,7 +136,7 @@ class RedisLeases:
     async def install(self, ns: Namespace, item_id: str, token: str, value: bytes, ttl: float | None,
                       meta: bytes) -> bool:
         if self.on_demand.disabled:
-            return False
+            return True  # nothing to install into
         key = ns.key(item_id)
         command = self.install_script.command((key, sidecar(key)), (token, value, _px(ttl), meta, self.channel))
         return bool(await self._run(command, ns.connection_id))

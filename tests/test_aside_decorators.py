@@ -122,3 +122,27 @@ async def test_only_allowed_statuses_are_cached_and_never_cookies_or_authorized(
     client = await aiohttp_client(_app(make_config, not_found, "/gone"))
     statuses = [(await client.get("/gone")).status for _ in range(3)]
     assert statuses == [404] * 3 and calls.count("404") == 1
+
+
+async def test_loads_joins_and_stale_values_show_in_status_and_metrics(aiohttp_client, make_config) -> None:
+    from ondemand.web import RUNTIME, create_app
+
+    app = create_app(make_config())
+    client = await aiohttp_client(app)
+    rt = app[RUNTIME]
+
+    async def loader() -> str:
+        await asyncio.sleep(0.05)
+        return "v"
+
+    await asyncio.gather(*(rt.cache.get_or_compute("profile", "m", loader, ttl=0.1, stale_ttl=30) for _ in range(3)))
+    await asyncio.sleep(0.15)
+    assert await rt.cache.get_or_compute("profile", "m", loader, ttl=0.1, stale_ttl=30) == "v"  # stale, refreshed
+    status = await (await client.get("/api/cache/status")).json()
+    aside = status["dispatcher"]["aside"]["namespaces"]["profile"]
+    assert aside["joins"] == 2 and aside["stale_served"] == 1 and aside["loads"] >= 1
+    text = await (await client.get("/metrics")).text()
+    assert 'ondemand_aside_joins_total{namespace="profile"} 2.0' in text
+    assert 'ondemand_aside_stale_served_total{namespace="profile"} 1.0' in text
+    assert 'ondemand_aside_loads_total{namespace="profile"}' in text
+    assert 'ondemand_aside_load_seconds_total{namespace="profile"}' in text
