@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import bench_aside
 import bench_cache
 import bench_cluster
 import bench_coldstart
@@ -40,6 +41,7 @@ BENCHMARKS = {
     "cluster": bench_cluster.run,
     "tls": bench_tls.run,
     "durable": bench_durable.run,
+    "aside": bench_aside.run,
 }
 
 

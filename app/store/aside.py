@@ -90,6 +90,8 @@ class AsideOptions:
     not_found: tuple[type[BaseException], ...] = ()  # loader exceptions that mean "no value" (negative caching)
     lease_ttl: float = 10.0  # seconds a lease lasts: longer than a load takes
     wait: float = 5.0  # seconds a caller waits for another process's load before it loads itself
+    # A hit needs the value's logical expiry (to serve it as stale, or to refresh it early); set by `checked`.
+    needs_meta: bool = False
 
     @classmethod
     def checked(cls, *, ttl: Any = None, stale_ttl: Any = None, early: Any = 0.0, negative_ttl: Any = None,
@@ -107,12 +109,8 @@ class AsideOptions:
             not_found=found,
             lease_ttl=_positive("lease_ttl", lease_ttl),
             wait=_positive("wait", wait, zero=True),
+            needs_meta=stale_ttl is not None or bool(early),
         )
-
-    @property
-    def needs_meta(self) -> bool:
-        """A hit needs the value's logical expiry (to serve it as stale, or to refresh it early)."""
-        return self.stale_ttl is not None or self.early > 0
 
 
 DEFAULT_OPTIONS = AsideOptions()
