@@ -126,13 +126,16 @@ async def _line(proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
     return json.loads(line)
 
 
+def _spawn(args: dict[str, Any]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(HERE / "bench_aside.py"), "--worker", json.dumps(args)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 async def one_run(contender: str, endpoint: Any, tag: str, seconds: float, tasks: int) -> dict[str, Any]:
     url = f"redis://:{endpoint.password}@{endpoint.host}:{endpoint.port}/0"
     args = {"contender": contender, "url": url, "host": endpoint.host, "port": endpoint.port,
             "password": endpoint.password, "tag": tag, "seconds": seconds, "tasks": tasks}
-    procs = [subprocess.Popen([sys.executable, str(HERE / "bench_aside.py"), "--worker", json.dumps(args)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [_spawn(args) for _ in range(2)]
     try:
         for proc in procs:
             await _line(proc, 60.0)
