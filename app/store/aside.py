@@ -150,27 +150,29 @@ class Aside:
 
     async def get_or_compute(self, namespace: str, item_id: str, loader: Loader, options: AsideOptions) -> Any:
         d = self.dispatcher
-        ns = d.namespaces.get(namespace) or d.namespace(namespace)  # the latter raises the error
-        check_id(item_id)
-        flight = self._flights.get((ns.name, item_id))
-        if flight is not None:  # a load is running here: share it, no need to read
-            self.stats[ns.name].joins += 1
-            return await self._wait_for(ns, item_id, flight, options)
-        if options.needs_meta and self.leases is not None and d.breaker.closed:
-            try:
-                raw, meta = await self.leases.read(ns, item_id)
-            except _UNREACHABLE:
-                raw = meta = None  # the plain read below decides (and counts the failure)
-            if raw is not None:
-                value = decode(raw)
-                if value is not CORRUPT:
-                    d.stats[ns.name].hits += 1
-                    if meta is not None:
-                        self._consider_refresh(ns, item_id, loader, options, meta)
-                    return value
-        found = await d.lookup(ns.name, item_id)
-        if found.source != "miss":
-            return found.value
+        if not options.needs_meta:  # a hit is a plain lookup (which checks the namespace and the id)
+            found = await d.lookup(namespace, item_id)
+            if found.source != "miss":
+                return found.value
+            ns = d.namespaces[namespace]
+        else:
+            ns = d.namespaces.get(namespace) or d.namespace(namespace)  # the latter raises the error
+            check_id(item_id)
+            if self.leases is not None and d.breaker.closed:
+                try:
+                    raw, meta = await self.leases.read(ns, item_id)
+                except _UNREACHABLE:
+                    raw = meta = None  # the lookup below decides (and counts the failure)
+                if raw is not None:
+                    value = decode(raw)
+                    if value is not CORRUPT:
+                        d.stats[ns.name].hits += 1
+                        if meta is not None:
+                            self._consider_refresh(ns, item_id, loader, options, meta)
+                        return value
+            found = await d.lookup(ns.name, item_id)  # a miss, a durable store's value, or no leases
+            if found.source != "miss":
+                return found.value
         if not callable(loader):
             raise InvalidInput(f"loader must be an async callable with no arguments, got {loader!r}")
         key = (ns.name, item_id)
