@@ -285,7 +285,10 @@ class Aside:
         value = await self._load(ns, item_id, loader, options)
         ttls = self._ttls(ns, value, options)
         if ttls is not None:
-            await self.dispatcher.set(ns.name, item_id, value, ttls[1])
+            try:
+                await self.dispatcher.set(ns.name, item_id, value, ttls[1])
+            except _UNREACHABLE as exc:  # (every store down) the value is returned all the same
+                log.warning("a loaded value for %r in %s was not stored: %s", item_id, ns.name, exc)
         return value
 
     async def _load_and_install(self, ns: Namespace, item_id: str, loader: Loader, options: AsideOptions,
