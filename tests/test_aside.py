@@ -282,3 +282,47 @@ async def test_a_durable_namespace_writes_the_loaded_value_through_the_durable_s
         assert await rt.dispatcher.get("session", "d2") == "written"
         stored = await rt.durable_storage.get_entry(ns, "d2")
         assert stored is not None and json.loads(stored.value) == "written"
+
+
+async def test_a_waiter_in_another_process_is_woken_by_the_install_not_by_the_lease_ending(tmp_path: Path) -> None:
+    async with plain_server(tmp_path / "redis") as server, Runtime(_config(server)) as a, Runtime(_config(server)) as b:
+        holder, waiter = Counting("from a", gated=True), Counting("from b")
+        loading = asyncio.ensure_future(a.cache.get_or_compute("profile", "n", holder, lease_ttl=20, wait=15))
+        await asyncio.wait_for(holder.started.wait(), 5.0)
+        waiting = asyncio.ensure_future(b.cache.get_or_compute("profile", "n", waiter, lease_ttl=20, wait=15))
+        for _ in range(100):  # b is waiting for a's lease
+            if b.dispatcher.status()["aside"]["namespaces"]["profile"]["lease_waits"]:
+                break
+            await asyncio.sleep(0.02)
+        holder.release.set()
+        # Far sooner than the 20 s lease or the 15 s wait: the install's notification woke it.
+        assert await asyncio.wait_for(waiting, 5.0) == "from a" and await loading == "from a"
+        assert waiter.calls == 0 and b.cache_storage.leases.notifications >= 1
+
+
+async def test_a_waiter_past_its_wait_loads_by_itself_without_installing(tmp_path: Path) -> None:
+    async with plain_server(tmp_path / "redis") as server, Runtime(_config(server)) as a, Runtime(_config(server)) as b:
+        holder, waiter = Counting("from a", gated=True), Counting("from b")
+        loading = asyncio.ensure_future(a.cache.get_or_compute("profile", "t", holder, lease_ttl=20))
+        await asyncio.wait_for(holder.started.wait(), 5.0)
+        assert await asyncio.wait_for(b.cache.get_or_compute("profile", "t", waiter, wait=0.3), 5.0) == "from b"
+        aside = b.dispatcher.status()["aside"]["namespaces"]["profile"]
+        assert aside["lease_waits"] == 1 and aside["lease_timeouts"] == 1 and waiter.calls == 1
+        assert await b.dispatcher.get("profile", "t") is None  # not installed: the lease is a's
+        holder.release.set()
+        assert await asyncio.wait_for(loading, 5.0) == "from a"
+        assert await b.dispatcher.get("profile", "t") == "from a"
+
+
+async def test_a_load_whose_callers_all_gave_up_is_still_installed(runtime: Runtime) -> None:
+    loader = Counting("v", gated=True)
+    calls = [asyncio.ensure_future(runtime.cache.get_or_compute("profile", "g", loader)) for _ in range(3)]
+    await asyncio.wait_for(loader.started.wait(), 5.0)
+    for call in calls:
+        call.cancel()
+    loader.release.set()
+    for _ in range(100):
+        if await runtime.dispatcher.get("profile", "g") == "v":
+            break
+        await asyncio.sleep(0.02)
+    assert await runtime.dispatcher.get("profile", "g") == "v" and loader.calls == 1

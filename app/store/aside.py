@@ -18,16 +18,13 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
 from ondemand.errors import BackendUnavailable, InvalidInput, LoadTimeout, RedisCommandError
 from ondemand.store.protocols import Namespace
 from ondemand.store.values import CORRUPT, check_id, check_ttl, decode, encode
-
-if TYPE_CHECKING:
-    from ondemand.store.dispatcher import Dispatcher
 
 log = logging.getLogger("ondemand.aside")
 
@@ -139,7 +136,7 @@ def _meta(ttl: float | None, delta: float) -> bytes:
 class Aside:
     """The dispatcher's `get_or_compute` (one per dispatcher; see the module docstring)."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Any) -> None:  # the Dispatcher (which imports this module)
         self.dispatcher = dispatcher
         leases = getattr(dispatcher.cache, "leases", None)
         self.leases: Leases | None = leases if isinstance(leases, Leases) else None
