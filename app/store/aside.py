@@ -122,7 +122,7 @@ class AsideStats:
     lease_waits: int = 0  # loads that waited for another process's lease holder
     lease_timeouts: int = 0  # waits past their bound: the caller loaded itself (and did not install)
     stale_served: int = 0  # values served past their ttl while one refresh ran
-    early_refreshes: int = 0  # XFetch refreshes before the ttl
+    early_refreshes: int = 0  # XFetch refreshes started before the ttl
     not_installed: int = 0  # loaded values not installed: a write or delete revoked the lease (or it expired)
     negative_cached: int = 0  # "not found" results cached (negative_ttl)
 
@@ -143,6 +143,7 @@ class Aside:
         self.stats = {name: AsideStats() for name in dispatcher.namespaces}
         self._flights: dict[tuple[str, str], asyncio.Task[Any]] = {}
         self._refreshes: dict[tuple[str, str], asyncio.Task[Any]] = {}
+        self._held_elsewhere: dict[tuple[str, str], float] = {}  # key -> (loop time) when that lease ends
         self._loop = asyncio.get_running_loop()
 
     async def get_or_compute(self, namespace: str, item_id: str, loader: Loader, options: AsideOptions) -> Any:
@@ -337,24 +338,32 @@ class Aside:
             return
         now = time.time()
         stats = self.stats[ns.name]
-        if now >= expiry:
+        stale = now >= expiry
+        if stale:
             stats.stale_served += 1
-        elif options.early > 0 and now - delta * options.early * math.log(random.random() or 1e-300) >= expiry:
-            stats.early_refreshes += 1
-        else:
+        elif not (options.early > 0 and now - delta * options.early * math.log(random.random() or 1e-300) >= expiry):
             return
         key = (ns.name, item_id)
-        if key in self._refreshes or key in self._flights:
-            return
+        if key in self._refreshes or key in self._flights or self._held_elsewhere.get(key, 0.0) > self._loop.time():
+            return  # one refresh at a time here; none while another process's lease on it lasts
+        if not stale:
+            stats.early_refreshes += 1
         task = self._loop.create_task(self._refresh(ns, item_id, loader, options, meta))
         self._refreshes[key] = task
         task.add_done_callback(lambda done: self._landed(self._refreshes, key, done))
 
     async def _refresh(self, ns: Namespace, item_id: str, loader: Loader, options: AsideOptions, seen: bytes) -> None:
         token = os.urandom(12).hex()
+        key = (ns.name, item_id)
         try:
-            if await self.leases.acquire(ns, item_id, token, options.lease_ttl, seen) == ACQUIRED:  # type: ignore[union-attr]
+            got = await self.leases.acquire(ns, item_id, token, options.lease_ttl, seen)  # type: ignore[union-attr]
+            if got == ACQUIRED:
+                self._held_elsewhere.pop(key, None)
                 await self._load_and_install(ns, item_id, loader, options, token)
+            elif got != PRESENT:  # another process refreshes it: not asked again before its lease ends
+                if len(self._held_elsewhere) > 10_000:
+                    self._held_elsewhere.clear()
+                self._held_elsewhere[key] = self._loop.time() + got
         except Exception as exc:  # a refresh's failure is the next reader's miss, never an error of this one
             log.warning("refreshing %r in %s failed: %s", item_id, ns.name, exc)
 
