@@ -196,6 +196,10 @@ class RedisStorage:
     def get(self, ns: Namespace, item_id: str) -> Awaitable[bytes | None]:
         if self.on_demand.disabled:
             return _nothing()
+        if ns.near_cache:  # kept by the connection that answers, with the record's version (ondemand.redis.tracking)
+            key = ns.key_prefix + item_id + ns.key_suffix
+            return self.on_demand.read_tracked(key, ("HMGET", key, "v", "n") if ns.durable else ("GET", key),
+                                               ns.durable, connection_id=ns.connection_id)
         if ns.durable:  # the value field of the id's record (a tombstone has none: a miss)
             return self.on_demand.execute("HGET", ns.key_prefix + item_id + ns.key_suffix, "v",
                                           connection_id=ns.connection_id)
@@ -205,10 +209,13 @@ class RedisStorage:
         if self.on_demand.disabled or not ids:
             return [None] * len(ids)
         keys = [ns.key_prefix + i + ns.key_suffix for i in ids]
-        if not ns.durable:
+        if ns.near_cache:  # one tracked read per key, all in one batch
+            replies = await asyncio.gather(*(self.get(ns, item_id) for item_id in ids), return_exceptions=True)
+        elif not ns.durable:
             return await self.on_demand.execute("MGET", *keys, connection_id=ns.connection_id)
-        replies = await asyncio.gather(*(self.on_demand.execute("HGET", key, "v", connection_id=ns.connection_id)
-                                         for key in keys), return_exceptions=True)
+        else:
+            replies = await asyncio.gather(*(self.on_demand.execute("HGET", key, "v", connection_id=ns.connection_id)
+                                             for key in keys), return_exceptions=True)
         for reply in replies:  # a value of another type (the previous release's string) is a miss, put back anew
             if isinstance(reply, BaseException) and not (isinstance(reply, RedisCommandError)
                                                          and reply.kind == "wrongtype"):

@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 
 import attrs
 
-from ondemand.config.validators import SECRET, between, matches, positive, token
+from ondemand.config.validators import SECRET, between, matches, positive, seconds_between, token
 from ondemand.errors import PluginError
 from ondemand.registry import Collector
 
@@ -73,6 +73,8 @@ class NamespaceConfig:
     ttl: float | None = attrs.field(default=3600.0, validator=positive)
     durable: bool = False
     connection_id: str = "default"
+    # Hot values kept in this process's memory, kept coherent by the server's invalidations ([near_cache]).
+    near_cache: bool = False
     # false removes the namespace: the only way to drop a built-in one (a config's namespaces are added
     # to the built-ins, see build.namespaces_of). Config.namespaces never holds a disabled one.
     enabled: bool = True
@@ -85,6 +87,20 @@ class StorageConfig:
     # Seconds between checks of the durable store's outbox (keys other processes could not delete from
     # Redis), the backstop of its notifications (PostgreSQL LISTEN/NOTIFY; sqlite has only this poll).
     outbox_poll: float = attrs.field(default=1.0, validator=positive)
+
+
+@attrs.frozen
+class NearCacheConfig:
+    """The near cache of the namespaces with `near_cache = true` (ondemand.store.near, ondemand.redis.tracking)."""
+
+    max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=between(1024, 2**40))
+    max_entries: int = attrs.field(default=250_000, validator=between(1, 100_000_000))
+    # The staleness bound: a hit is served only while the tracking connection answered a command sent within
+    # this many seconds (it is PINGed when idle); a silent connection (half-open, a frozen server) serves none.
+    max_silence: float = attrs.field(default=1.0, validator=seconds_between(0.05, 60.0))
+    # "optin": the server tracks the keys each connection read (CLIENT CACHING YES with each read); "bcast":
+    # every write under the namespaces' prefixes is pushed to every process.
+    tracking: Literal["optin", "bcast"] = "optin"
 
 
 @attrs.frozen
@@ -121,6 +137,7 @@ CORE_SECTIONS: tuple[tuple[str, type], ...] = (
     ("redis", RedisConfig),
     ("storage", StorageConfig),
     ("plugins", PluginsConfig),
+    ("near_cache", NearCacheConfig),
 )
 
 
@@ -198,6 +215,7 @@ class Config:
     namespaces: dict[str, NamespaceConfig] = attrs.field(factory=default_namespaces)
     storage: StorageConfig = StorageConfig()
     plugins: PluginsConfig = PluginsConfig()
+    near_cache: NearCacheConfig = NearCacheConfig()
     environment: EnvironmentConfig = EnvironmentConfig()
     source: str | None = None
     # Plugins' sections, by class, with the table each came from; `data` is what was loaded (tables as

@@ -32,6 +32,8 @@ from ondemand.redis.connection import Command, FailureCallback
 from ondemand.redis.endpoint import RedisEndpoint
 from ondemand.redis.pipeline import PipelinedConnection
 from ondemand.redis.routing import SLOTS, Address, SlotMap, key_slot, parse_redirect
+from ondemand.redis.tracking import TrackingConnection, connect_for_near
+from ondemand.store.near import NearCache
 
 log = logging.getLogger("ondemand.cluster")
 
@@ -128,9 +130,13 @@ class ClusterConnection:
 
     def __init__(self, seed: RedisEndpoint, *, op_timeout: float, connect_timeout: float, max_batch: int,
                  on_failure: FailureCallback | None = None, recover: NodeRecoveryCallback | None = None,
-                 known_ids: dict[Address, str] | None = None) -> None:
+                 known_ids: dict[Address, str] | None = None, near: NearCache | None = None,
+                 pool: str = "default") -> None:
         self._seed = seed
         self._recover = recover
+        # The near cache whose entries this pool's node connections keep coherent (each tracks what it read).
+        self._near = near
+        self._pool = pool
         # Each master's run_id as last seen (shared with the connections before and after this one): a master
         # that answers with another one, or an address that was not a master, is held as replaced.
         self.known_ids: dict[Address, str] = {} if known_ids is None else known_ids
@@ -165,11 +171,13 @@ class ClusterConnection:
     @classmethod
     async def connect(cls, seed: RedisEndpoint, *, op_timeout: float, connect_timeout: float, max_batch: int,
                       on_failure: FailureCallback | None = None, recover: NodeRecoveryCallback | None = None,
-                      known_ids: dict[Address, str] | None = None) -> ClusterConnection:
+                      known_ids: dict[Address, str] | None = None, near: NearCache | None = None,
+                      pool: str = "default") -> ClusterConnection:
         """Read the slot map from the seed and connect to every master (in parallel, bounded). A master whose
-        run_id is not the one `known_ids` holds for its address is held until recovered (see the docstring)."""
+        run_id is not the one `known_ids` holds for its address is held until recovered (see the docstring).
+        With `near`, every master's connection tracks what it reads for the near cache (`pool`'s namespaces)."""
         conn = cls(seed, op_timeout=op_timeout, connect_timeout=connect_timeout, max_batch=max_batch,
-                   on_failure=on_failure, recover=recover, known_ids=known_ids)
+                   on_failure=on_failure, recover=recover, known_ids=known_ids, near=near, pool=pool)
         try:
             await conn._refresh_from([seed])
             if not conn.slots.covered():
@@ -199,9 +207,12 @@ class ClusterConnection:
         if node.connecting is None:
             node.connecting = self._loop.create_future()
             try:
-                conn = await PipelinedConnection.connect(
-                    node.endpoint, op_timeout=self._op_timeout, connect_timeout=self._connect_timeout,
-                    max_batch=self._max_batch, on_failure=self._on_failure)
+                options = {"op_timeout": self._op_timeout, "connect_timeout": self._connect_timeout,
+                           "max_batch": self._max_batch, "on_failure": self._on_failure}
+                if self._near is not None:
+                    conn = await connect_for_near(node.endpoint, near=self._near, pool=self._pool, **options)
+                else:
+                    conn = await PipelinedConnection.connect(node.endpoint, **options)
             except BaseException as exc:
                 node.connecting.set_exception(exc)
                 node.connecting.exception()
@@ -236,6 +247,7 @@ class ClusterConnection:
             # copies are cleared before it serves. (A resharding moves slots between masters that stay
             # masters: the keys moved with them.)
             before, now = self.slots, set(slots.masters())
+            self._slots_moved(before.moved_from(slots))
             if before.covered():
                 lost = set(before.masters()) - now
                 promoted = {slots.owner(slot) for slot in range(SLOTS)
@@ -254,6 +266,14 @@ class ClusterConnection:
             self.refreshes += 1
             return
         raise RedisUnavailable("cannot read the cluster's slot map: " + "; ".join(errors))
+
+    def _slots_moved(self, owners: set[Address]) -> None:
+        """Slots left these masters (a resharding, a failover): what the near cache read from them is dropped
+        (read again from where the slots are now)."""
+        for address in owners:
+            node = self.nodes.get(address)
+            if node is not None and isinstance(node.connection, TrackingConnection):
+                node.connection.flush("slot_change")
 
     def _seen(self, address: Address, run_id: str | None) -> None:
         """A connection to `address` answered with `run_id`. Another server than the one known there, or a
@@ -295,6 +315,9 @@ class ClusterConnection:
         """Keep `address` from serving until a recovery brought it up to date (see the module docstring)."""
         if self.closed_reason is not None:
             return
+        node = self.nodes.get(address)
+        if node is not None and isinstance(node.connection, TrackingConnection):
+            node.connection.flush("node_held")  # (what went stale on it is invalidated before it serves again)
         self._held[address] = self._held.get(address, False) or replaced
         self._holds[address] = self._holds.get(address, 0) + 1
         self._releases.setdefault(address, asyncio.Event())
@@ -437,6 +460,35 @@ class ClusterConnection:
             return self._finish(conn.execute(*args), address, args)  # type: ignore[arg-type]
         return self._run(address, args)
 
+    def read_tracked(self, key: str, command: Command, versioned: bool) -> Any:
+        """A near-cached namespace's read (see OnDemandRedis.read_tracked): tracked by the connection of the master
+        that owns the key; a redirected or held read is answered the long way, and nothing of it is kept."""
+        address = self.slots.owner(key_slot(key))
+        node = self.nodes.get(address) if address is not None else None
+        conn = node.connection if node is not None else None
+        if (conn is not None and conn.closed_reason is None and address not in self._held
+                and address not in self._failed):
+            return self._finish_read(conn.read_tracked(key, command, versioned), address, command, versioned)  # type: ignore[arg-type]
+        return self._read_long_way(address, command, versioned)
+
+    async def _finish_read(self, future: Any, address: Address, command: Command, versioned: bool) -> Any:
+        try:
+            return await future
+        except (RedisCommandError, RedisUnavailable) as exc:
+            if isinstance(exc, RedisUnavailable):
+                self.node_failed(address)
+                raise _node_unavailable(exc) from exc
+            if exc.kind not in ("moved", "ask", "tryagain", "clusterdown"):
+                if exc.kind in _NODE_UNUSABLE:
+                    raise self._unusable(address, exc) from exc
+                raise
+            reply = await self._run(address, command, first_error=exc)
+        return reply[0] if versioned else reply
+
+    async def _read_long_way(self, address: Address | None, command: Command, versioned: bool) -> Any:
+        reply = await self._run(address, command)
+        return reply[0] if versioned else reply
+
     def execute_on(self, address: Address, *args: Any) -> Any:
         """A command for one master (SCAN on each, UNLINK of the keys it found), even while it is held."""
         return self._run(address, args, bypass=True)
@@ -551,7 +603,10 @@ class ClusterConnection:
             self.redirects[kind] += 1
         if kind == "moved":
             slot, address = parse_redirect(str(error))
+            previous = self.slots.owner(slot)
             self.slots.move(slot, address)
+            if previous is not None and previous != address:
+                self._slots_moved({previous})
             self._moved_since_refresh += 1
             if self._moved_since_refresh >= _MOVED_STORM:
                 self.refresh_soon()
