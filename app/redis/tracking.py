@@ -165,6 +165,11 @@ class _TrackingProtocol(asyncio.Protocol):
         if failure is not None:
             owner._fail(failure)
 
+    def eof_received(self) -> bool:
+        # The server closed (CLIENT KILL, a restart): stop serving now, not a loop iteration later at connection_lost.
+        self._owner._fail(RedisUnavailable(f"{self._owner.where} closed the connection"))
+        return False
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._owner._fail(RedisUnavailable(f"connection to {self._owner.where} lost{f': {exc}' if exc else ''}"))
 
