@@ -357,9 +357,10 @@ class PlainServer:
 
 
 @contextlib.asynccontextmanager
-async def plain_server(directory: Path, *, users: Iterable[str] = (), port: int | None = None
-                       ) -> AsyncIterator[PlainServer]:
-    """A started PlainServer in `directory` (created 0700), SIGKILLed and reaped afterwards."""
+async def plain_server(directory: Path, *, users: Iterable[str] = (), port: int | None = None,
+                       options: Iterable[str] = ()) -> AsyncIterator[PlainServer]:
+    """A started PlainServer in `directory` (created 0700), SIGKILLed and reaped afterwards. `options`: more lines
+    of its config file (`rename-command CLIENT ""`)."""
     from ondemand.plugins.lifecycle_subprocess import find_binary
 
     binary = (await find_binary(os.environ.get("ONDEMAND_TEST_REDIS_BINARY") or None, tcp=True)).path
@@ -367,7 +368,7 @@ async def plain_server(directory: Path, *, users: Iterable[str] = (), port: int 
     password = secrets.token_urlsafe(16)
     port = port or free_port()
     lines = [f"port {port}", "bind 127.0.0.1", f"dir {_resp_quote(str(directory))}", 'save ""', "appendonly no",
-             f"requirepass {_resp_quote(password)}", *(f"user {rule}" for rule in users)]
+             f"requirepass {_resp_quote(password)}", *(f"user {rule}" for rule in users), *options]
     conf = directory / "server.conf"
     fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:

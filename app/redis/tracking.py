@@ -46,9 +46,11 @@ class TrackingRefused(Exception):
 
 
 class _Read(PendingRead):
-    """A tracked read in flight: up to three replies (CLIENT CACHING, the read, PTTL), each routed here."""
+    """A tracked read in flight: up to three replies (CLIENT CACHING, the read, PTTL), each routed here. Readers
+    of the same key that miss while it is its key's pending read join it (`joined`) instead of sending another:
+    under a storm of misses one read installs, instead of each newer read superseding the one before."""
 
-    __slots__ = ("conn", "fut", "key", "ok", "queued", "step", "value", "version", "versioned")
+    __slots__ = ("conn", "fut", "joined", "key", "ok", "queued", "step", "value", "version", "versioned")
 
     def __init__(self, conn: TrackingConnection, fut: asyncio.Future[Any], key: str, versioned: bool,
                  step: int, queued: float) -> None:
@@ -62,6 +64,19 @@ class _Read(PendingRead):
         self.ok = True
         self.value: Any = None
         self.version: int | None = None
+        self.joined: list[asyncio.Future[Any]] | None = None
+
+    def join(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
+        """A future of this read's value for another reader of the key (one of its own: a caller that gives up
+        cancels only its own)."""
+        fut: asyncio.Future[Any] = asyncio.Future(loop=loop)
+        if self.step >= 2:  # the value is here already (its PTTL is not)
+            fut.set_result(self.value)
+        elif self.joined is None:
+            self.joined = [fut]
+        else:
+            self.joined.append(fut)
+        return fut
 
     def reply(self, reply: Any) -> None:
         step = self.step
@@ -76,6 +91,10 @@ class _Read(PendingRead):
             self.value = value
             if not self.fut.done():
                 self.fut.set_result(value)
+            if self.joined is not None:
+                for fut in self.joined:
+                    if not fut.done():
+                        fut.set_result(value)
         elif step == 2:
             conn = self.conn
             near = conn.near
@@ -90,10 +109,19 @@ class _Read(PendingRead):
         step = self.step
         self.step = step + 1
         self.ok = False  # untracked (CLIENT CACHING refused) or failed: nothing installed
-        if step == 1 and not self.fut.done():
-            self.fut.set_exception(error)
+        if step == 1:
+            self._fail_all(error)
         elif step == 2:
             self.conn.near.end_read(self.key, self)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        if not self.fut.done():
+            self.fut.set_exception(exc)
+        if self.joined is not None:
+            for fut in self.joined:
+                if not fut.done():
+                    fut.set_exception(exc)
+                    fut.exception()  # (a joiner that gave up no longer retrieves it)
 
     # What PipelinedConnection._fail expects of a waiter.
     def done(self) -> bool:
@@ -102,8 +130,7 @@ class _Read(PendingRead):
     def set_exception(self, exc: BaseException) -> None:
         self.step = 3
         self.conn.near.end_read(self.key, self)
-        if not self.fut.done():
-            self.fut.set_exception(exc)
+        self._fail_all(exc)
 
     def exception(self) -> BaseException | None:
         fut = self.fut
@@ -267,9 +294,13 @@ class TrackingConnection(PipelinedConnection):
             fut.set_exception(self.closed_reason)
             self._failed(self.closed_reason, 1)
             return fut
+        near = self.near
+        pending = near.pending.get(key)
+        if isinstance(pending, _Read) and pending.conn is self and pending.generation == self.tracker.generation:
+            return pending.join(self._loop)
         optin = self._optin
         read = _Read(self, fut, key, versioned, 0 if optin else 1, self._loop.time())
-        self.near.begin_read(key, read)
+        near.begin_read(key, read)
         packed = hiredis.pack_command(command) + hiredis.pack_command(("PTTL", key))
         buffer, futs = self._buffer, self._buffer_futs
         if optin:  # adjacent in one write: CLIENT CACHING YES applies to the next command only
