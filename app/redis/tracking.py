@@ -113,6 +113,8 @@ class _Read(PendingRead):
             self._fail_all(error)
         elif step == 2:
             self.conn.near.end_read(self.key, self)
+        if step != 1 and error.kind == "noperm":  # CLIENT CACHING or PTTL not allowed: no near cache here
+            self.conn.untracked(f"it refused {'CLIENT CACHING YES' if step == 0 else 'PTTL'}: {error}")
 
     def _fail_all(self, exc: BaseException) -> None:
         if not self.fut.done():
@@ -218,6 +220,7 @@ class TrackingConnection(PipelinedConnection):
         self._written_seen = -1
         self._setting_up = True
         self._close_cause = "connection_lost"
+        self._untracked = False  # a command tracked reads need was refused: plain reads from then on
         self.server = ""  # "valkey 8.1.8", from HELLO
 
     @classmethod
@@ -280,6 +283,13 @@ class TrackingConnection(PipelinedConnection):
         self.near.register(self.tracker)
         self._keepalive = self._loop.call_later(self._keepalive_every, self._keep_alive)
 
+    def untracked(self, reason: str) -> None:
+        """A command every tracked read needs was refused (an ACL without it): this connection's reads go
+        untracked, nothing of them is kept, and the near cache's status says why."""
+        if not self._untracked:
+            self._untracked = True
+            self.near.refuse(self.tracker.where, reason)
+
     def _refused(self, text: str) -> str:
         # A refusal while setting up means "no tracking here" (said once by the near cache), not an error to log.
         return text if self._setting_up else super()._refused(text)
@@ -294,6 +304,8 @@ class TrackingConnection(PipelinedConnection):
             fut.set_exception(self.closed_reason)
             self._failed(self.closed_reason, 1)
             return fut
+        if self._untracked:
+            return super().read_tracked(key, command, versioned)  # type: ignore[return-value]
         near = self.near
         pending = near.pending.get(key)
         if isinstance(pending, _Read) and pending.conn is self and pending.generation == self.tracker.generation:
