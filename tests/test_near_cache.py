@@ -27,9 +27,10 @@ import redis.asyncio as aioredis
 from ondemand import Runtime
 from ondemand.config.load import merge
 from ondemand.redis import tracking
+from ondemand.redis.routing import key_slot
 from ondemand.store import near as near_module
 from ondemand.web import RUNTIME, create_app
-from tests.support import ROOT, plain_server, wait_for
+from tests.support import ROOT, kill_node, migrate_slot, plain_server, sentinel_group, wait_for
 
 LONG = 30.0  # a staleness bound no test waits out: only a push or a flush ends an entry's hits
 
@@ -492,3 +493,152 @@ async def test_no_near_cache_configured_changes_nothing(make_config) -> None:
         assert rt.dispatcher.near is None and rt.status()["near_cache"] is None
         pipeline = rt.on_demand.pools["default"].mux
         assert type(pipeline).__name__ == "PipelinedConnection"
+
+
+# -- Sentinel and Cluster -------------------------------------------------------------------------------------
+
+
+SENTINEL_FAST = {"redis": {"op_timeout": 0.25, "connect_timeout": 0.5},
+                 "lifecycle": {"restart_backoff": 0.05, "restart_backoff_max": 0.5}}
+
+
+async def test_a_sentinel_switch_drops_what_the_old_master_served(make_config) -> None:
+    async with sentinel_group() as group:
+        old, new = group.data
+        config = make_config(merge(merge(group.config(), SENTINEL_FAST), near_overrides()))
+        async with Runtime(config) as rt:
+            await rt.cache.cache_profile("p", {"v": 1})
+            await installed(rt, "profile", "p", {"v": 1})
+            assert await group.call(old, "WAIT", 1, 2000) == 1
+            for sentinel in group.watchers:  # a switch with the old master alive (it becomes a replica)
+                if await group.call(sentinel, "SENTINEL", "FAILOVER", group.master_name) == b"OK":
+                    break
+            await group.wait_settled(master=new, timeout=30)
+            await wait_for(lambda: rt.lifecycle.status()["sentinel"]["failovers"] >= 1, timeout=10)
+            assert await group.call(new, "SET", key("p"), '{"v":2}') == b"OK"
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 15
+            while True:  # from the switch on: the new master's value, or a miss, never the old master's
+                found = await rt.dispatcher.lookup("profile", "p")
+                assert found.value in ({"v": 2}, None), found
+                if found.value == {"v": 2}:
+                    break
+                assert loop.time() < deadline, rt.status()
+                await asyncio.sleep(0.05)
+            await installed(rt, "profile", "p", {"v": 2})
+            assert await group.call(new, "SET", key("p"), '{"v":3}') == b"OK"
+            await settle(rt)
+            assert await rt.cache.get_profile("p") == {"v": 3}, "the new master's connection tracks too"
+
+
+async def test_a_sentinel_failover_to_a_replica_that_missed_a_write_never_serves_it(durable_config) -> None:
+    async with sentinel_group() as group:
+        old, new = group.data
+        overrides = merge(near_overrides(), {"namespaces": {"session": {"near_cache": True}}})
+        async with Runtime(durable_config(merge(merge(group.config(), SENTINEL_FAST), overrides))) as rt:
+            await rt.cache.cache_session("s", {"v": 1})
+            await installed(rt, "session", "s", {"v": 1})
+            assert await group.call(old, "WAIT", 1, 2000) == 1, "the replica has v1"
+            assert new.child is not None
+            new.child.signal(signal.SIGSTOP)
+            try:
+                assert await group.call(old, "CLIENT", "KILL", "TYPE", "replica") == 1
+                await rt.cache.cache_session("s", {"v": 2})  # acknowledged: PostgreSQL and the old master
+                await installed(rt, "session", "s", {"v": 2})
+                group.kill(old)
+            finally:
+                new.child.signal(signal.SIGCONT)
+            await group.wait_settled(master=new, timeout=30)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 15
+            while True:  # every read, near-cached or not, is the acknowledged value
+                found = await rt.dispatcher.lookup("session", "s")
+                assert found.value == {"v": 2}, found
+                if found.source == "redis" and rt.on_demand.lifecycle.master == ("127.0.0.1", new.port):
+                    break
+                assert loop.time() < deadline, "the cache did not come back on the promoted replica"
+                await asyncio.sleep(0.05)
+            await installed(rt, "session", "s", {"v": 2})
+
+
+CLUSTER = {"lifecycle": {"topology": "cluster", "cluster_masters": 3, "cluster_replicas": 1, "startup_timeout": 20.0,
+                         "redis_options": {"cluster-node-timeout": "1000"}}}
+
+
+def cluster_key(item_id: str) -> str:
+    return f"ondemand:profile:{{={item_id}}}"
+
+
+async def test_a_cluster_failover_drops_the_dead_master_s_entries_alone(make_config) -> None:
+    async with Runtime(make_config(merge(CLUSTER, near_overrides()))) as rt:
+        ids = [f"c{i}" for i in range(30)]
+        for item in ids:
+            await rt.cache.cache_profile(item, {"v": 1})
+            await installed(rt, "profile", item, {"v": 1})
+        cluster = rt.on_demand.lifecycle.cluster
+        victim = cluster.master_nodes()[0]
+        replica = next(n for n in cluster.nodes if n.master_index == victim.index)
+
+        def owner(item: str) -> Any:
+            slot = key_slot("=" + item)
+            return next(n for n in cluster.master_nodes() if n.slots and n.slots[0] <= slot <= n.slots[1])
+
+        mine = [i for i in ids if owner(i) is victim]
+        others = [i for i in ids if owner(i) is not victim]
+        assert mine and others
+        async with aioredis.Redis(port=victim.port, password=cluster.password) as r:
+            assert await r.execute_command("WAIT", 1, 2000) == 1  # the replica has every v1
+        near = rt.dispatcher.near
+        assert kill_node(victim)
+        await wait_for(lambda: all(near.get(cluster_key(i)) is None for i in mine), timeout=5)
+        assert all(near.get(cluster_key(i)) is not None for i in others), "another master's entries were dropped"
+        # The promoted replica takes the slots; a write there (another client) is what every read returns.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                async with aioredis.Redis(port=replica.port, password=cluster.password, socket_timeout=2) as r:
+                    if (await r.execute_command("ROLE"))[0] == b"master":
+                        for item in mine:
+                            await r.set(cluster_key(item), b'{"v":2}')
+                        break
+            except (OSError, aioredis.RedisError):
+                pass
+            assert time.monotonic() < deadline, "no replica was promoted"
+            await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 20
+        for item in mine:
+            while (found := await rt.cache.get_profile(item)) != {"v": 2}:
+                assert found is None, (item, found)  # a miss while the map is learned, never {"v": 1}
+                assert time.monotonic() < deadline, rt.status()["redis"]["pools"]
+                await asyncio.sleep(0.05)
+        for item in mine[:3]:
+            await installed(rt, "profile", item, {"v": 2})
+
+
+async def test_a_resharding_serves_no_older_value(make_config) -> None:
+    async with Runtime(make_config(merge(merge(CLUSTER, near_overrides()), {"redis": {"op_timeout": 1.0}}))) as rt:
+        await rt.on_demand.ensure()  # (the cluster starts on first use)
+        cluster = rt.on_demand.lifecycle.cluster
+        source, target = cluster.master_nodes()[0], cluster.master_nodes()[2]
+        item = next(i for i in (f"r{n}" for n in range(200))
+                    if source.slots[0] <= key_slot("=" + i) <= source.slots[1])
+        await rt.cache.cache_profile(item, {"v": 1})
+        await installed(rt, "profile", item, {"v": 1})
+        slot = key_slot("=" + item)
+        await migrate_slot(cluster, source, target, slot, pause=0.0)
+        async with aioredis.Redis(port=target.port, password=cluster.password) as r:
+            await r.set(cluster_key(item), b'{"v":2}')  # another client, at the slot's new owner
+        deadline = time.monotonic() + 10
+        while (found := await rt.cache.get_profile(item)) != {"v": 2}:
+            assert found is None, found
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await installed(rt, "profile", item, {"v": 2})  # tracked at the new owner
+        async with aioredis.Redis(port=target.port, password=cluster.password) as r:
+            await r.set(cluster_key(item), b'{"v":3}')
+        deadline = time.monotonic() + 5
+        while (found := await rt.cache.get_profile(item)) != {"v": 3}:
+            assert found == {"v": 2} and time.monotonic() < deadline, found
+            await asyncio.sleep(0.01)
+        status = rt.near_cache_status()
+        assert status["invalidations"] >= 1, status
