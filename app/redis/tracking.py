@@ -218,6 +218,7 @@ class TrackingConnection(PipelinedConnection):
         self._keepalive_every = near.max_silence / 4
         self._keepalive: asyncio.TimerHandle | None = None
         self._written_seen = -1
+        self._pings = 0  # keepalive PINGs queued, not yet written
         self._setting_up = True
         self._close_cause = "connection_lost"
         self._untracked = False  # a command tracked reads need was refused: plain reads from then on
@@ -257,7 +258,8 @@ class TrackingConnection(PipelinedConnection):
         for result in results:
             if isinstance(result, BaseException):
                 if isinstance(result, RedisCommandError):
-                    raise RedisUnavailable(f"{self.where} refused the connection: {result}")
+                    why = str(result).replace(f"({self.where}; ", "(")  # (as PipelinedConnection.connect says it)
+                    raise RedisUnavailable(f"{self.where} refused the connection: {why}")
                 raise result
         server = greeting.get(b"server", b"redis").decode(errors="replace") if isinstance(greeting, dict) else "?"
         version = greeting.get(b"version", b"") if isinstance(greeting, dict) else b""
@@ -291,8 +293,11 @@ class TrackingConnection(PipelinedConnection):
             self.near.refuse(self.tracker.where, reason)
 
     def _refused(self, text: str) -> str:
-        # A refusal while setting up means "no tracking here" (said once by the near cache), not an error to log.
-        return text if self._setting_up else super()._refused(text)
+        # HELLO or CLIENT refused while setting up means "no tracking here" (said once by the near cache as a
+        # warning), not an error to log; anything else refused is what it is on any connection.
+        if self._setting_up and ("'hello'" in text or "'client|" in text):
+            return text
+        return super()._refused(text)
 
     # -- tracked reads ---------------------------------------------------------------------------
 
@@ -350,8 +355,19 @@ class TrackingConnection(PipelinedConnection):
             return
         if self.commands_written == self._written_seen:
             self.execute("PING").add_done_callback(_retrieve)
+            self._pings += 1
         self._written_seen = self.commands_written
         self._keepalive = self._loop.call_later(self._keepalive_every, self._keep_alive)
+
+    def _flush(self) -> None:
+        # The counters are of callers' traffic (as for the set-up): keepalive PINGs are left out.
+        pings, self._pings = self._pings, 0
+        queued, written = len(self._buffer_futs), self.commands_written
+        super()._flush()
+        if pings and self.commands_written != written:
+            self.commands_written -= pings
+            if queued == pings:
+                self.batches_written -= 1
 
     def _check_stalled(self) -> None:
         self._close_cause = "timeout"
