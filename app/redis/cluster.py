@@ -137,6 +137,7 @@ class ClusterConnection:
         # The near cache whose entries this pool's node connections keep coherent (each tracks what it read).
         self._near = near
         self._pool = pool
+        self._near_prefix = next(iter(near.prefixes.get(pool, ())), "ondemand:") if near is not None else ""
         # Each master's run_id as last seen (shared with the connections before and after this one): a master
         # that answers with another one, or an address that was not a master, is held as replaced.
         self.known_ids: dict[Address, str] = {} if known_ids is None else known_ids
@@ -221,6 +222,9 @@ class ClusterConnection:
             finally:
                 waiting, node.connecting = node.connecting, None
             node.connection = conn
+            if isinstance(conn, TrackingConnection):
+                conn.keepalive = _probe(self.slots, node.address, self._near_prefix)
+                conn.on_keepalive_refused = self._keepalive_refused
             self._seen(node.address, conn.server_id)
             self._back(node.address)
             waiting.set_result(conn)
@@ -262,10 +266,24 @@ class ClusterConnection:
                 if node.connection is not None:
                     node.connection.close("no longer a master of the cluster")
             self._failed &= set(slots.masters())
+            self._watch_nodes()
             self._refreshed_at, self._moved_since_refresh = time.monotonic(), 0
             self.refreshes += 1
             return
         raise RedisUnavailable("cannot read the cluster's slot map: " + "; ".join(errors))
+
+    def _watch_nodes(self) -> None:
+        """Each tracking node connection's keepalive reads a key of one of the node's slots (see
+        TrackingConnection.keepalive): a master the cluster failed over while it still answers us, or one that
+        gave the slot away, refuses it, and what it served is dropped."""
+        for address, node in self.nodes.items():
+            conn = node.connection
+            if isinstance(conn, TrackingConnection):
+                conn.keepalive = _probe(self.slots, address, self._near_prefix)
+                conn.on_keepalive_refused = self._keepalive_refused
+
+    def _keepalive_refused(self, error: RedisCommandError) -> None:
+        self.refresh_soon()
 
     def _slots_moved(self, owners: set[Address]) -> None:
         """Slots left these masters (a resharding, a failover): what the near cache read from them is dropped
@@ -489,6 +507,19 @@ class ClusterConnection:
         reply = await self._run(address, command)
         return reply[0] if versioned else reply
 
+    def write_tracked(self, key: str, write: Command, command: Command, versioned: bool) -> Any:
+        """A near-cached namespace's write with a tracked read of its key behind it, on the connection of the
+        master that takes the write (the long way too: a redirect, a held master)."""
+        address = self.slots.owner(key_slot(key))
+        node = self.nodes.get(address) if address is not None else None
+        conn = node.connection if node is not None else None
+        track = (key, command, versioned)
+        if (conn is not None and conn.closed_reason is None and address not in self._held
+                and address not in self._failed):
+            return self._finish(conn.write_tracked(key, write, command, versioned), address, write,  # type: ignore[arg-type]
+                                track=track)
+        return self._run(address, write, track=track)
+
     def execute_on(self, address: Address, *args: Any) -> Any:
         """A command for one master (SCAN on each, UNLINK of the keys it found), even while it is held."""
         return self._run(address, args, bypass=True)
@@ -514,7 +545,8 @@ class ClusterConnection:
                 merged[index] = value
         return merged
 
-    async def _finish(self, future: asyncio.Future[Any], address: Address, args: Sequence[Any]) -> Any:
+    async def _finish(self, future: asyncio.Future[Any], address: Address, args: Sequence[Any], *,
+                      track: tuple[str, Command, bool] | None = None) -> Any:
         """The reply of a command already queued; a redirect or a failed node goes the long way."""
         try:
             return await future
@@ -526,7 +558,7 @@ class ClusterConnection:
                 if exc.kind in _NODE_UNUSABLE:
                     raise self._unusable(address, exc) from exc
                 raise
-            return await self._run(address, args, first_error=exc)
+            return await self._run(address, args, first_error=exc, track=track)
 
     def _unusable(self, address: Address, exc: RedisCommandError) -> NodeUnavailable:
         """A master that cannot serve now (CLUSTERDOWN past the budget, LOADING, BUSY...): its problem alone.
@@ -537,7 +569,8 @@ class ClusterConnection:
         return NodeUnavailable(f"Redis Cluster master {address[0]}:{address[1]} cannot serve: {first_line(exc)}")
 
     async def _run(self, address: Address | None, args: Sequence[Any], *,
-                   first_error: RedisCommandError | None = None, bypass: bool = False) -> Any:
+                   first_error: RedisCommandError | None = None, bypass: bool = False,
+                   track: tuple[str, Command, bool] | None = None) -> Any:
         deadline = self._loop.time() + self._op_timeout
         asking = False
         backoff = 0.005
@@ -575,10 +608,9 @@ class ClusterConnection:
             try:
                 conn = await self._node_connection(node)
                 if asking:  # adjacent on the target's connection, so ASKING applies to this command
-                    asked, future = conn.execute_many([("ASKING",), args])
+                    asked = conn.execute("ASKING")
                     asked.add_done_callback(lambda f: f.cancelled() or f.exception())
-                else:
-                    future = conn.execute(*args)
+                future = conn.execute(*args) if track is None else conn.write_tracked(track[0], args, *track[1:])
                 async with asyncio.timeout(max(0.001, deadline - self._loop.time())):
                     return await future
             except TimeoutError:
@@ -654,6 +686,16 @@ class ClusterConnection:
             "recovering": [f"{host}:{port}" for host, port in sorted(self._held)],
             "recoveries": self.recoveries,
         }
+
+
+def _probe(slots: SlotMap, address: Address, prefix: str) -> tuple[Any, ...]:
+    """A keepalive for `address`: EXISTS of a key under `prefix` (our keys, as an ACL user may read them) in one of
+    its slots; PING for a node that serves none."""
+    for n in range(4096):  # (a master of a cluster of up to 16 holds a slot a key among the first few hits)
+        key = f"{prefix}near-keepalive-{n}" + ("}" if prefix.endswith("{=") else "")
+        if slots.owner(key_slot(key)) == address:
+            return ("EXISTS", key)
+    return ("PING",)
 
 
 def _node_unavailable(exc: RedisUnavailable) -> NodeUnavailable:

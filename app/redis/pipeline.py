@@ -200,6 +200,10 @@ class PipelinedConnection:
         reply = self.execute(*command)
         return _value_of(reply) if versioned else reply
 
+    def write_tracked(self, key: str, write: Command, command: Command, versioned: bool) -> Awaitable[Any]:
+        """A near-cached namespace's write where the connection does not track: the write alone."""
+        return self.execute(*write)
+
     def _flush(self) -> None:
         if self._flush_handle is not None:
             self._flush_handle.cancel()

@@ -197,6 +197,24 @@ class OnDemandRedis:
         self.counters.commands += 1
         return await conn.read_tracked(key, command, versioned)
 
+    def write_tracked(self, key: str, write: Command, command: Command, versioned: bool, *,
+                      connection_id: str = "default") -> Awaitable[Any]:
+        """A near-cached namespace's write of `key`, with a tracked read of it right behind it on the same
+        connection (see TrackingConnection.write_tracked); the write's reply."""
+        pool = self.pools.get(connection_id) or self._new_pool(connection_id, None)
+        self.last_used = pool.last_used = time.monotonic()
+        conn = pool.mux
+        if conn is None or conn.closed_reason is not None:
+            return self._connect_and_write(pool, key, write, command, versioned)
+        self.counters.commands += 1
+        return conn.write_tracked(key, write, command, versioned)
+
+    async def _connect_and_write(self, pool: NamedPool, key: str, write: Command, command: Command,
+                                 versioned: bool) -> Any:
+        conn = await self._connect_mux(pool)
+        self.counters.commands += 1
+        return await conn.write_tracked(key, write, command, versioned)
+
     async def execute_grouped(self, groups: Mapping[str, Sequence[Command]]) -> list[Any]:
         """Run each pool's commands as one batch, all pools in the same loop turn; replies in order.
 

@@ -52,7 +52,7 @@ class _Read(PendingRead):
 
     __slots__ = ("conn", "fut", "joined", "key", "ok", "queued", "step", "value", "version", "versioned")
 
-    def __init__(self, conn: TrackingConnection, fut: asyncio.Future[Any], key: str, versioned: bool,
+    def __init__(self, conn: TrackingConnection, fut: asyncio.Future[Any] | None, key: str, versioned: bool,
                  step: int, queued: float) -> None:
         self.conn = conn
         self.fut = fut
@@ -89,8 +89,9 @@ class _Read(PendingRead):
             else:
                 value = reply
             self.value = value
-            if not self.fut.done():
-                self.fut.set_result(value)
+            fut = self.fut
+            if fut is not None and not fut.done():
+                fut.set_result(value)
             if self.joined is not None:
                 for fut in self.joined:
                     if not fut.done():
@@ -117,7 +118,7 @@ class _Read(PendingRead):
             self.conn.untracked(f"it refused {'CLIENT CACHING YES' if step == 0 else 'PTTL'}: {error}")
 
     def _fail_all(self, exc: BaseException) -> None:
-        if not self.fut.done():
+        if self.fut is not None and not self.fut.done():
             self.fut.set_exception(exc)
         if self.joined is not None:
             for fut in self.joined:
@@ -136,7 +137,68 @@ class _Read(PendingRead):
 
     def exception(self) -> BaseException | None:
         fut = self.fut
-        return fut.exception() if fut.done() and not fut.cancelled() else None
+        return fut.exception() if fut is not None and fut.done() and not fut.cancelled() else None
+
+
+class _Write:
+    """One of our writes with a tracked read of its key right behind it (`write_tracked`): an error reply (the
+    write did not happen, or not as sent) keeps that read from installing."""
+
+    __slots__ = ("fut", "read")
+
+    def __init__(self, fut: asyncio.Future[Any], read: _Read) -> None:
+        self.fut = fut
+        self.read = read
+
+    def reply(self, reply: Any) -> None:
+        if not self.fut.done():
+            self.fut.set_result(reply)
+
+    def error(self, error: RedisCommandError) -> None:
+        self.read.ok = False
+        if not self.fut.done():
+            self.fut.set_exception(error)
+
+    def done(self) -> bool:
+        return self.fut.done()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.read.ok = False
+        self.fut.set_exception(exc)
+
+    def exception(self) -> BaseException | None:
+        return self.fut.exception() if not self.fut.cancelled() else None
+
+
+class _KeepAlive:
+    """The keepalive's reply. A cluster node's keepalive reads a key of one of its slots, which a master the
+    cluster has failed (CLUSTERDOWN) or that gave the slot away (MOVED) refuses: then what it served is dropped,
+    in the reader, before anything else can be served from it."""
+
+    __slots__ = ("conn", "finished")
+
+    def __init__(self, conn: TrackingConnection) -> None:
+        self.conn = conn
+        self.finished = False
+
+    def reply(self, reply: Any) -> None:
+        self.finished = True
+
+    def error(self, error: RedisCommandError) -> None:
+        self.finished = True
+        self.conn.keepalive_refused(error)
+
+    def done(self) -> bool:
+        return self.finished
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.finished = True
+
+    def exception(self) -> BaseException | None:
+        return None
+
+
+_FUTURE = asyncio.Future  # the waiters that are plain futures (the others: a tracked read's or write's steps)
 
 
 class _TrackingProtocol(asyncio.Protocol):
@@ -168,7 +230,7 @@ class _TrackingProtocol(asyncio.Protocol):
                     waiter = waiters.popleft()
                     if isinstance(reply, hiredis.ReplyError):
                         error = owner._error_reply(reply)
-                        if waiter.__class__ is _Read:
+                        if waiter.__class__ is not _FUTURE:
                             waiter.error(error)
                         elif not waiter.done():
                             waiter.set_exception(error)
@@ -176,7 +238,7 @@ class _TrackingProtocol(asyncio.Protocol):
                             # A replica now (see PipelinedConnection): what it answers is no longer the master's.
                             failure = RedisUnavailable("Redis answered READONLY: the server is a replica now; "
                                                        "reconnecting")
-                    elif waiter.__class__ is _Read:
+                    elif waiter.__class__ is not _FUTURE:
                         waiter.reply(reply)
                     elif not waiter.done():
                         waiter.set_result(reply)
@@ -219,6 +281,10 @@ class TrackingConnection(PipelinedConnection):
         self._keepalive: asyncio.TimerHandle | None = None
         self._written_seen = -1
         self._pings = 0  # keepalive PINGs queued, not yet written
+        # What the keepalive sends: PING, or on a cluster node a read of a key in one of its slots (ClusterConnection
+        # sets it), refused once the cluster failed it over or the slot moved (`on_keepalive_refused`).
+        self.keepalive: tuple[Any, ...] = ("PING",)
+        self.on_keepalive_refused: Any = None
         self._setting_up = True
         self._close_cause = "connection_lost"
         self._untracked = False  # a command tracked reads need was refused: plain reads from then on
@@ -332,6 +398,30 @@ class TrackingConnection(PipelinedConnection):
             self._flush_handle = self._loop.call_soon(self._flush)
         return fut
 
+    def write_tracked(self, key: str, write: Command, command: Command, versioned: bool) -> asyncio.Future[Any]:
+        """Our write of `key`, and right behind it a tracked read of it (`command`, as in read_tracked): when the
+        write is queued, whatever was held or being read for the key is dropped, and the read that follows it
+        (no caller awaits it) installs what Redis holds after it, so that our next read is a hit. The future
+        resolves to the write's reply."""
+        if self._untracked or self.closed_reason is not None:
+            return self.execute(*write)
+        near = self.near
+        near.evict(key)  # now, as the write is queued: nothing read before it may be served or installed
+        loop = self._loop
+        optin = self._optin
+        read = _Read(self, None, key, versioned, 0 if optin else 1, loop.time())
+        near.begin_read(key, read)
+        fut: asyncio.Future[Any] = asyncio.Future(loop=loop)
+        packed = hiredis.pack_command(write) + (_CACHING if optin else b"") + hiredis.pack_command(command) \
+            + hiredis.pack_command(("PTTL", key))
+        self._buffer.append(packed)
+        self._buffer_futs += (_Write(fut, read), read, read, read) if optin else (_Write(fut, read), read, read)
+        if len(self._buffer) >= self._max_batch:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = loop.call_soon(self._flush)
+        return fut
+
     # -- pushes, freshness, failures --------------------------------------------------------------
 
     def _pushed(self, push: list[Any]) -> RedisUnavailable | None:
@@ -354,7 +444,10 @@ class TrackingConnection(PipelinedConnection):
         if self.closed_reason is not None:
             return
         if self.commands_written == self._written_seen:
-            self.execute("PING").add_done_callback(_retrieve)
+            self._buffer.append(hiredis.pack_command(self.keepalive))
+            self._buffer_futs.append(_KeepAlive(self))
+            if self._flush_handle is None:
+                self._flush_handle = self._loop.call_soon(self._flush)
             self._pings += 1
         self._written_seen = self.commands_written
         self._keepalive = self._loop.call_later(self._keepalive_every, self._keep_alive)
@@ -368,6 +461,13 @@ class TrackingConnection(PipelinedConnection):
             self.commands_written -= pings
             if queued == pings:
                 self.batches_written -= 1
+
+    def keepalive_refused(self, error: RedisCommandError) -> None:
+        """The keepalive's read was refused (CLUSTERDOWN, MOVED, LOADING...): nothing this connection read is
+        trusted any more; whoever watches the node (the cluster's slot map) is told."""
+        self.near.flush(self.tracker, f"keepalive_{error.kind}")
+        if self.on_keepalive_refused is not None:
+            self.on_keepalive_refused(error)
 
     def _check_stalled(self) -> None:
         self._close_cause = "timeout"
@@ -393,11 +493,6 @@ class TrackingConnection(PipelinedConnection):
 
     def status(self) -> dict[str, Any]:
         return {"tracking": self.near.tracking, "server": self.server}
-
-
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
 
 
 async def connect_for_near(endpoint: RedisEndpoint, *, near: NearCache, pool: str, op_timeout: float,

@@ -139,6 +139,20 @@ class Dispatcher:
     # -- reads --------------------------------------------------------------------------------
 
     async def get(self, namespace: str, item_id: str) -> Any:
+        ns = self.namespaces.get(namespace)
+        if ns is not None and ns.near_cache and type(item_id) is str and self.breaker.closed:
+            # A near-cache hit without lookup's frame: only a checked id was ever installed (its key is its id's).
+            raw = self.near.get(ns.key_prefix + item_id + ns.key_suffix)  # type: ignore[union-attr]
+            if raw is not None:
+                try:
+                    value = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    pass
+                else:
+                    stats = self.stats[ns.name]
+                    stats.hits += 1
+                    stats.near_hits += 1
+                    return value
         return (await self.lookup(namespace, item_id)).value
 
     async def lookup(self, namespace: str, item_id: str) -> Lookup:
@@ -292,17 +306,17 @@ class Dispatcher:
 
     async def _near_write(self, stats: NamespaceStats, ns: Namespace, item_id: str, raw: bytes,
                           ttl: float | None) -> None:
-        """`set` in a cache-only namespace with a near cache: the local copy goes before the write is sent and
-        again once it is answered (a read answered in between may have installed the older value)."""
+        """`set` in a cache-only namespace with a near cache. The local copy goes now; the cache storage drops
+        it again as the write is queued and reads the key back right behind it on the same connection (see
+        ondemand.redis.tracking), so that nothing read before the write is kept and the next read is a hit."""
         key = ns.key(item_id)
         self.near.evict(key)  # type: ignore[union-attr]
         try:
             await self.cache.set(ns, item_id, raw, ttl)
             return
         except (BackendUnavailable, RedisCommandError) as exc:
+            self.near.evict(key)  # type: ignore[union-attr]  # (it may have happened, or not: read it again)
             await self._write_failed(stats, exc, (Target(ns, item_id),))
-        finally:
-            self.near.evict(key)  # type: ignore[union-attr]
         self._count_lost_write(stats, ns)
 
     def _evict(self, targets: Iterable[Target]) -> None:
@@ -332,20 +346,22 @@ class Dispatcher:
             stats, ((ns, [item_id]),), lambda: self.durable.set(ns, item_id, raw, ttl, **kw), recorded=recorded)  # type: ignore[union-attr]
         target = Target(ns, item_id, committed.version)
         if self.breaker.closed:
-            self._evict((target,))
+            self._evict((target,))  # (a near-cached write-through drops it again as it is queued, and reads it back)
             try:
                 if self._loop.time() - began <= self.late_after:
                     await self.cache.set(ns, item_id, raw, ttl, committed.version)
                 else:
-                    await self.cache.invalidate((target,))
+                    try:
+                        await self.cache.invalidate((target,))
+                    finally:
+                        self._evict((target,))
             except (BackendUnavailable, RedisCommandError) as exc:
+                self._evict((target,))
                 if await self._write_failed(stats, exc, (target,)):
                     self.invalidation.acknowledge(committed.outbox)  # (a row due at once stands for it now)
             else:
                 self.invalidation.acknowledge(committed.outbox)
                 return
-            finally:
-                self._evict((target,))
         else:
             await self._skipped((target,), recorded)
         self._count_lost_write(stats, ns)
