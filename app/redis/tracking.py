@@ -66,6 +66,12 @@ class _Read(PendingRead):
         self.version: int | None = None
         self.joined: list[asyncio.Future[Any]] | None = None
 
+    def outdated_by(self, source: object) -> bool:
+        # On its own connection, an invalidation that arrives before the read's reply was sent before the server
+        # ran the read: it concerns a write the read saw (our own write before the read that follows it, among
+        # others). One that arrives after the reply, or on another connection, may concern a write it did not.
+        return source is not self.conn or self.step >= 2
+
     def join(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
         """A future of this read's value for another reader of the key (one of its own: a caller that gives up
         cancels only its own)."""
@@ -432,7 +438,7 @@ class TrackingConnection(PipelinedConnection):
             if keys is None:  # FLUSHALL / FLUSHDB (or the server dropped its tracking table)
                 self.near.flush(self.tracker, "flushall")
             else:
-                self.near.invalidate(keys)
+                self.near.invalidate(keys, self)
         elif kind == b"tracking-redir-broken":  # (we never redirect; should it come, trust nothing we hold)
             self._close_cause = "tracking_redir_broken"
             return RedisUnavailable("the server sent tracking-redir-broken")

@@ -66,6 +66,11 @@ class PendingRead:
 
     __slots__ = ("generation",)
 
+    def outdated_by(self, source: object) -> bool:
+        """Whether an invalidation of its key that `source` (a connection) just delivered may concern a write
+        the read did not see (then it must not install)."""
+        return True
+
 
 class NearCache:
     """See the module docstring. One per Runtime; OnDemandRedis's connections install, the dispatcher reads."""
@@ -145,8 +150,9 @@ class NearCache:
 
     # -- invalidations ----------------------------------------------------------------------------
 
-    def invalidate(self, keys: Iterable[bytes]) -> None:
-        """The server's invalidation of `keys` (pushed to a tracking connection, in stream order)."""
+    def invalidate(self, keys: Iterable[bytes], source: object = None) -> None:
+        """The server's invalidation of `keys`, pushed to the tracking connection `source` in stream order: what is
+        held goes, and so does a read in flight that may not have seen the write (see PendingRead.outdated_by)."""
         entries, pending = self.entries, self.pending
         for raw_key in keys:
             key = raw_key.decode("utf-8", "surrogateescape") if isinstance(raw_key, bytes) else str(raw_key)
@@ -154,7 +160,9 @@ class NearCache:
             if entry is not None:
                 self._forget(entry)
                 self.invalidations += 1
-            pending.pop(key, None)
+            read = pending.get(key)
+            if read is not None and read.outdated_by(source):
+                del pending[key]
 
     def evict(self, key: str) -> None:
         """One of our own writes of `key` is about to be sent (and again once it was answered): nothing read
