@@ -47,6 +47,7 @@ from ondemand.redis.endpoint import RedisEndpoint
 from ondemand.redis.lifecycle import Lifecycle
 from ondemand.redis.pipeline import PipelinedConnection
 from ondemand.redis.pools import NamedPool, client_pool, cluster_client
+from ondemand.tasks import stop_tasks
 
 log = logging.getLogger("ondemand.redis")
 T = TypeVar("T")
@@ -551,9 +552,7 @@ class OnDemandRedis:
         if self._pid != os.getpid():  # a forked copy that never used Redis: nothing here is ours
             return
         if self._janitor is not None:
-            self._janitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._janitor
+            await stop_tasks(self._janitor)
             self._janitor = None
         if self._start_task is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):

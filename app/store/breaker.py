@@ -17,6 +17,7 @@ from enum import StrEnum
 
 from ondemand.errors import error_text
 from ondemand.health import OutageTracker
+from ondemand.tasks import stop_tasks
 
 log = logging.getLogger("ondemand.breaker")
 
@@ -110,7 +111,5 @@ class CircuitBreaker:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks(self._task)
             self._task = None
