@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ondemand.store.dispatcher import Dispatcher
+from ondemand.store.dispatcher import Dispatcher, WriteOutcome
 
 SESSION, MESSAGES, PROFILE = "session", "messages", "profile"
 
@@ -13,8 +13,9 @@ class CacheService:
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
 
-    async def cache_session(self, session_id: str, data: Any, *, ttl: float | None = None) -> None:
-        await self.dispatcher.set(SESSION, session_id, data, ttl)
+    # Each write returns None when stored as asked, else what happened (Dispatcher.set).
+    async def cache_session(self, session_id: str, data: Any, *, ttl: float | None = None) -> WriteOutcome | None:
+        return await self.dispatcher.set(SESSION, session_id, data, ttl)
 
     async def get_session(self, session_id: str) -> Any:
         return await self.dispatcher.get(SESSION, session_id)
@@ -22,14 +23,15 @@ class CacheService:
     async def delete_session(self, session_id: str) -> bool:
         return await self.dispatcher.delete(SESSION, session_id) > 0
 
-    async def cache_messages(self, user_id: str, messages: list[Any], *, ttl: float | None = None) -> None:
-        await self.dispatcher.set(MESSAGES, user_id, messages, ttl)
+    async def cache_messages(self, user_id: str, messages: list[Any], *,
+                             ttl: float | None = None) -> WriteOutcome | None:
+        return await self.dispatcher.set(MESSAGES, user_id, messages, ttl)
 
     async def get_messages(self, user_id: str) -> list[Any] | None:
         return await self.dispatcher.get(MESSAGES, user_id)
 
-    async def cache_profile(self, user_id: str, profile: Any, *, ttl: float | None = None) -> None:
-        await self.dispatcher.set(PROFILE, user_id, profile, ttl)
+    async def cache_profile(self, user_id: str, profile: Any, *, ttl: float | None = None) -> WriteOutcome | None:
+        return await self.dispatcher.set(PROFILE, user_id, profile, ttl)
 
     async def get_profile(self, user_id: str) -> Any:
         return await self.dispatcher.get(PROFILE, user_id)

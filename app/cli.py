@@ -13,13 +13,15 @@ import urllib.request
 from typing import Any
 
 from ondemand.config import redact
+from ondemand.config.load import load_config
 from ondemand.config.secret_files import read_secret
-from ondemand.errors import ConfigError, PluginError
-from ondemand.host.process import ProcessError
+from ondemand.errors import ConfigError, OndemandError, PluginError, one_line
 from ondemand.logs import configure_logging
 from ondemand.preflight import Report, check
 
 log = logging.getLogger("ondemand.config")
+
+DEFAULT_URL = "http://127.0.0.1:8080"
 
 
 def _serve_options(parser: argparse.ArgumentParser) -> None:
@@ -53,11 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print one JSON object: valid, source, config, lifecycle, warnings, errors, server")
     status = commands.add_parser(
         "status", help="print the status of a running server",
-        description="Fetch GET /api/cache/status from a running server and print it readably.",
+        description="Fetch GET /api/cache/status from a running server and print it readably. The server is the "
+                    "one --config describes (server.host, server.port, server.api_token, the environment "
+                    "applied), or --url; --url and --token win over the config.",
     )
-    status.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL (default %(default)s)")
+    status.add_argument("--config", help="TOML config file the server runs with: its address and token are used")
+    status.add_argument("--url", help=f"server base URL (default: from --config, else {DEFAULT_URL})")
     status.add_argument("--token", default=os.environ.get("ONDEMAND_SERVER__API_TOKEN"),
-                        help="API token (default: $ONDEMAND_SERVER__API_TOKEN)")
+                        help="API token (default: $ONDEMAND_SERVER__API_TOKEN, else the config's)")
     status.add_argument("--token-file", default=os.environ.get("ONDEMAND_SERVER__API_TOKEN_FILE"),
                         help="a file holding the API token, when --token is not given "
                              "(default: $ONDEMAND_SERVER__API_TOKEN_FILE)")
@@ -86,8 +91,8 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         return serve_workers(config)
-    except (ConfigError, PluginError, ProcessError) as exc:
-        print(f"startup error: {exc}", file=sys.stderr)
+    except OndemandError as exc:  # ConfigError, PluginError, ProcessError, StartupError (a busy port...)
+        print(f"startup error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 
@@ -136,8 +141,10 @@ def format_status(doc: dict[str, Any]) -> str:
     if redis.get("binary_unreachable_advisories"):
         lines.append("advisories   " + "; ".join(redis["binary_unreachable_advisories"])
                      + " (known, not reachable as we run it)")
+    if redis.get("server_version"):
+        lines.append(f"version      {redis['server_version']}")
     if redis.get("last_error"):
-        lines.append(f"last error   {redis['last_error'].splitlines()[0]}")
+        lines.append(f"last error   {_indented(redis['last_error'])}")
     counters = redis.get("counters", {})
     lines.append("counters     " + ", ".join(f"{k} {v}" for k, v in counters.items()))
     for name, pool in redis.get("pools", {}).items():
@@ -149,11 +156,16 @@ def format_status(doc: dict[str, Any]) -> str:
     durable = (doc.get("storages") or {}).get("durable")
     if durable:
         lines.append(f"durable      {durable.get('name', 'durable')}: {durable.get('state')}"
-                     + (f" (pid {durable['pid']})" if durable.get("pid") else ""))
+                     + (f" (pid {durable['pid']})" if durable.get("pid") else "")
+                     + (f", {durable['server_version']}" if durable.get("server_version") else ""))
+        if durable.get("last_error") and durable.get("state") != "up":
+            lines.append(f"durable error {_indented(durable['last_error'])}")
     dispatcher = doc.get("dispatcher") or {}
     breaker = dispatcher.get("breaker") or {}
     if breaker:
         lines.append(f"breaker      {breaker.get('state')}, opened {breaker.get('opens', 0)} times")
+        if breaker.get("state") != "closed" and breaker.get("last_reason"):
+            lines.append(f"breaker why  {_indented(breaker['last_reason'])}")
     for name, stats in (dispatcher.get("namespaces") or {}).items():
         lines.append(
             f"ns {name:<10}hits {stats['hits']}, durable hits {stats['durable_hits']}, misses {stats['misses']}, "
@@ -163,25 +175,44 @@ def format_status(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _indented(text: str) -> str:
+    """A multi-line error under its label: every line after the first indented like the values."""
+    return text.replace("\n", "\n" + " " * 13)
+
+
+def _server_of(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The base URL and token `status` uses: --url and --token (or --token-file), else what --config says
+    (ConfigError)."""
+    url, token = args.url, args.token
+    if token is None and args.token_file:
+        token = read_secret(args.token_file, source="--token-file", key="server.api_token")
+    if args.config is not None and (url is None or token is None):
+        server = load_config(args.config).server
+        if url is None:
+            host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(server.host, server.host)
+            url = f"http://{f'[{host}]' if ':' in host else host}:{server.port}"
+        if token is None:
+            token = server.api_token
+    return url or DEFAULT_URL, token
+
+
 def status(args: argparse.Namespace) -> int:
-    request = urllib.request.Request(args.url.rstrip("/") + "/api/cache/status")
-    token = args.token
-    if not token and args.token_file:
-        try:
-            token = read_secret(args.token_file, source="--token-file", key="server.api_token")
-        except ConfigError as exc:
-            print(f"configuration error: {exc}", file=sys.stderr)
-            return 2
+    try:
+        url, token = _server_of(args)
+    except (ConfigError, PluginError) as exc:
+        print(f"configuration error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    request = urllib.request.Request(url.rstrip("/") + "/api/cache/status")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=args.timeout) as resp:
             doc = json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        print(f"{args.url}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}", file=sys.stderr)
+        print(f"{url}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
-        print(f"{args.url}: cannot fetch status: {exc}", file=sys.stderr)
+        print(f"{url}: cannot fetch status: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(doc, indent=2) if args.json else format_status(doc))
     return 0

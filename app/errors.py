@@ -176,14 +176,47 @@ class WriteOutcomeUnknown(BackendUnavailable):
     code = "write_outcome_unknown"
 
 
+class StartupError(OndemandError):
+    """The server could not start serving (a busy port, an app whose startup failed, workers that keep failing
+    to start): serve prints it as one line and exits 2."""
+
+    code = "startup_error"
+
+
 class StorageUnavailable(BackendUnavailable):
     """No store could serve the operation: every configured backend is down."""
 
     code = "storage_unavailable"
 
 
+# The longest error text kept for status, events, /readyz and the CLI: a redis-server log tail or a list of
+# every binary tried fits; a runaway message cannot grow a status document without bound.
+MAX_ERROR_CHARS = 4000
+
+
+def error_text(error: BaseException | str, limit: int = MAX_ERROR_CHARS) -> str:
+    """An error's whole message, every line of it (a binary search's candidates, a log tail), or its type's
+    name when it has none; past `limit` characters its middle is cut, so the start (what failed) and the end
+    (the last log lines) both stay."""
+    text = str(error).strip()
+    if not text:
+        return "" if isinstance(error, str) else type(error).__name__
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    marker = f"\n[... cut: {len(text)} characters in all ...]\n"
+    tail = max(0, limit - head - len(marker))
+    return text[:head] + marker + text[len(text) - tail:]
+
+
+def one_line(error: BaseException | str) -> str:
+    """`error_text` on one line (its lines joined with "; "), for a line on stderr."""
+    return "; ".join(line.strip() for line in error_text(error).splitlines() if line.strip())
+
+
 def first_line(error: BaseException | str) -> str:
-    """The first line of an error's message (the rest is often a log tail), or its type's name."""
+    """The first line of an error's message, or its type's name: for a one-line log entry only (what an
+    operator reads in status, events, /readyz or the CLI is `error_text`)."""
     text = str(error).strip()
     if text:
         return text.splitlines()[0]

@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from ondemand.errors import first_line
+from ondemand.errors import error_text
 from ondemand.events import Events
 
 
@@ -48,7 +48,7 @@ class OutageTracker:
 
     def down(self, reason: str | BaseException, *, cause: str = "") -> None:
         """Record a failure; the first one of an outage emits `degraded`."""
-        text = reason if isinstance(reason, str) else first_line(reason)
+        text = error_text(reason)
         self.last_error, self.last_error_at = text, time.time()
         first = not self._causes
         self._causes[cause] = text

@@ -26,6 +26,7 @@ from ondemand.config import Config, with_sections
 from ondemand.config.load import load_config
 from ondemand.errors import PluginError
 from ondemand.health import OutageTracker
+from ondemand.history import StatusHistory
 from ondemand.plugin_manager import Plugins
 from ondemand.redis.lifecycle import Lifecycle, LifecycleContext, LifecycleFactory, resolve_lifecycle_name
 from ondemand.redis.server import OnDemandRedis, RedisState
@@ -39,7 +40,7 @@ from ondemand.store.protocols import CacheStorage, DurableStorage, Namespace, St
 class Readiness(StrEnum):
     READY = "ready"  # every configured store serves
     DEGRADED = "degraded"  # one is down, the other serves
-    UNAVAILABLE = "unavailable"  # a durable store is configured and down, and so is Redis
+    UNAVAILABLE = "unavailable"  # Redis is down and no durable store can take a write (none configured, or down)
 
 
 @attrs.frozen
@@ -130,6 +131,7 @@ class Runtime:
     storages: Registry[StorageFactory]
     redis_health: OutageTracker
     durable_health: OutageTracker | None
+    history: StatusHistory
 
     def __init__(self, config: Config | None = None, *, plugins: Iterable[object] = ()) -> None:
         self._config = config
@@ -176,6 +178,9 @@ class Runtime:
             self.lifecycle, self.on_demand, self.redis_health = parts.lifecycle, on_demand, parts.redis_health
             self.cache_storage, self.durable_storage, self.durable_health = cache, durable, parts.durable_health
             self.dispatcher, self.cache = dispatcher, CacheService(dispatcher)
+            self.history = StatusHistory(config.server.history_interval, config.server.history_seconds)
+            stack.push_async_callback(self.history.close)
+            self.history.start(self.history_sample)
             self._stack = stack.pop_all()
         return self
 
@@ -200,18 +205,44 @@ class Runtime:
     def readiness(self) -> ReadinessReport:
         """Which stores can serve. Redis is down when its breaker is not closed or the server failed or is
         disabled (a stopped server is fine: it starts on demand); the durable store when its outage
-        tracker says so. Unavailable only when a durable store is configured and down and Redis is down
-        too (every request touching a durable namespace would fail); any other outage is degraded."""
+        tracker says so. Unavailable when Redis is down and no durable store can take a write (none is
+        configured, or it is down too): nothing the service is asked to store would be stored. Any other
+        outage is degraded."""
         redis_ok = (self.dispatcher.breaker.state == BreakerState.CLOSED
                     and self.on_demand.state not in (RedisState.FAILED, RedisState.DISABLED))
         durable_ok = None if self.durable_health is None else not self.durable_health.degraded
         if redis_ok and durable_ok is not False:
             state = Readiness.READY
-        elif redis_ok or durable_ok is not False:
+        elif redis_ok or durable_ok:
             state = Readiness.DEGRADED
         else:
             state = Readiness.UNAVAILABLE
         return ReadinessReport(state=state, redis_ok=redis_ok, durable_ok=durable_ok)
+
+    def history_sample(self) -> dict[str, Any]:
+        """One sample of the status history (ondemand.history): cumulative counters, states now."""
+        hits = durable_hits = misses = writes = deletes = dropped = 0
+        for stats in self.dispatcher.stats.values():
+            hits += stats.hits
+            durable_hits += stats.durable_hits
+            misses += stats.misses
+            writes += stats.writes
+            deletes += stats.deletes
+            dropped += stats.dropped_writes
+        report = self.readiness()
+        return {
+            "t": round(time.time(), 3),
+            "ops": hits + durable_hits + misses + writes + deletes,
+            "hits": hits,
+            "reads": hits + durable_hits + misses,
+            "dropped_writes": dropped,
+            "commands": self.on_demand.counters.commands,
+            "readiness": report.state.value,
+            "redis_ok": report.redis_ok,
+            "durable_ok": report.durable_ok,
+            "redis_state": str(self.on_demand.state),
+            "breaker": str(self.dispatcher.breaker.state),
+        }
 
     def status(self) -> dict[str, Any]:
         """JSON-serializable; the same document as GET /api/cache/status. No secrets."""

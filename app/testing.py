@@ -37,7 +37,7 @@ Tunable class attributes: `key_prefix` (the kit's namespaces live under `{key_pr
 (the bound, in seconds, on every call to an unreachable backend), `secrets` (strings that must never
 appear in `status()`).
 
-The contract, as app/dispatcher.py uses it (app/storage.py states the protocol):
+The contract, as the dispatcher (ondemand.store.dispatcher) uses it (ondemand.store.protocols states the protocol):
 
 - Values are bytes, returned unchanged and as `bytes` (binary-safe, any size the API accepts); ids are
   any non-empty text of at most 256 UTF-8 bytes without control characters, compared exactly.

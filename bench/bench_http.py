@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import attrs
 import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -45,7 +46,8 @@ from common import (
 
 from ondemand import Runtime
 from ondemand.host.workers import freeze_startup_objects
-from ondemand.web import RUNTIME, create_app
+from ondemand.web import CONFIG, RUNTIME, create_app
+from ondemand.web.serving import run_app
 
 SESSION_ID = "bench-session-1"
 SESSION = VALUE
@@ -139,7 +141,13 @@ def serve(kind: str, port: int, transport: str, template: str) -> None:
     # Same server settings for all three: what run.py does after startup (gc.freeze), here too.
     app.on_startup.append(freeze_startup_objects)
     print(orjson.dumps(info).decode(), flush=True)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, shutdown_timeout=5)
+    if CONFIG in app:  # ours: served as run.py serves it (OndemandRunner: its protocol, its read timeouts)
+        config = app[CONFIG]
+        config = attrs.evolve(config, server=attrs.evolve(config.server, host="127.0.0.1", port=port,
+                                                          shutdown_timeout=5))
+        run_app(app, config)
+    else:
+        web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, shutdown_timeout=5)
 
 
 @contextlib.asynccontextmanager

@@ -106,6 +106,7 @@ async def walk_the_api(client: Any, server_call: Any, key_prefix: str = "ondeman
         await call(method, "/api/ns/nope/n1", body=[1] if method == "PUT" else None, status=404)
     await call("GET", "/api/example/greet/ada")  # the example plugin's route (installed by requirements-dev)
     await call("GET", "/api/cache/status")
+    await call("GET", "/api/cache/history")
     await call("GET", "/healthz")
     await call("GET", "/readyz")
     await call("GET", "/metrics")

@@ -69,11 +69,15 @@ async def test_session_ttl_query_parameter(client) -> None:
     [
         ("/api/sessions/bad%0Aid", "control characters"),
         ("/api/sessions/" + "x" * 257, "at most 256 bytes"),
-        ("/api/sessions/s?ttl=-1", "greater than 0"),
-        ("/api/sessions/s?ttl=0", "greater than 0"),
+        ("/api/sessions/s?ttl=-1", "from 0.001"),
+        ("/api/sessions/s?ttl=0", "from 0.001"),
+        ("/api/sessions/s?ttl=1e-9", "from 0.001"),  # gone before anyone could read it
+        ("/api/sessions/s?ttl=0.0009", "from 0.001"),
         ("/api/sessions/s?ttl=abc", "number of seconds"),
         ("/api/sessions/s?ttl=nan", "number of seconds"),
-        ("/api/sessions/s?ttl=1e12", "at most"),
+        ("/api/sessions/s?ttl=1e12", "ten years"),
+        ("/api/sessions/s?ttl=5&ttl=10", "given once"),
+        ("/api/sessions/s?ttl=5&ttl=5", "given once"),
     ],
 )
 async def test_session_bad_id_or_ttl_is_400_naming_the_rule(client, path, rule) -> None:
@@ -186,7 +190,8 @@ async def test_append_keeps_the_stored_text_and_refuses_a_non_list(client) -> No
         ("post", "", 5, "JSON object"),
         ("get", "?last=-1", None, "non-negative"),
         ("get", "?last=x", None, "non-negative"),
-        ("put", "?ttl=-5", [], "greater than 0"),
+        ("put", "?ttl=-5", [], "from 0.001"),
+        ("get", "?last=1&last=2", None, "given once"),
     ],
 )
 async def test_messages_bad_input_is_400(client, method, query, body, rule) -> None:
@@ -256,7 +261,7 @@ async def test_a_namespace_has_the_value_rules_and_errors_of_sessions(ns_client)
     assert "null" in await error_of(await ns_client.put(url, **JSON_NULL), 400, "invalid_input")
     assert "required" in await error_of(await ns_client.put(url), 400, "invalid_input")
     assert "32 levels" in await error_of(await ns_client.put(url, json=nested(33)), 400, "invalid_input")
-    assert "greater than 0" in await error_of(await ns_client.put(url + "?ttl=0", json=1), 400, "invalid_input")
+    assert "from 0.001" in await error_of(await ns_client.put(url + "?ttl=0", json=1), 400, "invalid_input")
     assert "number of seconds" in await error_of(await ns_client.put(url + "?ttl=1_0", json=1), 400)
     assert "control characters" in await error_of(await ns_client.get("/api/ns/weather/a%0Ab"), 400)
     assert "at most 256 bytes" in await error_of(await ns_client.delete("/api/ns/weather/" + "x" * 257), 400)
@@ -341,13 +346,37 @@ async def test_healthz_and_readyz_when_everything_is_fine(client) -> None:
     await error_of(await client.post("/healthz", json={}), 405)
 
 
-async def test_readyz_degraded_when_redis_fails_without_durable_store(aiohttp_client, make_config) -> None:
+async def test_readyz_503_when_redis_fails_without_durable_store(aiohttp_client, make_config) -> None:
+    """Nothing can store anything: Redis is down and there is no durable store. Not ready, whatever a cache-only
+    read says (a miss)."""
     client = await aiohttp_client(create_app(make_config({"lifecycle": {"redis_binary": "/nonexistent/redis"}})))
     await error_of(await client.get("/api/users/u/profile"), 404)  # cache-only: a miss, not an error
     resp = await client.get("/readyz")
     body = await resp.json()
-    assert resp.status == 200 and body["status"] == "degraded"
-    assert body["redis"]["ok"] is False and body["redis"]["last_error"]
+    assert resp.status == 503 and body["status"] == "unavailable", body
+    assert body["redis"]["ok"] is False and "/nonexistent/redis" in body["redis"]["last_error"]
+    assert body["durable"] is None
+
+
+async def test_readyz_and_status_carry_the_whole_error(aiohttp_client, make_config) -> None:
+    """Not only its first line ("... last lines of .../redis.log:"), but the log tail that says why."""
+    config = make_config({"lifecycle": {"redis_options": {"bogus-directive": "1"}}})
+    client = await aiohttp_client(create_app(config))
+    assert (await client.put("/api/users/u/profile", json=1)).headers["Ondemand-Write"] == "dropped"
+    ready = await (await client.get("/readyz")).json()
+    status = await (await client.get("/api/cache/status")).json()
+    for error in (ready["redis"]["last_error"], status["redis"]["last_error"]):
+        assert "last lines of" in error and "Bad directive or wrong number of arguments" in error, error
+        assert "bogus-directive" in error
+
+
+async def test_readyz_degraded_when_redis_fails_and_the_durable_store_serves(aiohttp_client, durable_config) -> None:
+    client = await aiohttp_client(create_app(durable_config({"lifecycle": {"redis_binary": "/nonexistent/redis"}})))
+    assert (await client.put("/api/sessions/s", json={"v": 1})).status == 200  # durable: PostgreSQL takes it
+    resp = await client.get("/readyz")
+    body = await resp.json()
+    assert resp.status == 200 and body["status"] == "degraded", body
+    assert body["redis"]["ok"] is False and body["durable"]["ok"] is True
 
 
 async def test_readyz_503_when_redis_and_the_durable_store_are_down(aiohttp_client, make_config) -> None:

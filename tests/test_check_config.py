@@ -66,8 +66,8 @@ BAD: dict[str, Case] = {
         "serve no routes"),
     "unknown storage": lambda tmp: (
         ["--config", str(toml_file(tmp, '[storage]\ndurable = "jsonfle"\n'))], {},
-        f"startup error: {tmp / 'x.toml'}: storage.durable: unknown storage 'jsonfle'; available: postgres, redis, "
-        "sqlite"),
+        f"startup error: {tmp / 'x.toml'}: storage.durable: unknown storage 'jsonfle'; available: example-files, "
+        "postgres, redis, sqlite"),
     "misspelt lifecycle": lambda tmp: (
         [], {"ONDEMAND_LIFECYCLE__PLUGIN": '"subprocces"'},
         "startup error: environment variable ONDEMAND_LIFECYCLE__PLUGIN: lifecycle.plugin: unknown lifecycle "
@@ -76,6 +76,10 @@ BAD: dict[str, Case] = {
         [], {"DOCKER_ENV": "1", "REDIS_URL": "htp://nope"},
         "configuration error: environment variable REDIS_URL: lifecycle.redis_url: unsupported Redis URL scheme "
         "'htp'; expected redis://host:port/db, rediss://host:port/db (TLS) or unix:///path?db=N"),
+    "REDIS_URL with a port that is not a number": lambda tmp: (
+        [], {"DOCKER_ENV": "1", "REDIS_URL": "redis://:hunter2@redis-host:notaport/0"},
+        "configuration error: environment variable REDIS_URL: lifecycle.redis_url: invalid Redis URL "
+        "'redis://:***@redis-host:notaport/0': Port could not be cast to integer value as 'notaport'"),
     "missing configured redis_binary": lambda tmp: (
         ["--config", str(toml_file(tmp, f'[lifecycle]\nredis_binary = "{tmp / "nope"}"\n'))], {},
         f"configuration error: {tmp / 'x.toml'}: lifecycle.redis_binary: {tmp / 'nope'}: not found; name a Redis "
@@ -127,7 +131,8 @@ def test_the_error_in_json_names_the_key_and_where_it_was_set(tmp_path: Path) ->
     result = json.loads(run("check-config", "--json", "--config", str(config)).stdout)
     assert result["errors"] == [{
         "kind": "startup", "key": "storage.durable", "source": str(config),
-        "message": f"{config}: storage.durable: unknown storage 'jsonfle'; available: postgres, redis, sqlite",
+        "message": f"{config}: storage.durable: unknown storage 'jsonfle'; available: example-files, postgres, redis, "
+                   "sqlite",
     }]
     assert result["source"] == str(config)
     assert result["config"]["storage"]["durable"] == "jsonfle", "the config as resolved, to see what was read"

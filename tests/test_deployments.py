@@ -23,6 +23,7 @@ from ondemand.config import Config
 from ondemand.host.net import free_port
 from ondemand.plugins.lifecycle_external import ExternalConfig, SentinelLifecycle
 from ondemand.plugins.storage_postgres import PostgresConfig
+from ondemand.web import create_app
 from tests.support import ROOT, redis_children, redis_servers_under, wait_until_serving
 
 COMPOSE = ROOT / "compose/compose.yaml"
@@ -114,11 +115,45 @@ def test_dockerfile_is_slim_non_root_cached_and_health_checked() -> None:
     assert re.search(r"^FROM python:3\.1\d-slim", text, re.M)
     assert re.search(r"^USER (?!root)\w+", text, re.M)
     # The dependencies (pyproject.toml's, no `embedded` extra) are installed before the code is copied: a
-    # cached dependency layer.
-    assert text.index("COPY pyproject.toml") < text.index("pip install -r") < text.index("COPY app")
-    assert "embedded" not in text.split("COPY app")[0].replace("`embedded`", "")
-    assert "HEALTHCHECK" in text and "/healthz" in text
+    # cached dependency layer; wheels only (every one exists for amd64 and arm64: README, Docker Compose).
+    install = text.index("pip install --only-binary=:all: -r")
+    assert text.index("COPY pyproject.toml") < install < text.index("COPY app")
+    commands = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "embedded" not in commands
+    # The health check asks for readiness (503 when no store can take a write), not liveness.
+    assert healthcheck_code(text.split("HEALTHCHECK", 1)[1]).endswith("/readyz', timeout=3)")
     assert 'CMD ["ondemand", "serve"]' in text
+
+
+def healthcheck_code(text: str) -> str:
+    """The Python one-liner a health check runs (Dockerfile or compose.yaml)."""
+    return re.search(r"python\S*\s+-c\s+\"?(import urllib\.request; [^\"]+\))", text)[1]
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".venv", ".ondemand", ".git", "**/__pycache__", "*.egg-info"} <= ignored
+    # ...and nothing the image copies.
+    copied = re.findall(r"^COPY (\S+)", DOCKERFILE.read_text(), re.M)
+    assert copied == ["pyproject.toml", "README.md", "app", "plugins", "config"]
+    assert not ignored & set(copied)
+
+
+async def test_the_health_checks_fail_while_no_store_can_take_a_write(aiohttp_server, make_config) -> None:
+    """The command compose.yaml and the Dockerfile run: exit 0 against a ready app, non-zero against one
+    whose /readyz is 503 (no Redis, no durable store), although its /healthz is 200."""
+    compose = yaml.safe_load(COMPOSE.read_text())["services"]
+    checks = [healthcheck_code(DOCKERFILE.read_text().split("HEALTHCHECK", 1)[1])]
+    checks += [healthcheck_code(" ".join(compose[name]["healthcheck"]["test"])) for name in ("app", "app-sentinel")]
+    ready = await aiohttp_server(create_app(make_config()))
+    down = await aiohttp_server(create_app(make_config({"lifecycle": {"plugin": "noop"}})))
+    for code in checks:
+        for server, status in ((ready, 0), (down, 1)):
+            probe = code.replace("127.0.0.1:8080", f"127.0.0.1:{server.port}")
+            result = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", probe], capture_output=True,
+                                             timeout=30)
+            assert result.returncode == status, (code, result.stderr[-300:])
 
 
 async def test_docker_scenario_with_stand_ins(tmp_path: Path, make_config, pg) -> None:

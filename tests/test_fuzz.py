@@ -39,7 +39,7 @@ from ondemand.config import (
 )
 from ondemand.config.load import config_from_dict, load_config
 from ondemand.errors import ConfigError, InvalidInput
-from ondemand.store.values import MAX_ID_BYTES, MAX_TTL, check_id, check_ttl
+from ondemand.store.values import MAX_ID_BYTES, MAX_TTL, MIN_TTL, check_id, check_ttl
 from ondemand.web import RUNTIME, create_app
 
 
@@ -290,7 +290,8 @@ def test_check_id_refuses_non_strings(value: Any) -> None:
 @fast(400)
 @given(st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(), st.floats(0, MAX_TTL), st.text(max_size=6),
-    st.decimals(allow_nan=False, places=2), st.binary(max_size=4), st.sampled_from([MAX_TTL, MAX_TTL + 1, 5e-324]),
+    st.decimals(allow_nan=False, places=2), st.binary(max_size=4),
+    st.sampled_from([MAX_TTL, MAX_TTL + 1, 5e-324, MIN_TTL, 0.000999, 1e-9]),
 ))
 @example(float("nan"))
 @example(float("inf"))
@@ -298,13 +299,13 @@ def test_check_id_refuses_non_strings(value: Any) -> None:
 @example(int(MAX_TTL))
 @example(int(MAX_TTL) + 1)
 @example(10**400)
-def test_check_ttl_accepts_exactly_positive_numbers_up_to_ten_years(value: Any) -> None:
+def test_check_ttl_accepts_exactly_numbers_from_a_millisecond_to_ten_years(value: Any) -> None:
     default = 123.0
     if value is None:
         assert check_ttl(value, default) == default
         return
     numeric = isinstance(value, int | float) and not isinstance(value, bool)
-    if numeric and not (isinstance(value, float) and math.isnan(value)) and 0 < value <= MAX_TTL:
+    if numeric and not (isinstance(value, float) and math.isnan(value)) and MIN_TTL <= value <= MAX_TTL:
         result = check_ttl(value, default)
         assert isinstance(result, float) and result == float(value)
     else:

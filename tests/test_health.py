@@ -7,6 +7,7 @@ import signal
 from typing import Any
 
 from ondemand import Runtime, hookimpl
+from ondemand.errors import MAX_ERROR_CHARS, SpawnError, error_text
 from ondemand.events import Events
 from ondemand.health import OutageTracker
 from tests.support import wait_for
@@ -28,7 +29,7 @@ def test_an_outage_lasts_from_the_first_cause_down_to_the_last_one_up() -> None:
     tracker.down("server died", cause="server")
     tracker.down(TimeoutError("no answer\nlog tail"), cause="breaker")
     assert tracker.degraded and tracker.down_since is not None
-    assert tracker.last_error == "no answer"  # first line only
+    assert tracker.last_error == "no answer\nlog tail"  # every line: the log tail is the reason
     tracker.up(cause="server")
     assert tracker.degraded, "the breaker still holds the outage"
     tracker.up(cause="server")  # an up for a cause that is not down changes nothing
@@ -39,6 +40,24 @@ def test_an_outage_lasts_from_the_first_cause_down_to_the_last_one_up() -> None:
     assert events.seen[1][1]["down_seconds"] >= 0
     tracker.up(cause="breaker")  # nothing is down: no second recovery
     assert len(events.seen) == 2
+
+
+def test_errors_keep_every_line_bounded_in_length() -> None:
+    """A degraded event, last_error and everything read from them keep the whole error (a list of the binaries
+    tried, a log tail), never only its first line; a runaway message is cut in its middle, so what failed
+    (the start) and the last log lines (the end) both stay."""
+    events = RecordingEvents()
+    tracker = OutageTracker("redis", events)
+    reason = SpawnError("no usable redis-server or valkey-server; tried:\n  - PATH: not found\n  - wheel: too old")
+    tracker.down(reason)
+    assert tracker.last_error == str(reason)
+    assert events.seen[0][1]["reason"] == str(reason)
+    long = "redis-server exited; last lines of redis.log:\n" + "\n".join(f"line {i}" for i in range(5000))
+    text = error_text(long)
+    assert len(text) <= MAX_ERROR_CHARS
+    assert text.startswith("redis-server exited; last lines of redis.log:\nline 0\n")
+    assert text.endswith("line 4999") and "cut: " in text
+    assert error_text(TimeoutError()) == "TimeoutError"
 
 
 async def test_a_frozen_redis_is_one_outage_of_one_component(make_config) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import shutil
 from collections.abc import AsyncIterator
 from typing import Any
@@ -253,4 +254,46 @@ async def test_status_page_under_a_prefix_of_a_users_app(aiohttp_server, make_co
         assert resp.status == 200
         await page.wait_for(f"{text_of('state')} === 'running'")
         assert await page.page.locator("footer a").get_attribute("href") == "api/openapi.json"
+        assert page.problems() == []
+
+
+async def test_a_page_opened_mid_incident_shows_the_minutes_before(aiohttp_server, make_config, chromium) -> None:
+    """Redis cannot start (its config has a directive it refuses) and there is no durable store: the service is
+    unavailable, and has been for a while when the page opens. The chart shows that time from the server's
+    history (shaded), not only from the page's own polls; the error is shown whole, every line of the
+    server's log tail; the server's version is shown."""
+    config = make_config({"server": {"history_interval": 0.1},
+                          "lifecycle": {"redis_options": {"bogus-directive": "1"}, "restart_backoff": 0.05}})
+    server = await aiohttp_server(create_app(config))
+    async with aiohttp.ClientSession() as http:
+        for i in range(5):
+            async with http.put(server.make_url(f"/api/users/u{i}/profile"), json={"n": i}) as resp:
+                assert resp.status == 200 and resp.headers["Ondemand-Write"] == "dropped"
+            await asyncio.sleep(0.1)
+        async with http.get(server.make_url("/api/cache/history")) as resp:
+            samples = (await resp.json())["samples"]
+        assert sum(1 for s in samples if s["readiness"] == "unavailable") >= 3, samples
+    async with browser(chromium) as page:
+        await page.open(str(server.make_url("/")))
+        await page.wait_for("document.getElementById('conn').dataset.state === 'live'")
+        # Drawn at once, before the page could have polled that often itself (one poll a second).
+        await page.wait_for(f"Number({CHART}.dataset.historyPoints) >= 3")
+        assert int(await page.evaluate(f"{CHART}.dataset.incidents")) >= 3
+        error = await page.evaluate("document.getElementById('redis-error').textContent")
+        assert "last lines of" in error and "FATAL CONFIG FILE ERROR" in error and "Bad directive" in error
+        assert error.count("\n") >= 3  # shown as lines (white-space: pre-wrap), not run together
+        assert await page.evaluate("getComputedStyle(document.getElementById('redis-error')).whiteSpace") == \
+            "pre-wrap"
+        assert re.fullmatch(r"Valkey [0-9.]+ \(binary\)|Redis [0-9.]+ \(binary\)", await page.text("redis-version"))
+        assert page.problems() == []
+
+
+async def test_the_page_shows_the_server_versions(aiohttp_server, durable_config, chromium) -> None:
+    server = await aiohttp_server(create_app(durable_config()))
+    async with browser(chromium) as page, aiohttp.ClientSession() as http:
+        async with http.put(server.make_url("/api/sessions/v"), json={"v": 1}) as resp:  # starts both stores
+            assert resp.status == 200
+        await page.open(str(server.make_url("/")))
+        await page.wait_for(f"/^(Valkey|Redis) [0-9.]+$/.test({text_of('redis-version')})")
+        await page.wait_for(f"/^PostgreSQL [0-9.]+$/.test({text_of('durable-version')})")
         assert page.problems() == []

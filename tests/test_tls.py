@@ -172,15 +172,18 @@ def _tls(**given: tuple[Any, str]) -> TlsOptions:
 
 
 @pytest.mark.parametrize(("url", "message"), [
-    ("rediss://h:1/0?ssl_ca_cert=/x", "Redis URL rediss://h:1 has unknown query parameter(s) ssl_ca_cert; accepted: "
+    ("rediss://h:1/0?ssl_ca_cert=/x", "Redis URL 'rediss://h:1/0?ssl_ca_cert=/x' has unknown query parameter(s) "
+                                      "ssl_ca_cert; accepted: "
                                       "db, ssl_ca_certs, ssl_cert_reqs, ssl_certfile, ssl_check_hostname, ssl_keyfile"),
-    ("redis://h:1/0?ssl_ca_certs=/x", "Redis URL redis://h:1 has unknown query parameter(s) ssl_ca_certs (the ssl_* "
+    ("redis://h:1/0?ssl_ca_certs=/x", "Redis URL 'redis://h:1/0?ssl_ca_certs=/x' has unknown query parameter(s) "
+                                      "ssl_ca_certs (the ssl_* "
                                       "parameters need a rediss:// URL); accepted: db"),
     ("redis://h:1/0?decode_responses=True&socket_timeout=1", "unknown query parameter(s) decode_responses, "
                                                              "socket_timeout; accepted: db"),
     ("rediss://h:1/0?ssl_cert_reqs=maybe", "ssl_cert_reqs='maybe': expected none, optional or required"),
     ("rediss://h:1/0?ssl_check_hostname=perhaps", "ssl_check_hostname='perhaps': expected true or false"),
-    ("redis://h:1/2?db=3", "Redis URL redis://h:1 names database 2 in its path and 3 in its query; name it once"),
+    ("redis://h:1/2?db=3", "Redis URL 'redis://h:1/2?db=3' names database 2 in its path and 3 in its query; name it "
+                                   "once"),
     ("unix:///tmp/s?ssl_ca_certs=/x", "unknown query parameter(s) ssl_ca_certs (the ssl_* parameters need a "
                                       "rediss:// URL); accepted: db"),
 ])
@@ -261,7 +264,8 @@ async def test_a_symlink_to_a_file_is_followed_but_not_one_someone_else_can_swap
      "lifecycle.redis_tls_ca_file: TLS settings are given (lifecycle.redis_tls_ca_file) but TLS is off: use a "
      "rediss:// URL or turn TLS on"),
     ({"redis_url": "unix:///run/r.sock", "redis_tls": True},
-     "lifecycle.redis_url: TLS is configured, but the Redis URL unix:// is a unix socket (TLS needs rediss://host:port)"),
+     "lifecycle.redis_url: TLS is configured, but the Redis URL 'unix:///run/r.sock' is a unix socket (TLS needs "
+     "rediss://host:port)"),
     ({"redis_url": "redis://:a@h:1/0", "redis_password": "b"},
      "lifecycle.redis_password: the Redis password is given twice, differently: in lifecycle.redis_url and in "
      "lifecycle.redis_password; give it in one place"),

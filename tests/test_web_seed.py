@@ -87,8 +87,11 @@ async def test_redis_unavailable_is_503_not_a_traceback(aiohttp_client, make_con
                           "namespaces": {"profile": {"durable": True}}})
     client = await aiohttp_client(create_app(config))
     resp = await client.get("/api/cache/test")
-    # Cache-only namespaces degrade to a miss: the test reports not-ok but the request succeeds.
-    assert resp.status == 200 and (await resp.json())["ok"] is False
+    # Cache-only namespaces degrade to a miss: the test fails, and says so with its status and its error.
+    body = await resp.json()
+    assert resp.status == 503, body
+    assert body["error"]["code"] == "cache_test_failed" and "dropped" in body["error"]["message"]
+    assert body["result"]["ok"] is False and body["result"]["source"] == "miss"
 
 
 async def test_test_endpoints_can_be_turned_off(aiohttp_client, make_config) -> None:

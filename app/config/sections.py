@@ -14,7 +14,17 @@ from typing import Any, Literal, TypeVar
 
 import attrs
 
-from ondemand.config.validators import SECRET, between, matches, positive, seconds_between, token
+from ondemand.config.validators import (
+    SECRET,
+    between,
+    http_tokens,
+    matches,
+    origins,
+    positive,
+    seconds_between,
+    token,
+    ttl_seconds,
+)
 from ondemand.errors import PluginError
 from ondemand.registry import Collector
 
@@ -34,6 +44,20 @@ class ServerConfig:
     workers: int = attrs.field(default=1, validator=between(1, 64))
     log_format: Literal["text", "json"] = "text"
     api_token: str | None = attrs.field(default=None, validator=token, metadata={SECRET: "token"})
+    # Bounded reads (app.web.serving): a request's head, counted from the connection's opening or its
+    # previous answer (so also how long an idle keep-alive connection stays open), and its body.
+    header_timeout: float = attrs.field(default=5.0, validator=positive)
+    body_timeout: float = attrs.field(default=5.0, validator=positive)
+    # CORS (app.web.cors): off while no origin is listed.
+    cors_origins: tuple[str, ...] = attrs.field(default=(), validator=origins)
+    cors_methods: tuple[str, ...] = attrs.field(default=("GET", "HEAD", "PUT", "POST", "DELETE"),
+                                                validator=http_tokens)
+    cors_headers: tuple[str, ...] = attrs.field(default=("Authorization", "Content-Type"), validator=http_tokens)
+    cors_max_age: int = attrs.field(default=600, validator=between(0, 86400))
+    # The status history (ondemand.history): one sample every `history_interval` s, the last
+    # `history_seconds` s kept.
+    history_interval: float = attrs.field(default=5.0, validator=positive)
+    history_seconds: float = attrs.field(default=600.0, validator=positive)
 
 
 @attrs.frozen
@@ -70,7 +94,7 @@ class PoolConfig:
 
 @attrs.frozen
 class NamespaceConfig:
-    ttl: float | None = attrs.field(default=3600.0, validator=positive)
+    ttl: float | None = attrs.field(default=3600.0, validator=ttl_seconds)
     durable: bool = False
     connection_id: str = "default"
     # Hot values kept in this process's memory, kept coherent by the server's invalidations ([near_cache]).

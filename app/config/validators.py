@@ -64,6 +64,33 @@ def token(_inst: Any, attribute: attrs.Attribute, value: str | None) -> None:
         raise FieldError(attribute.name, "expected a non-empty token of printable ASCII without spaces")
 
 
+_ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110): a method or header name
+
+
+def origins(_inst: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    """CORS origins: "*", or each `scheme://host[:port]` as a browser sends it (no path, no slash)."""
+    if value == ("*",):
+        return
+    for origin in value:
+        if not _ORIGIN.fullmatch(origin):
+            raise FieldError(attribute.name, 'expected ["*"] or origins such as "https://app.example.com" or '
+                                             f'"http://localhost:3000" (scheme, host, port; no path), got {origin!r}')
+
+
+def http_tokens(_inst: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    """HTTP methods or header names: tokens, no spaces or commas."""
+    for item in value:
+        if not _TOKEN.fullmatch(item):
+            raise FieldError(attribute.name, f"expected HTTP methods or header names (tokens), got {item!r}")
+
+
+def ttl_seconds(_inst: Any, attribute: attrs.Attribute, value: float | None) -> None:
+    """A ttl: from 0.001 seconds (Redis's resolution) to ten years (None passes: no expiry)."""
+    if value is not None and not (math.isfinite(value) and 0.001 <= value <= _MAX_SECONDS_OR_COUNT):
+        raise FieldError(attribute.name, f"expected a number of seconds from 0.001 to ten years, got {value!r}")
+
+
 def memory_size(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
     """A Redis memory size: digits with an optional b, kb, mb or gb."""
     if not _SIZE.match(value):

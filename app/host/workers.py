@@ -1,7 +1,7 @@
 """Serving: one process, or a supervisor of N worker processes sharing one port (SO_REUSEPORT).
 
-Why not gunicorn's worker: no dependency, each worker is a plain `web.run_app(..., reuse_port=True)`
-and the kernel spreads connections; the supervision we need (restart a dead worker with a backoff, stop
+Why not gunicorn's worker: no dependency, each worker is a plain aiohttp server (`ondemand.web.serving.run_app`
+with reuse_port) and the kernel spreads connections; the supervision we need (restart a dead worker with a backoff, stop
 all on SIGTERM, never orphan one) is a few dozen lines over ChildProcess. The workers share the built-in
 servers by adopting them; what they must share and cannot arrange themselves is a host service, started
 here before them (`ondemand_host_services`).
@@ -14,6 +14,7 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -25,7 +26,8 @@ from aiohttp import web
 
 from ondemand.config import Config, unstructure
 from ondemand.config.load import config_from_dict, merge
-from ondemand.host.net import free_port
+from ondemand.errors import MAX_ERROR_CHARS, OndemandError, StartupError, one_line
+from ondemand.host.net import free_port, listening_sockets
 from ondemand.host.process import ChildProcess
 from ondemand.host.services import HostService
 from ondemand.plugin_manager import Plugins
@@ -33,8 +35,12 @@ from ondemand.plugin_manager import Plugins
 log = logging.getLogger("ondemand.workers")
 
 WORKER_CONFIG_ENV = "ONDEMAND_WORKER_CONFIG"
+WORKER_ERROR_ENV = "ONDEMAND_WORKER_ERROR_FILE"  # where a worker that cannot start writes its one-line error
 # A worker that dies soon after starting is restarted after a doubling delay: never in a storm.
 _RESTART_DELAY, _RESTART_DELAY_MAX, _STABLE_SECONDS = 0.5, 30.0, 30.0
+# A worker that cannot start exits with this status (as serve does); this many in a row and the supervisor
+# gives up: the same config and host would fail the same way forever.
+STARTUP_FAILURE_STATUS, _MAX_STARTUP_FAILURES = 2, 3
 
 
 async def freeze_startup_objects(app: web.Application) -> None:
@@ -47,12 +53,13 @@ async def freeze_startup_objects(app: web.Application) -> None:
 
 
 def run_single(config: Config, *, reuse_port: bool = False) -> int:
+    """Serve in this process until SIGINT or SIGTERM; StartupError when it cannot start serving."""
     from ondemand.web import create_app
+    from ondemand.web.serving import run_app
 
     app = create_app(config)
     app.on_startup.append(freeze_startup_objects)
-    web.run_app(app, host=config.server.host, port=config.server.port, reuse_port=reuse_port,
-                shutdown_timeout=config.server.shutdown_timeout, print=None, access_log=None)
+    run_app(app, config, reuse_port=reuse_port)
     return 0
 
 
@@ -67,14 +74,23 @@ class Supervisor:
     config: Config
     workers: dict[int, ChildProcess] = attrs.field(factory=dict)
     restart_delays: dict[int, float] = attrs.field(factory=dict)
+    startup_failures: dict[int, int] = attrs.field(factory=dict)  # worker index -> failed starts in a row
+    given_up: StartupError | None = None
+    _rundir: Path | None = None  # private (0700): the workers' error files
 
     async def run(self) -> int:
+        """Serve until SIGTERM or SIGINT (0); StartupError when the workers keep failing to start."""
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stopping.set)
         config = self._prepare_config()
+        # The workers will bind the port with SO_REUSEPORT: a port another server holds fails here, in one
+        # line, before anything starts (a worker that still cannot bind says so itself, see _restart).
+        for sock in listening_sockets(config.server.host, config.server.port, reuse_port=True):
+            sock.close()
         services: list[HostService] = []
+        self._rundir = Path(tempfile.mkdtemp(prefix="ondemand-workers-"))
         try:
             for service in Plugins(config.plugins.disable).host_services(config):
                 overrides = await service.start()
@@ -95,6 +111,8 @@ class Supervisor:
                 for fut in done:
                     if fut in waits and not stopping.is_set():
                         await self._restart(waits[fut], payload, stopping)
+                if self.given_up is not None:
+                    break
         finally:
             await self._stop_workers(config.server.shutdown_timeout + 5)
             for service in reversed(services):
@@ -102,19 +120,47 @@ class Supervisor:
                     await service.stop()
                 except Exception:
                     log.exception("host service %s did not stop cleanly", service.name)
+            shutil.rmtree(self._rundir, ignore_errors=True)
+        if self.given_up is not None:
+            raise self.given_up
         return 0
+
+    def _error_file(self, index: int) -> Path:
+        assert self._rundir is not None
+        return self._rundir / f"worker-{index}.error"
 
     async def _restart(self, index: int, payload: str, stopping: asyncio.Event) -> None:
         dead = self.workers[index]
+        status = dead.returncode
+        how = f"was killed by signal {-status}" if status is not None and status < 0 else f"exited with status {status}"
+        what = f"worker {index} (pid {dead.pid}) {how}"
+        if status == STARTUP_FAILURE_STATUS and dead.uptime() < _STABLE_SECONDS:
+            error = self._worker_error(index)
+            failures = self.startup_failures[index] = self.startup_failures.get(index, 0) + 1
+            what = f"worker {index} (pid {dead.pid}) could not start: {error}"
+            if failures >= _MAX_STARTUP_FAILURES:
+                log.error("%s; giving up after %d attempts in a row", what, failures)
+                self.given_up = StartupError(f"worker {index} could not start ({failures} attempts): {error}")
+                return
+        else:
+            self.startup_failures.pop(index, None)
         delay = _RESTART_DELAY
         if dead.uptime() < _STABLE_SECONDS:
             delay = min(self.restart_delays.get(index, _RESTART_DELAY / 2) * 2, _RESTART_DELAY_MAX)
         self.restart_delays[index] = delay
-        log.warning("%s; restarting it in %.1f s", dead.describe_exit().splitlines()[0], delay)
+        log.warning("%s; restarting it in %.1f s", what, delay)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), delay)
         if not stopping.is_set():
             self.workers[index] = await self._spawn(index, payload)
+
+    def _worker_error(self, index: int) -> str:
+        """The line a worker that could not start wrote (it is also on our stderr, which it shares)."""
+        try:
+            with self._error_file(index).open("rb") as f:
+                return f.read(MAX_ERROR_CHARS).decode(errors="replace").strip() or "no error reported"
+        except OSError:
+            return "no error reported (it died before it could write one)"
 
     def _prepare_config(self) -> Config:
         config = self.config
@@ -124,12 +170,15 @@ class Supervisor:
         return attrs.evolve(config, server=server)
 
     async def _spawn(self, index: int, payload: str) -> ChildProcess:
-        env = {**os.environ, WORKER_CONFIG_ENV: payload}
+        error_file = self._error_file(index)
+        error_file.unlink(missing_ok=True)
+        env = {**os.environ, WORKER_CONFIG_ENV: payload, WORKER_ERROR_ENV: str(error_file)}
         # -P: the working directory is not put on sys.path, so a project's own `ondemand` (or anything else
-        # there) never shadows the installed package in the worker.
+        # there) never shadows the installed package in the worker. Its output is ours (inherit_output): the
+        # log path is never written.
         child = await ChildProcess.spawn(
             f"worker {index}", [sys.executable, "-P", "-m", "ondemand.host.workers"], env=env,
-            log_path=Path(tempfile.gettempdir()) / f"ondemand-worker-{index}.log", inherit_output=True,
+            log_path=error_file.with_suffix(".log"), inherit_output=True,
         )
         log.info("worker %d started (pid %d)", index, child.pid)
         return child
@@ -139,13 +188,23 @@ class Supervisor:
 
 
 def worker_main() -> int:
-    """Entry of one worker process: the config comes from the supervisor, already resolved."""
+    """Entry of one worker process: the config comes from the supervisor, already resolved. A worker that
+    cannot start prints one line, leaves it in its error file for the supervisor, and exits 2."""
     from ondemand.logs import configure_logging
 
     config = config_from_dict(orjson.loads(os.environ.pop(WORKER_CONFIG_ENV)), source="supervisor")
+    error_file = os.environ.pop(WORKER_ERROR_ENV, None)
     configure_logging("INFO", config.server.log_format)
-    with contextlib.suppress(KeyboardInterrupt):
-        return run_single(config, reuse_port=True)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            return run_single(config, reuse_port=True)
+    except OndemandError as exc:
+        line = one_line(exc)
+        print(f"startup error: {line}", file=sys.stderr)
+        if error_file:
+            with contextlib.suppress(OSError):
+                Path(error_file).write_text(line)
+        return STARTUP_FAILURE_STATUS
     return 0
 
 

@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import attrs
 import redis.asyncio as aioredis
 
+from ondemand.config.redact import redact_url
 from ondemand.errors import ConfigError
 from ondemand.redis import tls as tls_
 from ondemand.redis.tls import TlsConnection, TlsOptions, TlsSettings
@@ -96,7 +97,7 @@ class RedisEndpoint:
         URL's. ConfigError (naming `key`) when malformed, for an unknown query parameter, or a TLS setting
         given twice differently."""
         parts = urlsplit(url)
-        shown = f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if _port_ok(parts) else "")
+        shown = repr(redact_url(url))  # what the user wrote, credentials hidden
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ConfigError(f"unsupported Redis URL scheme {parts.scheme!r}; expected {_SCHEMES}", key=key)
         password = unquote(parts.password) if parts.password is not None else None
@@ -127,10 +128,3 @@ class RedisEndpoint:
             options = options.merged(tls_.url_options({k: v for k, v in query.items() if k != "db"}, key))
         return cls(host=parts.hostname or "127.0.0.1", port=port, password=password, username=username, db=db,
                    tls=options.build())
-
-
-def _port_ok(parts: Any) -> bool:
-    try:
-        return parts.port is not None
-    except ValueError:
-        return False

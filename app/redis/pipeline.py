@@ -27,6 +27,8 @@ from ondemand.redis.tls import reason as tls_reason
 
 log = logging.getLogger("ondemand.redis")
 _RUN_ID = re.compile(rb"run_id:([0-9a-f]+)")
+# Valkey reports redis_version 7.2.4 (what it is compatible with) and its own valkey_version.
+_VERSION = re.compile(rb"(redis|valkey)_version:([0-9][0-9A-Za-z.\-]*)")
 
 
 async def _value_of(record: Awaitable[Any]) -> Any:
@@ -101,6 +103,7 @@ class PipelinedConnection:
         self.server_id: str | None = None  # INFO's run_id: one per server process
         self.where = "Redis"  # the endpoint, as errors name it (set by connect)
         self._refusals: set[str] = set()  # NOPERM replies logged on this connection
+        self.server_version: str | None = None  # "Valkey 8.1.8", "Redis 7.4.2": for status
 
     @classmethod
     async def connect(cls, endpoint: RedisEndpoint, *, op_timeout: float, connect_timeout: float,
@@ -121,8 +124,13 @@ class PipelinedConnection:
             info.add_done_callback(lambda f: f.cancelled() or f.exception())
             for step in setup:
                 await step
-            found = _RUN_ID.search(await info or b"")
+            reply = await info or b""
+            found = _RUN_ID.search(reply)
             conn.server_id = found.group(1).decode() if found else None
+            versions = {name.decode(): version.decode() for name, version in _VERSION.findall(reply)}
+            if versions:
+                conn.server_version = (f"Valkey {versions['valkey']}" if "valkey" in versions
+                                       else f"Redis {versions['redis']}")
             conn.batches_written = conn.commands_written = 0  # the counters are of callers' traffic, not setup
         except RedisCommandError as exc:
             conn.close()

@@ -36,6 +36,7 @@ from ondemand.errors import (
     RedisDisabled,
     RedisTimeout,
     RedisUnavailable,
+    error_text,
     first_line,
 )
 from ondemand.events import Events
@@ -48,6 +49,7 @@ from ondemand.redis.pipeline import PipelinedConnection
 from ondemand.redis.pools import NamedPool, client_pool, cluster_client
 from ondemand.redis.tracking import connect_for_near
 from ondemand.store.near import NearCache
+from ondemand.tasks import stop_tasks
 
 log = logging.getLogger("ondemand.redis")
 T = TypeVar("T")
@@ -124,6 +126,7 @@ class OnDemandRedis:
         self.node_recovery: NodeRecoveryCallback | None = None
         # The near cache (the runtime's, when a namespace keeps one): its pools' connections track what they read.
         self.near: NearCache | None = None
+        self.server_version: str | None = None  # what that server said it is (INFO), for status
         self._pid = os.getpid()
         # Lifecycle.connection_lost (a lifecycle that can find the server elsewhere, Sentinel, acts on it) is
         # told about failed connections to the current endpoint, on failures only. `_current` holds the
@@ -293,6 +296,7 @@ class OnDemandRedis:
             pool.mux = conn
             pool.opens += 1
             previous, self.server_id = self.server_id, conn.server_id or self.server_id
+            self.server_version = getattr(conn, "server_version", None) or self.server_version
             # (A cluster tells master by master, and holds only the replaced ones: see ClusterConnection.)
             if (not self.lifecycle.starts_empty and not endpoint.cluster and previous is not None
                     and conn.server_id is not None and conn.server_id != previous):
@@ -490,7 +494,7 @@ class OnDemandRedis:
             self._backoff = self.config.lifecycle.restart_backoff
         self.counters.unexpected_exits += 1
         self._endpoint = None
-        self._close_connections(f"Redis server exited: {first_line(description)}")
+        self._close_connections(f"Redis server exited: {error_text(description)}")
         self._mark_failed(RedisUnavailable(description))
 
     def _close_connections(self, reason: str) -> None:
@@ -577,13 +581,14 @@ class OnDemandRedis:
             "state": self.state,
             "pid": self.lifecycle.pid(),
             "endpoint": self._endpoint.describe() if self._endpoint else None,
+            "server_version": self.server_version,
             "uptime_seconds": round(now - self._running_since, 3) if self._running_since else None,
             "idle_timeout": idle_timeout,
             "idle_deadline_in": (
                 round(max(0.0, idle_timeout - (now - self._last_use())), 3)
                 if running and self.lifecycle.manages_process else None
             ),
-            "last_error": str(self._last_error) if self._last_error else None,
+            "last_error": error_text(self._last_error) if self._last_error else None,
             "retry_in": round(retry_in, 3) if retry_in is not None else None,
             "degraded_since": self.health.down_since,
             "pools": {name: pool.stats(now) for name, pool in sorted(self.pools.items())},
@@ -599,9 +604,7 @@ class OnDemandRedis:
         if self._pid != os.getpid():  # a forked copy that never used Redis: nothing here is ours
             return
         if self._janitor is not None:
-            self._janitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._janitor
+            await stop_tasks(self._janitor)
             self._janitor = None
         if self._start_task is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):

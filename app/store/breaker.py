@@ -15,8 +15,9 @@ import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
-from ondemand.errors import first_line
+from ondemand.errors import error_text
 from ondemand.health import OutageTracker
+from ondemand.tasks import stop_tasks
 
 log = logging.getLogger("ondemand.breaker")
 
@@ -61,7 +62,7 @@ class CircuitBreaker:
 
     def failure(self, reason: str) -> None:
         """Record a timeout or connection error: open, and start probing in the background."""
-        self.last_reason = reason
+        self.last_reason = reason = error_text(reason)
         if self.state != CLOSED:
             return
         self.state = OPEN
@@ -98,7 +99,7 @@ class CircuitBreaker:
                 raise
             except Exception as exc:
                 self.state = OPEN
-                self.last_reason = first_line(exc)
+                self.last_reason = error_text(exc)
                 delay = min(delay * 2, self._reset_after_max)
                 continue
             down = time.monotonic() - self._opened_mono
@@ -118,7 +119,5 @@ class CircuitBreaker:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks(self._task)
             self._task = None

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from enum import StrEnum
 from typing import Any, NamedTuple, TypeVar
 
 import attrs
@@ -27,7 +28,7 @@ from ondemand.errors import (
     RedisCommandError,
     StorageUnavailable,
     WriteOutcomeUnknown,
-    first_line,
+    error_text,
 )
 from ondemand.health import OutageTracker
 from ondemand.store.breaker import CircuitBreaker
@@ -78,6 +79,24 @@ class NamespaceStats:
     cache_errors: int = 0
     durable_errors: int = 0
     corrupt_values: int = 0
+
+
+class WriteOutcome(StrEnum):
+    """What a write returns when it could not do all it was asked (it returns None when it did)."""
+
+    DROPPED = "dropped"  # a cache-only namespace and the cache did not take it: stored nowhere, a read misses
+    DURABLE_ONLY = "durable-only"  # committed to the durable store, not in the cache: reads come from there
+
+
+class Appended(int):
+    """`append`'s count when the list was not stored as asked, with `outcome` (a plain int when it was)."""
+
+    outcome: WriteOutcome
+
+    def __new__(cls, count: int, outcome: WriteOutcome) -> Appended:
+        made = super().__new__(cls, count)
+        made.outcome = outcome
+        return made
 
 
 class Lookup(NamedTuple):
@@ -283,7 +302,8 @@ class Dispatcher:
 
     # -- writes -------------------------------------------------------------------------------
 
-    async def set(self, namespace: str, item_id: str, value: Any, ttl: float | None = None) -> None:
+    async def set(self, namespace: str, item_id: str, value: Any, ttl: float | None = None) -> WriteOutcome | None:
+        """Store `value`; None when stored as asked, else what happened (the cache did not take it)."""
         ns = self.namespace(namespace)
         check_id(item_id)
         ttl = check_ttl(ttl, ns.ttl)
@@ -297,12 +317,12 @@ class Dispatcher:
                 return await self._near_write(stats, ns, item_id, raw, ttl)
             try:
                 await self.cache.set(ns, item_id, raw, ttl)
-                return
+                return None
             except (BackendUnavailable, RedisCommandError) as exc:
                 await self._write_failed(stats, exc, (Target(ns, item_id),))
         else:
             await self._skipped((Target(ns, item_id),), False)
-        self._count_lost_write(stats, ns)
+        return self._count_lost_write(stats, ns)
 
     async def _near_write(self, stats: NamespaceStats, ns: Namespace, item_id: str, raw: bytes,
                           ttl: float | None) -> None:
@@ -339,7 +359,7 @@ class Dispatcher:
             self.near.serving = True
 
     async def _durable_set(self, stats: NamespaceStats, ns: Namespace, item_id: str, raw: bytes,
-                           ttl: float | None) -> None:
+                           ttl: float | None) -> WriteOutcome | None:
         began = self._loop.time()
         kw, recorded = self.invalidation.recording(self.breaker.closed)
         committed: Committed = await self._durable_write(
@@ -361,10 +381,10 @@ class Dispatcher:
                     self.invalidation.acknowledge(committed.outbox)  # (a row due at once stands for it now)
             else:
                 self.invalidation.acknowledge(committed.outbox)
-                return
+                return None
         else:
             await self._skipped((target,), recorded)
-        self._count_lost_write(stats, ns)
+        return self._count_lost_write(stats, ns)
 
     async def _shielded(self, work: Coroutine[Any, Any, T]) -> T:
         """Run a durable write in a task of its own that the caller's cancellation does not reach: once it may
@@ -389,7 +409,7 @@ class Dispatcher:
         The list gets `ttl` (or the namespace default). More than `max_items` is an InvalidInput, a
         stored value that is not a list a Conflict; neither writes anything. With Redis down a
         cache-only append is dropped and counted, like any cache-only write, and reports the length
-        of the items alone.
+        of the items alone; a list not stored as asked is counted by an `Appended`, which says so.
         """
         ns = self.namespace(namespace)
         check_id(item_id)
@@ -401,8 +421,8 @@ class Dispatcher:
             merged = [*(current or ()), *items]
             if len(merged) > max_items:
                 raise ns.list_too_long(item_id, len(merged), max_items)
-            await self.set(namespace, item_id, merged, ttl)
-            return len(merged)
+            outcome = await self.set(namespace, item_id, merged, ttl)
+            return len(merged) if outcome is None else Appended(len(merged), outcome)
         if len(items) > max_items:
             raise ns.list_too_long(item_id, len(items), max_items)
         raw = encode(items)
@@ -411,12 +431,12 @@ class Dispatcher:
         length = await self._cache_write(stats, (Target(ns, item_id),),
                                          lambda: self.cache.append_list(ns, item_id, raw, len(items), ttl, max_items))
         if length is _NOT_WRITTEN:
-            self._count_lost_write(stats, ns)
-            return len(items)
+            return Appended(len(items), self._count_lost_write(stats, ns))
         return length
 
-    async def set_many(self, entries: Iterable[tuple[str, str, Any, float | None]]) -> None:
-        """Write (namespace, id, value, ttl) tuples: one durable transaction, one Redis round trip."""
+    async def set_many(self, entries: Iterable[tuple[str, str, Any, float | None]]) -> WriteOutcome | None:
+        """Write (namespace, id, value, ttl) tuples: one durable transaction, one Redis round trip. None when
+        all were stored as asked; else DROPPED if a cache-only entry was stored nowhere, or DURABLE_ONLY."""
         latest: dict[tuple[str, str], Entry] = {}
         for namespace, item_id, value, ttl in entries:
             ns = self.namespace(namespace)
@@ -425,14 +445,14 @@ class Dispatcher:
             latest[(ns.name, item_id)] = Entry(ns, item_id, encode(value), check_ttl(ttl, ns.ttl))
         prepared = list(latest.values())
         if not prepared:
-            return
+            return None
         for entry in prepared:  # counted once every entry passed validation: a bad one writes nothing
             self.stats[entry.namespace.name].writes += 1
         if any(entry.namespace.durable for entry in prepared):
             return await self._shielded(self._set_many(prepared))
-        await self._set_many(prepared)
+        return await self._set_many(prepared)
 
-    async def _set_many(self, prepared: list[Entry]) -> None:
+    async def _set_many(self, prepared: list[Entry]) -> WriteOutcome | None:
         durable = [entry for entry in prepared if entry.namespace.durable]
         recorded, late, acks = False, False, []
         if durable:
@@ -463,9 +483,10 @@ class Dispatcher:
         else:
             def write() -> Awaitable[Any]:
                 return self.cache.set_many(prepared)
-        if await self._cache_write(first, targets, write, recorded=all_recorded, acks=acks) is _NOT_WRITTEN:
-            for entry in prepared:
-                self._count_lost_write(self.stats[entry.namespace.name], entry.namespace)
+        if await self._cache_write(first, targets, write, recorded=all_recorded, acks=acks) is not _NOT_WRITTEN:
+            return None
+        outcomes = {self._count_lost_write(self.stats[entry.namespace.name], entry.namespace) for entry in prepared}
+        return WriteOutcome.DROPPED if WriteOutcome.DROPPED in outcomes else WriteOutcome.DURABLE_ONLY
 
     async def delete(self, namespace: str, ids: str | Sequence[str]) -> int:
         ns = self.namespace(namespace)
@@ -515,11 +536,12 @@ class Dispatcher:
 
     # -- failure handling ---------------------------------------------------------------------
 
-    def _count_lost_write(self, stats: NamespaceStats, ns: Namespace) -> None:
+    def _count_lost_write(self, stats: NamespaceStats, ns: Namespace) -> WriteOutcome:
         if ns.durable:
             stats.fallback_writes += 1
-        else:
-            stats.dropped_writes += 1
+            return WriteOutcome.DURABLE_ONLY
+        stats.dropped_writes += 1
+        return WriteOutcome.DROPPED
 
     async def _cache_write(
         self, stats: NamespaceStats, targets: Iterable[Target], write: Callable[[], Awaitable[Any]], *,
@@ -566,7 +588,7 @@ class Dispatcher:
                 await self._cache_write(stats, unknown, lambda unknown=unknown: self.cache.invalidate(unknown))
             if exc.outcome_unknown:
                 raise WriteOutcomeUnknown(
-                    f"{first_line(exc)}; the write may still take effect: the cached copy was invalidated, so "
+                    f"{error_text(exc)}; the write may still take effect: the cached copy was invalidated, so "
                     f"the next read returns what {self.durable.name} holds"  # type: ignore[union-attr]
                 ) from exc
             raise
@@ -583,8 +605,8 @@ class Dispatcher:
             stats.durable_errors += 1
             if cache_error is not None:
                 raise StorageUnavailable(
-                    f"Redis and the durable store are both unavailable (Redis: {first_line(cache_error)}; "
-                    f"durable: {first_line(exc)})"
+                    f"Redis and the durable store are both unavailable (Redis: {error_text(cache_error)}; "
+                    f"durable: {error_text(exc)})"
                 ) from exc
             raise
 
@@ -638,7 +660,7 @@ class Dispatcher:
         """Redis could not be used: remember the keys as stale and open the breaker."""
         self._count_cache_error(stats, exc)
         self.invalidation.mark_stale(targets)
-        self.breaker.failure(first_line(exc))
+        self.breaker.failure(error_text(exc))
         if isinstance(exc, CacheReplaced):  # another server: its durable copies may be older than the store's
             self.invalidation.cache_replaced()
         return exc

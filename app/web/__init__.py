@@ -5,6 +5,8 @@
 
     async def handler(request):
         runtime = ondemand.web.get_runtime(request)        # or request.app[ondemand.web.RUNTIME]
+
+    ondemand.web.run_app(app, config)    # or web.run_app(app): see OndemandRunner for what changes
 """
 
 from __future__ import annotations
@@ -12,5 +14,7 @@ from __future__ import annotations
 from ondemand.web.keys import CONFIG, METRICS, RUNTIME
 from ondemand.web.mount import create_app, get_runtime, setup
 from ondemand.web.routes import check_namespaces
+from ondemand.web.serving import OndemandRunner, run_app
 
-__all__ = ["CONFIG", "METRICS", "RUNTIME", "check_namespaces", "create_app", "get_runtime", "setup"]
+__all__ = ["CONFIG", "METRICS", "RUNTIME", "OndemandRunner", "check_namespaces", "create_app", "get_runtime",
+           "run_app", "setup"]

@@ -5,19 +5,25 @@ Design, the same for every resource:
 - A PUT, POST or warm-up body is the JSON value itself (`Content-Type: application/json`, 415
   otherwise), nested at most `MAX_JSON_DEPTH` levels and never `null` (a stored `null` would be
   indistinguishable from a miss).
-- The TTL is always the optional query parameter `?ttl=SECONDS` (a number greater than 0 and at most
-  ten years); without it the namespace's configured TTL applies. It is never part of the body, so a
-  stored value can have any shape.
+- The TTL is always the optional query parameter `?ttl=SECONDS` (from 0.001 to ten years); without
+  it the namespace's configured TTL applies. It is never part of the body, so a stored value can have
+  any shape. A query parameter we read given twice is a 400, never "the first one wins".
 - A GET answers `{<id name>, <value name>, "source"}` where source is `redis` or `postgres` (the
   durable store's name); an absent value is a 404 JSON error. A DELETE answers 204, or 404 when
   nothing was there.
-- Ids are checked by `dispatcher.check_id` (400 naming the rule).
+- Ids are checked by `dispatcher.check_id` (400 naming the rule). An id is its path segment
+  percent-decoded as UTF-8; a segment whose escapes are not that (`%FF`, `%zz`) is a 400 rather than
+  an id that keeps them as text, which `%25FF` also names (`path_id`).
+- A write the cache did not store as asked answers as usual, with the header `Ondemand-Write`:
+  `dropped` (stored nowhere) or `durable-only` (`WriteOutcome`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import attrs
 import orjson
@@ -26,8 +32,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ondemand.cache import MESSAGES, PROFILE, SESSION
 from ondemand.errors import Conflict, InvalidInput, OndemandError
-from ondemand.store.dispatcher import Dispatcher, Lookup
+from ondemand.store.dispatcher import Dispatcher, Lookup, WriteOutcome
 from ondemand.store.values import check_id, check_ttl
+from ondemand.web.cors import WRITE_HEADER
 from ondemand.web.keys import METRICS, RUNTIME
 from ondemand.web.responses import json_response, read_json
 from ondemand.web.route_registry import Handler
@@ -74,9 +81,19 @@ async def read_value(request: web.Request) -> Any:
     return value
 
 
+def query_value(request: web.Request, name: str) -> str | None:
+    """The query parameter `name`, None when absent; InvalidInput when it is given more than once (which
+    one would be meant?)."""
+    values = request.query.getall(name, ())
+    if len(values) > 1:
+        raise InvalidInput(f"query parameter {name} must be given once, got {len(values)} values: "
+                           f"{', '.join(map(repr, values[:5]))}")
+    return values[0] if values else None
+
+
 def query_ttl(request: web.Request) -> float | None:
     """`?ttl=SECONDS`, checked like every TTL; None (the namespace default) when absent."""
-    text = request.query.get("ttl")
+    text = query_value(request, "ttl")
     if text is None:
         return None
     try:
@@ -94,8 +111,39 @@ def _plain_number(text: str) -> str:
     return text
 
 
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+PATH_RULE = ("a URL path must be percent-encoded UTF-8: each '%' followed by two hex digits, the bytes they "
+             "encode valid UTF-8 (a '%' in an id is written %25)")
+
+
+def path_value(request: web.Request, name: str) -> str:
+    """The path variable `name`, percent-decoded as UTF-8. aiohttp (yarl) leaves an escape that does not
+    decode (`%FF`, `%zz`) in the value as text, so that `%FF` and `%25FF` would name one id: a value with a
+    '%' left in it is checked against the raw path, and an escape that is not UTF-8 is InvalidInput."""
+    value = request.match_info[name]
+    if "%" in value:
+        check_path_encoding(request)
+    return value
+
+
+def check_path_encoding(request: web.Request) -> None:
+    raw = request.raw_path.partition("?")[0]
+    bad = _BAD_ESCAPE.search(raw)
+    try:
+        if bad is not None:
+            raise ValueError
+        unquote_to_bytes(raw).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput(f"{PATH_RULE}; got {raw[:300]!r}") from None
+
+
 def path_id(request: web.Request, name: str) -> str:
-    return check_id(request.match_info[name])
+    return check_id(path_value(request, name))
+
+
+def _written(body: dict[str, Any], outcome: WriteOutcome | None) -> web.Response:
+    """A write's answer: the README's status and body, and `Ondemand-Write` when the cache did not store it."""
+    return json_response(body, headers=None if outcome is None else {WRITE_HEADER: outcome.value})
 
 
 def _dispatcher(request: web.Request) -> Dispatcher:
@@ -147,13 +195,15 @@ class ValueResource:
         ttl = query_ttl(request)
         value = await read_value(request)
         dispatcher = _dispatcher(request)
-        await dispatcher.set(self.namespace, item_id, value, ttl)
-        return json_response({self.id_param: item_id, "ttl": _effective_ttl(dispatcher, self.namespace, ttl)})
+        outcome = await dispatcher.set(self.namespace, item_id, value, ttl)
+        return _written({self.id_param: item_id, "ttl": _effective_ttl(dispatcher, self.namespace, ttl)}, outcome)
 
     async def get(self, request: web.Request) -> web.Response:
-        # The hot path, kept one frame deep: the dispatcher checks the id (no body to check first), and
-        # the miss test is inline rather than in _found.
+        # The hot path, kept one frame deep: the dispatcher checks the id (no body to check first), the
+        # path's encoding is looked at only when an escape was left in the id, and the miss test is inline.
         item_id = request.match_info[self.id_param]
+        if "%" in item_id:
+            check_path_encoding(request)
         found = await request.app[RUNTIME].dispatcher.lookup(self.namespace, item_id)
         if found.source == "miss":
             raise NotFound(f"no {self.what} {item_id!r}")
@@ -181,7 +231,7 @@ def unknown_namespace(configured: Iterable[str]) -> Handler:
     names = ", ".join(sorted(configured)) or "none"
 
     async def unknown(request: web.Request) -> web.Response:
-        raise NotFound(f"no namespace {request.match_info['namespace']!r}; configured: {names}")
+        raise NotFound(f"no namespace {path_value(request, 'namespace')!r}; configured: {names}")
 
     return unknown
 
@@ -210,9 +260,9 @@ async def put_messages(request: web.Request) -> web.Response:
         raise InvalidInput("body must be a JSON list of messages")
     dispatcher = _dispatcher(request)
     _check_count(dispatcher, len(messages), user_id)
-    await dispatcher.set(MESSAGES, user_id, messages, ttl)
-    return json_response({"user_id": user_id, "count": len(messages),
-                          "ttl": _effective_ttl(dispatcher, MESSAGES, ttl)})
+    outcome = await dispatcher.set(MESSAGES, user_id, messages, ttl)
+    return _written({"user_id": user_id, "count": len(messages), "ttl": _effective_ttl(dispatcher, MESSAGES, ttl)},
+                    outcome)
 
 
 async def append_messages(request: web.Request) -> web.Response:
@@ -233,14 +283,14 @@ async def append_messages(request: web.Request) -> web.Response:
         raise InvalidInput("body must be a message (a JSON object) or a non-empty JSON list of messages")
     dispatcher = _dispatcher(request)
     count = await dispatcher.append(MESSAGES, user_id, new, ttl, max_items=MAX_MESSAGES)
-    return json_response({"user_id": user_id, "appended": len(new), "count": count,
-                          "ttl": _effective_ttl(dispatcher, MESSAGES, ttl)})
+    return _written({"user_id": user_id, "appended": len(new), "count": int(count),
+                     "ttl": _effective_ttl(dispatcher, MESSAGES, ttl)}, getattr(count, "outcome", None))
 
 
 async def get_messages(request: web.Request) -> web.Response:
     """GET /api/users/{user_id}/messages?last=N: the list, or only its last N entries."""
     user_id = path_id(request, "user_id")
-    last_text = request.query.get("last")
+    last_text = query_value(request, "last")
     last: int | None = None
     if last_text is not None:
         try:
@@ -283,10 +333,9 @@ async def warmup(request: web.Request) -> web.Response:
         check_depth(value, what=name)
     if MESSAGES in body and not isinstance(body[MESSAGES], list):
         raise InvalidInput("messages must be a JSON list")
-    written = await request.app[RUNTIME].cache.warmup_user_cache(
-        user_id, session=body.get(SESSION), messages=body.get(MESSAGES), profile=body.get(PROFILE), ttl=ttl
-    )
-    return json_response({"user_id": user_id, "written": written})
+    entries = [(name, user_id, body[name], ttl) for name in WARMUP_FIELDS if name in body]
+    outcome = await _dispatcher(request).set_many(entries)
+    return _written({"user_id": user_id, "written": [name for name, *_ in entries]}, outcome)
 
 
 # -- health and readiness -----------------------------------------------------------------------
@@ -298,7 +347,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """GET /readyz: 200 ready/degraded, 503 when no store can serve (see Runtime.readiness)."""
+    """GET /readyz: 200 ready/degraded, 503 when no store can take a write (see Runtime.readiness)."""
     runtime = request.app[RUNTIME]
     report = runtime.readiness()
     on_demand, breaker = runtime.on_demand, runtime.dispatcher.breaker

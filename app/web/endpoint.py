@@ -14,6 +14,10 @@ An application that adds routes of its own to `create_app`'s app should use `add
 router tries the catch-all (indexed under `/`) only after every more specific prefix, so such routes are
 reached either way, but only `add_route` gives them the wrapper. A user's own app gets a middleware
 instead (`app.web.mount`), which answers only our typed errors as JSON.
+
+With CORS on (`app.web.cors`) the wrapper adds its headers to every answer, and the catch-all also
+answers preflights, before and without the token check. aiohttp's own answers (a request it cannot
+parse, or place on any route) are made JSON by the server's protocol (`app.web.serving`).
 """
 
 from __future__ import annotations
@@ -25,30 +29,23 @@ from aiohttp import hdrs, web
 
 from ondemand.errors import OndemandError
 from ondemand.web.auth import needs_token, refuse_without_token
+from ondemand.web.cors import Cors
 from ondemand.web.keys import CONFIG, METRICS
-from ondemand.web.responses import error_response
+from ondemand.web.responses import HTTP_CODES, RequestTimeout, error_response
 from ondemand.web.route_registry import Handler
 
 log = logging.getLogger("ondemand.web")
 
 UNMATCHED = "unmatched"  # the route label of requests no route serves
 
-_HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-}
-
-
-def endpoint(app: web.Application, handler: Handler, *, route: str, method: str, path: str) -> Handler:
-    """`handler` wrapped for `app`: JSON errors, the bearer token unless `method path` is open, metrics as
-    `route`."""
+def endpoint(app: web.Application, handler: Handler, *, route: str, method: str, path: str,
+             token_checked: bool = True) -> Handler:
+    """`handler` wrapped for `app`: JSON errors, the bearer token unless `method path` is open (or
+    `token_checked` is False: the handler checks it itself), CORS headers when CORS is on, metrics as `route`."""
     observe = app[METRICS].observe
-    token = app[CONFIG].server.api_token if needs_token(method, path) else None
+    config = app[CONFIG]
+    token = config.server.api_token if token_checked and needs_token(method, path) else None
+    cors = Cors.from_config(config)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         start = time.perf_counter()
@@ -57,6 +54,8 @@ def endpoint(app: web.Application, handler: Handler, *, route: str, method: str,
             try:
                 refused = None if token is None else refuse_without_token(request, token)
                 response = refused if refused is not None else await handler(request)
+            except RequestTimeout as exc:  # the rest of its body may still come: never wait for it
+                response = exc.answer(request)
             except OndemandError as exc:
                 response = error_response(exc.http_status, exc.code, str(exc))
             except web.HTTPException as exc:
@@ -64,11 +63,13 @@ def endpoint(app: web.Application, handler: Handler, *, route: str, method: str,
                     status = exc.status
                     raise
                 headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-                response = error_response(exc.status, _HTTP_CODES.get(exc.status, f"http_{exc.status}"), exc.reason,
+                response = error_response(exc.status, HTTP_CODES.get(exc.status, f"http_{exc.status}"), exc.reason,
                                           headers)
             except Exception:
                 log.exception("unhandled error in %s %s", request.method, request.path)
                 response = error_response(500, "internal_error", "internal error; see the server log")
+            if cors is not None:
+                cors.decorate(request, response)
             status = response.status
             return response
         finally:
@@ -104,4 +105,17 @@ def add_unrouted(app: web.Application) -> None:
                                   headers={"Allow": ",".join(methods)})
         return error_response(404, "not_found", "no such route; see GET /api/openapi.json for the API")
 
+    cors = Cors.from_config(app[CONFIG])
+    if cors is not None:
+        token = app[CONFIG].server.api_token
+
+        async def options(request: web.Request) -> web.StreamResponse:
+            """A preflight, open (a browser sends no token on it); any other OPTIONS as everything else."""
+            if cors.is_preflight(request):
+                return cors.preflight(request)
+            refused = None if token is None else refuse_without_token(request, token)
+            return refused if refused is not None else await unrouted(request)
+
+        resource.add_route(hdrs.METH_OPTIONS, endpoint(app, options, route=UNMATCHED, method=hdrs.METH_OPTIONS,
+                                                       path="", token_checked=False))
     resource.add_route(hdrs.METH_ANY, endpoint(app, unrouted, route=UNMATCHED, method=hdrs.METH_ANY, path=""))

@@ -19,23 +19,44 @@ from aiohttp import web
 from ondemand.config import Config
 from ondemand.metrics import BREAKER_STATES, REDIS_STATES
 from ondemand.registry import CORE
-from ondemand.store.values import MAX_ID_BYTES, MAX_TTL
+from ondemand.store.values import MAX_ID_BYTES, MAX_INT, MAX_TTL, MIN_INT, MIN_TTL
 from ondemand.web.auth import needs_token
+from ondemand.web.cors import WRITE_HEADER
 from ondemand.web.keys import OPENAPI
 from ondemand.web.responses import json_response
 from ondemand.web.route_registry import Route, openapi_path
+from ondemand.web.views import TEST_MIN_TTL
 
 OPENAPI_PATH = "/api/openapi.json"
 
 _JSON = "application/json"
-ANY_JSON: dict[str, Any] = {"not": {"type": "null"},
-                            "description": "any JSON value except null, nested at most 32 levels; integers from "
-                                           "-9223372036854775808 to 18446744073709551615 (64 bits), larger ones "
-                                           "are refused with 400 (they would not be stored exactly)"}
+# What a value may hold, in a form validators check: JSON whose whole numbers (JSON Schema's "integer", however
+# written: 1, 1.0, 1e3) fit in 64 bits, and whose other numbers have a fraction (that such a decimal must read
+# back as sent, at most 17 significant digits, is stated in words: JSON Schema cannot count digits).
+# Recursive, so every nested number is checked; the nesting limit (32 levels) is stated in words too.
+_JSON_VALUE: dict[str, Any] = {
+    "description": "any JSON value: whole numbers (1, 1.0, 1e3) from -9223372036854775808 to 18446744073709551615 "
+                   "(64 bits), other numbers only as decimals that read back as sent from a 64-bit float (15 "
+                   "significant digits, or 16 to 17 when they are the float's own shortest form); anything else "
+                   "is refused with 400 (send it as a string)",
+    "anyOf": [
+        {"type": ["string", "boolean", "null"]},
+        {"type": "integer", "minimum": MIN_INT, "maximum": MAX_INT},
+        {"type": "number", "not": {"type": "integer"}},
+        {"type": "array", "items": {"$ref": "#/components/schemas/Json"}},
+        {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/Json"}},
+    ],
+}
+ANY_JSON: dict[str, Any] = {"$ref": "#/components/schemas/Value"}
 # An element of a message list: anything JSON, null included (only a stored value as a whole cannot be null).
-_ANY: dict[str, Any] = {"description": "any JSON value"}
+_ANY: dict[str, Any] = {"$ref": "#/components/schemas/Json"}
 # JSON Schema counts characters, the server UTF-8 bytes: maxLength is exact for ASCII ids only.
 _NO_CONTROL = "^[^\\u0000-\\u001f\\u007f]*$"
+# An id in a path, as the document promises it: no control character, and no '%' followed by two hex digits.
+# The server takes such an id (written %25XX), but many clients, schemathesis among them, take a value that
+# looks percent-encoded as already encoded and send the id it decodes to instead: the document leaves those
+# ids out rather than promise one id and see another one sent.
+_PATH_ID = "^(?:[^\\u0000-\\u001f\\u007f%]|%(?![0-9A-Fa-f]{2}))*$"
 ERROR = {
     "type": "object",
     "required": ["error"],
@@ -43,15 +64,16 @@ ERROR = {
                              "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}},
 }
 _ERRORS = {
-    "400": "invalid input: a bad id, ttl, query parameter or body; the message names the rule",
+    "400": "invalid input: a bad id, ttl, query parameter (or one given twice) or body; the message names the rule",
     "401": "the request has no bearer credential",
     "403": "the bearer token is wrong",
     "404": "absent value or unknown route",
     "405": "method not allowed on this route",
+    "408": "the body did not arrive within server.body_timeout; the connection is closed",
     "409": "the stored value has a shape this operation cannot use (messages that are not a list, a value "
            "nested too deep to answer)",
     "413": "body over server.max_body_bytes",
-    "415": "body is not application/json",
+    "415": "body is not application/json in UTF-8",
     "503": "no store could serve the request (code write_outcome_unknown: a durable write that may still take "
            "effect; the cached copy was invalidated, so a read returns what the durable store holds)",
 }
@@ -61,8 +83,11 @@ def _error(status: str) -> dict[str, Any]:
     return {"description": _ERRORS[status], "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
-def _ok(description: str, schema: dict[str, Any] | None = None, status: str = "200") -> dict[str, Any]:
+def _ok(description: str, schema: dict[str, Any] | None = None, status: str = "200", *,
+        write: bool = False) -> dict[str, Any]:
     response: dict[str, Any] = {"description": description}
+    if write:
+        response["headers"] = {WRITE_HEADER: {"$ref": "#/components/headers/Write"}}
     if schema is not None:
         response["content"] = {_JSON: {"schema": schema}}
     return {status: response}
@@ -88,19 +113,19 @@ _BOOL = {"type": "boolean"}
 _NUM = {"type": "number"}
 _MS = {"type": "number", "description": "milliseconds"}
 _TTL = {"type": ["number", "null"], "description": "the ttl applied, seconds (null: no expiry)"}
-_TTL_IN = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TTL,
-           "description": "seconds, > 0 and at most ten years"}
+_TTL_IN = {"type": "number", "minimum": MIN_TTL, "maximum": MAX_TTL,
+           "description": f"seconds, from {MIN_TTL:g} to ten years"}
 _SOURCE = {"type": "string", "minLength": 1,
            "description": "where the value was found: redis, or the durable storage's name (postgres, sqlite, a "
                           "third-party plugin's)"}
-_WRITE_ERRORS = ("400", "413", "415", "503")
+_WRITE_ERRORS = ("400", "408", "413", "415", "503")
 # A write to /.../{id}: also 404, since an id such as "." or ".." is normalised out of the URL by
 # clients and then matches no route.
 _ID_WRITE_ERRORS = (*_WRITE_ERRORS, "404")
 _READ_ERRORS = ("400", "404", "503")
 _MESSAGE_LIST = {"type": "array", "items": _ANY}
 _WRITTEN = {"type": "array", "items": {"enum": ["session", "messages", "profile"]}, "uniqueItems": True}
-_SKIPPABLE = {"description": "any JSON value; null: not written"}
+_SKIPPABLE = {"$ref": "#/components/schemas/Json", "description": "any JSON value (see Json); null: not written"}
 # An optional id in a test endpoint's body: empty or null picks a random one.
 _OPTIONAL_ID = {"type": ["string", "null"], "maxLength": MAX_ID_BYTES, "pattern": _NO_CONTROL,
                 "description": "an id (see the path ids); empty or null: a random one"}
@@ -110,7 +135,8 @@ def _value_resource(id_param: str, value_key: str, noun: str) -> dict[str, Any]:
     """PUT, GET and DELETE of one JSON value per id (app.web.api.ValueResource)."""
     params = (id_param,)
     return {
-        "put": _op(f"Store {noun}; the body is its value", _ok("stored", _obj(**{id_param: _STR}, ttl=_TTL)),
+        "put": _op(f"Store {noun}; the body is its value",
+                   _ok("stored", _obj(**{id_param: _STR}, ttl=_TTL), write=True),
                    _ID_WRITE_ERRORS, body=ANY_JSON, params=(*params, "ttl")),
         "get": _op(f"Read {noun}", _ok("found", _obj(**{id_param: _STR, value_key: ANY_JSON}, source=_SOURCE)),
                    (*_READ_ERRORS, "409"), params=params),
@@ -127,14 +153,15 @@ def _paths(namespaces: Iterable[str]) -> dict[str, Any]:
            for name in namespaces},
         "/api/users/{user_id}/messages": {
             "put": _op("Replace a user's messages", _ok("stored", _obj(user_id=_STR, count={"type": "integer"},
-                                                                         ttl=_TTL)),
+                                                                         ttl=_TTL), write=True),
                        _ID_WRITE_ERRORS, body=_MESSAGE_LIST, params=(*user, "ttl")),
             "post": _op("Append one message (an object) or several (a non-empty list); atomic in Redis, so "
                         "concurrent appends all land (unless messages are configured durable)",
                         _ok("appended", _obj(user_id=_STR, appended={"type": "integer"},
-                                             count={"type": "integer"}, ttl=_TTL)),
+                                             count={"type": "integer"}, ttl=_TTL), write=True),
                         (*_ID_WRITE_ERRORS, "409"),
-                        body={"oneOf": [{"type": "object"}, {**_MESSAGE_LIST, "minItems": 1}]},
+                        body={"oneOf": [{"type": "object", "additionalProperties": _ANY},
+                                        {**_MESSAGE_LIST, "minItems": 1}]},
                         params=(*user, "ttl")),
             "get": _op("Read a user's messages, or the last N",
                        _ok("found", _obj(user_id=_STR, messages=_MESSAGE_LIST, total={"type": "integer"},
@@ -145,7 +172,7 @@ def _paths(namespaces: Iterable[str]) -> dict[str, Any]:
         "/api/users/{user_id}/profile": _value_resource("user_id", "profile", "a user's profile"),
         "/api/users/{user_id}/warmup": {
             "post": _op("Write any of session, messages and profile in one round trip",
-                        _ok("written", _obj(user_id=_STR, written=_WRITTEN)),
+                        _ok("written", _obj(user_id=_STR, written=_WRITTEN), write=True),
                         _ID_WRITE_ERRORS,
                         body={"type": "object", "minProperties": 1, "additionalProperties": False,
                               "properties": {"session": ANY_JSON, "messages": _MESSAGE_LIST, "profile": ANY_JSON}},
@@ -155,23 +182,35 @@ def _paths(namespaces: Iterable[str]) -> dict[str, Any]:
             "get": _op("Runtime status: lifecycle, pools, counters, storages, breaker, plugins",
                        _ok("status", {"$ref": "#/components/schemas/Status"}), ()),
         },
+        "/api/cache/history": {
+            "get": _op("The last minutes of counters and health, one sample every server.history_interval seconds "
+                       "(the status page draws its chart from it)",
+                       _ok("history", {"$ref": "#/components/schemas/History"}), ()),
+        },
         "/api/cache/test": {
-            "get": _op("A set/get/delete round trip with timings (server.test_endpoints)",
-                       _ok("result", _obj(ok=_BOOL, source={"type": "string", "minLength": 1},
+            "get": _op("A set/get/delete round trip with timings (server.test_endpoints); 503 when the value does "
+                       "not read back",
+                       _ok("result", _obj(ok={"const": True}, source={"type": "string", "minLength": 1},
                                           set_ms=_MS, get_ms=_MS, delete_ms=_MS, total_ms=_MS)),
                        ("503",)),
         },
         "/api/cache/session/test": {
-            "post": _op("Cache a session and read it back (server.test_endpoints); the body is optional",
-                        _ok("result", _obj(ok=_BOOL, session_id=_STR, session=_ANY, cache_ms=_MS, get_ms=_MS)),
+            "post": _op("Cache a session and read it back (server.test_endpoints); the body is optional; 503 when "
+                        "it does not read back",
+                        _ok("result", _obj(ok={"const": True}, session_id=_STR, session=_ANY, cache_ms=_MS,
+                                           get_ms=_MS)),
                         _WRITE_ERRORS, body_required=False,
                         body=_obj_optional(session_id=_OPTIONAL_ID, data=ANY_JSON,
-                                           ttl={**_TTL_IN, "type": ["number", "null"],
-                                                "description": "seconds (default 60; null: the namespace ttl)"})),
+                                           ttl={**_TTL_IN, "type": ["number", "null"], "minimum": TEST_MIN_TTL,
+                                                "description": f"seconds, from {TEST_MIN_TTL:g} (the session must "
+                                                               "live until it is read back) to ten years "
+                                                               "(default 60; null: the namespace ttl)"})),
         },
         "/api/cache/batch/test": {
-            "post": _op("Warm up one user and read it back (server.test_endpoints); the body is optional",
-                        _ok("result", _obj(ok=_BOOL, user_id=_STR, written=_WRITTEN, warmup_ms=_MS, read_ms=_MS)),
+            "post": _op("Warm up one user and read it back (server.test_endpoints); the body is optional; 503 when "
+                        "it does not read back",
+                        _ok("result", _obj(ok={"const": True}, user_id=_STR, written=_WRITTEN, warmup_ms=_MS,
+                                           read_ms=_MS)),
                         _WRITE_ERRORS, body_required=False,
                         body=_obj_optional(user_id=_OPTIONAL_ID, session=_SKIPPABLE,
                                            messages={**_MESSAGE_LIST, "type": ["array", "null"],
@@ -186,8 +225,9 @@ def _paths(namespaces: Iterable[str]) -> dict[str, Any]:
         },
         "/readyz": {
             "get": {"summary": "Readiness: which stores can serve",
-                    "responses": {"200": _ready("ready, or degraded but serving"),
-                                  "503": _ready("a durable store is configured and down, and Redis is down too")}},
+                    "responses": {"200": _ready("ready, or degraded but a store takes writes"),
+                                  "503": _ready("no store can take a write: Redis is down, and no durable store "
+                                                "is configured or it is down too")}},
         },
         "/metrics": {
             "get": {"summary": "Prometheus metrics, text exposition format",
@@ -211,7 +251,8 @@ def _ready(description: str) -> dict[str, Any]:
 
 
 def _obj_optional(**properties: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "properties": properties}
+    """A test endpoint's optional body: other fields are ignored, but read, so their numbers follow Json's rules."""
+    return {"type": "object", "properties": properties, "additionalProperties": {"$ref": "#/components/schemas/Json"}}
 
 
 def _secured(op: dict[str, Any], method: str, path: str) -> dict[str, Any]:
@@ -258,8 +299,20 @@ def build_document(config: Config, routes: Iterable[Route]) -> dict[str, Any]:
                 "last": {"name": "last", "in": "query", "required": False, "description": "only the last N messages",
                          "schema": {"type": "integer", "minimum": 0}},
             },
+            "headers": {
+                "Write": {"description": "present when the cache did not store the write as asked (the status is "
+                                         "still 200): `dropped`, stored nowhere (a cache-only namespace with Redis "
+                                         "unavailable; a read misses), or `durable-only`, committed to the durable "
+                                         "store only (reads are served from there)",
+                          "schema": {"enum": ["dropped", "durable-only"]}},
+            },
             "schemas": {
                 "Error": ERROR,
+                "Json": _JSON_VALUE,
+                "Value": {"allOf": [{"$ref": "#/components/schemas/Json"}], "not": {"type": "null"},
+                          "description": "a stored value: any JSON (see Json) except null, nested at most 32 "
+                                         "levels"},
+                "History": _history_schema(),
                 "Ready": {"type": "object", "required": ["status", "redis", "durable"],
                           "properties": {"status": {"enum": ["ready", "degraded", "unavailable"]},
                                          "redis": store, "durable": store}},
@@ -267,6 +320,17 @@ def build_document(config: Config, routes: Iterable[Route]) -> dict[str, Any]:
             },
         },
     }
+
+
+def _history_schema() -> dict[str, Any]:
+    """GET /api/cache/history (ondemand.history.StatusHistory.to_json)."""
+    count = {"type": "integer", "minimum": 0}
+    sample = _obj(t=_NUM, ops=count, hits=count, reads=count, dropped_writes=count, commands=count,
+                  readiness={"enum": ["ready", "degraded", "unavailable"]}, redis_ok=_BOOL,
+                  durable_ok={"type": ["boolean", "null"]}, redis_state={"enum": list(REDIS_STATES)},
+                  breaker={"enum": list(BREAKER_STATES)})
+    sample["description"] = "counters are cumulative since the process started; states are as they were at t"
+    return _obj(interval=_NUM, seconds=_NUM, now=_NUM, samples={"type": "array", "items": sample})
 
 
 def _status_schema() -> dict[str, Any]:
@@ -282,8 +346,8 @@ def _status_schema() -> dict[str, Any]:
                 pipeline={"type": ["object", "null"], "properties": {"connected": _BOOL, "batches": int_,
                                                                       "commands": int_}})
     redis = _obj(lifecycle=_STR, state={"enum": list(REDIS_STATES)}, pid={"type": ["integer", "null"]},
-                 endpoint=str_or_null, uptime_seconds=num_or_null, idle_timeout=_NUM, idle_deadline_in=num_or_null,
-                 last_error=str_or_null, retry_in=num_or_null,
+                 endpoint=str_or_null, server_version=str_or_null, uptime_seconds=num_or_null, idle_timeout=_NUM,
+                 idle_deadline_in=num_or_null, last_error=str_or_null, retry_in=num_or_null,
                  pools={"type": "object", "additionalProperties": pool},
                  counters={"type": "object", "additionalProperties": int_})
     breaker = _obj(state={"enum": list(BREAKER_STATES)}, opened_at=num_or_null, opens=int_, last_reason=str_or_null)
@@ -293,7 +357,8 @@ def _status_schema() -> dict[str, Any]:
                                                     "loading, busy, noscript, ..., other"},
                       namespaces={"type": "object", "additionalProperties": {"type": "object",
                                                                              "additionalProperties": int_}})
-    storage = {"type": "object", "properties": {"state": _STR}}
+    storage = {"type": "object", "properties": {"state": _STR, "server_version": str_or_null,
+                                                "last_error": str_or_null}}
     return _obj(service=_STR, uptime_seconds=_NUM, redis=redis,
                 storages=_obj(cache=storage, durable={**storage, "type": ["object", "null"]}),
                 dispatcher=dispatcher, plugins={"type": "array", "items": _STR})
@@ -301,8 +366,10 @@ def _status_schema() -> dict[str, Any]:
 
 def _path_param(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True,
-            "description": f"1 to {MAX_ID_BYTES} UTF-8 bytes, no control characters",
-            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_BYTES, "pattern": _NO_CONTROL}}
+            "description": f"1 to {MAX_ID_BYTES} UTF-8 bytes, no control characters; in the URL, percent-encoded "
+                           "UTF-8 (a '%' of the id is %25; an id holding '%' and two hex digits is valid, but "
+                           "left out of this pattern: many clients would send it decoded)",
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_BYTES, "pattern": _PATH_ID}}
 
 
 def with_prefix(document: dict[str, Any], prefix: str) -> dict[str, Any]:

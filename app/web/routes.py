@@ -20,6 +20,7 @@ SESSIONS_PATH = "/api/sessions/{session_id}"
 MESSAGES_PATH = "/api/users/{user_id}/messages"
 PROFILE_PATH = "/api/users/{user_id}/profile"
 WARMUP_PATH = "/api/users/{user_id}/warmup"
+HISTORY_PATH = "/api/cache/history"
 CACHE_TEST_PATH = "/api/cache/test"
 SESSION_TEST_PATH = "/api/cache/session/test"
 BATCH_TEST_PATH = "/api/cache/batch/test"
@@ -61,6 +62,7 @@ def add_core_routes(routes: RouteRegistry, config: Config) -> None:
     """Our routes, owned by the core; ConfigError if the config lacks a namespace they need."""
     check_namespaces(config)
     routes.add("GET", "/api/cache/status", views.status)
+    routes.add("GET", HISTORY_PATH, views.history)
     if config.server.test_endpoints:
         routes.add("GET", CACHE_TEST_PATH, views.cache_test)
         routes.add("POST", SESSION_TEST_PATH, views.session_test)

@@ -42,6 +42,7 @@ from ondemand.store.protocols import (
     Target,
     purge_in_batches,
 )
+from ondemand.tasks import stop_tasks
 
 log = logging.getLogger("ondemand.postgres")
 
@@ -224,6 +225,12 @@ def _check_dsn(dsn: str) -> None:
     check_tls(params)
 
 
+def _version_name(number: int) -> str:
+    """libpq's server_version (160004) as people write it: PostgreSQL 16.4."""
+    return f"PostgreSQL {number // 10000}.{number % 10000}" if number >= 100000 else \
+        f"PostgreSQL {number // 10000}.{number // 100 % 100}.{number % 100}"
+
+
 def _first_line(exc: BaseException) -> str:
     return redact_url(first_line(exc))
 
@@ -268,6 +275,7 @@ class PostgresStorage:
     store_health: StoreHealth = attrs.field(init=False)
     _ops: int = attrs.field(init=False, default=0)
     _errors: int = attrs.field(init=False, default=0)
+    _server_version: str | None = attrs.field(init=False, default=None)  # "PostgreSQL 16.4", once connected
 
     def __attrs_post_init__(self) -> None:
         self.store_health = StoreHealth(self.health, "PostgreSQL storage", state=StoreState.STARTING, log=log)
@@ -296,12 +304,8 @@ class PostgresStorage:
 
     async def close(self) -> None:
         self._closed = True
-        tasks = [t for t in (self._purge_task, self._idle_task, self._connecting, self._reconnecting)
-                 if t is not None and not t.done()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=self.config.startup_timeout)
+        await stop_tasks(self._purge_task, self._idle_task, self._connecting, self._reconnecting,
+                         timeout=self.config.startup_timeout)
         self._purge_task = self._idle_task = self._connecting = self._reconnecting = None
         self._close_listener()
         if self._pool is not None:
@@ -499,6 +503,7 @@ class PostgresStorage:
             **self.store_health.status(),
             "embedded": self.embedded is not None,
             "dsn": self._where(),
+            "server_version": self._server_version,
             "pid": self.embedded.pid if self.embedded is not None else None,
             # "self": this process started the embedded server; "sibling": another process did, we use it
             "owner": self.embedded.owner if self.embedded is not None else None,
@@ -572,6 +577,7 @@ class PostgresStorage:
                 try:
                     async with pool.acquire() as conn, conn.cursor() as cur:
                         await cur.execute(_SCHEMA_SQL)
+                        self._server_version = _version_name(conn.raw.server_version)
                         await cur.execute(_SQL_SCHEMA_VERSION)
                         (version,) = await cur.fetchone()
                     if version > SCHEMA_VERSION:

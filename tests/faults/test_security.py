@@ -453,12 +453,16 @@ def snapshot(path: Path) -> Any:
 
 
 async def served_without_redis(client: Any, path: Path | str) -> None:
-    """With Redis refused: no 500; cache-only reads miss and writes are dropped, durable sessions are served
-    from the durable store; readiness is degraded and names the path."""
-    for method, url, body in [("put", "/api/users/u/profile", {"v": 1}), ("post", "/api/users/u/messages", {"v": 1}),
-                              ("put", "/api/sessions/s", {"v": 1}), ("get", "/api/cache/test", None)]:
+    """With Redis refused: no 500; cache-only reads miss and writes are dropped (and say so), durable sessions
+    are served from the durable store, the cache test fails with its 503; readiness is degraded and names the
+    path."""
+    for method, url, body, outcome in [("put", "/api/users/u/profile", {"v": 1}, "dropped"),
+                                       ("post", "/api/users/u/messages", {"v": 1}, "dropped"),
+                                       ("put", "/api/sessions/s", {"v": 1}, "durable-only")]:
         resp = await getattr(client, method)(url, json=body)
         assert resp.status == 200, (url, resp.status, await resp.text())
+        assert resp.headers["Ondemand-Write"] == outcome, url
+    await error_of(await client.get("/api/cache/test"), 503, "cache_test_failed")
     await error_of(await client.get("/api/users/u/profile"), 404, "not_found")
     assert await (await client.get("/api/sessions/s")).json() == {"session_id": "s", "value": {"v": 1},
                                                                   "source": "sqlite"}

@@ -6,6 +6,7 @@
   // Relative to this script (<base>/static/status.js), so the page works under any prefix the app is
   // mounted at (/ondemand/), whatever the page's own URL looks like.
   const STATUS_URL = new URL("../api/cache/status", document.currentScript.src).href;
+  const HISTORY_URL = new URL("../api/cache/history", document.currentScript.src).href;
   const POLL_MS = 1000;
   const UNAUTHORIZED_POLL_MS = 5000;
   const TIMEOUT_MS = 5000;
@@ -126,7 +127,9 @@
 
   // -- derived series --------------------------------------------------------------------------------
 
-  const samples = []; // {t, ops, hit, cmds}: t in performance.now() seconds; hit null when nothing was read
+  // {t, ops, hit, cmds, state}: t in performance.now() seconds; hit null when nothing was read; state the
+  // service's readiness (ready, degraded, unavailable) at t.
+  const samples = [];
   let previous = null;
   let latest = { ops: null, hit: null, cmds: null };
 
@@ -153,6 +156,54 @@
     };
   }
 
+  // The same rule as the server's /readyz: Redis is down when its breaker is not closed or its server
+  // failed; unavailable when no store can take a write.
+  function readiness(doc) {
+    const redis = doc.redis || {};
+    const breaker = ((doc.dispatcher || {}).breaker || {}).state;
+    const redisOk = breaker === "closed" && redis.state !== "failed" && redis.state !== "disabled";
+    const durable = (doc.storages || {}).durable;
+    const durableOk = durable ? durable.state !== "down" : null;
+    if (redisOk && durableOk !== false) return "ready";
+    return redisOk || durableOk ? "degraded" : "unavailable";
+  }
+
+  let historyPoints = 0;
+
+  // The server's history (one sample every few seconds, the last minutes): what happened before this page
+  // was opened. Its times are the server's clock; the chart's are performance.now().
+  async function loadHistory(headers) {
+    try {
+      const resp = await fetch(HISTORY_URL, { headers, cache: "no-store" });
+      if (!resp.ok) return;
+      const history = await resp.json();
+      const offset = performance.now() / 1000 - history.now;
+      const list = history.samples || [];
+      const loaded = [];
+      for (let i = 1; i < list.length; i++) {
+        const a = list[i - 1];
+        const b = list[i];
+        const dt = b.t - a.t;
+        if (!(dt > 0) || b.ops < a.ops || b.reads < a.reads) continue;
+        const reads = b.reads - a.reads;
+        loaded.push({
+          t: b.t + offset,
+          ops: (b.ops - a.ops) / dt,
+          hit: reads > 0 ? (b.hits - a.hits) / reads : null,
+          cmds: b.commands >= a.commands ? (b.commands - a.commands) / dt : null,
+          state: b.readiness,
+          span: dt,
+        });
+      }
+      const first = samples.length ? samples[0].t : Infinity;
+      samples.unshift(...loaded.filter((s) => s.t < first));
+      historyPoints = loaded.length;
+      drawChart();
+    } catch (_err) {
+      // No history (an older server, a network error): the chart starts from this page's own polls.
+    }
+  }
+
   function addSample(doc, now) {
     const cur = { ...totals(doc), clientT: now };
     const prev = previous;
@@ -169,6 +220,8 @@
       ops: (cur.ops - prev.ops) / dt,
       hit: reads > 0 ? (cur.hits - prev.hits) / reads : null,
       cmds: cur.commands >= prev.commands ? (cur.commands - prev.commands) / dt : null,
+      state: readiness(doc),
+      span: cur.clientT - prev.clientT,
     };
     samples.push(sample);
     latest = sample;
@@ -246,6 +299,17 @@
     ctx.rect(pad.l, pad.t - 2, pw, ph + 4);
     ctx.clip();
     const visible = samples.filter((s) => s.t >= now - WINDOW_S - 2);
+    // Incidents first, under the lines: each interval the service was not ready, shaded.
+    let incidents = 0;
+    for (const s of visible) {
+      if (!s.state || s.state === "ready") continue;
+      incidents += 1;
+      ctx.globalAlpha = 0.18;
+      ctx.fillStyle = s.state === "unavailable" ? color("--bad") : color("--warn");
+      const x0 = x(s.t - (s.span || 1));
+      ctx.fillRect(x0, pad.t, Math.max(1, x(s.t) - x0), ph);
+      ctx.globalAlpha = 1;
+    }
     if (visible.length) {
       // operations per second: a filled area under a line
       ctx.beginPath();
@@ -296,6 +360,8 @@
       ctx.fillText("collecting samples…", pad.l + pw / 2, pad.t + ph / 2);
     }
     canvas.dataset.points = String(samples.length);
+    canvas.dataset.historyPoints = String(historyPoints);
+    canvas.dataset.incidents = String(incidents);
     canvas.dataset.lastOps = latest.ops === null ? "" : latest.ops.toFixed(3);
   }
 
@@ -325,6 +391,8 @@
     setText("pid", redis.pid);
     setText("redis-uptime", fmtDuration(redis.uptime_seconds));
     setText("endpoint", redis.endpoint);
+    setText("redis-version", redis.server_version
+      || (redis.binary_version ? `${redis.binary_flavour || ""} ${redis.binary_version} (binary)`.trim() : null));
     const problems = [];
     if (redis.last_error) problems.push(redis.last_error);
     if (redis.retry_in !== null && redis.retry_in !== undefined) problems.push(`retry in ${fmtDuration(redis.retry_in)}`);
@@ -358,6 +426,10 @@
     const describe = (s) => (s ? [s.backend || s.name, s.state].filter(Boolean).join(" · ") : "none");
     setText("cache-store", describe(storages.cache));
     setText("durable-store", describe(storages.durable));
+    setText("durable-version", storages.durable ? storages.durable.server_version : null);
+    const durableError = storages.durable && storages.durable.state === "down" ? storages.durable.last_error : null;
+    $("durable-error").hidden = !durableError;
+    setText("durable-error", durableError);
     const commands = redis.counters ? redis.counters.commands : null;
     setText("commands", latest.cmds === null ? fmtNum(commands) : `${fmtNum(commands)} (${fmtNum(latest.cmds)}/s)`);
     const t = totals(doc);
@@ -538,6 +610,8 @@
     timer = setTimeout(poll, Math.max(0, delay));
   }
 
+  let historyLoaded = false;
+
   async function poll() {
     const started = performance.now();
     let next = POLL_MS;
@@ -559,6 +633,10 @@
       }
       if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
       const doc = await resp.json();
+      if (!historyLoaded) {
+        historyLoaded = true; // once the status answered (the token, if any, is right)
+        await loadHistory(headers);
+      }
       const now = performance.now() / 1000;
       lastOkAt = now;
       lastDoc = doc;

@@ -1,5 +1,6 @@
 """An example third-party plugin: its own `[example]` config table, a lifecycle named
-`example-subprocess`, an HTTP route and an event observer.
+`example-subprocess`, an HTTP route and an event observer. (The package's other plugin, `files`, is a
+durable storage backend: README, "Writing a backend".)
 
 The lifecycle reuses the built-in subprocess lifecycle under its own name and shows its validated
 `[example]` section in its status; the route `GET /api/example/greet/{name}` answers the configured
@@ -21,8 +22,11 @@ import attrs
 from aiohttp import web
 
 from ondemand import InvalidInput, hookimpl
-from ondemand.config import SECRET, between, matches
+from ondemand.config import SECRET, SectionRegistry, between, matches
 from ondemand.plugins.lifecycle_subprocess import SubprocessConfig, SubprocessLifecycle
+from ondemand.redis import LifecycleContext, LifecycleFactory
+from ondemand.registry import Registry
+from ondemand.web.route_registry import RouteRegistry
 
 SEEN_EVENTS: list[tuple[str, dict[str, Any]]] = []
 
@@ -50,15 +54,18 @@ class ExampleLifecycle(SubprocessLifecycle):
 
 
 @hookimpl
-def ondemand_config_sections(sections: Any) -> None:
+def ondemand_config_sections(sections: SectionRegistry) -> None:
     sections.add("example", ExampleConfig, env={"EXAMPLE_GREETING": "greeting"})
 
 
 @hookimpl
-def ondemand_register_lifecycles(registry: Any) -> None:
-    registry.add("example-subprocess", lambda context: ExampleLifecycle(
-        context.config.lifecycle, context.config.section(SubprocessConfig), context.events,
-        example=context.config.section(ExampleConfig)))
+def ondemand_register_lifecycles(registry: Registry[LifecycleFactory]) -> None:
+    registry.add("example-subprocess", make_lifecycle)
+
+
+def make_lifecycle(context: LifecycleContext) -> ExampleLifecycle:
+    return ExampleLifecycle(context.config.lifecycle, context.config.section(SubprocessConfig), context.events,
+                            example=context.config.section(ExampleConfig))
 
 
 GREET_PATH = "/api/example/greet/{name}"
@@ -78,7 +85,7 @@ GREET_OPERATION = {
 
 
 @hookimpl
-def ondemand_register_routes(routes: Any) -> None:
+def ondemand_register_routes(routes: RouteRegistry) -> None:
     greeting = routes.config.section(ExampleConfig).greeting
 
     async def greet(request: web.Request) -> web.Response:
