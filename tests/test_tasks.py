@@ -4,6 +4,7 @@ can, under aiopg: the shutdown hang this module exists for)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -37,10 +38,8 @@ async def test_a_task_that_never_ends_is_given_up_at_the_deadline(caplog) -> Non
 
     async def stubborn() -> None:
         while not stop.is_set():
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(10)
-            except asyncio.CancelledError:
-                pass
 
     task = asyncio.ensure_future(stubborn())
     await asyncio.sleep(0)
