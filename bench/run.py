@@ -27,6 +27,7 @@ import bench_failover
 import bench_http
 import bench_invalidation
 import bench_memory
+import bench_near
 import bench_tls
 import bench_warmup
 import orjson
@@ -44,6 +45,8 @@ BENCHMARKS = {
     "cluster": bench_cluster.run,
     "tls": bench_tls.run,
     "durable": bench_durable.run,
+    "near": bench_near.run,
+    "coherence": bench_near.run_coherence,
 }
 
 

@@ -171,14 +171,20 @@ class RedisStorage:
         if not self.on_demand.disabled:
             await self.on_demand.execute("PING")
 
-    async def _eval(self, command: tuple[Any, ...], connection_id: str) -> Any:
-        """One script by its SHA1; by its body if the server does not have it (yet, or any more)."""
+    async def _eval(self, command: tuple[Any, ...], connection_id: str, near_key: str | None = None) -> Any:
+        """One script by its SHA1; by its body if the server does not have it (yet, or any more). `near_key`: a
+        near-cached durable record's key, read back (tracked) right behind the script."""
+        def run(script: Sequence[Any]) -> Awaitable[Any]:
+            if near_key is None:
+                return self.on_demand.execute(*script, connection_id=connection_id)
+            return self.on_demand.write_tracked(near_key, script, ("HMGET", near_key, "v", "n"), True,
+                                                connection_id=connection_id)
         try:
-            return await self.on_demand.execute(*command, connection_id=connection_id)
+            return await run(command)
         except RedisCommandError as exc:
             if exc.kind != "noscript":
                 raise
-        return await self.on_demand.execute(*_as_eval(command), connection_id=connection_id)
+        return await run(_as_eval(command))
 
     async def _grouped(self, by_pool: dict[str, list[tuple[Any, ...]]]) -> list[Any]:
         """Each pool's commands in one batch (see OnDemandRedis.execute_grouped), again with the scripts' bodies
@@ -196,6 +202,10 @@ class RedisStorage:
     def get(self, ns: Namespace, item_id: str) -> Awaitable[bytes | None]:
         if self.on_demand.disabled:
             return _nothing()
+        if ns.near_cache:  # kept by the connection that answers, with the record's version (ondemand.redis.tracking)
+            key = ns.key_prefix + item_id + ns.key_suffix
+            return self.on_demand.read_tracked(key, ("HMGET", key, "v", "n") if ns.durable else ("GET", key),
+                                               ns.durable, connection_id=ns.connection_id)
         if ns.durable:  # the value field of the id's record (a tombstone has none: a miss)
             return self.on_demand.execute("HGET", ns.key_prefix + item_id + ns.key_suffix, "v",
                                           connection_id=ns.connection_id)
@@ -205,10 +215,13 @@ class RedisStorage:
         if self.on_demand.disabled or not ids:
             return [None] * len(ids)
         keys = [ns.key_prefix + i + ns.key_suffix for i in ids]
-        if not ns.durable:
+        if ns.near_cache:  # one tracked read per key, all in one batch
+            replies = await asyncio.gather(*(self.get(ns, item_id) for item_id in ids), return_exceptions=True)
+        elif not ns.durable:
             return await self.on_demand.execute("MGET", *keys, connection_id=ns.connection_id)
-        replies = await asyncio.gather(*(self.on_demand.execute("HGET", key, "v", connection_id=ns.connection_id)
-                                         for key in keys), return_exceptions=True)
+        else:
+            replies = await asyncio.gather(*(self.on_demand.execute("HGET", key, "v", connection_id=ns.connection_id)
+                                             for key in keys), return_exceptions=True)
         for reply in replies:  # a value of another type (the previous release's string) is a miss, put back anew
             if isinstance(reply, BaseException) and not (isinstance(reply, RedisCommandError)
                                                          and reply.kind == "wrongtype"):
@@ -222,7 +235,11 @@ class RedisStorage:
             return _nothing()
         key = ns.key_prefix + item_id + ns.key_suffix
         if ns.durable:
-            return self._eval(_set_command(ns, key, value, ttl, version), ns.connection_id)
+            return self._eval(_set_command(ns, key, value, ttl, version), ns.connection_id,
+                              key if ns.near_cache else None)
+        if ns.near_cache:  # read back right behind the write: our next read of it is a hit (ondemand.redis.tracking)
+            return self.on_demand.write_tracked(key, _set_command(ns, key, value, ttl, None), ("GET", key), False,
+                                                connection_id=ns.connection_id)
         return self.on_demand.execute(*_set_command(ns, key, value, ttl, None), connection_id=ns.connection_id)
 
     async def set_many(self, entries: Sequence[Entry]) -> Any:

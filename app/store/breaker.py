@@ -41,8 +41,12 @@ class CircuitBreaker:
         health: OutageTracker,
         reset_after: float = 0.2,
         reset_after_max: float = 5.0,
+        on_open: Callable[[], None] | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.state = CLOSED
+        self._on_open = on_open  # told as it opens (the near cache drops everything)
+        self._on_close = on_close  # told as it closes, in the same step
         self.closed = True  # the hot-path check
         self._probe = probe
         self._on_recover = on_recover
@@ -66,6 +70,8 @@ class CircuitBreaker:
         self.opens += 1
         self.opened_at = time.time()
         self._opened_mono = time.monotonic()
+        if self._on_open is not None:
+            self._on_open()
         log.warning("cache breaker open: %s", reason)
         self.health.down(reason, cause=_BREAKER_CAUSE)
         self._task = asyncio.ensure_future(self._probe_until_closed())
@@ -99,6 +105,8 @@ class CircuitBreaker:
             down = time.monotonic() - self._opened_mono
             self.state = CLOSED
             self.closed = True
+            if self._on_close is not None:
+                self._on_close()
             self.opened_at = None
             self._task = None
             log.info("cache breaker closed after %.3f s", down)
