@@ -10,7 +10,6 @@ with its own polls), states are as they were at that moment. Served by `GET /api
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections import deque
@@ -18,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+
+from ondemand.tasks import stop_tasks
 
 
 @attrs.define(eq=False)
@@ -46,9 +47,7 @@ class StatusHistory:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks(self._task)
             self._task = None
 
     def to_json(self) -> dict[str, Any]:

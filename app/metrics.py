@@ -42,6 +42,8 @@ _NAMESPACE_COUNTERS = {
     "cache_errors": ("ondemand_cache_errors", "Redis errors seen by the dispatcher"),
     "durable_errors": ("ondemand_durable_errors", "Durable store errors seen by the dispatcher"),
     "corrupt_values": ("ondemand_cache_corrupt_values", "Values in Redis that were not valid JSON"),
+    "near_hits": ("ondemand_near_cache_hits", "Reads served from the near cache (counted in hits too)"),
+    "near_misses": ("ondemand_near_cache_misses", "Reads of near-cached namespaces the near cache could not serve"),
 }
 
 # AsideStats field -> (metric name, help), per namespace: get_or_compute (ondemand.store.aside)
@@ -88,6 +90,7 @@ class RuntimeCollector(Collector):
         yield from _breaker_metrics(status["dispatcher"])
         yield from _error_reply_metrics(status["dispatcher"])
         yield from _storage_metrics(status["storages"])
+        yield from _near_metrics(status.get("near_cache"))
         yield from _aside_metrics(status["dispatcher"].get("aside"))
 
 
@@ -198,6 +201,31 @@ def _storage_metrics(storages: dict[str, Any]) -> Iterator[Metric]:
     up = GaugeMetricFamily("ondemand_durable_up", "1 while the durable store is up", labels=["storage"])
     up.add_metric([name], 1 if durable.get("state") == "up" else 0)
     yield up
+
+
+def _near_metrics(near: dict[str, Any] | None) -> Iterator[Metric]:
+    """The near cache, when a namespace keeps one: size, installs, invalidations, flushes by cause, refusals."""
+    if near is None:
+        return
+    yield GaugeMetricFamily("ondemand_near_cache_entries", "Entries held in the near cache", value=near["entries"])
+    yield GaugeMetricFamily("ondemand_near_cache_bytes", "Bytes the near cache counts (keys, values, overhead)",
+                            value=near["bytes"])
+    yield CounterMetricFamily("ondemand_near_cache_installs", "Values kept in the near cache", value=near["installs"])
+    yield CounterMetricFamily("ondemand_near_cache_invalidations", "Near cache entries dropped by the server's "
+                              "invalidations", value=near["invalidations"])
+    yield CounterMetricFamily("ondemand_near_cache_evictions", "Near cache entries evicted by its memory bound",
+                              value=near["evictions"])
+    flushes = CounterMetricFamily("ondemand_near_cache_flushes", "Near cache flushes (of a connection's entries, or "
+                                  "all), by cause", labels=["cause"])
+    for cause, count in sorted(near["flushes"].items()):
+        flushes.add_metric([cause], count)
+    yield flushes
+    yield GaugeMetricFamily("ondemand_near_cache_tracking_connections", "Connections keeping the near cache coherent",
+                            value=near["connections"])
+    yield GaugeMetricFamily("ondemand_near_cache_refused", "Servers (or cluster nodes) that refused tracking: no near "
+                            "cache there", value=len(near["refused"]))
+    yield CounterMetricFamily("ondemand_near_cache_refusals", "Tracking connections refused (RESP3, CLIENT TRACKING, "
+                              "or too old a server)", value=near["refusals"])
 
 
 class HttpStats(Collector):

@@ -33,6 +33,7 @@ from ondemand.redis.server import OnDemandRedis, RedisState
 from ondemand.registry import Registry
 from ondemand.store.breaker import BreakerState
 from ondemand.store.dispatcher import Dispatcher
+from ondemand.store.near import NearCache
 from ondemand.store.protocols import CacheStorage, DurableStorage, Namespace, StorageContext, StorageFactory
 
 
@@ -159,12 +160,14 @@ class Runtime:
                                 connection_id=ns.connection_id,
                                 # "{=" + id + "}": the tag is never empty, even for an id that starts with "}"
                                 key_prefix=f"{prefix}:{name}:" + ("{=" if tagged else ""),
-                                key_suffix="}" if tagged else "")
+                                key_suffix="}" if tagged else "", near_cache=ns.near_cache)
                 for name, ns in config.namespaces.items()
             }
+            near = near_cache_for(config, namespaces.values())
+            on_demand.near = near
             dispatcher = Dispatcher(cache=cache, durable=durable, namespaces=namespaces,
                                     cache_health=parts.redis_health, durable_health=parts.durable_health,
-                                    outbox_poll=config.storage.outbox_poll)
+                                    outbox_poll=config.storage.outbox_poll, near=near)
             stack.push_async_callback(dispatcher.close)
             dispatcher.start()
             # A cluster master held after a failure or a failover is brought up to date by the dispatcher.
@@ -252,8 +255,28 @@ class Runtime:
                 "durable": self.durable_storage.status() if self.durable_storage else None,
             },
             "dispatcher": self.dispatcher.status(),
+            "near_cache": self.near_cache_status(),
             "plugins": self.plugins.names(),
         }
+
+    def near_cache_status(self) -> dict[str, Any] | None:
+        """The near cache's state, size and counters, with the hits and misses of its namespaces; None without one."""
+        near = self.dispatcher.near
+        if near is None:
+            return None
+        stats = self.dispatcher.stats
+        namespaces = sorted(name for name, ns in self.dispatcher.namespaces.items() if ns.near_cache)
+        return {"namespaces": namespaces, "hits": sum(stats[name].near_hits for name in namespaces),
+                "misses": sum(stats[name].near_misses for name in namespaces), **near.status()}
+
+
+def near_cache_for(config: Config, namespaces: Iterable[Namespace]) -> NearCache | None:
+    """The near cache of the namespaces with `near_cache = true` (their key prefixes by pool), or None."""
+    prefixes: dict[str, list[str]] = {}
+    for ns in namespaces:
+        if ns.near_cache:
+            prefixes.setdefault(ns.connection_id, []).append(ns.key_prefix)
+    return NearCache(config.near_cache, prefixes) if prefixes else None
 
 
 async def _close_quietly(storage: CacheStorage | DurableStorage) -> None:

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import faulthandler
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +28,7 @@ import bench_failover
 import bench_http
 import bench_invalidation
 import bench_memory
+import bench_near
 import bench_tls
 import bench_warmup
 import orjson
@@ -41,6 +46,8 @@ BENCHMARKS = {
     "cluster": bench_cluster.run,
     "tls": bench_tls.run,
     "durable": bench_durable.run,
+    "near": bench_near.run,
+    "coherence": bench_near.run_coherence,
     "aside": bench_aside.run,
 }
 
@@ -93,6 +100,48 @@ class BackgroundLoad:
         return f"background load: other processes used {self.cores:.2f} of {psutil.cpu_count()} cores{warn}"
 
 
+class Watchdog:
+    """A benchmark that outlives its bound is a hang, never a slow run: say where every task and thread was,
+    stop our descendants by PID and exit 3, so a CI run fails in minutes with the place instead of timing out."""
+
+    def __init__(self, name: str, seconds: float) -> None:
+        self.name, self.seconds, self.done = name, seconds, threading.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def run(self, coro):  # type: ignore[no-untyped-def]
+        self.loop = asyncio.get_running_loop()
+        return await coro
+
+    def __enter__(self) -> Watchdog:
+        threading.Thread(target=self._watch, name=f"watchdog {self.name}", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+
+    def _watch(self) -> None:
+        if self.done.wait(self.seconds):
+            return
+        print(f"\nbenchmark {self.name!r} still running after {self.seconds:g} s: a hang; stacks follow",
+              file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(all_threads=True)
+        if self.loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._dump_tasks)
+            self.done.wait(5)
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        os._exit(3)
+
+    def _dump_tasks(self) -> None:
+        for task in asyncio.all_tasks(self.loop):
+            print(f"-- {task!r}", file=sys.stderr)
+            task.print_stack(file=sys.stderr)
+        sys.stderr.flush()
+        self.done.set()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts: only check that everything works")
@@ -101,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", choices=["tcp", "unix"], default="tcp",
                         help="how every client reaches the spawned Redis (default tcp: aiocache has no unix socket "
                              "option of its own)")
+    parser.add_argument("--hang-after", type=float, metavar="SECONDS",
+                        help="a benchmark still running after SECONDS is a hang: dump stacks, stop its children, "
+                             "exit 3 (default 300 with --quick, 3600 without)")
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                         help="before each benchmark, wait up to SECONDS for other processes to leave the CPU idle")
     args = parser.parse_args(argv)
@@ -117,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         run = BENCHMARKS[name]
         waited = BackgroundLoad.wait_quiet(args.wait_quiet) if args.wait_quiet and run is not None else ""
-        with BackgroundLoad() as background:
-            result = asyncio.run(run(quick=args.quick, transport=args.transport))
+        watchdog = Watchdog(name, args.hang_after or (300 if args.quick else 3600))
+        with BackgroundLoad() as background, watchdog:
+            result = asyncio.run(watchdog.run(run(quick=args.quick, transport=args.transport)))
         if run is not None:
             result.notes += [note for note in (waited, background.describe()) if note]
             result.background_cores = background.cores

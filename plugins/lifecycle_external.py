@@ -10,7 +10,6 @@ discovered from `lifecycle.sentinels` (SentinelLifecycle below) and followed thr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from ondemand.redis.lifecycle import LifecycleContext, LifecycleFactory, Without
 from ondemand.redis.resp import RespConnection, probe, tls_hint
 from ondemand.redis.tls import TlsFailure, TlsOptions, warn_unverified
 from ondemand.registry import Registry
+from ondemand.tasks import stop_tasks
 
 log = logging.getLogger("ondemand.redis")
 
@@ -418,10 +418,7 @@ class SentinelLifecycle(WithoutProcess):
         """Stop following: the subscription is closed (nothing of ours runs on the servers)."""
         watcher, self._watcher = self._watcher, None
         self.master = None
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await watcher
+        await stop_tasks(watcher)
 
     async def _watch(self) -> None:
         delay = _WATCH_BACKOFF[0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -24,6 +24,11 @@ from ondemand.store.protocols import Entry, Namespace, StorageFactory, Target
 
 async def _nothing() -> None:
     """What a read or write does with the noop lifecycle."""
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 # Durable namespaces keep one hash per id, so that nothing (eviction included) can separate a value from its
@@ -181,14 +186,20 @@ class RedisStorage:
         if not self.on_demand.disabled:
             await self.on_demand.execute("PING")
 
-    async def _eval(self, command: tuple[Any, ...], connection_id: str) -> Any:
-        """One script by its SHA1; by its body if the server does not have it (yet, or any more)."""
+    async def _eval(self, command: tuple[Any, ...], connection_id: str, near_key: str | None = None) -> Any:
+        """One script by its SHA1; by its body if the server does not have it (yet, or any more). `near_key`: a
+        near-cached durable record's key, read back (tracked) right behind the script."""
+        def run(script: Sequence[Any]) -> Awaitable[Any]:
+            if near_key is None:
+                return self.on_demand.execute(*script, connection_id=connection_id)
+            return self.on_demand.write_tracked(near_key, script, ("HMGET", near_key, "v", "n"), True,
+                                                connection_id=connection_id)
         try:
-            return await self.on_demand.execute(*command, connection_id=connection_id)
+            return await run(command)
         except RedisCommandError as exc:
             if exc.kind != "noscript":
                 raise
-        return await self.on_demand.execute(*_as_eval(command), connection_id=connection_id)
+        return await run(_as_eval(command))
 
     async def _grouped(self, by_pool: dict[str, list[tuple[Any, ...]]]) -> list[Any]:
         """Each pool's commands in one batch (see OnDemandRedis.execute_grouped), again with the scripts' bodies
@@ -206,6 +217,10 @@ class RedisStorage:
     def get(self, ns: Namespace, item_id: str) -> Awaitable[bytes | None]:
         if self.on_demand.disabled:
             return _nothing()
+        if ns.near_cache:  # kept by the connection that answers, with the record's version (ondemand.redis.tracking)
+            key = ns.key_prefix + item_id + ns.key_suffix
+            return self.on_demand.read_tracked(key, ("HMGET", key, "v", "n") if ns.durable else ("GET", key),
+                                               ns.durable, connection_id=ns.connection_id)
         if ns.durable:  # the value field of the id's record (a tombstone has none: a miss)
             return self.on_demand.execute("HGET", ns.key_prefix + item_id + ns.key_suffix, "v",
                                           connection_id=ns.connection_id)
@@ -215,10 +230,13 @@ class RedisStorage:
         if self.on_demand.disabled or not ids:
             return [None] * len(ids)
         keys = [ns.key_prefix + i + ns.key_suffix for i in ids]
-        if not ns.durable:
+        if ns.near_cache:  # one tracked read per key, all in one batch
+            replies = await asyncio.gather(*(self.get(ns, item_id) for item_id in ids), return_exceptions=True)
+        elif not ns.durable:
             return await self.on_demand.execute("MGET", *keys, connection_id=ns.connection_id)
-        replies = await asyncio.gather(*(self.on_demand.execute("HGET", key, "v", connection_id=ns.connection_id)
-                                         for key in keys), return_exceptions=True)
+        else:
+            replies = await asyncio.gather(*(self.on_demand.execute("HGET", key, "v", connection_id=ns.connection_id)
+                                             for key in keys), return_exceptions=True)
         for reply in replies:  # a value of another type (the previous release's string) is a miss, put back anew
             if isinstance(reply, BaseException) and not (isinstance(reply, RedisCommandError)
                                                          and reply.kind == "wrongtype"):
@@ -231,7 +249,27 @@ class RedisStorage:
         if self.on_demand.disabled:
             return _nothing()
         key = ns.key_prefix + item_id + ns.key_suffix
-        return self._grouped({ns.connection_id: [("DEL", sidecar(key)), _set_command(ns, key, value, ttl, version)]})
+        if not ns.near_cache:  # the sidecar's DEL and the write in one batch (see the module's comment above)
+            command = _set_command(ns, key, value, ttl, version)
+            return self._grouped({ns.connection_id: [("DEL", sidecar(key)), command]})
+        if ns.durable:
+            return self._revoke_then(ns, key, lambda: self._eval(_set_command(ns, key, value, ttl, version),
+                                                                 ns.connection_id, key))
+        # read back right behind the write: our next read of it is a hit (ondemand.redis.tracking)
+        return self._revoke_then(ns, key, lambda: self.on_demand.write_tracked(
+            key, _set_command(ns, key, value, ttl, None), ("GET", key), False, connection_id=ns.connection_id))
+
+    async def _revoke_then(self, ns: Namespace, key: str, write: Callable[[], Awaitable[Any]]) -> Any:
+        """The sidecar's DEL, then `write` queued right behind it on the same connection (one round trip); with
+        no connection open yet (or a cluster's routed command), the DEL's reply first."""
+        revoke = self.on_demand.execute("DEL", sidecar(key), connection_id=ns.connection_id)
+        if not isinstance(revoke, asyncio.Future):
+            await revoke
+            return await write()
+        try:
+            return await write()
+        finally:
+            revoke.add_done_callback(_retrieved)  # its failure is the write's too (the same connection)
 
     async def set_many(self, entries: Sequence[Entry]) -> Any:
         if self.on_demand.disabled or not entries:

@@ -45,6 +45,7 @@ from ondemand.store.protocols import (
     Target,
     purge_in_batches,
 )
+from ondemand.tasks import stop_tasks
 
 log = logging.getLogger("ondemand.sqlite")
 
@@ -383,11 +384,7 @@ class SqliteStorage:
     async def close(self) -> None:
         """Bounded: the connection is closed by its thread within op_timeout + 1 s, else left to it."""
         self._closed = True
-        tasks = [t for t in (self._purge_task, self._connecting) if t is not None and not t.done()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=self.config.op_timeout + 1.0)
+        await stop_tasks(self._purge_task, self._connecting, timeout=self.config.op_timeout + 1.0)
         self._purge_task = self._connecting = None
         worker, self._worker = self._worker, None
         if worker is not None:

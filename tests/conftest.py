@@ -23,6 +23,10 @@ TEST_OVERRIDES: dict[str, Any] = {
                      if os.environ.get("ONDEMAND_TEST_REDIS_BINARY") else {})},
     "redis": {"op_timeout": 0.25, "connect_timeout": 0.5},
     "storage": {"durable": ""},
+    # ONDEMAND_TEST_NEAR_CACHE=1 (.ci/run's near-cache pass): every built-in namespace keeps a near cache, so that
+    # every test of the suite (its faults included) runs through it too.
+    **({"namespaces": {name: {"near_cache": True} for name in ("session", "messages", "profile")}}
+       if os.environ.get("ONDEMAND_TEST_NEAR_CACHE") else {}),
 }
 
 

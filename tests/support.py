@@ -32,6 +32,7 @@ import aiopg
 import attrs
 import hiredis
 import psutil
+import redis
 
 from ondemand.host.net import free_port
 from ondemand.host.process import ChildProcess, log_tail
@@ -315,6 +316,44 @@ def kill_node(node: ClusterNode) -> int:
     return node.pid
 
 
+async def migrate_slot(cluster: LocalCluster, source: ClusterNode, target: ClusterNode, slot: int, *,
+                       pause: float, first_batch_moved: Callable[[], Awaitable[None]] | None = None) -> int:
+    """Move `slot` from `source` to `target` the way redis-cli --cluster reshard does: IMPORTING on the target,
+    MIGRATING on the source, the keys one MIGRATE (with AUTH) at a time with traffic in between, then the new
+    owner on every master (target first). Returns how many keys moved.
+
+    Run in a thread of its own with blocking clients, like the separate tool it stands for: the test's event
+    loop is saturated by the load, and a migration starved by it would hold a slot half-moved (TRYAGAIN for
+    a key and its tombstone) for longer than any op budget."""
+    loop = asyncio.get_running_loop()
+
+    def migrate() -> int:
+        clients = {n.port: redis.Redis(host="127.0.0.1", port=n.port, password=cluster.password, socket_timeout=5.0)
+                   for n in cluster.master_nodes()}
+        try:
+            src, dst = clients[source.port], clients[target.port]
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
+            moved = 0
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1):
+                reply = src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000,
+                                            "AUTH", cluster.password, "KEYS", *keys)
+                assert reply in (b"OK", "OK"), reply
+                if moved == 0 and first_batch_moved is not None:
+                    asyncio.run_coroutine_threadsafe(first_batch_moved(), loop).result(timeout=10.0)
+                moved += len(keys)
+                time.sleep(pause)
+            others = [n for n in cluster.master_nodes() if n is not source and n is not target]
+            for node in (target, source, *others):
+                clients[node.port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
+            return moved
+        finally:
+            for client in clients.values():
+                client.close()
+
+    return await asyncio.to_thread(migrate)
+
+
 def postmasters(data_dir: Path) -> list[int]:
     """The live postmasters working in `data_dir`: postgres processes there whose parent is not one."""
     target = data_dir.stat()
@@ -357,9 +396,10 @@ class PlainServer:
 
 
 @contextlib.asynccontextmanager
-async def plain_server(directory: Path, *, users: Iterable[str] = (), port: int | None = None
-                       ) -> AsyncIterator[PlainServer]:
-    """A started PlainServer in `directory` (created 0700), SIGKILLed and reaped afterwards."""
+async def plain_server(directory: Path, *, users: Iterable[str] = (), port: int | None = None,
+                       options: Iterable[str] = ()) -> AsyncIterator[PlainServer]:
+    """A started PlainServer in `directory` (created 0700), SIGKILLed and reaped afterwards. `options`: more lines
+    of its config file (`rename-command CLIENT ""`)."""
     from ondemand.plugins.lifecycle_subprocess import find_binary
 
     binary = (await find_binary(os.environ.get("ONDEMAND_TEST_REDIS_BINARY") or None, tcp=True)).path
@@ -367,7 +407,7 @@ async def plain_server(directory: Path, *, users: Iterable[str] = (), port: int 
     password = secrets.token_urlsafe(16)
     port = port or free_port()
     lines = [f"port {port}", "bind 127.0.0.1", f"dir {_resp_quote(str(directory))}", 'save ""', "appendonly no",
-             f"requirepass {_resp_quote(password)}", *(f"user {rule}" for rule in users)]
+             f"requirepass {_resp_quote(password)}", *(f"user {rule}" for rule in users), *options]
     conf = directory / "server.conf"
     fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -120,7 +120,14 @@ async def walk_the_api(client: Any, server_call: Any, key_prefix: str = "ondeman
     assert await rt.cache_storage.delete_prefix(f"{key_prefix}:messages:") >= 1
 
 
+# Every namespace keeps a near cache: the rules must let its connections track (HELLO 3, CLIENT TRACKING and
+# CACHING, PTTL with each tracked read); a refusal there would silently mean no near cache.
+NEAR = {"namespaces": {name: {"near_cache": True} for name in ("session", "messages", "profile")}}
+
+
 def no_refusal(rt: Runtime) -> None:
+    near = rt.near_cache_status()
+    assert near is not None and near["refused"] == {} and near["connections"] >= 1, near
     status = rt.dispatcher.status()
     assert status["error_replies"] == {}, status["error_replies"]
     assert all(ns["cache_errors"] == 0 for ns in status["namespaces"].values()), status["namespaces"]
@@ -130,11 +137,12 @@ def no_refusal(rt: Runtime) -> None:
 async def test_the_readme_acl_user_runs_the_whole_http_api(tmp_path: Path, aiohttp_client, durable_config) -> None:
     async with plain_server(tmp_path / "redis", users=[readme_rules()["standalone"]]) as server:
         url = f"redis://ondemand:{PASSWORD}@127.0.0.1:{server.port}/0"
-        config = durable_config({"lifecycle": {"plugin": "external", "redis_url": url}})
+        config = durable_config({"lifecycle": {"plugin": "external", "redis_url": url}, **NEAR})
         app = create_app(config)
         walk = Walk(app)
         client = await aiohttp_client(app)
         await walk_the_api(client, server.call)
+        assert client.app[RUNTIME].near_cache_status()["installs"] > 0, "the near cache kept nothing"
         assert not walk.missing(), (f"routes this test does not call: {sorted(walk.missing())}; call them here, and "
                                     "add what they send to README's ACL rules")
         no_refusal(client.app[RUNTIME])
@@ -183,7 +191,7 @@ async def test_the_readme_acl_users_on_a_cluster(tmp_path: Path, make_config) ->
                 await conn.call("ACL", "SETUSER", "ondemand", *rules)
         seed = cluster.master_nodes()[0]
         url = f"redis://ondemand:{PASSWORD}@127.0.0.1:{seed.port}/0"
-        config = make_config({"lifecycle": {"plugin": "external", "topology": "cluster", "redis_url": url}})
+        config = make_config({"lifecycle": {"plugin": "external", "topology": "cluster", "redis_url": url}, **NEAR})
         async with Runtime(config) as rt:
             ids = [f"user{i}" for i in range(40)]
             for i in ids:
@@ -210,7 +218,7 @@ async def test_the_readme_acl_users_on_a_sentinel_group(make_config) -> None:
                               sentinel_users=(rules["every sentinel"],)) as group:
         lifecycle = {**group.config()["lifecycle"], "redis_username": "ondemand", "redis_password": PASSWORD,
                      "sentinel_username": "ondemand", "sentinel_password": PASSWORD}
-        async with Runtime(make_config({"lifecycle": lifecycle})) as rt:
+        async with Runtime(make_config({"lifecycle": lifecycle, **NEAR})) as rt:
             await rt.cache.cache_profile("p", [1])
             assert await rt.cache.get_profile("p") == [1]
             # The subscription to +switch-master is up (SUBSCRIBE and the channel allowed): failovers are seen.

@@ -18,12 +18,11 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import psutil
-import redis
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
@@ -31,7 +30,7 @@ from ondemand import Runtime
 from ondemand.plugins.lifecycle_subprocess.local_cluster import ClusterNode, LocalCluster
 from ondemand.redis.routing import key_slot
 from ondemand.web import RUNTIME, create_app
-from tests.support import ROOT, kill_node, pid_gone, redis_children, wait_for, wait_gone
+from tests.support import ROOT, kill_node, migrate_slot, pid_gone, redis_children, wait_for, wait_gone
 
 # Roomy start bounds: a loaded CI runner, and Valkey holds a new master back 2 s before cluster_state:ok.
 CLUSTER: dict[str, Any] = {"lifecycle": {
@@ -492,44 +491,6 @@ async def test_a_write_the_replica_never_received_is_not_served_after_the_failov
 
 
 # -- resharding under load -----------------------------------------------------------------------
-
-
-async def migrate_slot(cluster: LocalCluster, source: ClusterNode, target: ClusterNode, slot: int, *,
-                       pause: float, first_batch_moved: Callable[[], Awaitable[None]] | None = None) -> int:
-    """Move `slot` from `source` to `target` the way redis-cli --cluster reshard does: IMPORTING on the target,
-    MIGRATING on the source, the keys one MIGRATE (with AUTH) at a time with traffic in between, then the new
-    owner on every master (target first). Returns how many keys moved.
-
-    Run in a thread of its own with blocking clients, like the separate tool it stands for: the test's event
-    loop is saturated by the load, and a migration starved by it would hold a slot half-moved (TRYAGAIN for
-    a key and its tombstone) for longer than any op budget."""
-    loop = asyncio.get_running_loop()
-
-    def migrate() -> int:
-        clients = {n.port: redis.Redis(host="127.0.0.1", port=n.port, password=cluster.password, socket_timeout=5.0)
-                   for n in cluster.master_nodes()}
-        try:
-            src, dst = clients[source.port], clients[target.port]
-            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
-            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
-            moved = 0
-            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1):
-                reply = src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000,
-                                            "AUTH", cluster.password, "KEYS", *keys)
-                assert reply in (b"OK", "OK"), reply
-                if moved == 0 and first_batch_moved is not None:
-                    asyncio.run_coroutine_threadsafe(first_batch_moved(), loop).result(timeout=10.0)
-                moved += len(keys)
-                time.sleep(pause)
-            others = [n for n in cluster.master_nodes() if n is not source and n is not target]
-            for node in (target, source, *others):
-                clients[node.port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
-            return moved
-        finally:
-            for client in clients.values():
-                client.close()
-
-    return await asyncio.to_thread(migrate)
 
 
 async def test_resharding_under_load_fails_no_request_and_serves_no_stale_value(

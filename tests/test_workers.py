@@ -69,9 +69,13 @@ async def test_four_workers_share_one_redis_and_survive_the_owner_dying(tmp_path
                     break
                 assert time.monotonic() < deadline, "the dead worker was not restarted"
                 await asyncio.sleep(0.1)
-            async with session.get(f"{base}/api/cache/status") as resp:
-                status = await resp.json()
-            assert status["redis"]["state"] == "running"
+            # Any worker may answer; the respawned one has not needed Redis yet ("stopped" until its first
+            # cache request adopts the shared server), the others run on it. None is failing.
+            states = set()
+            for _ in range(20):
+                async with session.get(f"{base}/api/cache/status") as resp:
+                    states.add((await resp.json())["redis"]["state"])
+            assert "running" in states and states <= {"running", "stopped"}, states
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log_path.read_text()[-2000:]
         assert pid_gone(respawned[0].pid), "redis-server survived the shutdown"

@@ -19,6 +19,7 @@ from ondemand.config.sections import (
     EnvironmentConfig,
     LifecycleConfig,
     NamespaceConfig,
+    NearCacheConfig,
     PluginsConfig,
     PoolConfig,
     RedisConfig,
@@ -26,11 +27,20 @@ from ondemand.config.sections import (
     ServerConfig,
     StorageConfig,
 )
-from ondemand.config.validators import SECRET, FieldError, between, matches, memory_size, positive, token
+from ondemand.config.validators import (
+    SECRET,
+    FieldError,
+    between,
+    matches,
+    memory_size,
+    positive,
+    seconds_between,
+    token,
+)
 
 __all__ = [
     "CORE_SECTIONS", "SECRET", "Config", "ConfigSection", "EnvironmentConfig", "FieldError", "LifecycleConfig",
-    "NamespaceConfig", "Origins", "PluginsConfig", "PoolConfig", "RedisConfig", "SectionRegistry", "ServerConfig",
-    "StorageConfig", "between", "build_config", "matches", "memory_size", "positive", "redact", "redact_url",
-    "structure", "token", "unstructure", "with_sections",
+    "NamespaceConfig", "NearCacheConfig", "Origins", "PluginsConfig", "PoolConfig", "RedisConfig",
+    "SectionRegistry", "ServerConfig", "StorageConfig", "between", "build_config", "matches", "memory_size",
+    "positive", "redact", "redact_url", "seconds_between", "structure", "token", "unstructure", "with_sections",
 ]

@@ -20,6 +20,7 @@ from ondemand.config.sections import (
     EnvironmentConfig,
     LifecycleConfig,
     NamespaceConfig,
+    NearCacheConfig,
     PluginsConfig,
     PoolConfig,
     RedisConfig,
@@ -167,7 +168,8 @@ def build_config(
     environment = structure(data.get("environment", {}), EnvironmentConfig, "environment", origins)
     return Config(
         server=core[ServerConfig], lifecycle=core[LifecycleConfig], redis=core[RedisConfig],
-        storage=core[StorageConfig], plugins=core[PluginsConfig], environment=environment, source=source,
+        storage=core[StorageConfig], plugins=core[PluginsConfig], near_cache=core[NearCacheConfig],
+        environment=environment, source=source,
         sections=structured, section_tables=section_tables, data=dict(data), **keyed,
     )
 

@@ -14,7 +14,17 @@ from typing import Any, Literal, TypeVar
 
 import attrs
 
-from ondemand.config.validators import SECRET, between, http_tokens, matches, origins, positive, token, ttl_seconds
+from ondemand.config.validators import (
+    SECRET,
+    between,
+    http_tokens,
+    matches,
+    origins,
+    positive,
+    seconds_between,
+    token,
+    ttl_seconds,
+)
 from ondemand.errors import PluginError
 from ondemand.registry import Collector
 
@@ -87,6 +97,8 @@ class NamespaceConfig:
     ttl: float | None = attrs.field(default=3600.0, validator=ttl_seconds)
     durable: bool = False
     connection_id: str = "default"
+    # Hot values kept in this process's memory, kept coherent by the server's invalidations ([near_cache]).
+    near_cache: bool = False
     # false removes the namespace: the only way to drop a built-in one (a config's namespaces are added
     # to the built-ins, see build.namespaces_of). Config.namespaces never holds a disabled one.
     enabled: bool = True
@@ -99,6 +111,20 @@ class StorageConfig:
     # Seconds between checks of the durable store's outbox (keys other processes could not delete from
     # Redis), the backstop of its notifications (PostgreSQL LISTEN/NOTIFY; sqlite has only this poll).
     outbox_poll: float = attrs.field(default=1.0, validator=positive)
+
+
+@attrs.frozen
+class NearCacheConfig:
+    """The near cache of the namespaces with `near_cache = true` (ondemand.store.near, ondemand.redis.tracking)."""
+
+    max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=between(1024, 2**40))
+    max_entries: int = attrs.field(default=250_000, validator=between(1, 100_000_000))
+    # The staleness bound: a hit is served only while the tracking connection answered a command sent within
+    # this many seconds (it is PINGed when idle); a silent connection (half-open, a frozen server) serves none.
+    max_silence: float = attrs.field(default=1.0, validator=seconds_between(0.05, 60.0))
+    # "optin": the server tracks the keys each connection read (CLIENT CACHING YES with each read); "bcast":
+    # every write under the namespaces' prefixes is pushed to every process.
+    tracking: Literal["optin", "bcast"] = "optin"
 
 
 @attrs.frozen
@@ -135,6 +161,7 @@ CORE_SECTIONS: tuple[tuple[str, type], ...] = (
     ("redis", RedisConfig),
     ("storage", StorageConfig),
     ("plugins", PluginsConfig),
+    ("near_cache", NearCacheConfig),
 )
 
 
@@ -212,6 +239,7 @@ class Config:
     namespaces: dict[str, NamespaceConfig] = attrs.field(factory=default_namespaces)
     storage: StorageConfig = StorageConfig()
     plugins: PluginsConfig = PluginsConfig()
+    near_cache: NearCacheConfig = NearCacheConfig()
     environment: EnvironmentConfig = EnvironmentConfig()
     source: str | None = None
     # Plugins' sections, by class, with the table each came from; `data` is what was loaded (tables as

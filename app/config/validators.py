@@ -39,6 +39,15 @@ def between(low: int, high: int) -> Any:
     return check
 
 
+def seconds_between(low: float, high: float) -> Any:
+    """A finite number of seconds from `low` to `high`."""
+    def check(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
+        if not (math.isfinite(value) and low <= value <= high):
+            raise FieldError(attribute.name, f"expected a number of seconds from {low:g} to {high:g}, got {value!r}")
+
+    return check
+
+
 def matches(pattern: str, meaning: str) -> Any:
     """A string matching `pattern` whole; `meaning` says in words what that is."""
     compiled = re.compile(pattern)

@@ -32,6 +32,8 @@ from ondemand.redis.connection import Command, FailureCallback
 from ondemand.redis.endpoint import RedisEndpoint
 from ondemand.redis.pipeline import PipelinedConnection
 from ondemand.redis.routing import SLOTS, Address, SlotMap, key_slot, parse_redirect
+from ondemand.redis.tracking import TrackingConnection, connect_for_near
+from ondemand.store.near import NearCache
 
 log = logging.getLogger("ondemand.cluster")
 
@@ -128,9 +130,14 @@ class ClusterConnection:
 
     def __init__(self, seed: RedisEndpoint, *, op_timeout: float, connect_timeout: float, max_batch: int,
                  on_failure: FailureCallback | None = None, recover: NodeRecoveryCallback | None = None,
-                 known_ids: dict[Address, str] | None = None) -> None:
+                 known_ids: dict[Address, str] | None = None, near: NearCache | None = None,
+                 pool: str = "default") -> None:
         self._seed = seed
         self._recover = recover
+        # The near cache whose entries this pool's node connections keep coherent (each tracks what it read).
+        self._near = near
+        self._pool = pool
+        self._near_prefix = next(iter(near.prefixes.get(pool, ())), "ondemand:") if near is not None else ""
         # Each master's run_id as last seen (shared with the connections before and after this one): a master
         # that answers with another one, or an address that was not a master, is held as replaced.
         self.known_ids: dict[Address, str] = {} if known_ids is None else known_ids
@@ -165,11 +172,13 @@ class ClusterConnection:
     @classmethod
     async def connect(cls, seed: RedisEndpoint, *, op_timeout: float, connect_timeout: float, max_batch: int,
                       on_failure: FailureCallback | None = None, recover: NodeRecoveryCallback | None = None,
-                      known_ids: dict[Address, str] | None = None) -> ClusterConnection:
+                      known_ids: dict[Address, str] | None = None, near: NearCache | None = None,
+                      pool: str = "default") -> ClusterConnection:
         """Read the slot map from the seed and connect to every master (in parallel, bounded). A master whose
-        run_id is not the one `known_ids` holds for its address is held until recovered (see the docstring)."""
+        run_id is not the one `known_ids` holds for its address is held until recovered (see the docstring).
+        With `near`, every master's connection tracks what it reads for the near cache (`pool`'s namespaces)."""
         conn = cls(seed, op_timeout=op_timeout, connect_timeout=connect_timeout, max_batch=max_batch,
-                   on_failure=on_failure, recover=recover, known_ids=known_ids)
+                   on_failure=on_failure, recover=recover, known_ids=known_ids, near=near, pool=pool)
         try:
             await conn._refresh_from([seed])
             if not conn.slots.covered():
@@ -199,9 +208,12 @@ class ClusterConnection:
         if node.connecting is None:
             node.connecting = self._loop.create_future()
             try:
-                conn = await PipelinedConnection.connect(
-                    node.endpoint, op_timeout=self._op_timeout, connect_timeout=self._connect_timeout,
-                    max_batch=self._max_batch, on_failure=self._on_failure)
+                options = {"op_timeout": self._op_timeout, "connect_timeout": self._connect_timeout,
+                           "max_batch": self._max_batch, "on_failure": self._on_failure}
+                if self._near is not None:
+                    conn = await connect_for_near(node.endpoint, near=self._near, pool=self._pool, **options)
+                else:
+                    conn = await PipelinedConnection.connect(node.endpoint, **options)
             except BaseException as exc:
                 node.connecting.set_exception(exc)
                 node.connecting.exception()
@@ -210,6 +222,9 @@ class ClusterConnection:
             finally:
                 waiting, node.connecting = node.connecting, None
             node.connection = conn
+            if isinstance(conn, TrackingConnection):
+                conn.keepalive = _probe(self.slots, node.address, self._near_prefix)
+                conn.on_keepalive_refused = self._keepalive_refused
             self._seen(node.address, conn.server_id)
             self._back(node.address)
             waiting.set_result(conn)
@@ -236,6 +251,7 @@ class ClusterConnection:
             # copies are cleared before it serves. (A resharding moves slots between masters that stay
             # masters: the keys moved with them.)
             before, now = self.slots, set(slots.masters())
+            self._slots_moved(before.moved_from(slots))
             if before.covered():
                 lost = set(before.masters()) - now
                 promoted = {slots.owner(slot) for slot in range(SLOTS)
@@ -250,10 +266,32 @@ class ClusterConnection:
                 if node.connection is not None:
                     node.connection.close("no longer a master of the cluster")
             self._failed &= set(slots.masters())
+            self._watch_nodes()
             self._refreshed_at, self._moved_since_refresh = time.monotonic(), 0
             self.refreshes += 1
             return
         raise RedisUnavailable("cannot read the cluster's slot map: " + "; ".join(errors))
+
+    def _watch_nodes(self) -> None:
+        """Each tracking node connection's keepalive reads a key of one of the node's slots (see
+        TrackingConnection.keepalive): a master the cluster failed over while it still answers us, or one that
+        gave the slot away, refuses it, and what it served is dropped."""
+        for address, node in self.nodes.items():
+            conn = node.connection
+            if isinstance(conn, TrackingConnection):
+                conn.keepalive = _probe(self.slots, address, self._near_prefix)
+                conn.on_keepalive_refused = self._keepalive_refused
+
+    def _keepalive_refused(self, error: RedisCommandError) -> None:
+        self.refresh_soon()
+
+    def _slots_moved(self, owners: set[Address]) -> None:
+        """Slots left these masters (a resharding, a failover): what the near cache read from them is dropped
+        (read again from where the slots are now)."""
+        for address in owners:
+            node = self.nodes.get(address)
+            if node is not None and isinstance(node.connection, TrackingConnection):
+                node.connection.flush("slot_change")
 
     def _seen(self, address: Address, run_id: str | None) -> None:
         """A connection to `address` answered with `run_id`. Another server than the one known there, or a
@@ -295,6 +333,9 @@ class ClusterConnection:
         """Keep `address` from serving until a recovery brought it up to date (see the module docstring)."""
         if self.closed_reason is not None:
             return
+        node = self.nodes.get(address)
+        if node is not None and isinstance(node.connection, TrackingConnection):
+            node.connection.flush("node_held")  # (what went stale on it is invalidated before it serves again)
         self._held[address] = self._held.get(address, False) or replaced
         self._holds[address] = self._holds.get(address, 0) + 1
         self._releases.setdefault(address, asyncio.Event())
@@ -437,6 +478,48 @@ class ClusterConnection:
             return self._finish(conn.execute(*args), address, args)  # type: ignore[arg-type]
         return self._run(address, args)
 
+    def read_tracked(self, key: str, command: Command, versioned: bool) -> Any:
+        """A near-cached namespace's read (see OnDemandRedis.read_tracked): tracked by the connection of the master
+        that owns the key; a redirected or held read is answered the long way, and nothing of it is kept."""
+        address = self.slots.owner(key_slot(key))
+        node = self.nodes.get(address) if address is not None else None
+        conn = node.connection if node is not None else None
+        if (conn is not None and conn.closed_reason is None and address not in self._held
+                and address not in self._failed):
+            return self._finish_read(conn.read_tracked(key, command, versioned), address, command, versioned)  # type: ignore[arg-type]
+        return self._read_long_way(address, command, versioned)
+
+    async def _finish_read(self, future: Any, address: Address, command: Command, versioned: bool) -> Any:
+        try:
+            return await future
+        except (RedisCommandError, RedisUnavailable) as exc:
+            if isinstance(exc, RedisUnavailable):
+                self.node_failed(address)
+                raise _node_unavailable(exc) from exc
+            if exc.kind not in ("moved", "ask", "tryagain", "clusterdown"):
+                if exc.kind in _NODE_UNUSABLE:
+                    raise self._unusable(address, exc) from exc
+                raise
+            reply = await self._run(address, command, first_error=exc)
+        return reply[0] if versioned else reply
+
+    async def _read_long_way(self, address: Address | None, command: Command, versioned: bool) -> Any:
+        reply = await self._run(address, command)
+        return reply[0] if versioned else reply
+
+    def write_tracked(self, key: str, write: Command, command: Command, versioned: bool) -> Any:
+        """A near-cached namespace's write with a tracked read of its key behind it, on the connection of the
+        master that takes the write (the long way too: a redirect, a held master)."""
+        address = self.slots.owner(key_slot(key))
+        node = self.nodes.get(address) if address is not None else None
+        conn = node.connection if node is not None else None
+        track = (key, command, versioned)
+        if (conn is not None and conn.closed_reason is None and address not in self._held
+                and address not in self._failed):
+            return self._finish(conn.write_tracked(key, write, command, versioned), address, write,  # type: ignore[arg-type]
+                                track=track)
+        return self._run(address, write, track=track)
+
     def execute_on(self, address: Address, *args: Any) -> Any:
         """A command for one master (SCAN on each, UNLINK of the keys it found), even while it is held."""
         return self._run(address, args, bypass=True)
@@ -462,7 +545,8 @@ class ClusterConnection:
                 merged[index] = value
         return merged
 
-    async def _finish(self, future: asyncio.Future[Any], address: Address, args: Sequence[Any]) -> Any:
+    async def _finish(self, future: asyncio.Future[Any], address: Address, args: Sequence[Any], *,
+                      track: tuple[str, Command, bool] | None = None) -> Any:
         """The reply of a command already queued; a redirect or a failed node goes the long way."""
         try:
             return await future
@@ -474,7 +558,7 @@ class ClusterConnection:
                 if exc.kind in _NODE_UNUSABLE:
                     raise self._unusable(address, exc) from exc
                 raise
-            return await self._run(address, args, first_error=exc)
+            return await self._run(address, args, first_error=exc, track=track)
 
     def _unusable(self, address: Address, exc: RedisCommandError) -> NodeUnavailable:
         """A master that cannot serve now (CLUSTERDOWN past the budget, LOADING, BUSY...): its problem alone.
@@ -485,7 +569,8 @@ class ClusterConnection:
         return NodeUnavailable(f"Redis Cluster master {address[0]}:{address[1]} cannot serve: {first_line(exc)}")
 
     async def _run(self, address: Address | None, args: Sequence[Any], *,
-                   first_error: RedisCommandError | None = None, bypass: bool = False) -> Any:
+                   first_error: RedisCommandError | None = None, bypass: bool = False,
+                   track: tuple[str, Command, bool] | None = None) -> Any:
         deadline = self._loop.time() + self._op_timeout
         asking = False
         backoff = 0.005
@@ -523,10 +608,9 @@ class ClusterConnection:
             try:
                 conn = await self._node_connection(node)
                 if asking:  # adjacent on the target's connection, so ASKING applies to this command
-                    asked, future = conn.execute_many([("ASKING",), args])
+                    asked = conn.execute("ASKING")
                     asked.add_done_callback(lambda f: f.cancelled() or f.exception())
-                else:
-                    future = conn.execute(*args)
+                future = conn.execute(*args) if track is None else conn.write_tracked(track[0], args, *track[1:])
                 async with asyncio.timeout(max(0.001, deadline - self._loop.time())):
                     return await future
             except TimeoutError:
@@ -551,7 +635,10 @@ class ClusterConnection:
             self.redirects[kind] += 1
         if kind == "moved":
             slot, address = parse_redirect(str(error))
+            previous = self.slots.owner(slot)
             self.slots.move(slot, address)
+            if previous is not None and previous != address:
+                self._slots_moved({previous})
             self._moved_since_refresh += 1
             if self._moved_since_refresh >= _MOVED_STORM:
                 self.refresh_soon()
@@ -599,6 +686,16 @@ class ClusterConnection:
             "recovering": [f"{host}:{port}" for host, port in sorted(self._held)],
             "recoveries": self.recoveries,
         }
+
+
+def _probe(slots: SlotMap, address: Address, prefix: str) -> tuple[Any, ...]:
+    """A keepalive for `address`: EXISTS of a key under `prefix` (our keys, as an ACL user may read them) in one of
+    its slots; PING for a node that serves none."""
+    for n in range(4096):  # (a master of a cluster of up to 16 holds a slot a key among the first few hits)
+        key = f"{prefix}near-keepalive-{n}" + ("}" if prefix.endswith("{=") else "")
+        if slots.owner(key_slot(key)) == address:
+            return ("EXISTS", key)
+    return ("PING",)
 
 
 def _node_unavailable(exc: RedisUnavailable) -> NodeUnavailable:

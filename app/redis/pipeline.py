@@ -14,7 +14,7 @@ import logging
 import re
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import hiredis
@@ -29,6 +29,11 @@ log = logging.getLogger("ondemand.redis")
 _RUN_ID = re.compile(rb"run_id:([0-9a-f]+)")
 # Valkey reports redis_version 7.2.4 (what it is compatible with) and its own valkey_version.
 _VERSION = re.compile(rb"(redis|valkey)_version:([0-9][0-9A-Za-z.\-]*)")
+
+
+async def _value_of(record: Awaitable[Any]) -> Any:
+    """The value of a versioned read's [value, version] reply."""
+    return (await record)[0]
 
 
 class _RedisProtocol(asyncio.Protocol):
@@ -53,12 +58,10 @@ class _RedisProtocol(asyncio.Protocol):
                 self._owner._answered += 1
                 fut = waiters.popleft()
                 if isinstance(reply, hiredis.ReplyError):
-                    text = str(reply)
-                    readonly = readonly or text.startswith("READONLY")
-                    if permission_refused(text):
-                        text = self._owner._refused(text)
+                    error = self._owner._error_reply(reply)
+                    readonly = readonly or error.kind == "readonly"
                     if not fut.done():
-                        fut.set_exception(RedisCommandError(text))
+                        fut.set_exception(error)
                 elif not fut.done():  # a cancelled or timed-out caller no longer waits
                     fut.set_result(reply)
                 reply = reader.gets()
@@ -108,19 +111,7 @@ class PipelinedConnection:
                       ) -> PipelinedConnection:
         loop = asyncio.get_running_loop()
         conn = cls(op_timeout=op_timeout, max_batch=max_batch, loop=loop, on_failure=on_failure)
-        conn.where = f"Redis at {endpoint.describe()}"
-        try:
-            async with asyncio.timeout(connect_timeout):
-                await endpoint.create_connection(conn._protocol)
-        except TimeoutError:
-            conn.close()
-            raise RedisTimeout(f"connecting to {endpoint.describe()} took over {connect_timeout:g} s") from None
-        except TlsFailure as exc:
-            conn.close()
-            raise RedisUnavailable(f"cannot connect to {endpoint.describe()}: {exc.reason}") from None
-        except OSError as exc:
-            conn.close()
-            raise RedisUnavailable(f"cannot connect to {endpoint.describe()}: {exc.strerror or exc}") from None
+        await conn._attach(endpoint, connect_timeout)
         try:
             # One round trip: AUTH, SELECT, and INFO for the server's run_id (which process answers: a
             # new one after a restart or a failover, see OnDemandRedis._connect_mux).
@@ -149,6 +140,28 @@ class PipelinedConnection:
             conn.close()
             raise
         return conn
+
+    async def _attach(self, endpoint: RedisEndpoint, connect_timeout: float) -> None:
+        """Open the socket (TLS included) within `connect_timeout`; RedisUnavailable or RedisTimeout saying why."""
+        self.where = f"Redis at {endpoint.describe()}"
+        try:
+            async with asyncio.timeout(connect_timeout):
+                await endpoint.create_connection(self._protocol)
+        except TimeoutError:
+            self.close()
+            raise RedisTimeout(f"connecting to {endpoint.describe()} took over {connect_timeout:g} s") from None
+        except TlsFailure as exc:
+            self.close()
+            raise RedisUnavailable(f"cannot connect to {endpoint.describe()}: {exc.reason}") from None
+        except OSError as exc:
+            self.close()
+            raise RedisUnavailable(f"cannot connect to {endpoint.describe()}: {exc.strerror or exc}") from None
+
+    def _error_reply(self, reply: hiredis.ReplyError) -> RedisCommandError:
+        text = str(reply)
+        if permission_refused(text):
+            text = self._refused(text)
+        return RedisCommandError(text)
 
     def _refused(self, text: str) -> str:
         """An ACL refusal (NOPERM): the user lacks a permission our commands need. Named with the endpoint (the
@@ -188,6 +201,16 @@ class PipelinedConnection:
     def execute_many(self, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
         """Queue several commands to be written together; one future each, in order."""
         return [self.execute(*cmd) for cmd in commands]
+
+    def read_tracked(self, key: str, command: Command, versioned: bool) -> Awaitable[Any]:
+        """A near-cached namespace's read where the connection does not track (see ondemand.redis.tracking):
+        the read alone, nothing kept. `versioned`: the reply is [value, version]; the value is returned."""
+        reply = self.execute(*command)
+        return _value_of(reply) if versioned else reply
+
+    def write_tracked(self, key: str, write: Command, command: Command, versioned: bool) -> Awaitable[Any]:
+        """A near-cached namespace's write where the connection does not track: the write alone."""
+        return self.execute(*write)
 
     def _flush(self) -> None:
         if self._flush_handle is not None:

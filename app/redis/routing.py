@@ -61,6 +61,11 @@ class SlotMap:
     def move(self, slot: int, address: Address) -> None:
         self._owner[slot] = address
 
+    def moved_from(self, other: SlotMap) -> set[Address]:
+        """The masters of this map that own a slot `other` gives to another node (or to none)."""
+        return {mine for mine, theirs in zip(self._owner, other._owner, strict=True)
+                if mine is not None and mine != theirs}
+
     def masters(self) -> list[Address]:
         return sorted({address for address in self._owner if address is not None})
 

@@ -47,6 +47,9 @@ from ondemand.redis.endpoint import RedisEndpoint
 from ondemand.redis.lifecycle import Lifecycle
 from ondemand.redis.pipeline import PipelinedConnection
 from ondemand.redis.pools import NamedPool, client_pool, cluster_client
+from ondemand.redis.tracking import connect_for_near
+from ondemand.store.near import NearCache
+from ondemand.tasks import stop_tasks
 
 log = logging.getLogger("ondemand.redis")
 T = TypeVar("T")
@@ -121,6 +124,8 @@ class OnDemandRedis:
         # out to be another server is held until brought up to date, by `node_recovery` (the dispatcher's).
         self.node_ids: dict[tuple[str, int], str] = {}
         self.node_recovery: NodeRecoveryCallback | None = None
+        # The near cache (the runtime's, when a namespace keeps one): its pools' connections track what they read.
+        self.near: NearCache | None = None
         self.server_version: str | None = None  # what that server said it is (INFO), for status
         self._pid = os.getpid()
         # Lifecycle.connection_lost (a lifecycle that can find the server elsewhere, Sentinel, acts on it) is
@@ -144,6 +149,8 @@ class OnDemandRedis:
         self._janitor = self._start_task = None
         self._endpoint = self._running_since = None
         self.state = STOPPED if self.lifecycle.provides_redis else DISABLED
+        if self.near is not None:
+            self.near.forget_after_fork()
         self.lifecycle.forget_after_fork()
 
     def _rebind_after_fork(self) -> None:
@@ -174,6 +181,42 @@ class OnDemandRedis:
         conn = await self._connect_mux(pool)
         self.counters.commands += 1
         return await conn.execute(*args)
+
+    def read_tracked(self, key: str, command: Command, versioned: bool, *, connection_id: str = "default"
+                     ) -> Awaitable[Any]:
+        """A near-cached namespace's read of `key` (`execute` otherwise): its reply is kept in the near cache by the
+        connection that answers it, if that connection tracks (ondemand.redis.tracking). `versioned`: `command`
+        answers [value, version]; the value is returned."""
+        pool = self.pools.get(connection_id) or self._new_pool(connection_id, None)
+        self.last_used = pool.last_used = time.monotonic()
+        conn = pool.mux
+        if conn is None or conn.closed_reason is not None:
+            return self._connect_and_read(pool, key, command, versioned)
+        self.counters.commands += 1
+        return conn.read_tracked(key, command, versioned)
+
+    async def _connect_and_read(self, pool: NamedPool, key: str, command: Command, versioned: bool) -> Any:
+        conn = await self._connect_mux(pool)
+        self.counters.commands += 1
+        return await conn.read_tracked(key, command, versioned)
+
+    def write_tracked(self, key: str, write: Command, command: Command, versioned: bool, *,
+                      connection_id: str = "default") -> Awaitable[Any]:
+        """A near-cached namespace's write of `key`, with a tracked read of it right behind it on the same
+        connection (see TrackingConnection.write_tracked); the write's reply."""
+        pool = self.pools.get(connection_id) or self._new_pool(connection_id, None)
+        self.last_used = pool.last_used = time.monotonic()
+        conn = pool.mux
+        if conn is None or conn.closed_reason is not None:
+            return self._connect_and_write(pool, key, write, command, versioned)
+        self.counters.commands += 1
+        return conn.write_tracked(key, write, command, versioned)
+
+    async def _connect_and_write(self, pool: NamedPool, key: str, write: Command, command: Command,
+                                 versioned: bool) -> Any:
+        conn = await self._connect_mux(pool)
+        self.counters.commands += 1
+        return await conn.write_tracked(key, write, command, versioned)
 
     async def execute_grouped(self, groups: Mapping[str, Sequence[Command]]) -> list[Any]:
         """Run each pool's commands as one batch, all pools in the same loop turn; replies in order.
@@ -231,10 +274,13 @@ class OnDemandRedis:
                 redis_config = self.config.redis
                 options = {"op_timeout": redis_config.op_timeout, "connect_timeout": redis_config.connect_timeout,
                            "max_batch": redis_config.max_batch, "on_failure": self._count_failures}
+                near = self.near if self.near is not None and pool.name in self.near.prefixes else None
                 conn: PipelinedConnection | ClusterConnection
                 if endpoint.cluster:
                     conn = await ClusterConnection.connect(endpoint, **options, recover=self._recover_node,
-                                                           known_ids=self.node_ids)
+                                                           known_ids=self.node_ids, near=near, pool=pool.name)
+                elif near is not None:
+                    conn = await connect_for_near(endpoint, near=near, pool=pool.name, **options)
                 else:
                     conn = await PipelinedConnection.connect(endpoint, **options)
             except BaseException as exc:
@@ -455,11 +501,15 @@ class OnDemandRedis:
         for pool in self.pools.values():
             pool.close_soon(reason)
 
+    def _last_use(self) -> float:
+        """When an operation last used the server: a command, or a hit its near cache served (kept coherent by it)."""
+        return self.last_used if self.near is None else max(self.last_used, self.near.last_used)
+
     def _is_idle(self, now: float) -> bool:
         idle_timeout = self.config.lifecycle.idle_timeout
         shared_idle = self.lifecycle.shared_idle_seconds()  # siblings' activity, when the server is shared
         return (
-            now - self.last_used >= idle_timeout
+            now - self._last_use() >= idle_timeout
             and (shared_idle is None or shared_idle >= idle_timeout)
             and not any(pool.leases for pool in self.pools.values())
             and not any(pool.busy for pool in self.pools.values())
@@ -475,7 +525,7 @@ class OnDemandRedis:
             # operation either saw RUNNING and made the pool busy, or it waits for a fresh start.
             if self.state != RUNNING or not self._is_idle(now):
                 return False
-            idle_for = now - self.last_used
+            idle_for = now - self._last_use()
             pid = self.lifecycle.pid()
             self.state = STOPPING
             self._endpoint = None
@@ -499,16 +549,19 @@ class OnDemandRedis:
 
     async def _janitor_loop(self) -> None:
         """Closes pools unused for keep_alive seconds and stops an idle server."""
-        noted = self.last_used
+        noted = self._last_use()
         while True:
             await asyncio.sleep(self._janitor_tick())
             try:
                 now = time.monotonic()
-                if self.last_used != noted and self.state == RUNNING:
-                    noted = self.last_used
+                last_use = self._last_use()
+                if last_use != noted and self.state == RUNNING:
+                    noted = last_use
                     self.lifecycle.note_activity()  # off the hot path: at most once a tick
+                near_pools = self.near.prefixes if self.near is not None else {}
                 for pool in list(self.pools.values()):
-                    if pool.is_open and not pool.busy and now - pool.last_used >= pool.keep_alive:
+                    used = max(pool.last_used, last_use) if pool.name in near_pools else pool.last_used
+                    if pool.is_open and not pool.busy and now - used >= pool.keep_alive:
                         pool.idle_closes += 1
                         await pool.close(f"pool {pool.name!r} closed after keep_alive")
                 await self.stop_if_idle()
@@ -532,7 +585,7 @@ class OnDemandRedis:
             "uptime_seconds": round(now - self._running_since, 3) if self._running_since else None,
             "idle_timeout": idle_timeout,
             "idle_deadline_in": (
-                round(max(0.0, idle_timeout - (now - self.last_used)), 3)
+                round(max(0.0, idle_timeout - (now - self._last_use())), 3)
                 if running and self.lifecycle.manages_process else None
             ),
             "last_error": error_text(self._last_error) if self._last_error else None,
@@ -551,9 +604,7 @@ class OnDemandRedis:
         if self._pid != os.getpid():  # a forked copy that never used Redis: nothing here is ours
             return
         if self._janitor is not None:
-            self._janitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._janitor
+            await stop_tasks(self._janitor)
             self._janitor = None
         if self._start_task is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):

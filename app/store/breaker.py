@@ -17,6 +17,7 @@ from enum import StrEnum
 
 from ondemand.errors import error_text
 from ondemand.health import OutageTracker
+from ondemand.tasks import stop_tasks
 
 log = logging.getLogger("ondemand.breaker")
 
@@ -40,8 +41,12 @@ class CircuitBreaker:
         health: OutageTracker,
         reset_after: float = 0.2,
         reset_after_max: float = 5.0,
+        on_open: Callable[[], None] | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.state = CLOSED
+        self._on_open = on_open  # told as it opens (the near cache drops everything)
+        self._on_close = on_close  # told as it closes, in the same step
         self.closed = True  # the hot-path check
         self._probe = probe
         self._on_recover = on_recover
@@ -65,6 +70,8 @@ class CircuitBreaker:
         self.opens += 1
         self.opened_at = time.time()
         self._opened_mono = time.monotonic()
+        if self._on_open is not None:
+            self._on_open()
         log.warning("cache breaker open: %s", reason)
         self.health.down(reason, cause=_BREAKER_CAUSE)
         self._task = asyncio.ensure_future(self._probe_until_closed())
@@ -98,6 +105,8 @@ class CircuitBreaker:
             down = time.monotonic() - self._opened_mono
             self.state = CLOSED
             self.closed = True
+            if self._on_close is not None:
+                self._on_close()
             self.opened_at = None
             self._task = None
             log.info("cache breaker closed after %.3f s", down)
@@ -110,7 +119,5 @@ class CircuitBreaker:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks(self._task)
             self._task = None

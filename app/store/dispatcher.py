@@ -34,6 +34,7 @@ from ondemand.health import OutageTracker
 from ondemand.store.aside import DEFAULT_OPTIONS, Aside, AsideOptions, Loader
 from ondemand.store.breaker import CircuitBreaker
 from ondemand.store.invalidation import Invalidation
+from ondemand.store.near import NearCache
 from ondemand.store.protocols import (
     CacheStorage,
     Committed,
@@ -66,7 +67,9 @@ class _LazyTargets:
 
 @attrs.define
 class NamespaceStats:
-    hits: int = 0  # served from Redis
+    hits: int = 0  # served from Redis (near_hits included)
+    near_hits: int = 0  # served from the near cache (this process's coherent copy of Redis's value)
+    near_misses: int = 0  # reads of a near-cached namespace the near cache could not serve
     durable_hits: int = 0  # served from the durable store
     misses: int = 0
     writes: int = 0
@@ -121,8 +124,10 @@ class Dispatcher:
         dirty_limit: int = 100_000,
         outbox_poll: float = 1.0,
         outbox_grace: float = 1.0,
+        near: NearCache | None = None,
     ) -> None:
-        """`namespaces` say whether each is durable; one marked durable needs a `durable` store."""
+        """`namespaces` say whether each is durable; one marked durable needs a `durable` store. `near`: the near
+        cache of the namespaces that keep one (their hits are served from it while the breaker is closed)."""
         self.cache = cache
         self.durable = durable
         self.namespaces = dict(namespaces)
@@ -134,8 +139,9 @@ class Dispatcher:
         self.invalidation = Invalidation(cache=cache, durable=durable, namespaces=self.namespaces,
                                          durable_health=durable_health, stale_limit=dirty_limit,
                                          outbox_poll=outbox_poll, outbox_grace=outbox_grace)
+        self.near = near
         self.breaker = CircuitBreaker(probe=self.invalidation.probe, on_recover=self.invalidation.recover,
-                                      health=cache_health)
+                                      health=cache_health, on_open=self._near_off, on_close=self._near_on)
         self.invalidation.probe_soon = self.breaker.probe_soon
         # Durable writes run in tasks of their own, which finish (commit, cache write, acknowledgement) even
         # when their caller gives up: a write cancelled after its commit still reaches the cache.
@@ -154,6 +160,20 @@ class Dispatcher:
     # -- reads --------------------------------------------------------------------------------
 
     async def get(self, namespace: str, item_id: str) -> Any:
+        ns = self.namespaces.get(namespace)
+        if ns is not None and ns.near_cache and type(item_id) is str and self.breaker.closed:
+            # A near-cache hit without lookup's frame: only a checked id was ever installed (its key is its id's).
+            raw = self.near.get(ns.key_prefix + item_id + ns.key_suffix)  # type: ignore[union-attr]
+            if raw is not None:
+                try:
+                    value = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    pass
+                else:
+                    stats = self.stats[ns.name]
+                    stats.hits += 1
+                    stats.near_hits += 1
+                    return value
         return (await self.lookup(namespace, item_id)).value
 
     async def lookup(self, namespace: str, item_id: str) -> Lookup:
@@ -164,6 +184,18 @@ class Dispatcher:
         cache_error: OndemandError | None = None
         corrupt = False
         if self.breaker.closed:
+            if ns.near_cache:  # before any await: a hit costs a dict lookup, an LRU touch and a decode
+                raw = self.near.get(ns.key_prefix + item_id + ns.key_suffix)  # type: ignore[union-attr]
+                if raw is not None:
+                    try:
+                        value = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        pass  # read from Redis, where the corrupt value is dealt with
+                    else:
+                        stats.hits += 1
+                        stats.near_hits += 1
+                        return Lookup(value, "redis")
+                stats.near_misses += 1
             try:
                 raw = await self.cache.get(ns, item_id)
             except RedisCommandError as exc:
@@ -230,8 +262,19 @@ class Dispatcher:
         raws: list[bytes | None] = [None] * len(ids)
         cache_error: OndemandError | None = None
         if self.breaker.closed:
+            asked = list(range(len(ids)))
+            if ns.near_cache:
+                near = self.near
+                raws = [near.get(ns.key_prefix + item_id + ns.key_suffix) for item_id in ids]  # type: ignore[union-attr]
+                asked = [i for i, raw in enumerate(raws) if raw is None]
+                stats.near_hits += len(ids) - len(asked)
+                stats.near_misses += len(asked)
             try:
-                raws = await self.cache.get_many(ns, ids)
+                if len(asked) == len(ids):
+                    raws = await self.cache.get_many(ns, ids)
+                elif asked:
+                    for i, raw in zip(asked, await self.cache.get_many(ns, [ids[i] for i in asked]), strict=True):
+                        raws[i] = raw
             except (BackendUnavailable, RedisCommandError) as exc:
                 cache_error = self._read_failed(stats, exc)
         else:
@@ -289,6 +332,8 @@ class Dispatcher:
         if ns.durable:
             return await self._shielded(self._durable_set(stats, ns, item_id, raw, ttl))
         if self.breaker.closed:  # the common case, inline: no closure, no extra frame
+            if ns.near_cache:
+                return await self._near_write(stats, ns, item_id, raw, ttl)
             try:
                 await self.cache.set(ns, item_id, raw, ttl)
                 return None
@@ -298,6 +343,40 @@ class Dispatcher:
             await self._skipped((Target(ns, item_id),), False)
         return self._count_lost_write(stats, ns)
 
+    async def _near_write(self, stats: NamespaceStats, ns: Namespace, item_id: str, raw: bytes,
+                          ttl: float | None) -> None:
+        """`set` in a cache-only namespace with a near cache. The local copy goes now; the cache storage drops
+        it again as the write is queued and reads the key back right behind it on the same connection (see
+        ondemand.redis.tracking), so that nothing read before the write is kept and the next read is a hit."""
+        key = ns.key(item_id)
+        self.near.evict(key)  # type: ignore[union-attr]
+        try:
+            await self.cache.set(ns, item_id, raw, ttl)
+            return
+        except (BackendUnavailable, RedisCommandError) as exc:
+            self.near.evict(key)  # type: ignore[union-attr]  # (it may have happened, or not: read it again)
+            await self._write_failed(stats, exc, (Target(ns, item_id),))
+        self._count_lost_write(stats, ns)
+
+    def _evict(self, targets: Iterable[Target]) -> None:
+        """Our own write of `targets` is about to be sent, or was answered: drop their near-cached copies."""
+        near = self.near
+        if near is not None:
+            for target in targets:
+                ns = target.namespace
+                if ns.near_cache:
+                    near.evict(ns.key_prefix + target.id + ns.key_suffix)
+
+    def _near_off(self) -> None:
+        """The breaker opened: the near cache serves and keeps nothing until it closes."""
+        if self.near is not None:
+            self.near.serving = False
+            self.near.flush_all("breaker")
+
+    def _near_on(self) -> None:
+        if self.near is not None:
+            self.near.serving = True
+
     async def _durable_set(self, stats: NamespaceStats, ns: Namespace, item_id: str, raw: bytes,
                            ttl: float | None) -> WriteOutcome | None:
         began = self._loop.time()
@@ -306,12 +385,17 @@ class Dispatcher:
             stats, ((ns, [item_id]),), lambda: self.durable.set(ns, item_id, raw, ttl, **kw), recorded=recorded)  # type: ignore[union-attr]
         target = Target(ns, item_id, committed.version)
         if self.breaker.closed:
+            self._evict((target,))  # (a near-cached write-through drops it again as it is queued, and reads it back)
             try:
                 if self._loop.time() - began <= self.late_after:
                     await self.cache.set(ns, item_id, raw, ttl, committed.version)
                 else:
-                    await self.cache.invalidate((target,))
+                    try:
+                        await self.cache.invalidate((target,))
+                    finally:
+                        self._evict((target,))
             except (BackendUnavailable, RedisCommandError) as exc:
+                self._evict((target,))
                 if await self._write_failed(stats, exc, (target,)):
                     self.invalidation.acknowledge(committed.outbox)  # (a row due at once stands for it now)
             else:
@@ -487,6 +571,7 @@ class Dispatcher:
         _skipped) and return _NOT_WRITTEN. `recorded`: the durable write already put these keys in the outbox,
         due at once."""
         if self.breaker.closed:
+            self._evict(targets)
             try:
                 result = await write()
             except (BackendUnavailable, RedisCommandError) as exc:
@@ -496,6 +581,8 @@ class Dispatcher:
                 for seq in acks:
                     self.invalidation.acknowledge(seq)
                 return result
+            finally:
+                self._evict(targets)
             for seq in acks:  # the keys were recorded again, due at once: those rows stand for these now
                 self.invalidation.acknowledge(seq)
         else:

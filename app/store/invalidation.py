@@ -13,7 +13,6 @@ master alone). The dispatcher decides when; this module does it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -21,6 +20,7 @@ from typing import Any, Protocol
 from ondemand.errors import BackendUnavailable, CacheReplaced, NodeUnavailable, RedisCommandError, first_line
 from ondemand.health import OutageTracker
 from ondemand.store.protocols import OVERFLOW, CacheStorage, DurableStorage, InvalidationOutbox, Namespace, Target
+from ondemand.tasks import stop_tasks
 
 log = logging.getLogger("ondemand.invalidation")
 
@@ -328,11 +328,7 @@ class Invalidation:
         }
 
     async def close(self) -> None:
-        for task in (self._outbox_task, self._ack_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await stop_tasks(self._outbox_task, self._ack_task)
         self._outbox_task = self._ack_task = None
         if self.outbox is not None and self._acks:
             await self._flush_acks()  # bounded by the store's own timeouts

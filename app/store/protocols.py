@@ -48,6 +48,8 @@ class Namespace:
     # whatever the id), so that a key, its tombstone and every script's keys share a slot; on one server
     # there is no suffix.
     key_suffix: str = ""
+    # Hot values are served from this process's memory, kept coherent by the server (ondemand.store.near).
+    near_cache: bool = False
 
     def key(self, item_id: str) -> str:
         return self.key_prefix + item_id + self.key_suffix

@@ -42,6 +42,7 @@ from ondemand.store.protocols import (
     Target,
     purge_in_batches,
 )
+from ondemand.tasks import stop_tasks
 
 log = logging.getLogger("ondemand.postgres")
 
@@ -303,12 +304,8 @@ class PostgresStorage:
 
     async def close(self) -> None:
         self._closed = True
-        tasks = [t for t in (self._purge_task, self._idle_task, self._connecting, self._reconnecting)
-                 if t is not None and not t.done()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=self.config.startup_timeout)
+        await stop_tasks(self._purge_task, self._idle_task, self._connecting, self._reconnecting,
+                         timeout=self.config.startup_timeout)
         self._purge_task = self._idle_task = self._connecting = self._reconnecting = None
         self._close_listener()
         if self._pool is not None:

@@ -439,6 +439,7 @@
 
     renderPools(redis.pools || {});
     renderNamespaces(dispatcher.namespaces || {});
+    renderNear(doc.near_cache);
     renderPlugins(doc.plugins || []);
     if ($("raw").closest("details").open) $("raw").textContent = JSON.stringify(doc, null, 2);
   }
@@ -566,6 +567,25 @@
       );
       return tr;
     }));
+  }
+
+  // The near cache card: shown when a namespace keeps one (doc.near_cache is null otherwise).
+  function renderNear(near) {
+    $("near-card").hidden = !near;
+    if (!near) return;
+    setBadge("near-state", near.state);
+    setText("near-namespaces", (near.namespaces || []).join(", "));
+    const reads = (near.hits || 0) + (near.misses || 0);
+    setText("near-hits", `${fmtNum(near.hits)} / ${fmtNum(near.misses)}` + (reads ? ` (${fmtPct(near.hits / reads)} hits)` : ""));
+    setText("near-entries", `${fmtNum(near.entries)} of at most ${fmtNum(near.max_entries)}`);
+    setText("near-bytes", `${fmtNum(near.bytes)} of ${fmtNum(near.max_bytes)} bytes`);
+    setText("near-invalidations", fmtNum(near.invalidations));
+    const flushes = Object.entries(near.flushes || {}).map(([cause, n]) => `${cause} ${fmtNum(n)}`);
+    setText("near-flushes", flushes.length ? flushes.join(" · ") : "none");
+    setText("near-bound", `${near.max_silence} s (${near.tracking}; ${fmtNum(near.fresh_connections)} of ${fmtNum(near.connections)} connections fresh)`);
+    const refused = Object.entries(near.refused || {}).map(([where, why]) => `${where}: ${why}`);
+    $("near-refused").hidden = !refused.length;
+    setText("near-refused", refused.length ? `no near cache at ${refused.join(" · ")}` : "");
   }
 
   let pluginsKey = "";
