@@ -326,3 +326,23 @@ async def test_a_load_whose_callers_all_gave_up_is_still_installed(runtime: Runt
             break
         await asyncio.sleep(0.02)
     assert await runtime.dispatcher.get("profile", "g") == "v" and loader.calls == 1
+
+
+async def test_a_near_cached_namespace_serves_hits_from_the_near_cache_and_its_writes_revoke(make_config) -> None:
+    config = make_config({"namespaces": {"profile": {"near_cache": True}}, "lifecycle": {"tcp": True},
+                          "near_cache": {"max_silence": 30.0}})
+    async with Runtime(config) as rt:
+        loader = Counting("v")
+        for _ in range(5):  # the first read after the install installs it in the near cache
+            assert await rt.cache.get_or_compute("profile", "nc", loader) == "v"
+            if rt.dispatcher.stats["profile"].near_hits:
+                break
+            await rt.on_demand.execute("PING")
+        assert rt.dispatcher.stats["profile"].near_hits >= 1 and loader.calls == 1
+        gated = Counting("loaded before the write", gated=True)
+        call = asyncio.ensure_future(rt.cache.get_or_compute("profile", "nw", gated))
+        await asyncio.wait_for(gated.started.wait(), 5.0)
+        await rt.dispatcher.set("profile", "nw", "written")  # the near cache's tracked write path
+        gated.release.set()
+        assert await asyncio.wait_for(call, 5.0) == "loaded before the write"
+        assert await rt.dispatcher.get("profile", "nw") == "written"
