@@ -91,10 +91,11 @@ async def test_four_processes_of_fifty_callers_missing_one_key_call_the_loader_o
     values = {json.dumps(value) for report in reports for value, _ in report["results"]}
     assert values == {json.dumps({"by": int(loaders[0])})}
     assert sum(len(report["results"]) for report in reports) == 200
+    assert sum(report["aside"]["loads"] for report in reports) == 1
+    # The processes without the lease waited for it (all of them, unless one started after the install), and
+    # were woken by the install's notification, none by its wait's bound.
     waiting = [report for report in reports if report["aside"]["lease_waits"]]
-    assert len(waiting) == 3  # the three processes without the lease waited for it ...
-    assert all(report["aside"]["lease_timeouts"] == 0 and report["notifications"] >= 1 for report in waiting)
-    assert sum(report["aside"]["joins"] for report in reports) == 4 * 49  # ... one load per process shared
+    assert waiting and all(r["aside"]["lease_timeouts"] == 0 and r["notifications"] >= 1 for r in waiting)
 
 
 async def test_a_lease_holder_killed_mid_load_is_replaced_once_its_lease_expires(tmp_path: Path) -> None:
