@@ -1,11 +1,13 @@
 """The redis storage's leases for `get_or_compute` (the `Leases` protocol of ondemand.store.aside).
 
 Beside a value's key, in its slot, lives its sidecar (`<key>\\0a`: an id never holds a control character, so
-no id's key is a sidecar), a hash: `l` the lease ("<token> <deadline ms>", server time) and `m` the meta
-("<expiry ms> <load ms>"), as long-lived as the value. The storage deletes the sidecar before every write and
-delete (the lease is revoked, an older load's meta no longer applies); an install is one script that checks the
-token, writes the value and its meta and PUBLISHes the key on the runtime's channel. Each process subscribes
-once, on a connection of its own, and wakes the callers waiting for that key.
+no id's key is a sidecar), a hash: `l` the lease ("<token> <deadline ms>", server time), `f` the value as the
+lease found it (absent, or its SHA-1), and `m` the meta ("<expiry ms> <load ms> <CRC-32 of the value>"), as
+long-lived as the value. A delete, and a write in a durable namespace, delete the sidecar first (the lease is
+revoked); a cache-only write is a plain SET, seen by the install, which is one script: it writes the value and
+its meta only if the lease is still its own and the value is still as the lease found it, and PUBLISHes the key
+on the runtime's channel either way. Each process subscribes once, on a connection of its own, and wakes the
+callers waiting for that key.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ def sidecar(key: str) -> str:
 
 
 _MINE = """
+local function state()
+  local kind = redis.call('TYPE', KEYS[1]).ok
+  if kind == 'string' then return redis.sha1hex(redis.call('GET', KEYS[1])) end
+  if kind == 'none' then return '' end
+  return kind
+end
 local function mine(token)
   local held = redis.call('HGET', KEYS[2], 'l')
   return held and string.sub(held, 1, #token + 1) == token .. ' '
@@ -37,8 +45,8 @@ local function keep(px)
   if px == '0' then redis.call('PERSIST', KEYS[2]) else redis.call('PEXPIRE', KEYS[2], px) end
 end
 """
-# KEYS: value, sidecar. ARGV: token, lease ms, seen meta ('' on a miss).
-_ACQUIRE = """
+# KEYS: value, sidecar. ARGV: token, lease ms, seen meta ('' on a miss). `f`: the value as the lease found it.
+_ACQUIRE = _MINE + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[3] == '' then
@@ -53,18 +61,19 @@ if held then
   if deadline > now then return deadline - now end
 end
 local pttl = redis.call('PTTL', KEYS[2])
-redis.call('HSET', KEYS[2], 'l', ARGV[1] .. ' ' .. (now + tonumber(ARGV[2])))
+redis.call('HSET', KEYS[2], 'l', ARGV[1] .. ' ' .. (now + tonumber(ARGV[2])), 'f', state())
 if pttl == -2 or (pttl >= 0 and pttl < tonumber(ARGV[2])) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
 return -1
 """
 # KEYS: value, sidecar. ARGV: token, value, px (0: none), meta, channel.
 _INSTALL = _MINE + """
-if not mine(ARGV[1]) then
-  redis.call('PUBLISH', ARGV[5], KEYS[1])  -- revoked by a write: the waiters read what it wrote
+if not mine(ARGV[1]) or redis.call('HGET', KEYS[2], 'f') ~= state() then
+  if mine(ARGV[1]) then redis.call('HDEL', KEYS[2], 'l', 'f') end
+  redis.call('PUBLISH', ARGV[5], KEYS[1])  -- revoked, or written since: the waiters read what is there
   return 0
 end
 if ARGV[3] == '0' then redis.call('SET', KEYS[1], ARGV[2]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
-redis.call('HDEL', KEYS[2], 'l')
+redis.call('HDEL', KEYS[2], 'l', 'f')
 redis.call('HSET', KEYS[2], 'm', ARGV[4])
 keep(ARGV[3])
 redis.call('PUBLISH', ARGV[5], KEYS[1])
@@ -82,7 +91,7 @@ return 1
 # KEYS: value, sidecar. ARGV: token, channel.
 _RELEASE = _MINE + """
 if mine(ARGV[1]) then
-  redis.call('HDEL', KEYS[2], 'l')
+  redis.call('HDEL', KEYS[2], 'l', 'f')
   redis.call('PUBLISH', ARGV[2], KEYS[1])
 end
 return 1

@@ -45,9 +45,10 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
 # Anything else under the key (a string, as the previous release wrote) counts as absent, version 0. Versions
 # are compared as decimal text (exact beyond Lua's 2^53), by length first. Ids never contain NUL or braces
 # that matter: on a cluster every key of one script shares the id's slot (see Namespace).
-# Every write and delete is preceded, in the same batch, by a DEL of the key's sidecar (its get_or_compute lease
-# and meta: ondemand.plugins.redis_leases), so that a load that began before it is not installed. (A command of
-# its own: a multi-key command meets TRYAGAIN in a slot being migrated.)
+# Every delete and every durable write is preceded, in the same batch, by a DEL of the key's sidecar (its
+# get_or_compute lease and meta: ondemand.plugins.redis_leases), so that a load that began before it is not
+# installed (a cache-only write needs none: the install sees that the value changed). A command of its own: a
+# multi-key command meets TRYAGAIN in a slot being migrated.
 DELETED_HOLD = 30.0  # seconds a tombstone is kept: far longer than a put-back may be late (the dispatcher's bound)
 _OLDER = """
 local function older(a, b)
@@ -249,27 +250,31 @@ class RedisStorage:
         if self.on_demand.disabled:
             return _nothing()
         key = ns.key_prefix + item_id + ns.key_suffix
-        if not ns.near_cache:  # the sidecar's DEL and the write in one batch (see the module's comment above)
+        if ns.durable:  # the sidecar's DEL first: a load that began before this write is not installed
             command = _set_command(ns, key, value, ttl, version)
-            return self._grouped({ns.connection_id: [("DEL", sidecar(key)), command]})
-        if ns.durable:
-            return self._revoke_then(ns, key, lambda: self._eval(_set_command(ns, key, value, ttl, version),
-                                                                 ns.connection_id, key))
-        # read back right behind the write: our next read of it is a hit (ondemand.redis.tracking)
-        return self._revoke_then(ns, key, lambda: self.on_demand.write_tracked(
-            key, _set_command(ns, key, value, ttl, None), ("GET", key), False, connection_id=ns.connection_id))
+            if ns.near_cache:
+                return self._revoking(ns, key, lambda: self._eval(command, ns.connection_id, key))
+            if self.on_demand.cluster:  # a cluster's commands are routed coroutines: one batch instead
+                return self._grouped({ns.connection_id: [("DEL", sidecar(key)), command]})
+            return self._revoking(ns, key, lambda: self._eval(command, ns.connection_id))
+        if ns.near_cache:  # read back right behind the write: our next read of it is a hit (ondemand.redis.tracking)
+            return self.on_demand.write_tracked(key, _set_command(ns, key, value, ttl, None), ("GET", key), False,
+                                                connection_id=ns.connection_id)
+        return self.on_demand.execute(*_set_command(ns, key, value, ttl, None), connection_id=ns.connection_id)
 
-    async def _revoke_then(self, ns: Namespace, key: str, write: Callable[[], Awaitable[Any]]) -> Any:
-        """The sidecar's DEL, then `write` queued right behind it on the same connection (one round trip); with
-        no connection open yet (or a cluster's routed command), the DEL's reply first."""
+    def _revoking(self, ns: Namespace, key: str, write: Callable[[], Awaitable[Any]]) -> Awaitable[Any]:
+        """The sidecar's DEL, then `write` queued right behind it on the same connection (one round trip, no
+        frame of ours); with no connection open yet (or a cluster's routed command), the DEL's reply first."""
         revoke = self.on_demand.execute("DEL", sidecar(key), connection_id=ns.connection_id)
-        if not isinstance(revoke, asyncio.Future):
-            await revoke
-            return await write()
-        try:
-            return await write()
-        finally:
+        if isinstance(revoke, asyncio.Future):
             revoke.add_done_callback(_retrieved)  # its failure is the write's too (the same connection)
+            return write()
+        return self._in_turn(revoke, write)
+
+    @staticmethod
+    async def _in_turn(revoke: Awaitable[Any], write: Callable[[], Awaitable[Any]]) -> Any:
+        await revoke
+        return await write()
 
     async def set_many(self, entries: Sequence[Entry]) -> Any:
         if self.on_demand.disabled or not entries:
@@ -277,8 +282,10 @@ class RedisStorage:
         by_pool: dict[str, list[tuple[Any, ...]]] = {}
         for e in entries:
             key = e.namespace.key(e.id)
-            by_pool.setdefault(e.namespace.connection_id, []).extend(
-                (("DEL", sidecar(key)), _set_command(e.namespace, key, e.value, e.ttl, e.version)))
+            commands = by_pool.setdefault(e.namespace.connection_id, [])
+            if e.namespace.durable:
+                commands.append(("DEL", sidecar(key)))
+            commands.append(_set_command(e.namespace, key, e.value, e.ttl, e.version))
         return await self._grouped(by_pool)
 
     async def put_back(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, version: int, *,
@@ -366,10 +373,8 @@ class RedisStorage:
             return count
         px = 0 if ttl is None else _milliseconds(ttl)
         try:
-            key = ns.key(item_id)
-            replies = await self._grouped({ns.connection_id: [("DEL", sidecar(key)),
-                                                               APPEND.command((key,), (items, count, px, max_items))]})
-            return replies[1]
+            return await self._eval(APPEND.command((ns.key(item_id),), (items, count, px, max_items)),
+                                    ns.connection_id)
         except RedisCommandError as exc:
             reason = str(exc).removeprefix("ERR ")  # Redis 7 and Valkey prefix a script's own error with ERR
             if reason.startswith("NOTLIST"):

@@ -347,3 +347,28 @@ async def test_a_near_cached_namespace_serves_hits_from_the_near_cache_and_its_w
         gated.release.set()
         assert await asyncio.wait_for(call, 5.0) == "loaded before the write"
         assert await rt.dispatcher.get("profile", "nw") == "written"
+
+
+async def test_a_write_during_a_stale_refresh_is_not_overwritten_and_its_value_is_fresh(runtime: Runtime) -> None:
+    loader = Counting(lambda calls: f"v{calls}")
+    options = {"ttl": 0.2, "stale_ttl": 30}
+    assert await runtime.cache.get_or_compute("profile", "wr", loader, **options) == "v1"
+    await asyncio.sleep(0.3)
+    loader.release.clear()
+    loader.started.clear()
+    assert await runtime.cache.get_or_compute("profile", "wr", loader, **options) == "v1"  # stale: a refresh
+    await asyncio.wait_for(loader.started.wait(), 5.0)
+    await runtime.dispatcher.set("profile", "wr", "written", 60)
+    loader.release.set()
+    stats = runtime.dispatcher.status()["aside"]["namespaces"]["profile"]
+    for _ in range(100):
+        if runtime.dispatcher.status()["aside"]["refreshes_in_flight"] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert await runtime.dispatcher.get("profile", "wr") == "written"  # the refresh began before the write
+    assert runtime.dispatcher.status()["aside"]["namespaces"]["profile"]["not_installed"] == 1
+    served = stats["stale_served"]
+    # The write's value has no expiry of a load: fresh for its own ttl, not stale, no refresh.
+    assert await runtime.cache.get_or_compute("profile", "wr", loader, **options) == "written"
+    after = runtime.dispatcher.status()["aside"]["namespaces"]["profile"]
+    assert after["stale_served"] == served and loader.calls == 2

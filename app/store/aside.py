@@ -17,6 +17,7 @@ import math
 import os
 import random
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -127,10 +128,11 @@ class AsideStats:
     negative_cached: int = 0  # "not found" results cached (negative_ttl)
 
 
-def _meta(ttl: float | None, delta: float) -> bytes:
-    """The logical expiry (ms since the epoch, 0: none) and the last load's duration (ms)."""
+def _meta(ttl: float | None, delta: float, raw: bytes) -> bytes:
+    """The logical expiry (ms since the epoch, 0: none), the last load's duration (ms) and the CRC-32 of the value
+    they are about (a plain write replaces the value, not the meta: a reader then ignores it)."""
     expiry = 0 if ttl is None else int((time.time() + ttl) * 1000)
-    return b"%d %d" % (expiry, max(1, int(delta * 1000)))
+    return b"%d %d %d" % (expiry, max(1, int(delta * 1000)), zlib.crc32(raw))
 
 
 class Aside:
@@ -166,7 +168,7 @@ class Aside:
                     if value is not CORRUPT:
                         d.stats[ns.name].hits += 1
                         if meta is not None:
-                            self._consider_refresh(ns, item_id, loader, options, meta)
+                            self._consider_refresh(ns, item_id, loader, options, meta, raw)
                         return value
             found = await d.lookup(ns.name, item_id)  # a miss, a durable store's value, or no leases
             if found.source != "miss":
@@ -304,7 +306,7 @@ class Aside:
         if ttls is None:
             await self._release(ns, item_id, token)
             return value
-        meta = _meta(ttls[0], self._loop.time() - began)
+        meta = _meta(ttls[0], self._loop.time() - began, raw)  # type: ignore[arg-type]
         stats = self.stats[ns.name]
         try:
             if ns.durable:
@@ -327,14 +329,14 @@ class Aside:
     # -- refreshing -----------------------------------------------------------------------------
 
     def _consider_refresh(self, ns: Namespace, item_id: str, loader: Loader, options: AsideOptions,
-                          meta: bytes) -> None:
+                          meta: bytes, raw: bytes) -> None:
         """Past its ttl (served stale) or chosen by XFetch: one refresh in the background."""
         try:
-            expiry_ms, delta_ms = meta.split()
+            expiry_ms, delta_ms, crc = meta.split()
             expiry, delta = int(expiry_ms) / 1000, int(delta_ms) / 1000
         except ValueError:
             return
-        if not expiry:
+        if not expiry or int(crc) != zlib.crc32(raw):  # (the meta of a value since replaced by a plain write)
             return
         now = time.time()
         stats = self.stats[ns.name]
