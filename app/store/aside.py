@@ -3,9 +3,10 @@
 In a process, concurrent callers of one key share one load (a task of its own, so a caller that gives up
 does not cancel it for the others). Across processes a cache storage that offers `Leases` (the redis storage
 does) hands one of them a lease; the others serve the stale value or wait for a notification of the install.
-A write or delete revokes the lease, and the install is conditional on it, so a value loaded before a write
-is never installed over it. Early refresh is XFetch (Vattani, Chierichetti and Lowenstein, VLDB 2015). The
-guarantees are the README's ("Cache-aside").
+The install is conditional on the lease and on the value being as the lease found it (a delete revokes the
+lease, a write changes the value), so a value loaded before a write is never installed over it. Early
+refresh is XFetch (Vattani, Chierichetti and Lowenstein, VLDB 2015). The guarantees are the README's
+("Cache-aside").
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class Leases(Protocol):
 
     async def install(self, ns: Namespace, item_id: str, token: str, value: bytes, ttl: float | None,
                       meta: bytes) -> bool:
-        """In a cache-only namespace: store the value and its meta for `ttl` and notify, in one step, if the
-        lease is still `token`'s (a write or delete revokes it); returns whether it did."""
+        """In a cache-only namespace: store the value and its meta for `ttl`, in one step, if the lease is still
+        `token`'s (a delete revokes it) and the value is still as the lease found it (a write changes it);
+        notify either way; returns whether it stored it."""
 
     async def held(self, ns: Namespace, item_id: str, token: str) -> bool:
         """Whether the lease is still `token`'s."""
