@@ -1,4 +1,4 @@
-"""Benchmark 11: cache-aside under a hot key: get_or_compute against cashews (`lock=True`, `early`) and aiocache
+"""Benchmark 12: cache-aside under a hot key: get_or_compute against cashews (`lock=True`, `early`) and aiocache
 (`cached_stampede`).
 
     python bench/bench_aside.py [--quick] [--rounds N]     (or: python bench/run.py --only aside)
@@ -223,7 +223,7 @@ async def run(*, quick: bool = False, transport: str = "tcp", rounds: int | None
     rounds = rounds or (1 if quick else 3)
     seconds = 1.6 if quick else 6.0
     tasks = 20 if quick else 250
-    result = Result("aside", "11. Cache-aside under a hot key: get_or_compute vs cashews and aiocache")
+    result = Result("aside", "12. Cache-aside under a hot key: get_or_compute vs cashews and aiocache")
     samples: dict[str, dict[str, list[Any]]] = {c: {"lpe": [], "during": [], "steady": [], "errors": []}
                                                 for c in CONTENDERS}
     async with Runtime(bench_config("tcp")) as rt:  # the workers reach the server over TCP
@@ -274,13 +274,13 @@ async def run(*, quick: bool = False, transport: str = "tcp", rounds: int | None
     ours_during, ours_steady = p99[OURS]
     peers = [p99[c][0] for c in CONTENDERS if not c.startswith("ondemand") and p99[c][0] == p99[c][0]]  # (nan: none)
     result.targets += [
-        Target("11: loader calls per expiry (ondemand)", statistics.median(samples[OURS]["lpe"]), 1.05, "",
+        Target("12: loader calls per expiry (ondemand)", statistics.median(samples[OURS]["lpe"]), 1.05, "",
                higher_is_better=False),
-        Target("11: p99 during a refresh / steady p99 (ondemand)", ours_during / ours_steady if ours_steady else 0,
+        Target("12: p99 during a refresh / steady p99 (ondemand)", ours_during / ours_steady if ours_steady else 0,
                2.0, "x", higher_is_better=False),
-        Target("11: ondemand p99 during a refresh / best peer's", ours_during / min(peers) if peers else 0, 1.0, "x",
+        Target("12: ondemand p99 during a refresh / best peer's", ours_during / min(peers) if peers else 0, 1.0, "x",
                higher_is_better=False),
-        Target("11: a hit through get_or_compute minus a plain get (CPU)", percentile(diffs["cpu"], 50), 2.0,
+        Target("12: a hit through get_or_compute minus a plain get (CPU)", percentile(diffs["cpu"], 50), 2.0,
                " µs", higher_is_better=False),
     ]
     result.notes.append("refresh: reads that began while a load of that contender ran in either process (or in the "

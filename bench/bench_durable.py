@@ -75,7 +75,7 @@ async def measure(rt: Runtime, pg_pid: int | None, op: str, concurrency: int, se
 async def run(*, quick: bool = False, transport: str = "tcp", rounds: int | None = None) -> Result:
     rounds = rounds or (1 if quick else 5)
     seconds = 0.3 if quick else 2.0
-    result = Result("durable", "9. Durable path: session PUT (PostgreSQL, then Redis) and GET of a cached session")
+    result = Result("durable", "10. Durable path: session PUT (PostgreSQL, then Redis) and GET of a cached session")
     base = Path(tempfile.mkdtemp(prefix="ondemand-bench-pg-"))
     pg = EmbeddedPostgres(base / "pgdata", settings={"fsync": "off"})
     rows: dict[tuple[str, int], list[dict[str, Any]]] = {}

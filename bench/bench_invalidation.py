@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import sys
 import tempfile
@@ -24,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from common import REPO, Result, Table, Target, bench_config, percentile
+from common import Result, Table, Target, bench_config, percentile
 
 from ondemand import Runtime
-from ondemand.host.net import free_port
 from ondemand.host.process import ChildProcess, log_tail
 from ondemand.plugins.storage_postgres.server import EmbeddedPostgres
 from ondemand.redis.endpoint import RedisEndpoint
+from tests.support import start_app
 from tests.tcp_proxy import ProxyProcess
 
 BOUND_MS = 100.0  # the target: p99 of the delay
@@ -110,28 +109,9 @@ class TwoHosts:
         return f"redis://:{self.endpoint.password}@127.0.0.1:{port}/0"
 
     async def _start_host(self, name: str, redis_port: int | None) -> Host:
-        workdir = self.base / name.lower()
-        workdir.mkdir()
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ONDEMAND_")}
-        env |= {"DOCKER_ENV": "1", "REDIS_URL": self.redis_url(redis_port), "DATABASE_URL": self.pg.dsn,
-                "ONDEMAND_LIFECYCLE__RUNTIME_DIR": f'"{workdir / "runtime"}"', **self.extra_env}
-        child = await ChildProcess.spawn(
-            name, [sys.executable, str(REPO / "run.py"), "serve", "--config", str(REPO / "config/docker.toml"),
-                   "--host", "127.0.0.1", "--port", str(port), "--log-level", self.log_level],
-            log_path=workdir / "app.log", env=env, cwd=workdir)
-        host = Host(name, child, port)
-
-        async def healthy() -> bool:
-            async with aiohttp.ClientSession() as http, http.get(f"{host.url}/healthz") as resp:
-                return resp.status == 200
-
-        try:
-            await child.wait_ready(healthy, timeout=30, interval=0.05, max_interval=0.2)
-        except BaseException:
-            await child.stop(grace=5)
-            raise
-        return host
+        app = await start_app(name, self.base / name.lower(), self.redis_url(redis_port), self.pg.dsn, self.extra_env,
+                              args=["--log-level", self.log_level])
+        return Host(name, app.child, int(app.base.rsplit(":", 1)[1]))
 
     async def _stop_hosts(self) -> None:
         for host in self.hosts:

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,9 +155,10 @@ class App:
         return f"{what}\n--- log of {self.name} ({self.child.log_path}):\n{log_tail(self.child.log_path, 30)}"
 
 
-async def start_app(name: str, workdir: Path, redis_url: str, dsn: str, env: dict[str, str] | None = None) -> App:
+async def start_app(name: str, workdir: Path, redis_url: str, dsn: str, env: dict[str, str] | None = None,
+                    args: Sequence[str] = ()) -> App:
     """`run.py --config config/docker.toml` as compose runs it (a "host"): Redis at `redis_url`, PostgreSQL at
-    `dsn`, `env` more settings (ONDEMAND_...); healthy before it returns."""
+    `dsn`, `env` more settings (ONDEMAND_...), `args` more options of `run.py`; healthy before it returns."""
     workdir.mkdir()
     port = free_port()
     overrides = env or {}
@@ -166,7 +167,7 @@ async def start_app(name: str, workdir: Path, redis_url: str, dsn: str, env: dic
             "ONDEMAND_LIFECYCLE__RUNTIME_DIR": f'"{workdir / "runtime"}"', **overrides}
     child = await ChildProcess.spawn(
         name, [sys.executable, str(ROOT / "run.py"), "--config", str(ROOT / "config/docker.toml"),
-               "--host", "127.0.0.1", "--port", str(port)],
+               "--host", "127.0.0.1", "--port", str(port), *args],
         log_path=workdir / "app.log", env=env, cwd=workdir)
     app = App(name, child, f"http://127.0.0.1:{port}")
 

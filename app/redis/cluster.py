@@ -486,22 +486,9 @@ class ClusterConnection:
         conn = node.connection if node is not None else None
         if (conn is not None and conn.closed_reason is None and address not in self._held
                 and address not in self._failed):
-            return self._finish_read(conn.read_tracked(key, command, versioned), address, command, versioned)  # type: ignore[arg-type]
+            return self._finish(conn.read_tracked(key, command, versioned), address, command,  # type: ignore[arg-type]
+                                versioned_read=versioned)
         return self._read_long_way(address, command, versioned)
-
-    async def _finish_read(self, future: Any, address: Address, command: Command, versioned: bool) -> Any:
-        try:
-            return await future
-        except (RedisCommandError, RedisUnavailable) as exc:
-            if isinstance(exc, RedisUnavailable):
-                self.node_failed(address)
-                raise _node_unavailable(exc) from exc
-            if exc.kind not in ("moved", "ask", "tryagain", "clusterdown"):
-                if exc.kind in _NODE_UNUSABLE:
-                    raise self._unusable(address, exc) from exc
-                raise
-            reply = await self._run(address, command, first_error=exc)
-        return reply[0] if versioned else reply
 
     async def _read_long_way(self, address: Address | None, command: Command, versioned: bool) -> Any:
         reply = await self._run(address, command)
@@ -546,8 +533,9 @@ class ClusterConnection:
         return merged
 
     async def _finish(self, future: asyncio.Future[Any], address: Address, args: Sequence[Any], *,
-                      track: tuple[str, Command, bool] | None = None) -> Any:
-        """The reply of a command already queued; a redirect or a failed node goes the long way."""
+                      track: tuple[str, Command, bool] | None = None, versioned_read: bool = False) -> Any:
+        """The reply of a command already queued; a redirect or a failed node goes the long way (where a
+        tracked read of a versioned record, answered with its value alone, comes back as the whole reply)."""
         try:
             return await future
         except (RedisCommandError, RedisUnavailable) as exc:
@@ -558,7 +546,8 @@ class ClusterConnection:
                 if exc.kind in _NODE_UNUSABLE:
                     raise self._unusable(address, exc) from exc
                 raise
-            return await self._run(address, args, first_error=exc, track=track)
+            reply = await self._run(address, args, first_error=exc, track=track)
+        return reply[0] if versioned_read else reply
 
     def _unusable(self, address: Address, exc: RedisCommandError) -> NodeUnavailable:
         """A master that cannot serve now (CLUSTERDOWN past the budget, LOADING, BUSY...): its problem alone.
