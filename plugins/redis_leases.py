@@ -116,6 +116,7 @@ class RedisLeases:
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._subscribed: asyncio.Future[bool] | None = None
+        self._retry_at = 0.0  # (loop time) no new subscription before this, after one that failed
         self.notifications = 0
 
     @property
@@ -187,9 +188,13 @@ class RedisLeases:
     async def listen(self, timeout: float) -> bool:
         if self.on_demand.disabled:
             return False
+        loop = asyncio.get_running_loop()
         if self._listener is None or self._listener.done():
-            self._subscribed = asyncio.get_running_loop().create_future()
-            self._listener = asyncio.get_running_loop().create_task(self._listen(self._subscribed))
+            if loop.time() < self._retry_at:  # a subscription that failed is not tried again at every miss
+                return False
+            self._retry_at = loop.time() + 5.0
+            self._subscribed = loop.create_future()
+            self._listener = loop.create_task(self._listen(self._subscribed))
         assert self._subscribed is not None
         try:
             return await asyncio.wait_for(asyncio.shield(self._subscribed), timeout)
@@ -204,9 +209,9 @@ class RedisLeases:
             async with asyncio.timeout(config.connect_timeout + config.op_timeout):
                 endpoint = await self.on_demand.ensure()
                 conn = await RespConnection.open(endpoint, what="the aside notifications' subscription")
-                conn.send("SUBSCRIBE", self.channel)
-                await conn.reply()
+                await conn.call("SUBSCRIBE", self.channel)  # (an error reply, NOPERM say, is raised)
             subscribed.set_result(True)
+            self._retry_at = 0.0
             while True:
                 message = await conn.reply()
                 if isinstance(message, list) and len(message) == 3 and message[0] == b"message":

@@ -372,3 +372,20 @@ async def test_a_write_during_a_stale_refresh_is_not_overwritten_and_its_value_i
     assert await runtime.cache.get_or_compute("profile", "wr", loader, **options) == "written"
     after = runtime.dispatcher.status()["aside"]["namespaces"]["profile"]
     assert after["stale_served"] == served and loader.calls == 2
+
+
+async def test_without_notifications_a_waiter_looks_again_instead_of_waiting_out_the_lease(tmp_path: Path) -> None:
+    rule = "ondemand on >secret-pw resetkeys ~ondemand:* resetchannels &ondemand:aside +@all -subscribe"
+    async with plain_server(tmp_path / "redis", users=[rule]) as server:
+        url = f"redis://ondemand:secret-pw@127.0.0.1:{server.port}/0"
+        extra = {"lifecycle": {"plugin": "external", "redis_url": url}}
+        async with Runtime(_config(server, extra)) as a, Runtime(_config(server, extra)) as b:
+            assert not await b.cache_storage.leases.listen(2.0)  # SUBSCRIBE refused
+            holder, waiter = Counting("from a", gated=True), Counting("from b")
+            loading = asyncio.ensure_future(a.cache.get_or_compute("profile", "p", holder, lease_ttl=20, wait=15))
+            await asyncio.wait_for(holder.started.wait(), 5.0)
+            waiting = asyncio.ensure_future(b.cache.get_or_compute("profile", "p", waiter, lease_ttl=20, wait=15))
+            await asyncio.sleep(0.2)
+            holder.release.set()
+            assert await asyncio.wait_for(waiting, 5.0) == "from a" and await loading == "from a"
+            assert waiter.calls == 0 and b.cache_storage.leases.notifications == 0

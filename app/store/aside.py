@@ -219,7 +219,7 @@ class Aside:
             listening = await leases.listen(min(1.0, options.wait or 1.0))
         except _UNREACHABLE:
             listening = False
-        waited, present_misses = False, 0
+        waited, present_misses, pause = False, 0, 0.01
         while True:
             arrival = leases.arrival(ns, item_id)  # before asking: a notification in between is not lost
             try:
@@ -237,13 +237,16 @@ class Aside:
                     if remaining <= 0:
                         stats.lease_timeouts += 1
                         return await self._load(ns, item_id, loader, options)
-                    # Woken by the holder's install (or release); at the latest when its lease ends.
+                    # Woken by the holder's install (or release); at the latest when its lease ends. Without
+                    # notifications (the subscription failed: a server that refuses SUBSCRIBE) it looks again
+                    # after a growing pause instead.
                     bound = min(remaining, got + 0.05)
                     if listening:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(arrival, bound)
                     else:
-                        await asyncio.sleep(bound)
+                        pause = min(pause * 2, 0.5)
+                        await asyncio.sleep(min(bound, pause))
             finally:
                 leases.forget(ns, item_id, arrival)
             found = await d.lookup(ns.name, item_id)
