@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ondemand.store.dispatcher import Dispatcher, WriteOutcome
@@ -12,6 +13,11 @@ SESSION, MESSAGES, PROFILE = "session", "messages", "profile"
 class CacheService:
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
+
+    def get_or_compute(self, namespace: str, item_id: str, loader: Callable[[], Awaitable[Any]],
+                       **options: Any) -> Awaitable[Any]:
+        """Dispatcher.get_or_compute: the cached value, else the loader's, one load per key at a time."""
+        return self.dispatcher.get_or_compute(namespace, item_id, loader, **options)
 
     # Each write returns None when stored as asked, else what happened (Dispatcher.set).
     async def cache_session(self, session_id: str, data: Any, *, ttl: float | None = None) -> WriteOutcome | None:

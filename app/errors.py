@@ -86,6 +86,13 @@ class SpawnError(RedisUnavailable):
     code = "redis_spawn_failed"
 
 
+class LoadTimeout(OndemandError):
+    """A `get_or_compute` caller waited its bound for a load another caller started (the load goes on)."""
+
+    code = "load_timeout"
+    http_status = 504
+
+
 class RedisCommandError(OndemandError):
     """Redis answered a command with an error reply; `kind` classifies it (see ERROR_REPLY_KINDS).
 

@@ -46,6 +46,19 @@ _NAMESPACE_COUNTERS = {
     "near_misses": ("ondemand_near_cache_misses", "Reads of near-cached namespaces the near cache could not serve"),
 }
 
+# AsideStats field -> (metric name, help), per namespace: get_or_compute (ondemand.store.aside)
+_ASIDE_COUNTERS = {
+    "loads": ("ondemand_aside_loads", "get_or_compute loader calls that returned"),
+    "load_errors": ("ondemand_aside_load_errors", "get_or_compute loader calls that raised"),
+    "joins": ("ondemand_aside_joins", "get_or_compute callers that shared a load running in their process"),
+    "lease_waits": ("ondemand_aside_lease_waits", "get_or_compute loads that waited for another process's lease"),
+    "lease_timeouts": ("ondemand_aside_lease_timeouts", "Lease waits past their bound (the caller loaded itself)"),
+    "stale_served": ("ondemand_aside_stale_served", "Values served past their ttl while one refresh ran"),
+    "early_refreshes": ("ondemand_aside_early_refreshes", "XFetch refreshes before the ttl"),
+    "not_installed": ("ondemand_aside_not_installed", "Loaded values not installed: a write revoked the lease"),
+    "negative_cached": ("ondemand_aside_negative_cached", "Not-found results cached (negative_ttl)"),
+}
+
 # RedisCounters field -> help; exposed as ondemand_redis_<field>_total
 _REDIS_COUNTERS = {
     "spawns": "Redis start attempts (children spawned by the subprocess lifecycle)",
@@ -78,6 +91,7 @@ class RuntimeCollector(Collector):
         yield from _error_reply_metrics(status["dispatcher"])
         yield from _storage_metrics(status["storages"])
         yield from _near_metrics(status.get("near_cache"))
+        yield from _aside_metrics(status["dispatcher"].get("aside"))
 
 
 def _namespace_metrics(dispatcher: dict[str, Any]) -> Iterator[Metric]:
@@ -89,6 +103,24 @@ def _namespace_metrics(dispatcher: dict[str, Any]) -> Iterator[Metric]:
         yield family
     yield GaugeMetricFamily("ondemand_stale_keys_pending", "Keys to delete from Redis before the breaker closes",
                             value=dispatcher.get("stale_keys_pending", 0))
+
+
+def _aside_metrics(aside: dict[str, Any] | None) -> Iterator[Metric]:
+    if not aside:
+        return
+    namespaces = aside["namespaces"]
+    for field, (name, help_text) in _ASIDE_COUNTERS.items():
+        family = CounterMetricFamily(name, help_text, labels=["namespace"])
+        for namespace, stats in sorted(namespaces.items()):
+            family.add_metric([namespace], stats.get(field, 0))
+        yield family
+    seconds = CounterMetricFamily("ondemand_aside_load_seconds", "Time spent in get_or_compute loader calls",
+                                  labels=["namespace"])
+    for namespace, stats in sorted(namespaces.items()):
+        seconds.add_metric([namespace], stats.get("load_seconds", 0.0))
+    yield seconds
+    yield GaugeMetricFamily("ondemand_aside_loads_in_flight", "get_or_compute loads running in this process",
+                            value=aside.get("loads_in_flight", 0))
 
 
 def _redis_metrics(redis: dict[str, Any]) -> Iterator[Metric]:

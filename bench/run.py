@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import bench_aside
 import bench_cache
 import bench_cluster
 import bench_coldstart
@@ -47,6 +48,7 @@ BENCHMARKS = {
     "durable": bench_durable.run,
     "near": bench_near.run,
     "coherence": bench_near.run_coherence,
+    "aside": bench_aside.run,
 }
 
 

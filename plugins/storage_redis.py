@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
 
 from ondemand.errors import RedisCommandError
 from ondemand.hookspecs import hookimpl
+from ondemand.plugins.redis_leases import RedisLeases, sidecar
 from ondemand.redis.cluster import scan_pattern, unlink
 from ondemand.redis.server import OnDemandRedis
 from ondemand.registry import Registry
@@ -23,6 +24,11 @@ from ondemand.store.protocols import Entry, Namespace, StorageFactory, Target
 
 async def _nothing() -> None:
     """What a read or write does with the noop lifecycle."""
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 # Durable namespaces keep one hash per id, so that nothing (eviction included) can separate a value from its
@@ -39,6 +45,10 @@ async def _nothing() -> None:
 # Anything else under the key (a string, as the previous release wrote) counts as absent, version 0. Versions
 # are compared as decimal text (exact beyond Lua's 2^53), by length first. Ids never contain NUL or braces
 # that matter: on a cluster every key of one script shares the id's slot (see Namespace).
+# Every delete and every durable write is preceded, in the same batch, by a DEL of the key's sidecar (its
+# get_or_compute lease and meta: ondemand.plugins.redis_leases), so that a load that began before it is not
+# installed (a cache-only write needs none: the install sees that the value changed). A command of its own: a
+# multi-key command meets TRYAGAIN in a slot being migrated.
 DELETED_HOLD = 30.0  # seconds a tombstone is kept: far longer than a put-back may be late (the dispatcher's bound)
 _OLDER = """
 local function older(a, b)
@@ -160,12 +170,18 @@ def _set_command(ns: Namespace, key: str, value: bytes, ttl: float | None, versi
 class RedisStorage:
     on_demand: OnDemandRedis
     name: str = "redis"
+    leases: RedisLeases = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.leases = RedisLeases(self.on_demand, self._eval, _Script)
+        _SCRIPTS.update((script.sha, script) for script in self.leases.scripts)
 
     async def open(self) -> None:
         """Nothing to prepare: the server starts on the first operation."""
 
     async def close(self) -> None:
-        """The runtime closes on_demand itself, after every storage."""
+        """The runtime closes on_demand itself, after every storage; the leases' subscription is ours."""
+        await self.leases.close()
 
     async def ping(self) -> None:
         if not self.on_demand.disabled:
@@ -234,21 +250,42 @@ class RedisStorage:
         if self.on_demand.disabled:
             return _nothing()
         key = ns.key_prefix + item_id + ns.key_suffix
-        if ns.durable:
-            return self._eval(_set_command(ns, key, value, ttl, version), ns.connection_id,
-                              key if ns.near_cache else None)
+        if ns.durable:  # the sidecar's DEL first: a load that began before this write is not installed
+            command = _set_command(ns, key, value, ttl, version)
+            if ns.near_cache:
+                return self._revoking(ns, key, lambda: self._eval(command, ns.connection_id, key))
+            if self.on_demand.cluster:  # a cluster's commands are routed coroutines: one batch instead
+                return self._grouped({ns.connection_id: [("DEL", sidecar(key)), command]})
+            return self._revoking(ns, key, lambda: self._eval(command, ns.connection_id))
         if ns.near_cache:  # read back right behind the write: our next read of it is a hit (ondemand.redis.tracking)
             return self.on_demand.write_tracked(key, _set_command(ns, key, value, ttl, None), ("GET", key), False,
                                                 connection_id=ns.connection_id)
         return self.on_demand.execute(*_set_command(ns, key, value, ttl, None), connection_id=ns.connection_id)
+
+    def _revoking(self, ns: Namespace, key: str, write: Callable[[], Awaitable[Any]]) -> Awaitable[Any]:
+        """The sidecar's DEL, then `write` queued right behind it on the same connection (one round trip, no
+        frame of ours); with no connection open yet (or a cluster's routed command), the DEL's reply first."""
+        revoke = self.on_demand.execute("DEL", sidecar(key), connection_id=ns.connection_id)
+        if isinstance(revoke, asyncio.Future):
+            revoke.add_done_callback(_retrieved)  # its failure is the write's too (the same connection)
+            return write()
+        return self._in_turn(revoke, write)
+
+    @staticmethod
+    async def _in_turn(revoke: Awaitable[Any], write: Callable[[], Awaitable[Any]]) -> Any:
+        await revoke
+        return await write()
 
     async def set_many(self, entries: Sequence[Entry]) -> Any:
         if self.on_demand.disabled or not entries:
             return None
         by_pool: dict[str, list[tuple[Any, ...]]] = {}
         for e in entries:
-            command = _set_command(e.namespace, e.namespace.key(e.id), e.value, e.ttl, e.version)
-            by_pool.setdefault(e.namespace.connection_id, []).append(command)
+            key = e.namespace.key(e.id)
+            commands = by_pool.setdefault(e.namespace.connection_id, [])
+            if e.namespace.durable:
+                commands.append(("DEL", sidecar(key)))
+            commands.append(_set_command(e.namespace, key, e.value, e.ttl, e.version))
         return await self._grouped(by_pool)
 
     async def put_back(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, version: int, *,
@@ -273,6 +310,7 @@ class RedisStorage:
         for ns, item_id, version in targets:
             key = ns.key(item_id)
             commands = by_pool.setdefault(ns.connection_id, [])
+            commands.append(("DEL", sidecar(key)))
             if not ns.durable:
                 commands.append(("DEL", key))
             elif ns.key_suffix:
@@ -292,7 +330,8 @@ class RedisStorage:
             return 0
         if not ns.durable:
             keys = [ns.key_prefix + i + ns.key_suffix for i in ids]
-            return await self.on_demand.execute("DEL", *keys, connection_id=ns.connection_id)
+            revoked = [sidecar(key) for key in keys]  # first: a load installs nothing after it
+            return (await self.on_demand.execute_grouped({ns.connection_id: [("DEL", *revoked), ("DEL", *keys)]}))[1]
         replies = await self._grouped(self._invalidations([Target(ns, i) for i in dict.fromkeys(ids)]))
         return sum(replies)
 
@@ -300,7 +339,8 @@ class RedisStorage:
         """DEL of full keys, unconditionally (a server out of memory still serves it)."""
         if self.on_demand.disabled or not keys:
             return 0
-        return await self.on_demand.execute("DEL", *keys)
+        revoked = [sidecar(key) for key in keys]
+        return (await self.on_demand.execute_grouped({"default": [("DEL", *revoked), ("DEL", *keys)]}))[1]
 
     async def delete_prefix(self, prefix: str, *, batch: int = 1000) -> int:
         """SCAN and UNLINK every key under `prefix`, master by master (on a cluster UNLINK goes slot by slot to

@@ -198,6 +198,15 @@ async def test_the_readme_acl_users_on_a_cluster(tmp_path: Path, make_config) ->
                 await rt.cache.cache_profile(i, {"id": i})
                 await rt.dispatcher.append("messages", i, [i], max_items=10)  # a script, on each node
             assert [await rt.cache.get_profile(i) for i in ids] == [{"id": i} for i in ids]
+
+            async def load() -> dict:
+                return {"loaded": True}
+
+            # get_or_compute: its lease scripts (TIME), its install's PUBLISH, its process's SUBSCRIBE
+            assert await rt.cache_storage.leases.listen(2.0)
+            for _ in range(2):
+                assert await rt.cache.get_or_compute("profile", "aside", load, stale_ttl=5) == {"loaded": True}
+            assert rt.dispatcher.status()["aside"]["namespaces"]["profile"]["loads"] == 1
             await rt.dispatcher.delete("profile", ids[0])
             assert await rt.cache_storage.delete_prefix("ondemand:messages:") == len(ids)  # SCAN on every master
             no_refusal(rt)

@@ -297,3 +297,26 @@ async def test_the_page_shows_the_server_versions(aiohttp_server, durable_config
         await page.wait_for(f"/^(Valkey|Redis) [0-9.]+$/.test({text_of('redis-version')})")
         await page.wait_for(f"/^PostgreSQL [0-9.]+$/.test({text_of('durable-version')})")
         assert page.problems() == []
+
+
+async def test_the_page_shows_get_or_compute_once_it_loaded_something(aiohttp_server, make_config, chromium) -> None:
+    from ondemand.web import RUNTIME
+
+    app = create_app(make_config())
+    server = await aiohttp_server(app)
+    async with browser(chromium) as page:
+        await page.open(str(server.make_url("/")))
+        await page.wait_for(f"{text_of('state')} !== ''")
+        assert await page.page.evaluate("document.getElementById('aside-card').hidden")  # nothing loaded yet
+
+        async def loader() -> str:
+            await asyncio.sleep(0.02)
+            return "v"
+
+        rt = app[RUNTIME]
+        await asyncio.gather(*(rt.cache.get_or_compute("profile", "p", loader, ttl=60) for _ in range(3)))
+        await page.wait_for("!document.getElementById('aside-card').hidden")
+        first_row = "document.querySelector('#aside tr')"
+        row = await page.wait_for(f"{first_row} && {first_row}.innerText")
+        assert row.split("\t")[:2] == ["profile", "1"] and row.split("\t")[3] == "2"  # one load, two joins
+        assert page.problems() == []

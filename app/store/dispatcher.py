@@ -31,6 +31,7 @@ from ondemand.errors import (
     error_text,
 )
 from ondemand.health import OutageTracker
+from ondemand.store.aside import DEFAULT_OPTIONS, Aside, AsideOptions, Loader
 from ondemand.store.breaker import CircuitBreaker
 from ondemand.store.invalidation import Invalidation
 from ondemand.store.near import NearCache
@@ -146,6 +147,7 @@ class Dispatcher:
         # when their caller gives up: a write cancelled after its commit still reaches the cache.
         self._writes: set[asyncio.Task[Any]] = set()
         self._loop = asyncio.get_running_loop()
+        self.aside = Aside(self)
 
     def namespace(self, name: str) -> Namespace:
         try:
@@ -231,6 +233,23 @@ class Dispatcher:
         if cache_error is None:
             await self._backfill(stats, ns, item_id, entry, began, replace_corrupt=corrupt)
         return Lookup(decode(entry.value), self.durable.name)  # type: ignore[union-attr]
+
+    def get_or_compute(self, namespace: str, item_id: str, loader: Loader, *, ttl: float | None = None,
+                       stale_ttl: float | None = None, early: float = 0.0, negative_ttl: float | None = None,
+                       not_found: type[BaseException] | tuple[type[BaseException], ...] = (),
+                       lease_ttl: float = 10.0, wait: float = 5.0, options: AsideOptions | None = None
+                       ) -> Awaitable[Any]:
+        """The value of `item_id`, or else `await loader()`'s, cached: one load per key at a time in this
+        process and, through the cache's lease, across processes (ondemand.store.aside; README "Cache-aside").
+        `options` (checked once, e.g. by `@cached`) replaces the keyword options."""
+        if options is None:
+            if (ttl is None and stale_ttl is None and not early and negative_ttl is None and not not_found
+                    and lease_ttl == 10.0 and wait == 5.0):
+                options = DEFAULT_OPTIONS
+            else:
+                options = AsideOptions.checked(ttl=ttl, stale_ttl=stale_ttl, early=early, negative_ttl=negative_ttl,
+                                               not_found=not_found, lease_ttl=lease_ttl, wait=wait)
+        return self.aside.get_or_compute(namespace, item_id, loader, options)
 
     async def get_many(self, namespace: str, ids: Sequence[str]) -> list[Any]:
         """Values for `ids` in order (None when absent): one cache round trip; in a durable namespace the
@@ -676,6 +695,7 @@ class Dispatcher:
             "writes_in_flight": len(self._writes),
             "error_replies": dict(self.error_replies),
             "namespaces": {name: attrs.asdict(stats) for name, stats in self.stats.items()},
+            "aside": self.aside.status(),
         }
 
     async def settled(self, timeout: float) -> None:
@@ -685,6 +705,7 @@ class Dispatcher:
             await asyncio.wait(set(self._writes), timeout=timeout)
 
     async def close(self) -> None:
+        await self.aside.close()
         await self.settled(10.0)  # each is bounded by the stores' own timeouts
         await self.invalidation.close()
         await self.breaker.close()

@@ -356,7 +356,12 @@ def _status_schema() -> dict[str, Any]:
                                      "description": "cache error replies by kind: oom, readonly, misconf, "
                                                     "loading, busy, noscript, ..., other"},
                       namespaces={"type": "object", "additionalProperties": {"type": "object",
-                                                                             "additionalProperties": int_}})
+                                                                             "additionalProperties": int_}},
+                      aside=_obj(leases=_BOOL, loads_in_flight=int_, refreshes_in_flight=int_,
+                                 namespaces={"type": "object", "additionalProperties": {
+                                     "type": "object", "additionalProperties": {"type": "number", "minimum": 0},
+                                     "description": "get_or_compute's counters (README: Cache-aside); load_seconds "
+                                                    "is a total in seconds"}}))
     storage = {"type": "object", "properties": {"state": _STR, "server_version": str_or_null,
                                                 "last_error": str_or_null}}
     return _obj(service=_STR, uptime_seconds=_NUM, redis=redis,

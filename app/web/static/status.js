@@ -440,6 +440,7 @@
     renderPools(redis.pools || {});
     renderNamespaces(dispatcher.namespaces || {});
     renderNear(doc.near_cache);
+    renderAside(dispatcher.aside);
     renderPlugins(doc.plugins || []);
     if ($("raw").closest("details").open) $("raw").textContent = JSON.stringify(doc, null, 2);
   }
@@ -564,6 +565,27 @@
         cell(fmtNum(ns.writes)),
         cell(fmtNum(ns.dropped_writes), ns.dropped_writes ? "bad" : ""),
         cell(fmtNum(errors), errors ? "bad" : ""),
+      );
+      return tr;
+    }));
+  }
+
+  // The get_or_compute card: shown once a namespace has loaded something through it.
+  function renderAside(aside) {
+    const used = Object.entries((aside && aside.namespaces) || {}).filter(([, a]) => a.loads || a.load_errors);
+    $("aside-card").hidden = used.length === 0;
+    $("aside").replaceChildren(...used.map(([name, a]) => {
+      const tr = document.createElement("tr");
+      tr.append(
+        cell(name),
+        cell(fmtNum(a.loads)),
+        cell(a.loads ? `${(a.load_seconds / a.loads * 1000).toFixed(1)} ms` : "—"),
+        cell(fmtNum(a.joins)),
+        cell(fmtNum(a.lease_waits)),
+        cell(fmtNum(a.lease_timeouts), a.lease_timeouts ? "bad" : ""),
+        cell(fmtNum(a.stale_served)),
+        cell(fmtNum(a.early_refreshes)),
+        cell(fmtNum(a.load_errors), a.load_errors ? "bad" : ""),
       );
       return tr;
     }));
