@@ -74,6 +74,9 @@ The contract, as the dispatcher (ondemand.store.dispatcher) uses it (ondemand.st
   skipped for one that does not) records every write's keys and versions with the write, due only after
   the grace unless the write says `invalidate=True`; answers due rows oldest first with sequence numbers
   that only grow; deletes acknowledged ones; and its `wait_for_invalidations` returns within its timeout.
+- A durable store with a conditional write (ondemand.store.InsertsIfAbsent, optional; skipped otherwise):
+  `set_if_absent` writes only where no live value is (an expired one counts as absent), exactly one of
+  racing writers of an absent id wins, and its versions are as `set`'s.
 - A backend that cannot answer makes every operation raise a BackendUnavailable (HTTP 503) within a
   bound, never hang and never raise anything else.
 """
@@ -95,6 +98,7 @@ from ondemand.store.protocols import (
     Deleted,
     DurableStorage,
     Entry,
+    InsertsIfAbsent,
     InvalidationOutbox,
     Namespace,
     Storage,
@@ -439,6 +443,27 @@ class DurableStorageContract(StorageContract):
             else:
                 assert entry is not None and entry.version == last, "the value held is not the latest version's"
                 assert entry.value == b"%d" % next(n for n, r in enumerate(sets) if r.version == last)
+
+    @_asyncio
+    async def test_contract_set_if_absent_writes_only_where_no_live_value_is(self, storage: Any) -> None:
+        """(An optional protocol, InsertsIfAbsent: what get_or_compute writes a loaded value with.) Of writers racing
+        an absent id exactly one wins; a live value stays; an expired one counts as absent; versions as `set`."""
+        if not isinstance(storage, InsertsIfAbsent):
+            pytest.skip(f"{type(storage).__name__} has no conditional write (InsertsIfAbsent)")
+        a = self.a
+        results = await asyncio.gather(*(storage.set_if_absent(a, "once", b"%d" % n, None) for n in range(8)))
+        won = [(n, r) for n, r in enumerate(results) if r is not None]
+        assert len(won) == 1, f"{len(won)} conditional writes of one absent id took effect"
+        entry = await storage.get_entry(a, "once")
+        assert entry is not None and entry.value == b"%d" % won[0][0] and entry.version == won[0][1].version
+        committed = await storage.set(a, "once", b"later", None)
+        assert committed.version > won[0][1].version
+        assert await storage.set_if_absent(a, "once", b"loaded", None) is None
+        assert (await storage.get_entry(a, "once")).value == b"later"
+        await storage.set(a, "brief", b"expiring", 0.05)
+        await asyncio.sleep(0.3)
+        again = await storage.set_if_absent(a, "brief", b"loaded", 60)
+        assert again is not None and (await storage.get_entry(a, "brief")).value == b"loaded"
 
     @_asyncio
     async def test_contract_set_many_is_all_or_nothing_to_a_concurrent_reader(self, storage: Any) -> None:

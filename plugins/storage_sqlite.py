@@ -451,15 +451,26 @@ class SqliteStorage:
     async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, *,
                   invalidate: bool = False) -> Committed:
         """One transaction: the version, the row, its outbox row (urgent when `invalidate`)."""
-        def work(w: _Worker, now: float) -> Committed:
-            def body() -> Committed:
+        return await self._set(ns, item_id, value, ttl, invalidate, if_absent=False)  # type: ignore[return-value]
+
+    async def set_if_absent(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, *,
+                            invalidate: bool = False) -> Committed | None:
+        """`set` unless the id holds a live value, checked in the same (write-locked) transaction."""
+        return await self._set(ns, item_id, value, ttl, invalidate, if_absent=True)
+
+    async def _set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, invalidate: bool, *,
+                   if_absent: bool) -> Committed | None:
+        def work(w: _Worker, now: float) -> Committed | None:
+            def body() -> Committed | None:
+                if if_absent and w.conn.execute(_SQL_GET, (ns.name, item_id, now)).fetchone() is not None:
+                    return None
                 version = _versions(w, 1)[0]
                 w.conn.execute(_SQL_SET, (ns.name, item_id, value, _expires_at(now, ttl), version))
                 return _commit_rows(w, [(ns, item_id, version)], now, invalidate, self.outbox_bound)[0]
 
             return _transaction(w, body)
 
-        return await self._run("set", work)
+        return await self._run("set_if_absent" if if_absent else "set", work)
 
     async def set_many(self, entries: Sequence[Entry], *, invalidate: bool = False) -> list[Committed]:
         """One transaction: every entry or none, and a reader sees all of them or none. Later duplicates win."""

@@ -389,3 +389,38 @@ async def test_without_notifications_a_waiter_looks_again_instead_of_waiting_out
             holder.release.set()
             assert await asyncio.wait_for(waiting, 5.0) == "from a" and await loading == "from a"
             assert waiter.calls == 0 and b.cache_storage.leases.notifications == 0
+
+
+async def test_a_durable_write_the_lease_never_saw_is_not_overtaken_by_the_load_sqlite(make_config, tmp_path) -> None:
+    config = make_config({"storage": {"durable": "sqlite"},
+                          "sqlite": {"path": str(tmp_path / "app" / "ondemand.sqlite3")}})
+    async with Runtime(config) as rt:
+        await _a_durable_write_the_lease_never_saw(rt)
+
+
+async def test_a_durable_write_the_lease_never_saw_is_not_overtaken_by_the_load_postgres(durable_config) -> None:
+    async with Runtime(durable_config({"postgres": {"connect_timeout": 2.0, "statement_timeout": 5.0}})) as rt:
+        await _a_durable_write_the_lease_never_saw(rt)
+
+
+async def _a_durable_write_the_lease_never_saw(rt: Runtime) -> None:
+    """A host cut off from Redis writes the system of record alone (it cannot revoke the lease): the value loaded
+    after a miss is written only while the id holds no live value, so that write stays."""
+    ns, durable = rt.dispatcher.namespace("session"), rt.durable_storage
+    gated = Counting("loaded before the write", gated=True)
+    call = asyncio.ensure_future(rt.cache.get_or_compute("session", "w1", gated, ttl=60))
+    await asyncio.wait_for(gated.started.wait(), 5.0)
+    written = await durable.set(ns, "w1", b'"written by a host cut off from Redis"', 60)
+    gated.release.set()
+    assert await asyncio.wait_for(call, 5.0) == "loaded before the write"  # what its callers loaded
+    entry = await durable.get_entry(ns, "w1")
+    assert entry is not None and entry.version == written.version
+    assert json.loads(entry.value) == "written by a host cut off from Redis"
+    assert await rt.dispatcher.get("session", "w1") == "written by a host cut off from Redis"
+    assert rt.dispatcher.status()["aside"]["namespaces"]["session"]["not_installed"] == 1
+    # An expired row is no value: the conditional write takes its place, and only that once.
+    await durable.set(ns, "w2", b'"expired"', 0.05)
+    await asyncio.sleep(0.2)
+    assert await durable.set_if_absent(ns, "w2", b'"loaded"', 60) is not None
+    assert await durable.set_if_absent(ns, "w2", b'"loaded again"', 60) is None
+    assert json.loads((await durable.get_entry(ns, "w2")).value) == "loaded"

@@ -27,6 +27,7 @@ import attrs
 from ondemand.errors import BackendUnavailable, InvalidInput, LoadTimeout, RedisCommandError
 from ondemand.store.protocols import Namespace
 from ondemand.store.values import CORRUPT, check_id, check_ttl, decode, encode
+from ondemand.tasks import stop_tasks
 
 log = logging.getLogger("ondemand.aside")
 
@@ -291,13 +292,16 @@ class Aside:
         ttls = self._ttls(ns, value, options)
         if ttls is not None:
             try:
-                await self.dispatcher.set(ns.name, item_id, value, ttls[1])
+                if ns.durable:  # (a write that committed during the load wins)
+                    await self.dispatcher.set_loaded(ns, item_id, value, ttls[1])
+                else:
+                    await self.dispatcher.set(ns.name, item_id, value, ttls[1])
             except _UNREACHABLE as exc:  # (every store down) the value is returned all the same
                 log.warning("a loaded value for %r in %s was not stored: %s", item_id, ns.name, exc)
         return value
 
     async def _load_and_install(self, ns: Namespace, item_id: str, loader: Loader, options: AsideOptions,
-                                token: str) -> Any:
+                                token: str, *, refresh: bool = False) -> Any:
         leases = self.leases
         assert leases is not None
         began = self._loop.time()
@@ -315,12 +319,19 @@ class Aside:
         stats = self.stats[ns.name]
         try:
             if ns.durable:
-                # Checked just before the durable write (the durable store has no write conditional on it).
-                if await leases.held(ns, item_id, token):
+                # The lease is checked just before the durable write. After a miss that write is conditional
+                # on the id holding no live value (where the store can: InsertsIfAbsent), so a write that commits
+                # in between wins; a refresh replaces a value, unconditionally (the README's window).
+                if not await leases.held(ns, item_id, token):
+                    stats.not_installed += 1
+                elif refresh:
                     await self.dispatcher.set(ns.name, item_id, value, ttls[1])
+                    await leases.finish(ns, item_id, meta, ttls[1])
+                elif await self.dispatcher.set_loaded(ns, item_id, value, ttls[1]):
                     await leases.finish(ns, item_id, meta, ttls[1])
                 else:
                     stats.not_installed += 1
+                    await self._release(ns, item_id, token)  # its waiters read what the write stored
             elif not await leases.install(ns, item_id, token, raw, ttls[1], meta):  # type: ignore[arg-type]
                 stats.not_installed += 1
         except _UNREACHABLE as exc:  # the value is returned all the same; the next read loads again
@@ -366,7 +377,7 @@ class Aside:
             got = await self.leases.acquire(ns, item_id, token, options.lease_ttl, seen)  # type: ignore[union-attr]
             if got == ACQUIRED:
                 self._held_elsewhere.pop(key, None)
-                await self._load_and_install(ns, item_id, loader, options, token)
+                await self._load_and_install(ns, item_id, loader, options, token, refresh=True)
             elif got != PRESENT:  # another process refreshes it: not asked again before its lease ends
                 if len(self._held_elsewhere) > 10_000:
                     self._held_elsewhere.clear()
@@ -385,8 +396,4 @@ class Aside:
         }
 
     async def close(self) -> None:
-        tasks = [*self._flights.values(), *self._refreshes.values()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5.0)
+        await stop_tasks(*self._flights.values(), *self._refreshes.values(), timeout=5.0)

@@ -42,6 +42,7 @@ from ondemand.store.protocols import (
     DurableEntry,
     DurableStorage,
     Entry,
+    InsertsIfAbsent,
     Namespace,
     Target,
 )
@@ -377,12 +378,30 @@ class Dispatcher:
         if self.near is not None:
             self.near.serving = True
 
+    async def set_loaded(self, ns: Namespace, item_id: str, value: Any, ttl: float | None) -> bool:
+        """get_or_compute's write of a value it loaded after a miss, in a durable namespace: where the durable
+        store can make it conditional (InsertsIfAbsent), written only while the id holds no live value, so
+        that a write committed during the load wins; returns whether it was written. Otherwise as `set`."""
+        if not isinstance(self.durable, InsertsIfAbsent):
+            await self.set(ns.name, item_id, value, ttl)
+            return True
+        ttl = check_ttl(ttl, ns.ttl)
+        raw = encode(value)
+        stats = self.stats[ns.name]
+        stats.writes += 1
+        return await self._shielded(self._durable_set(stats, ns, item_id, raw, ttl, if_absent=True)) is not False
+
     async def _durable_set(self, stats: NamespaceStats, ns: Namespace, item_id: str, raw: bytes,
-                           ttl: float | None) -> WriteOutcome | None:
+                           ttl: float | None, *, if_absent: bool = False) -> WriteOutcome | bool | None:
+        """The durable `set`; with `if_absent`, False (nothing written) when the id holds a live value."""
         began = self._loop.time()
         kw, recorded = self.invalidation.recording(self.breaker.closed)
-        committed: Committed = await self._durable_write(
-            stats, ((ns, [item_id]),), lambda: self.durable.set(ns, item_id, raw, ttl, **kw), recorded=recorded)  # type: ignore[union-attr]
+        store = self.durable
+        write = (lambda: store.set_if_absent(ns, item_id, raw, ttl, **kw)) if if_absent else (  # type: ignore[union-attr]
+            lambda: store.set(ns, item_id, raw, ttl, **kw))  # type: ignore[union-attr]
+        committed: Committed | None = await self._durable_write(stats, ((ns, [item_id]),), write, recorded=recorded)
+        if committed is None:
+            return False
         target = Target(ns, item_id, committed.version)
         if self.breaker.closed:
             self._evict((target,))  # (a near-cached write-through drops it again as it is queued, and reads it back)

@@ -219,6 +219,17 @@ class InvalidationOutbox(Protocol):
         embedded server; while the store is not in use it just waits."""
 
 
+@runtime_checkable
+class InsertsIfAbsent(Protocol):
+    """A durable storage whose write can be conditional on the id holding no live value: what
+    `get_or_compute` writes a loaded value with, so that a write committed while it loaded wins (without it,
+    one committed in the round trip between the lease's check and the loaded value's write can be overtaken)."""
+
+    async def set_if_absent(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, *,
+                            invalidate: bool = False) -> Committed | None:
+        """`set`, in one transaction with the check: None (nothing written) when the id holds a live value."""
+
+
 OVERFLOW = "*"  # the namespace of the outbox row that stands for "clear everything"
 
 
