@@ -74,9 +74,10 @@ The contract, as the dispatcher (ondemand.store.dispatcher) uses it (ondemand.st
   skipped for one that does not) records every write's keys and versions with the write, due only after
   the grace unless the write says `invalidate=True`; answers due rows oldest first with sequence numbers
   that only grow; deletes acknowledged ones; and its `wait_for_invalidations` returns within its timeout.
-- A durable store with a conditional write (ondemand.store.InsertsIfAbsent, optional; skipped otherwise):
-  `set_if_absent` writes only where no live value is (an expired one counts as absent), exactly one of
-  racing writers of an absent id wins, and its versions are as `set`'s.
+- A durable store with a conditional write (ondemand.store.WritesConditionally, optional; skipped otherwise):
+  `set_if(..., version=)` writes only over a live value of that version, or where no live value is
+  (version None; an expired one counts as none); of racing writers with one condition exactly one wins;
+  its versions are as `set`'s.
 - A backend that cannot answer makes every operation raise a BackendUnavailable (HTTP 503) within a
   bound, never hang and never raise anything else.
 """
@@ -98,11 +99,11 @@ from ondemand.store.protocols import (
     Deleted,
     DurableStorage,
     Entry,
-    InsertsIfAbsent,
     InvalidationOutbox,
     Namespace,
     Storage,
     Target,
+    WritesConditionally,
 )
 
 _asyncio = pytest.mark.asyncio
@@ -445,24 +446,31 @@ class DurableStorageContract(StorageContract):
                 assert entry.value == b"%d" % next(n for n, r in enumerate(sets) if r.version == last)
 
     @_asyncio
-    async def test_contract_set_if_absent_writes_only_where_no_live_value_is(self, storage: Any) -> None:
-        """(An optional protocol, InsertsIfAbsent: what get_or_compute writes a loaded value with.) Of writers racing
-        an absent id exactly one wins; a live value stays; an expired one counts as absent; versions as `set`."""
-        if not isinstance(storage, InsertsIfAbsent):
-            pytest.skip(f"{type(storage).__name__} has no conditional write (InsertsIfAbsent)")
+    async def test_contract_set_if_writes_only_over_the_value_it_names(self, storage: Any) -> None:
+        """(An optional protocol, WritesConditionally: what get_or_compute writes a loaded value with.) Of writers
+        racing with one condition exactly one wins; a value of another version stays; an expired value is none."""
+        if not isinstance(storage, WritesConditionally):
+            pytest.skip(f"{type(storage).__name__} has no conditional write (WritesConditionally)")
         a = self.a
-        results = await asyncio.gather(*(storage.set_if_absent(a, "once", b"%d" % n, None) for n in range(8)))
+        results = await asyncio.gather(*(storage.set_if(a, "once", b"%d" % n, None, version=None) for n in range(8)))
         won = [(n, r) for n, r in enumerate(results) if r is not None]
-        assert len(won) == 1, f"{len(won)} conditional writes of one absent id took effect"
+        assert len(won) == 1, f"{len(won)} writes of one absent id, each if it was absent, took effect"
+        first = won[0][1]
         entry = await storage.get_entry(a, "once")
-        assert entry is not None and entry.value == b"%d" % won[0][0] and entry.version == won[0][1].version
-        committed = await storage.set(a, "once", b"later", None)
-        assert committed.version > won[0][1].version
-        assert await storage.set_if_absent(a, "once", b"loaded", None) is None
-        assert (await storage.get_entry(a, "once")).value == b"later"
+        assert entry is not None and entry.value == b"%d" % won[0][0] and entry.version == first.version
+        racing = await asyncio.gather(*(storage.set_if(a, "once", b"r%d" % n, None, version=first.version)
+                                        for n in range(8)))
+        after = [r for r in racing if r is not None]
+        assert len(after) == 1 and after[0].version > first.version, "one write over the version it named"
+        later = await storage.set(a, "once", b"later", None)
+        assert await storage.set_if(a, "once", b"loaded", None, version=None) is None
+        assert await storage.set_if(a, "once", b"loaded", None, version=after[0].version) is None
+        assert (await storage.get_entry(a, "once"))[::2] == (b"later", later.version)
+        await storage.delete(a, ["once"])
+        assert await storage.set_if(a, "once", b"loaded", None, version=later.version) is None, "a deleted value"
         await storage.set(a, "brief", b"expiring", 0.05)
         await asyncio.sleep(0.3)
-        again = await storage.set_if_absent(a, "brief", b"loaded", 60)
+        again = await storage.set_if(a, "brief", b"loaded", 60, version=None)
         assert again is not None and (await storage.get_entry(a, "brief")).value == b"loaded"
 
     @_asyncio

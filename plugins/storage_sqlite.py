@@ -451,26 +451,29 @@ class SqliteStorage:
     async def set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, *,
                   invalidate: bool = False) -> Committed:
         """One transaction: the version, the row, its outbox row (urgent when `invalidate`)."""
-        return await self._set(ns, item_id, value, ttl, invalidate, if_absent=False)  # type: ignore[return-value]
+        return await self._set(ns, item_id, value, ttl, invalidate)  # type: ignore[return-value]
 
-    async def set_if_absent(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, *,
-                            invalidate: bool = False) -> Committed | None:
-        """`set` unless the id holds a live value, checked in the same (write-locked) transaction."""
-        return await self._set(ns, item_id, value, ttl, invalidate, if_absent=True)
+    async def set_if(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, *, version: int | None,
+                     invalidate: bool = False) -> Committed | None:
+        """`set` while the id holds no live value (version None) or one of `version`, checked in the same
+        (write-locked) transaction."""
+        return await self._set(ns, item_id, value, ttl, invalidate, condition=(version,))
 
     async def _set(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, invalidate: bool, *,
-                   if_absent: bool) -> Committed | None:
+                   condition: tuple[int | None] | None = None) -> Committed | None:
         def work(w: _Worker, now: float) -> Committed | None:
             def body() -> Committed | None:
-                if if_absent and w.conn.execute(_SQL_GET, (ns.name, item_id, now)).fetchone() is not None:
-                    return None
+                if condition is not None:
+                    live = w.conn.execute(_SQL_GET_ENTRY, (ns.name, item_id, now)).fetchone()
+                    if (None if live is None else live[2]) != condition[0]:
+                        return None
                 version = _versions(w, 1)[0]
                 w.conn.execute(_SQL_SET, (ns.name, item_id, value, _expires_at(now, ttl), version))
                 return _commit_rows(w, [(ns, item_id, version)], now, invalidate, self.outbox_bound)[0]
 
             return _transaction(w, body)
 
-        return await self._run("set_if_absent" if if_absent else "set", work)
+        return await self._run("set" if condition is None else "set_if", work)
 
     async def set_many(self, entries: Sequence[Entry], *, invalidate: bool = False) -> list[Committed]:
         """One transaction: every entry or none, and a reader sees all of them or none. Later duplicates win."""

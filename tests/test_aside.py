@@ -418,9 +418,20 @@ async def _a_durable_write_the_lease_never_saw(rt: Runtime) -> None:
     assert json.loads(entry.value) == "written by a host cut off from Redis"
     assert await rt.dispatcher.get("session", "w1") == "written by a host cut off from Redis"
     assert rt.dispatcher.status()["aside"]["namespaces"]["session"]["not_installed"] == 1
-    # An expired row is no value: the conditional write takes its place, and only that once.
-    await durable.set(ns, "w2", b'"expired"', 0.05)
-    await asyncio.sleep(0.2)
-    assert await durable.set_if_absent(ns, "w2", b'"loaded"', 60) is not None
-    assert await durable.set_if_absent(ns, "w2", b'"loaded again"', 60) is None
-    assert json.loads((await durable.get_entry(ns, "w2")).value) == "loaded"
+    # A refresh (stale_ttl) replaces a value: its write holds only over the version it was loaded after.
+    first = Counting("first")
+    assert await rt.cache.get_or_compute("session", "w2", first, ttl=0.2, stale_ttl=30) == "first"
+    await asyncio.sleep(0.3)
+    refresh = Counting("refreshed before the write", gated=True)
+    assert await rt.cache.get_or_compute("session", "w2", refresh, ttl=0.2, stale_ttl=30) == "first"  # stale
+    await asyncio.wait_for(refresh.started.wait(), 5.0)
+    written = await durable.set(ns, "w2", b'"written during the refresh"', 60)
+    refresh.release.set()
+    for _ in range(250):
+        if not rt.dispatcher.status()["aside"]["refreshes_in_flight"]:
+            break
+        await asyncio.sleep(0.02)
+    entry = await durable.get_entry(ns, "w2")
+    assert entry is not None and entry.version == written.version
+    assert json.loads(entry.value) == "written during the refresh"
+    assert rt.dispatcher.status()["aside"]["namespaces"]["session"]["not_installed"] == 2

@@ -1,7 +1,7 @@
 """Storage: the protocols a storage plugin implements, and the core that routes operations to storages.
 
 A backend author imports from here: `Storage`, `CacheStorage`, `DurableStorage`, `InvalidationOutbox`,
-`InsertsIfAbsent`,
+`WritesConditionally`,
 `StorageContext` (what a factory gets), `Namespace`, `Entry`, what a durable store answers (`Committed`,
 `Deleted`, `DurableEntry`) and an outbox's rows (`Target`, `OutboxRow`), `Lookup`, `StoreHealth`,
 `StoreState` and `OutageTracker` (the health helper a storage composes), `OVERFLOW` and `purge_in_batches`.
@@ -19,7 +19,6 @@ from ondemand.store.protocols import (
     DurableEntry,
     DurableStorage,
     Entry,
-    InsertsIfAbsent,
     InvalidationOutbox,
     Namespace,
     OutboxRow,
@@ -27,11 +26,29 @@ from ondemand.store.protocols import (
     StorageContext,
     StorageFactory,
     Target,
+    WritesConditionally,
     purge_in_batches,
 )
 
 __all__ = [
-    "OVERFLOW", "CacheStorage", "Committed", "Deleted", "DurableEntry", "DurableStorage", "Entry",
-    "InsertsIfAbsent", "InvalidationOutbox", "Lookup", "Namespace", "OutageTracker", "OutboxRow", "Storage",
-    "StorageContext", "StorageFactory", "StoreHealth", "StoreState", "Target", "purge_in_batches",
+    "OVERFLOW",
+    "CacheStorage",
+    "Committed",
+    "Deleted",
+    "DurableEntry",
+    "DurableStorage",
+    "Entry",
+    "InvalidationOutbox",
+    "Lookup",
+    "Namespace",
+    "OutageTracker",
+    "OutboxRow",
+    "Storage",
+    "StorageContext",
+    "StorageFactory",
+    "StoreHealth",
+    "StoreState",
+    "Target",
+    "WritesConditionally",
+    "purge_in_batches",
 ]

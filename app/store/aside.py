@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 
 from ondemand.errors import BackendUnavailable, InvalidInput, LoadTimeout, RedisCommandError
-from ondemand.store.protocols import Namespace
+from ondemand.store.protocols import Namespace, WritesConditionally
 from ondemand.store.values import CORRUPT, check_id, check_ttl, decode, encode
 from ondemand.tasks import stop_tasks
 
@@ -292,8 +292,8 @@ class Aside:
         ttls = self._ttls(ns, value, options)
         if ttls is not None:
             try:
-                if ns.durable:  # (a write that committed during the load wins)
-                    await self.dispatcher.set_loaded(ns, item_id, value, ttls[1])
+                if ns.durable:  # (after a miss: a write that committed during the load wins)
+                    await self.dispatcher.set_loaded(ns, item_id, value, ttls[1], version=None)
                 else:
                     await self.dispatcher.set(ns.name, item_id, value, ttls[1])
             except _UNREACHABLE as exc:  # (every store down) the value is returned all the same
@@ -306,6 +306,9 @@ class Aside:
         assert leases is not None
         began = self._loop.time()
         try:
+            # The value the load replaces, as the system of record has it now (a refresh; after a miss, none):
+            # its write takes effect only over that one (see set_loaded).
+            after = await self._durable_version(ns, item_id) if refresh and ns.durable else None
             value = await self._load(ns, item_id, loader, options)
             ttls = self._ttls(ns, value, options)
             raw = None if ttls is None else encode(value)  # a value that is not JSON fails here, uncached
@@ -319,15 +322,12 @@ class Aside:
         stats = self.stats[ns.name]
         try:
             if ns.durable:
-                # The lease is checked just before the durable write. After a miss that write is conditional
-                # on the id holding no live value (where the store can: InsertsIfAbsent), so a write that commits
-                # in between wins; a refresh replaces a value, unconditionally (the README's window).
+                # The lease is checked just before the durable write, and that write is conditional on the value
+                # the load replaces (where the store can: WritesConditionally), so a write that commits in between,
+                # or one the lease never saw (a host cut off from Redis), wins.
                 if not await leases.held(ns, item_id, token):
                     stats.not_installed += 1
-                elif refresh:
-                    await self.dispatcher.set(ns.name, item_id, value, ttls[1])
-                    await leases.finish(ns, item_id, meta, ttls[1])
-                elif await self.dispatcher.set_loaded(ns, item_id, value, ttls[1]):
+                elif await self.dispatcher.set_loaded(ns, item_id, value, ttls[1], version=after):
                     await leases.finish(ns, item_id, meta, ttls[1])
                 else:
                     stats.not_installed += 1
@@ -337,6 +337,15 @@ class Aside:
         except _UNREACHABLE as exc:  # the value is returned all the same; the next read loads again
             log.warning("a loaded value for %r in %s was not installed: %s", item_id, ns.name, exc)
         return value
+
+    async def _durable_version(self, ns: Namespace, item_id: str) -> int | None:
+        """The version of the id's live value in the system of record (None: no value, or a store without
+        conditional writes, which would not use it)."""
+        durable = self.dispatcher.durable
+        if not isinstance(durable, WritesConditionally):
+            return None
+        entry = await durable.get_entry(ns, item_id)
+        return None if entry is None else entry.version
 
     async def _release(self, ns: Namespace, item_id: str, token: str) -> None:
         with contextlib.suppress(*_UNREACHABLE):  # else it expires on its own

@@ -42,9 +42,9 @@ from ondemand.store.protocols import (
     DurableEntry,
     DurableStorage,
     Entry,
-    InsertsIfAbsent,
     Namespace,
     Target,
+    WritesConditionally,
 )
 from ondemand.store.values import CORRUPT, check_id, check_ttl, decode, encode
 
@@ -378,27 +378,31 @@ class Dispatcher:
         if self.near is not None:
             self.near.serving = True
 
-    async def set_loaded(self, ns: Namespace, item_id: str, value: Any, ttl: float | None) -> bool:
-        """get_or_compute's write of a value it loaded after a miss, in a durable namespace: where the durable
-        store can make it conditional (InsertsIfAbsent), written only while the id holds no live value, so
-        that a write committed during the load wins; returns whether it was written. Otherwise as `set`."""
-        if not isinstance(self.durable, InsertsIfAbsent):
+    async def set_loaded(self, ns: Namespace, item_id: str, value: Any, ttl: float | None, *,
+                         version: int | None) -> bool:
+        """get_or_compute's write of a value it loaded, in a durable namespace: where the durable store can make
+        it conditional (WritesConditionally), written only while the id's live value is the one it was loaded
+        after (`version`; None: no value), so that a write committed during the load wins; returns whether it
+        was written. Otherwise as `set`."""
+        if not isinstance(self.durable, WritesConditionally):
             await self.set(ns.name, item_id, value, ttl)
             return True
         ttl = check_ttl(ttl, ns.ttl)
         raw = encode(value)
         stats = self.stats[ns.name]
         stats.writes += 1
-        return await self._shielded(self._durable_set(stats, ns, item_id, raw, ttl, if_absent=True)) is not False
+        written = await self._shielded(self._durable_set(stats, ns, item_id, raw, ttl, condition=(version,)))
+        return written is not False
 
     async def _durable_set(self, stats: NamespaceStats, ns: Namespace, item_id: str, raw: bytes,
-                           ttl: float | None, *, if_absent: bool = False) -> WriteOutcome | bool | None:
-        """The durable `set`; with `if_absent`, False (nothing written) when the id holds a live value."""
+                           ttl: float | None, *, condition: tuple[int | None] | None = None
+                           ) -> WriteOutcome | bool | None:
+        """The durable `set`; with a `condition` (the version to write over), False when it did not hold."""
         began = self._loop.time()
         kw, recorded = self.invalidation.recording(self.breaker.closed)
         store = self.durable
-        write = (lambda: store.set_if_absent(ns, item_id, raw, ttl, **kw)) if if_absent else (  # type: ignore[union-attr]
-            lambda: store.set(ns, item_id, raw, ttl, **kw))  # type: ignore[union-attr]
+        write = (lambda: store.set(ns, item_id, raw, ttl, **kw)) if condition is None else (  # type: ignore[union-attr]
+            lambda: store.set_if(ns, item_id, raw, ttl, version=condition[0], **kw))  # type: ignore[union-attr]
         committed: Committed | None = await self._durable_write(stats, ((ns, [item_id]),), write, recorded=recorded)
         if committed is None:
             return False

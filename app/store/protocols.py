@@ -220,14 +220,15 @@ class InvalidationOutbox(Protocol):
 
 
 @runtime_checkable
-class InsertsIfAbsent(Protocol):
-    """A durable storage whose write can be conditional on the id holding no live value: what
-    `get_or_compute` writes a loaded value with, so that a write committed while it loaded wins (without it,
-    one committed in the round trip between the lease's check and the loaded value's write can be overtaken)."""
+class WritesConditionally(Protocol):
+    """A durable storage whose write can be conditional on the id's live value: what `get_or_compute` writes a
+    loaded value with, so that a write committed while it loaded wins (without it, one committed in the round
+    trip between the lease's check and the loaded value's write can be overtaken)."""
 
-    async def set_if_absent(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, *,
-                            invalidate: bool = False) -> Committed | None:
-        """`set`, in one transaction with the check: None (nothing written) when the id holds a live value."""
+    async def set_if(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, *, version: int | None,
+                     invalidate: bool = False) -> Committed | None:
+        """`set`, in one transaction with the check that the id's live value has `version` (None: that the id
+        holds no live value; an expired one counts as none); None, nothing written, when it does not."""
 
 
 OVERFLOW = "*"  # the namespace of the outbox row that stands for "clear everything"

@@ -168,14 +168,19 @@ _LOCKED_ONE = "l AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtext(%s), has
 _SET = _LOCKED_ONE + f"""w AS (INSERT INTO ondemand_values (namespace, id, value, expires_at, version)
 SELECT %s, %s, %s, {_EXPIRES}, nextval('ondemand_version') FROM l
 {_UPSERT}"""
-# get_or_compute's write of a loaded value: the same, unless the id holds a live value (then no row is written
-# or recorded). The existing row's expiry is named in full: EXCLUDED's is the new one.
+# get_or_compute's writes of a loaded value, conditional on the id's live value: none (an insert that leaves a
+# live row alone: no row is written or recorded; the existing row's expiry is named in full, EXCLUDED's is the
+# new one), or the version it was loaded after (an update of that row alone).
 _SET_IF_ABSENT = _LOCKED_ONE + f"""w AS (INSERT INTO ondemand_values (namespace, id, value, expires_at, version)
 SELECT %s, %s, %s, {_EXPIRES}, nextval('ondemand_version') FROM l
 ON CONFLICT (namespace, id) DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at,
     version = nextval('ondemand_version')
     WHERE ondemand_values.expires_at IS NOT NULL AND ondemand_values.expires_at <= now()
 RETURNING namespace, id, version)"""
+_SET_IF_VERSION = _LOCKED_ONE + f"""w AS (UPDATE ondemand_values
+    SET value = %s, expires_at = {_EXPIRES}, version = nextval('ondemand_version')
+    WHERE namespace = %s AND id = %s AND version = %s AND {_LIVE} AND EXISTS (SELECT FROM l)
+    RETURNING namespace, id, version)"""
 _SET_MANY = f"""w AS (INSERT INTO ondemand_values (namespace, id, value, expires_at, version)
 SELECT ns, id, value, now() + ttl * interval '1 second', nextval('ondemand_version')
 FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::float8[]) AS t(ns, id, value, ttl)
@@ -192,6 +197,7 @@ _EXPIRE = _LOCKED_ONE + f"""w AS (UPDATE ondemand_values
     WHERE namespace = %s AND id = %s AND {_LIVE} AND EXISTS (SELECT FROM l) RETURNING namespace, id, version)"""
 _SQL_SET = {urgent: _with_outbox(_SET, urgent) for urgent in (False, True)}
 _SQL_SET_IF_ABSENT = {urgent: _with_outbox(_SET_IF_ABSENT, urgent) for urgent in (False, True)}
+_SQL_SET_IF_VERSION = {urgent: _with_outbox(_SET_IF_VERSION, urgent) for urgent in (False, True)}
 _SQL_SET_MANY = {urgent: _LOCK_MANY + _with_outbox(_SET_MANY, urgent) for urgent in (False, True)}
 _SQL_EXPIRE = {urgent: _with_outbox(_EXPIRE, urgent) for urgent in (False, True)}
 _SQL_DELETE = {urgent: _LOCK_MANY + _with_outbox(_DELETE, urgent, more=", w.live") for urgent in (False, True)}
@@ -384,17 +390,22 @@ class PostgresStorage:
 
         return await self._run("set", work)
 
-    async def set_if_absent(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, *,
-                            invalidate: bool = False) -> Committed | None:
-        """`set` unless the id holds a live value (its row lock decides between two commits): one statement."""
+    async def set_if(self, ns: Namespace, item_id: str, value: bytes, ttl: float | None, *, version: int | None,
+                     invalidate: bool = False) -> Committed | None:
+        """`set` while the id holds no live value (version None) or one of `version`: one statement, under the
+        id's lock like every write of it."""
         self._note_use()
+        if version is None:
+            sql, params = _SQL_SET_IF_ABSENT[invalidate], (ns.name, item_id, ns.name, item_id, value, ttl)
+        else:
+            sql, params = _SQL_SET_IF_VERSION[invalidate], (ns.name, item_id, value, ttl, ns.name, item_id, version)
 
         async def work(cur: aiopg.Cursor) -> Committed | None:
-            await cur.execute(_SQL_SET_IF_ABSENT[invalidate], (ns.name, item_id, ns.name, item_id, value, ttl))
+            await cur.execute(sql, params)
             row = await cur.fetchone()
             return None if row is None else Committed(ns, item_id, int(row[2]), None if row[3] is None else int(row[3]))
 
-        return await self._run("set_if_absent", work)
+        return await self._run("set_if", work)
 
     async def set_many(self, entries: Sequence[Entry], *, invalidate: bool = False) -> list[Committed]:
         """One statement: atomic, one round trip. Later duplicates win (ON CONFLICT cannot touch a row twice)."""
