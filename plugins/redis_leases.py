@@ -13,7 +13,6 @@ callers waiting for that key.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -21,6 +20,7 @@ from ondemand.redis.resp import RespConnection
 from ondemand.redis.server import OnDemandRedis
 from ondemand.store.aside import ACQUIRED, PRESENT
 from ondemand.store.protocols import Namespace
+from ondemand.tasks import stop_tasks
 
 log = logging.getLogger("ondemand.aside")
 
@@ -231,7 +231,5 @@ class RedisLeases:
 
     async def close(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(self._listener, 2.0)
+            await stop_tasks(self._listener, timeout=2.0)
             self._listener = None

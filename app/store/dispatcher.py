@@ -245,7 +245,7 @@ class Dispatcher:
         `options` (checked once, e.g. by `@cached`) replaces the keyword options."""
         if options is None:
             if (ttl is None and stale_ttl is None and not early and negative_ttl is None and not not_found
-                    and lease_ttl == 10.0 and wait == 5.0):
+                    and lease_ttl == DEFAULT_OPTIONS.lease_ttl and wait == DEFAULT_OPTIONS.wait):
                 options = DEFAULT_OPTIONS
             else:
                 options = AsideOptions.checked(ttl=ttl, stale_ttl=stale_ttl, early=early, negative_ttl=negative_ttl,
